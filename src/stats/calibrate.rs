@@ -1,0 +1,1 @@
+//! Calibration accumulator (filled in below).

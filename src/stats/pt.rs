@@ -1,0 +1,1 @@
+//! Reader of the official `torch.save` statistics files (filled in below).
