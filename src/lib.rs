@@ -11,3 +11,12 @@ pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use model::{ModelConfig, PairingStyle, RopeScaling};
 pub use stats::Stats;
+pub mod cache;
+pub mod cpu;
+pub mod policy;
+pub mod round;
+pub mod score;
+
+pub use cache::LayerView;
+pub use policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
+pub use round::{RoundResult, Scorer};

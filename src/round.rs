@@ -1,0 +1,176 @@
+//! One compression round as stages: `score -> normalize -> reduce -> select` (then `compact`).
+//!
+//! [`Scorer`] holds what does not change between rounds (model RoPE, statistics, pairing style);
+//! [`run_cpu`] runs the stages on the CPU backend and returns every intermediate the CLI reports.
+
+use std::time::{Duration, Instant};
+
+use crate::cache::LayerView;
+use crate::cpu;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, PairingStyle};
+use crate::policy::{CompressionConfig, Preset, RoundOutcome, SkipReason};
+use crate::score::{RoundWeights, ScoreConfig};
+use crate::stats::Stats;
+
+/// Model RoPE plus statistics, checked against each other: everything scoring needs but `r`.
+#[derive(Clone, Debug)]
+pub struct Scorer {
+    /// The model.
+    pub model: ModelConfig,
+    /// The statistics.
+    pub stats: Stats,
+    /// Pairing style used to read keys and statistics.
+    pub style: PairingStyle,
+    /// RoPE frequencies, f64.
+    pub omega: Vec<f64>,
+    /// `σ = s²`.
+    pub sigma: f64,
+}
+
+impl Scorer {
+    /// Check `stats` against `model`; the pairing style is the statistics' unless overridden.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` naming the quantity on which they disagree.
+    pub fn new(model: ModelConfig, stats: Stats, style: Option<PairingStyle>) -> Result<Self> {
+        stats.check_model(&model)?;
+        let style = style.unwrap_or(stats.rope_style);
+        let omega = model.omega();
+        let s = model.attention_scaling();
+        Ok(Self { model, stats, style, omega, sigma: s * s })
+    }
+
+    /// The weights of the round starting at `round_start`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for bad offsets.
+    pub fn weights(&self, round_start: u64, config: &ScoreConfig) -> Result<RoundWeights> {
+        RoundWeights::build(&self.stats, self.style, &self.omega, self.sigma, round_start, config)
+    }
+}
+
+/// Wall time of each stage of a round.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StageTimes {
+    /// Building weights and scoring every key.
+    pub score: Duration,
+    /// z-score.
+    pub normalize: Duration,
+    /// Group and layer reduction (and guards).
+    pub reduce: Duration,
+    /// Top-k.
+    pub select: Duration,
+}
+
+/// Everything a round computed.
+#[derive(Clone, Debug)]
+pub struct RoundResult {
+    /// Slots in the cache.
+    pub n: usize,
+    /// Raw scores per layer, `[H, N]` each.
+    pub raw: Vec<Vec<f32>>,
+    /// The reduced scores the selection ranked, `[sets, N]`; protected slots are `+inf`.
+    pub score: Vec<f32>,
+    /// Keep sets (ascending slot indices), indexed by [`crate::policy::SelectionMode::set_index`].
+    pub keep: Vec<Vec<u32>>,
+    /// What happened.
+    pub outcome: RoundOutcome,
+    /// Stage times.
+    pub times: StageTimes,
+}
+
+/// Run one round on the CPU over the keys of every layer (`[Hkv, N, D]` views, equal N).
+///
+/// # Errors
+/// `InvalidArgument` for a bad configuration or `round_start < N`; `ShapeMismatch` for keys
+/// that do not fit the scorer.
+pub fn run_cpu<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    keys: &[LayerView<'_, T>],
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<RoundResult> {
+    config.validate()?;
+    let model = &scorer.model;
+    if keys.len() != model.num_layers {
+        return Err(Error::shape("key layers", model.num_layers, keys.len()));
+    }
+    let n = keys[0].len;
+    for (l, k) in keys.iter().enumerate() {
+        if k.num_kv_heads != model.num_kv_heads {
+            return Err(Error::shape(format!("k.{l} KV heads"), model.num_kv_heads, k.num_kv_heads));
+        }
+        if k.dim != model.head_dim {
+            return Err(Error::shape(format!("k.{l} head_dim"), model.head_dim, k.dim));
+        }
+        if k.len != n {
+            return Err(Error::shape(format!("k.{l} slots"), format!("{n} (as k.0)"), k.len));
+        }
+    }
+    if round_start < n as u64 {
+        return Err(Error::invalid_argument("round_start", format!(">= the {n} cached slots"), round_start));
+    }
+    if prefix_len > n {
+        return Err(Error::invalid_argument("prefix_len", format!("<= the {n} cached slots"), prefix_len));
+    }
+    let (layers, heads, kv_heads) = (model.num_layers, model.num_heads, model.num_kv_heads);
+    let mut times = StageTimes::default();
+
+    let t = Instant::now();
+    let weights = scorer.weights(round_start, &config.score)?;
+    let mut raw = vec![vec![0f32; heads * n]; layers];
+    for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
+        cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
+    }
+    times.score = t.elapsed();
+
+    let protection = config.protection(n, prefix_len);
+    let t = Instant::now();
+    let mut z = raw.clone();
+    if let Some(flavour) = config.zscore() {
+        let candidate: Box<dyn Fn(usize) -> bool + Sync> = match config.preset {
+            Preset::Paper => Box::new(move |slot| !protection.is_protected(slot)),
+            Preset::Vllm => Box::new(|_| true),
+        };
+        for layer in z.iter_mut() {
+            cpu::normalize::zscore_rows(layer, n, &*candidate, flavour);
+        }
+    }
+    times.normalize = t.elapsed();
+
+    let t = Instant::now();
+    let mut score = cpu::reduce::reduce(&z, heads, kv_heads, n, config.mode, config.group_aggregation);
+    if n > 0 {
+        for row in score.chunks_mut(n) {
+            for (slot, s) in row.iter_mut().enumerate() {
+                if protection.is_protected(slot) {
+                    *s = f32::INFINITY;
+                }
+            }
+        }
+    }
+    times.reduce = t.elapsed();
+
+    let t = Instant::now();
+    let sets = config.mode.num_sets(layers, kv_heads);
+    let protected = protection.count();
+    let all: Vec<u32> = (0..n as u32).collect();
+    let (keep, outcome) = if n <= config.budget {
+        (vec![all; sets], RoundOutcome::WithinBudget)
+    } else if protected >= config.budget {
+        let reason = SkipReason::ProtectedReachBudget { protected, budget: config.budget };
+        (vec![all; sets], RoundOutcome::Skipped(reason))
+    } else {
+        let keep: Vec<Vec<u32>> = score
+            .chunks(n)
+            .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), config.budget))
+            .collect();
+        (keep, RoundOutcome::Compressed { kept: config.budget, evicted: n - config.budget })
+    };
+    times.select = t.elapsed();
+
+    Ok(RoundResult { n, raw, score, keep, outcome, times })
+}
