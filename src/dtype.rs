@@ -56,6 +56,10 @@ pub trait Element: sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::D
     fn to_f32(self) -> f32;
     /// Rounding (to nearest even) from f32.
     fn from_f32(x: f32) -> Self;
+    /// Decode little-endian bytes (a whole number of elements).
+    fn decode_le(bytes: &[u8]) -> Vec<Self>;
+    /// Encode as little-endian bytes.
+    fn encode_le(values: &[Self]) -> Vec<u8>;
 }
 
 impl Element for f32 {
@@ -67,6 +71,12 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn decode_le(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    fn encode_le(values: &[Self]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 }
 
@@ -80,6 +90,12 @@ impl Element for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+    fn decode_le(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()
+    }
+    fn encode_le(values: &[Self]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
 }
 
 impl Element for bf16 {
@@ -92,5 +108,11 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+    fn decode_le(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()
+    }
+    fn encode_le(values: &[Self]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 }

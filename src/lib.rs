@@ -1,22 +1,77 @@
-//! TriAttention KV-cache compression.
+//! # triattn — TriAttention KV-cache compression
+//!
+//! Long reasoning makes the KV cache the bottleneck. TriAttention (Mao et al., arXiv:2604.04921)
+//! scores every cached key from offline per-head query statistics and the RoPE frequencies —
+//! the attention logit of the mean query placed at a few future positions, plus a norm term — and
+//! keeps each KV head's `budget` best tokens. This crate is that algorithm as a library: the CPU
+//! backend here is the specification (`shared/ALGORITHM.md` of the project), and the GPU kernels
+//! are checked against it.
+//!
+//! A round, in stages (see [`round`]): **score** every key with per-round weights built in f64
+//! ([`score`], [`cpu::score`]), **normalize** each (layer, head) row ([`cpu::normalize`]),
+//! **reduce** over query heads and layers ([`cpu::reduce`]), **select** the kept slots with a
+//! deterministic top-k ([`cpu::select`]), **compact** K and V ([`cpu::compact`]).
+//! [`Compressor`] owns the policy ([`policy`]: presets `paper` and `vllm`, triggers, budgets,
+//! protection) and per-sequence state.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`model`] | Hugging Face `config.json`: heads, head_dim, RoPE frequencies and scaling in f64 |
+//! | [`stats`] | statistics files: native safetensors, the official `.pt` reader, calibration |
+//! | [`policy`] | presets, knobs, triggers, protection, outcomes |
+//! | [`round`], [`cpu`] | the round's stages on the CPU |
+//! | [`compressor`] | the policy driving rounds over a [`KvCache`] |
+//! | [`io`] | validated safetensors reading, atomic writing |
+//!
+//! ## Example
+//!
+//! ```
+//! use triattn::{CompressionConfig, Compressor, KvCache, ModelConfig, SequenceState, Stats};
+//! use triattn::round::Scorer;
+//!
+//! # fn main() -> triattn::Result<()> {
+//! // Qwen3-8B and its statistics (shipped in data/, Apache-2.0, from the TriAttention authors).
+//! let model = ModelConfig::from_file("data/qwen3_8b.config.json")?;
+//! let stats = Stats::load("data/qwen3_8b.safetensors")?;
+//! let config = CompressionConfig { budget: 64, divide_length: 16, ..CompressionConfig::default() };
+//! let compressor = Compressor::new(config, Scorer::new(model.clone(), stats, None)?)?;
+//!
+//! let (l, hkv, d) = (model.num_layers, model.num_kv_heads, model.head_dim);
+//! let mut cache = KvCache::<half::bf16>::new(l, hkv, d, d, 64 + 16);
+//! let mut seq = SequenceState::new(l, hkv, 8); // an 8-token prompt
+//! let mut rounds = 0;
+//! for t in 0..200u32 {
+//!     let key: Vec<half::bf16> = (0..l * hkv * d).map(|i| half::bf16::from_f32(((i as u32 * 7 + t * 13) % 17) as f32 - 8.0)).collect();
+//!     cache.push(&key, &key)?;
+//!     seq.advance(1);
+//!     if t >= 8 && compressor.round_due(&seq, 0) {
+//!         compressor.compress(&mut cache, &mut seq)?;
+//!         rounds += 1;
+//!     }
+//! }
+//! assert!(rounds > 0 && cache.len <= 64 + 16);
+//! # Ok(())
+//! # }
+//! ```
 #![warn(missing_docs)]
 
+pub mod cache;
+pub mod compressor;
+pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod io;
 pub mod model;
-pub mod stats;
-
-pub use dtype::{DType, Element};
-pub use error::{Error, ErrorKind, Result};
-pub use model::{ModelConfig, PairingStyle, RopeScaling};
-pub use stats::Stats;
-pub mod cache;
-pub mod cpu;
 pub mod policy;
 pub mod round;
 pub mod score;
+pub mod stats;
 
-pub use cache::LayerView;
+pub use cache::{KvCache, LayerView};
+pub use compressor::{Compressor, RoundReport, SequenceState};
+pub use dtype::{DType, Element};
+pub use error::{Error, ErrorKind, Result};
+pub use model::{ModelConfig, PairingStyle, RopeScaling};
 pub use policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 pub use round::{RoundResult, Scorer};
+pub use stats::Stats;

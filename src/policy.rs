@@ -271,10 +271,9 @@ pub enum SkipReason {
 impl std::fmt::Display for SkipReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SkipReason::ProtectedReachBudget { protected, budget } => write!(
-                f,
-                "the {protected} protected slots (prompt and recent window) reach the budget of {budget}"
-            ),
+            SkipReason::ProtectedReachBudget { protected, budget } => {
+                write!(f, "the {protected} protected slots (prompt and recent window) reach the budget of {budget}")
+            }
         }
     }
 }

@@ -1,1 +1,258 @@
-fn main() {}
+//! `triattn`: TriAttention KV-cache compression from the command line.
+//!
+//! Subcommands: `compress` (one round over a dumped cache), `calibrate` (statistics from
+//! pre-RoPE queries), `convert-stats` (official `.pt` to safetensors), `info` (model and
+//! statistics summary), `bench` (CPU scoring throughput against memcpy), `demo` (a simulated long
+//! decode with the shipped Qwen3-8B statistics). Errors print one line on stderr and exit 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "triattn", version, about = "TriAttention KV-cache compression", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one compression round over a dumped KV cache and write the kept cache.
+    Compress(CompressArgs),
+    /// Accumulate per-head query statistics from pre-RoPE queries.
+    Calibrate(CalibrateArgs),
+    /// Convert an official TriAttention `.pt` statistics file to safetensors.
+    ConvertStats(ConvertArgs),
+    /// Summarise and validate a model config and/or a statistics file.
+    Info(InfoArgs),
+    /// Measure CPU scoring throughput against memcpy in the same process.
+    Bench(BenchArgs),
+    /// Simulate a long decode with the shipped Qwen3-8B statistics and print every round.
+    Demo(DemoArgs),
+}
+
+/// Backend that runs the round's stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The CPU backend (the specification).
+    Cpu,
+    /// The CUDA kernel sources executed on the CPU (needs the `emu` feature).
+    Emu,
+    /// A CUDA GPU (needs the `cuda` feature).
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PresetArg {
+    Paper,
+    Vllm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    PerHead,
+    PerLayerPerHead,
+    Union,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AggArg {
+    Mean,
+    Max,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StyleArg {
+    Half,
+    Interleaved,
+}
+
+/// Policy knobs shared by `compress`, `demo` and `bench`.
+#[derive(Args, Debug, Clone)]
+struct PolicyArgs {
+    /// Semantics preset; the other flags override its defaults.
+    #[arg(long, value_enum, default_value = "paper")]
+    preset: PresetArg,
+    /// Slots kept per set, protected ones included.
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Selection mode.
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Aggregation over the geometric offsets.
+    #[arg(long, value_enum)]
+    offsets_aggregation: Option<AggArg>,
+    /// Reduction over a KV group's query heads (per-layer-per-head mode).
+    #[arg(long, value_enum)]
+    group_aggregation: Option<AggArg>,
+    /// Most recent slots always kept.
+    #[arg(long)]
+    window: Option<usize>,
+    /// z-score raw scores per (layer, head) row.
+    #[arg(long, overrides_with = "no_normalize")]
+    normalize: bool,
+    /// Rank raw scores.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Always keep the prompt.
+    #[arg(long, overrides_with = "no_protect_prefix")]
+    protect_prefix: bool,
+    /// Let prompt slots compete.
+    #[arg(long)]
+    no_protect_prefix: bool,
+    /// Slack above the budget before a round is due.
+    #[arg(long)]
+    divide_length: Option<usize>,
+    /// Largest geometric offset (offsets 1, 2, 4, ... up to it).
+    #[arg(long)]
+    offset_max_length: Option<u64>,
+    /// Use `a_f` instead of `a_f - |q̄_f|` as the norm coefficient.
+    #[arg(long)]
+    disable_mlr: bool,
+    /// Score the norm term only.
+    #[arg(long)]
+    disable_trig: bool,
+}
+
+#[derive(Args, Debug)]
+struct CompressArgs {
+    /// Hugging Face config.json of the model.
+    #[arg(long)]
+    model_config: PathBuf,
+    /// Statistics (triattention-calibration-v1 safetensors).
+    #[arg(long)]
+    stats: PathBuf,
+    /// Dumped cache: `k.{l}` `[Hkv, N, D]`, `v.{l}` `[Hkv, N, Dv]`; metadata round_start, prefix_len.
+    #[arg(long)]
+    kv: PathBuf,
+    /// Output safetensors (keep, score, raw.{l}, k.{l}, v.{l}).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Override the cache's round_start (tokens seen so far).
+    #[arg(long)]
+    round_start: Option<u64>,
+    /// Override the cache's prompt length.
+    #[arg(long)]
+    prefix_len: Option<usize>,
+    /// Override the statistics' pairing style.
+    #[arg(long, value_enum)]
+    rope_style: Option<StyleArg>,
+    /// Backend for the round's stages.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Print one line per stage.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args, Debug)]
+struct CalibrateArgs {
+    /// Hugging Face config.json of the model.
+    #[arg(long)]
+    model_config: PathBuf,
+    /// Pre-RoPE queries, `q.{l}` `[H, T, D]`; repeat for several documents.
+    #[arg(long, required = true)]
+    queries: Vec<PathBuf>,
+    /// Output statistics file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Pairing style of the model's RoPE.
+    #[arg(long, value_enum, default_value = "half")]
+    rope_style: StyleArg,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Print progress.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// Official `.pt` statistics file.
+    input: PathBuf,
+    /// Output safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model config to check the statistics against and record in the metadata.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// Hugging Face config.json.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// Statistics file (.safetensors, or an official .pt).
+    #[arg(long)]
+    stats: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Layers.
+    #[arg(long, default_value_t = 36)]
+    layers: usize,
+    /// Cached slots per (layer, KV head).
+    #[arg(long, default_value_t = 2176)]
+    n: usize,
+    /// Key dtype.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 64)]
+    prompt: usize,
+    /// Generated tokens to simulate.
+    #[arg(long, default_value_t = 1536)]
+    tokens: usize,
+    /// Layers of Qwen3-8B to simulate (1..=36).
+    #[arg(long, default_value_t = 36)]
+    layers: usize,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Random seed of the simulated keys.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A panic is a bug; report it as one line, never as a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error{location} (a bug in triattn; please report it with the command line)");
+    }));
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Compress(a) => cli::compress(a),
+        Command::Calibrate(a) => cli::calibrate(a),
+        Command::ConvertStats(a) => cli::convert_stats(a),
+        Command::Info(a) => cli::info(a),
+        Command::Bench(a) => cli::bench(a),
+        Command::Demo(a) => cli::demo(a),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::from(2),
+    }
+}

@@ -72,7 +72,11 @@ pub fn hole_fill_in_place<T: Copy>(rows: &mut [T], row_stride: usize, dim: usize
 fn check_keep(keep: &[u32], n: usize) -> Result<()> {
     for w in keep.windows(2) {
         if w[0] >= w[1] {
-            return Err(Error::invalid_argument("keep", "strictly ascending slot indices", format!("{} before {}", w[0], w[1])));
+            return Err(Error::invalid_argument(
+                "keep",
+                "strictly ascending slot indices",
+                format!("{} before {}", w[0], w[1]),
+            ));
         }
     }
     if let Some(&last) = keep.last() {

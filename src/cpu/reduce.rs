@@ -21,7 +21,14 @@ fn nan_max(a: f32, b: f32) -> f32 {
 /// * `PerHead`: `S[g, n] = mean_l max_{h in g} z[l, h, n]`.
 /// * `PerLayerPerHead`: `S[l, g, n] = agg_{h in g} z[l, h, n]` with `group`.
 /// * `Union`: `S[n] = max_{l, h} z[l, h, n]`.
-pub fn reduce(z: &[Vec<f32>], num_heads: usize, num_kv_heads: usize, n: usize, mode: SelectionMode, group: GroupAggregation) -> Vec<f32> {
+pub fn reduce(
+    z: &[Vec<f32>],
+    num_heads: usize,
+    num_kv_heads: usize,
+    n: usize,
+    mode: SelectionMode,
+    group: GroupAggregation,
+) -> Vec<f32> {
     let g_size = num_heads / num_kv_heads;
     let layers = z.len();
     let group_reduce = |layer: &[f32], g: usize, slot: usize, agg: GroupAggregation| -> f32 {

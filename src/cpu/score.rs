@@ -108,18 +108,198 @@ fn score_rows<T: Element>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-// SAFETY (for callers): only call after `is_x86_feature_detected!("avx2")`.
-unsafe fn score_rows_avx2<T: Element>(
-    weights: &RoundWeights,
-    layer: usize,
-    keys: &LayerView<'_, T>,
-    style: PairingStyle,
-    g: usize,
-    first_row: usize,
-    out: &mut [&mut [f32]],
-) {
-    score_rows(weights, layer, keys, style, g, first_row, out)
+mod avx2 {
+    //! The AVX2 kernel: the same IEEE operations in the same order as [`super::score_rows`], four
+    //! rows at a time so that independent dot products overlap.
+    //!
+    //! Lane `l` of an accumulator is `acc[l]` of [`super::dot`]; products and sums are separate
+    //! `mul`/`add` instructions (no fused multiply-add), the square root is the correctly rounded
+    //! `vsqrtps`, and the horizontal sum is `(s[0] + s[2]) + (s[1] + s[3])` with
+    //! `s[l] = acc[l] + acc[l + 4]`, exactly as the portable code. Row widening is exact in every
+    //! form (bf16 shift, F16C conversion, f32 copy).
+
+    use std::arch::x86_64::*;
+
+    use crate::cache::LayerView;
+    use crate::dtype::{DType, Element};
+    use crate::model::PairingStyle;
+    use crate::score::{OffsetAggregation, RoundWeights};
+
+    /// Rows scored together.
+    const BLOCK: usize = 4;
+
+    /// Whether the kernel handles this shape (otherwise the portable code runs): the dot products
+    /// must have whole 8-lane chunks (`D` and `F = D / 2` multiples of 8).
+    pub(super) fn supports(d: usize) -> bool {
+        d % 16 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Widen one row to f32 (exact).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
+        let n = dst.len();
+        debug_assert_eq!(src.len(), n);
+        match T::DTYPE {
+            DType::F32 => {
+                // SAFETY: T is f32 (sealed trait, DTYPE tag).
+                let s = std::slice::from_raw_parts(src.as_ptr() as *const f32, n);
+                dst.copy_from_slice(s);
+            }
+            DType::Bf16 => {
+                let s = src.as_ptr() as *const u16;
+                let mut i = 0;
+                while i + 8 <= n {
+                    let h = _mm_loadu_si128(s.add(i) as *const __m128i);
+                    let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
+                    i += 8;
+                }
+                for j in i..n {
+                    dst[j] = src[j].to_f32();
+                }
+            }
+            DType::F16 => {
+                let s = src.as_ptr() as *const u16;
+                let mut i = 0;
+                while i + 8 <= n {
+                    let h = _mm_loadu_si128(s.add(i) as *const __m128i);
+                    _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                    i += 8;
+                }
+                for j in i..n {
+                    dst[j] = src[j].to_f32();
+                }
+            }
+        }
+    }
+
+    /// Pair moduli `sqrt(re * re + im * im)` of one widened row; `F` a multiple of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn moduli(style: PairingStyle, k: &[f32], out: &mut [f32]) {
+        let f_count = out.len();
+        match style {
+            PairingStyle::Half => {
+                let (re, im) = (k.as_ptr(), k.as_ptr().add(f_count));
+                for c in (0..f_count).step_by(8) {
+                    let r = _mm256_loadu_ps(re.add(c));
+                    let i = _mm256_loadu_ps(im.add(c));
+                    let s = _mm256_add_ps(_mm256_mul_ps(r, r), _mm256_mul_ps(i, i));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c), _mm256_sqrt_ps(s));
+                }
+            }
+            PairingStyle::Interleaved => {
+                for c in (0..f_count).step_by(8) {
+                    // a = (re, im) of pairs c..c+4, b = pairs c+4..c+8.
+                    let a = _mm256_loadu_ps(k.as_ptr().add(2 * c));
+                    let b = _mm256_loadu_ps(k.as_ptr().add(2 * c + 8));
+                    // hadd adds adjacent squares: re² + im² per pair, lanes [c0 c1 c4 c5 | c2 c3 c6 c7].
+                    let s = _mm256_hadd_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(b, b));
+                    let s = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(s)));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(c), _mm256_sqrt_ps(s));
+                }
+            }
+        }
+    }
+
+    /// 8-lane partial sums of `rows[r] · w` over `chunks` chunks of 8, for four rows.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn acc4(rows: [*const f32; BLOCK], w: *const f32, chunks: usize) -> [__m256; BLOCK] {
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut a2 = _mm256_setzero_ps();
+        let mut a3 = _mm256_setzero_ps();
+        for c in 0..chunks {
+            let o = c * 8;
+            let y = _mm256_loadu_ps(w.add(o));
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(rows[0].add(o)), y));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(rows[1].add(o)), y));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(rows[2].add(o)), y));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(rows[3].add(o)), y));
+        }
+        [a0, a1, a2, a3]
+    }
+
+    /// The horizontal sums of four accumulators, each `(s0 + s2) + (s1 + s3)`, `s = lo + hi`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn reduce4(acc: [__m256; BLOCK]) -> [f32; BLOCK] {
+        let [a, b, c, d] = acc;
+        // [sA | sB] and [sC | sD], s = lo + hi.
+        let ab = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b));
+        let cd = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d));
+        // [s0 s1 | ...] + [s2 s3 | ...]: (s0 + s2), (s1 + s3) for A, C | B, D.
+        let u = _mm256_shuffle_ps::<0x44>(ab, cd);
+        let v = _mm256_shuffle_ps::<0xEE>(ab, cd);
+        let w = _mm256_add_ps(u, v);
+        // (s0 + s2) + (s1 + s3): [A C A C | B D B D].
+        let r = _mm256_hadd_ps(w, w);
+        let mut t = [0f32; 8];
+        _mm256_storeu_ps(t.as_mut_ptr(), r);
+        [t[0], t[4], t[1], t[5]]
+    }
+
+    /// Score rows `first_row..first_row + out[0].len()` of KV head `g` (see [`super::score_rows`]).
+    ///
+    /// # Safety
+    /// Only after [`supports`] returned true for `weights.head_dim`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn score_rows<T: Element>(
+        weights: &RoundWeights,
+        layer: usize,
+        keys: &LayerView<'_, T>,
+        style: PairingStyle,
+        g: usize,
+        first_row: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        let d = weights.head_dim;
+        let f_count = d / 2;
+        let group = out.len();
+        let vectors = weights.vectors_per_head;
+        let rows = out[0].len();
+        let mut k = vec![0f32; BLOCK * d];
+        let mut m = vec![0f32; BLOCK * f_count];
+        let mut r0 = 0;
+        while r0 < rows {
+            let live = (rows - r0).min(BLOCK);
+            for b in 0..BLOCK {
+                // A short last block repeats its last row; those results are discarded.
+                let r = r0 + b.min(live - 1);
+                widen(keys.row(g, first_row + r), &mut k[b * d..(b + 1) * d]);
+                moduli(style, &k[b * d..(b + 1) * d], &mut m[b * f_count..(b + 1) * f_count]);
+            }
+            let kp: [*const f32; BLOCK] = std::array::from_fn(|b| k.as_ptr().add(b * d));
+            let mp: [*const f32; BLOCK] = std::array::from_fn(|b| m.as_ptr().add(b * f_count));
+            for (i, o) in out.iter_mut().enumerate() {
+                let h = g * group + i;
+                let e = reduce4(acc4(mp, weights.head_norm(layer, h).as_ptr(), f_count / 8));
+                let w = weights.head_weights(layer, h);
+                let trig = match (vectors, weights.aggregation) {
+                    (0, _) => [0.0; BLOCK],
+                    (_, OffsetAggregation::Mean) => reduce4(acc4(kp, w.as_ptr(), d / 8)),
+                    (_, OffsetAggregation::Max) => {
+                        let mut best = [f32::NEG_INFINITY; BLOCK];
+                        for j in 0..vectors {
+                            let t = reduce4(acc4(kp, w.as_ptr().add(j * d), d / 8));
+                            for b in 0..BLOCK {
+                                if t[b] > best[b] {
+                                    best[b] = t[b];
+                                }
+                            }
+                        }
+                        best
+                    }
+                };
+                for b in 0..live {
+                    o[r0 + b] = trig[b] + e[b];
+                }
+            }
+            r0 += BLOCK;
+        }
+    }
 }
 
 fn score_rows_dispatch<T: Element>(
@@ -132,11 +312,11 @@ fn score_rows_dispatch<T: Element>(
     out: &mut [&mut [f32]],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above); the function is otherwise safe.
-        // Without fused multiply-add the AVX2 code performs the same IEEE operations in the
-        // same order as the portable path, so results do not depend on which one runs.
-        unsafe { score_rows_avx2(weights, layer, keys, style, g, first_row, out) };
+    if avx2::supports(weights.head_dim) {
+        // SAFETY: `supports` checked AVX2 and F16C on this CPU and a head_dim the kernel handles.
+        // The kernel performs the same IEEE operations in the same order as the portable path
+        // (no fused multiply-add), so results do not depend on which one runs.
+        unsafe { avx2::score_rows(weights, layer, keys, style, g, first_row, out) };
         return;
     }
     score_rows(weights, layer, keys, style, g, first_row, out)

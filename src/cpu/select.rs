@@ -17,7 +17,7 @@ pub fn rank_order(a: u32, sa: f32, b: u32, sb: f32) -> Ordering {
 }
 
 /// The `k` best of `candidates` by `scores[slot]`, ascending by slot.
-pub fn top_k(scores: &[f32], candidates: &mut Vec<u32>, k: usize) -> Vec<u32> {
+pub fn top_k(scores: &[f32], candidates: &mut [u32], k: usize) -> Vec<u32> {
     let k = k.min(candidates.len());
     if k == 0 {
         return Vec::new();
@@ -62,9 +62,9 @@ mod tests {
     #[test]
     fn ties_prefer_lower_index_and_nan_ranks_last() {
         let s = [1.0, 3.0, 3.0, f32::NAN, 2.0, 3.0, f32::NEG_INFINITY];
-        assert_eq!(top_k(&s, &mut (0..7).collect(), 2), vec![1, 2]);
-        assert_eq!(top_k(&s, &mut (0..7).collect(), 6), vec![0, 1, 2, 4, 5, 6]);
-        assert_eq!(top_k(&s, &mut (0..7).collect(), 7), vec![0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(top_k(&s, &mut (0..7).collect::<Vec<u32>>(), 2), vec![1, 2]);
+        assert_eq!(top_k(&s, &mut (0..7).collect::<Vec<u32>>(), 6), vec![0, 1, 2, 4, 5, 6]);
+        assert_eq!(top_k(&s, &mut (0..7).collect::<Vec<u32>>(), 7), vec![0, 1, 2, 3, 4, 5, 6]);
     }
 
     #[test]

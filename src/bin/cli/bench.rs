@@ -1,0 +1,303 @@
+//! `triattn bench`: CPU scoring throughput against memcpy, measured in the same process.
+//!
+//! Shapes are Qwen3-8B's (36 layers, 32 heads, 8 KV heads, head_dim 128) with the real
+//! statistics embedded in the binary; keys are random from a concentrated distribution (a centre
+//! per (layer, KV head) plus noise). The timed stage is the scoring of `round::run_cpu`:
+//! `cpu::score::score_layer` over every layer, with the round's weights built once outside the
+//! timed loop (their build time is reported on its own). The ceiling is a memcpy of a buffer of
+//! the same byte size as the keys, single-threaded and with the same rayon pool.
+
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use triattn::error::{Error, Result};
+use triattn::io::TensorFile;
+use triattn::model::ModelConfig;
+use triattn::round::Scorer;
+use triattn::score::{OffsetAggregation, ScoreConfig};
+use triattn::stats::Stats;
+use triattn::{Element, LayerView};
+
+use super::ms;
+use crate::BenchArgs;
+
+/// Qwen3-8B statistics (converted from the TriAttention authors' `qwen3_8b.pt`, Apache-2.0).
+pub(crate) const QWEN3_8B_STATS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/qwen3_8b.safetensors"));
+/// The parts of Qwen3-8B's `config.json` that a round needs.
+pub(crate) const QWEN3_8B_CONFIG: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/qwen3_8b.config.json"));
+
+/// The embedded Qwen3-8B model and statistics, cut to the first `layers` layers.
+pub(crate) fn qwen3_8b(layers: usize) -> Result<Scorer> {
+    let mut model = ModelConfig::from_json_str(QWEN3_8B_CONFIG).map_err(|e| e.context("embedded Qwen3-8B config"))?;
+    let file = TensorFile::parse(QWEN3_8B_STATS).map_err(|e| e.context("embedded Qwen3-8B statistics"))?;
+    let mut stats = Stats::from_tensor_file(&file).map_err(|e| e.context("embedded Qwen3-8B statistics"))?;
+    if layers == 0 || layers > model.num_layers {
+        return Err(Error::invalid_argument("--layers", format!("1..={} (Qwen3-8B)", model.num_layers), layers));
+    }
+    if layers < model.num_layers {
+        let keep = layers * stats.num_heads * stats.freq_count();
+        stats.q_mean_real.truncate(keep);
+        stats.q_mean_imag.truncate(keep);
+        stats.q_abs_mean.truncate(keep);
+        if let Some(pairs) = &mut stats.sampled_heads {
+            pairs.retain(|p| (p[0] as usize) < layers);
+        }
+        stats.num_layers = layers;
+        stats.metadata.insert("num_layers".into(), layers.to_string());
+        model.num_layers = layers;
+    }
+    Scorer::new(model, stats, None)
+}
+
+/// splitmix64: a tiny deterministic generator (Steele, Lea, Flood 2014).
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator for `seed` and a stream index (so parallel rows get independent streams).
+    pub(crate) fn new(seed: u64, stream: u64) -> Self {
+        let mut s = Self(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        s.next_u64();
+        s
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Uniform in `[-1, 1)`, f32 (cheap noise).
+    pub(crate) fn symmetric(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32) * (2.0 / (1u64 << 24) as f32) - 1.0
+    }
+
+    /// Standard normal (Box-Muller).
+    pub(crate) fn normal(&mut self) -> f64 {
+        let u = 1.0 - self.uniform();
+        let v = self.uniform();
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Model name of the first CPU in `/proc/cpuinfo`.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Run `f` once as a warm-up, then `reps` times; the median time.
+fn time_median(reps: usize, mut f: impl FnMut()) -> Duration {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        return Err(Error::invalid_argument("--reps", ">= 1", 0));
+    }
+    if a.n == 0 {
+        return Err(Error::invalid_argument("--n", ">= 1", 0));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = a.threads.unwrap_or(cores);
+    if threads == 0 {
+        return Err(Error::invalid_argument("--threads", ">= 1", 0));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::unsupported(format!("cannot start {threads} worker threads: {e}")))?;
+    let scorer = qwen3_8b(a.layers)?;
+    match a.dtype.to_ascii_lowercase().as_str() {
+        "f32" => pool.install(|| run::<f32>(&a, &scorer, cores, threads)),
+        "f16" => pool.install(|| run::<half::f16>(&a, &scorer, cores, threads)),
+        "bf16" => pool.install(|| run::<half::bf16>(&a, &scorer, cores, threads)),
+        other => Err(Error::invalid_argument("--dtype", "f32, f16 or bf16", other)),
+    }
+}
+
+/// Random keys `[Hkv, N, D]` per layer: a centre per (layer, KV head) (standard normal per
+/// dimension) plus uniform noise of half-width 0.5.
+fn random_keys<T: Element>(layers: usize, kv_heads: usize, n: usize, d: usize, seed: u64) -> Vec<Vec<T>> {
+    (0..layers)
+        .map(|l| {
+            let mut k = vec![T::from_f32(0.0); kv_heads * n * d];
+            k.par_chunks_mut(n * d).enumerate().for_each(|(g, head)| {
+                let mut rng = SplitMix64::new(seed, (l * kv_heads + g) as u64);
+                let centre: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
+                for row in head.chunks_mut(d) {
+                    for (x, c) in row.iter_mut().zip(&centre) {
+                        *x = T::from_f32(c + 0.5 * rng.symmetric());
+                    }
+                }
+            });
+            k
+        })
+        .collect()
+}
+
+struct ModeResult {
+    weights: Duration,
+    score: Duration,
+    flops: f64,
+}
+
+fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize) -> Result<()> {
+    let m = &scorer.model;
+    let (l, h, hkv, d, n) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, a.n);
+    let f = d / 2;
+    let esize = std::mem::size_of::<T>();
+    let key_bytes = l * hkv * n * d * esize;
+
+    let t = Instant::now();
+    let keys = random_keys::<T>(l, hkv, n, d, 0x7412_a771);
+    let gen_time = t.elapsed();
+    let views: Vec<LayerView<'_, T>> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| LayerView::contiguous(&format!("k.{i}"), k, hkv, n, d))
+        .collect::<Result<_>>()?;
+    let mut raw = vec![vec![0f32; h * n]; l];
+    let round_start = n.max(32_768) as u64;
+
+    // memcpy ceilings: the same byte count, one direction counted.
+    let src = vec![0x5au8; key_bytes];
+    let mut dst = vec![0u8; key_bytes];
+    let copy1 = time_median(a.reps, || {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&mut dst);
+    });
+    let chunk = key_bytes.div_ceil(threads).div_ceil(64) * 64;
+    let copy_n = time_median(a.reps, || {
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(o, i)| o.copy_from_slice(i));
+        std::hint::black_box(&mut dst);
+    });
+    drop((src, dst));
+
+    let mut results = Vec::new();
+    for agg in [OffsetAggregation::Mean, OffsetAggregation::Max] {
+        let config = ScoreConfig { aggregation: agg, ..ScoreConfig::default() };
+        let j = triattn::score::geometric_offsets(config.offset_max_length)?.len();
+        let mut built = None;
+        let mut err = None;
+        let weights_time = time_median(a.reps, || match scorer.weights(round_start, &config) {
+            Ok(w) => built = Some(w),
+            Err(e) => err = Some(e),
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let weights = built.expect("weights were built");
+        let mut err = None;
+        let score_time = time_median(a.reps, || {
+            for (layer, (k, out)) in views.iter().zip(raw.iter_mut()).enumerate() {
+                if let Err(e) = triattn::cpu::score::score_layer(&weights, layer, k, scorer.style, out) {
+                    err = Some(e);
+                }
+            }
+            std::hint::black_box(&mut raw);
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let vectors = match agg {
+            OffsetAggregation::Mean => 1,
+            OffsetAggregation::Max => j,
+        };
+        let per_token_layer = (2 * d * h * vectors + 2 * f * h + 4 * f * hkv) as f64;
+        results.push((
+            agg,
+            ModeResult { weights: weights_time, score: score_time, flops: per_token_layer * (l * n) as f64 },
+        ));
+    }
+
+    let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+    let (copy1_gbs, copy_n_gbs) = (gbs(key_bytes, copy1), gbs(key_bytes, copy_n));
+    println!("triattn bench: CPU scoring throughput vs memcpy (same process)");
+    println!("statistics  Qwen/Qwen3-8B, TriAttention authors (arXiv:2604.04921), Apache-2.0 (embedded)");
+    println!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
+    println!(
+        "shapes      {l} layers x {h} heads ({hkv} KV heads, G = {}), head_dim {d}, N = {n}, {} keys: {:.1} MB",
+        h / hkv,
+        T::DTYPE,
+        key_bytes as f64 / 1e6
+    );
+    println!(
+        "method      median of {} timed reps after 1 warm-up; round_start {round_start}; keys generated in {:.0} ms",
+        a.reps,
+        ms(gen_time)
+    );
+    println!();
+    println!("{:<28} {:>10} {:>10}", "memcpy (same bytes)", "ms", "GB/s");
+    println!("{:<28} {:>10.3} {:>10.2}", "1 thread", ms(copy1), copy1_gbs);
+    println!("{:<28} {:>10.3} {:>10.2}", format!("{threads} threads (rayon chunks)"), ms(copy_n), copy_n_gbs);
+    println!();
+    println!(
+        "{:<6} {:>11} {:>10} {:>11} {:>10} {:>10} {:>14} {:>14}",
+        "mode",
+        "weights ms",
+        "score ms",
+        "keys GB/s",
+        "GFLOP/s",
+        "stage ms",
+        "vs memcpy 1t",
+        format!("vs memcpy {threads}t")
+    );
+    for (agg, r) in &results {
+        let kg = gbs(key_bytes, r.score);
+        println!(
+            "{:<6} {:>11.3} {:>10.3} {:>11.2} {:>10.2} {:>10.3} {:>13.1}% {:>13.1}%",
+            match agg {
+                OffsetAggregation::Mean => "mean",
+                OffsetAggregation::Max => "max",
+            },
+            ms(r.weights),
+            ms(r.score),
+            kg,
+            r.flops / r.score.as_secs_f64() / 1e9,
+            ms(r.weights + r.score),
+            100.0 * kg / copy1_gbs,
+            100.0 * kg / copy_n_gbs,
+        );
+    }
+    println!();
+    println!("definitions");
+    println!("  memcpy GB/s   bytes copied / time (one direction: {key_bytes} bytes read, the same written)");
+    println!("  keys GB/s     key bytes read by scoring / score time");
+    println!(
+        "  ratio         keys GB/s / memcpy GB/s; the ceiling is the {threads}-thread memcpy (last column, target >= 50% for mean)"
+    );
+    println!("  GFLOP/s       L*N*(2*D*H*J + 2*F*H + 4*F*Hkv) / score time, J = 1 (mean, folded) or the number of offsets (max)");
+    println!("  stage ms      weights + score: the score stage of one round as round::run_cpu runs it");
+    Ok(())
+}

@@ -1,0 +1,404 @@
+//! The subcommands of `triattn`.
+
+mod bench;
+mod demo;
+
+use std::time::Instant;
+
+use triattn::error::{Error, Result};
+use triattn::io::{FileDType, Tensor, TensorFile};
+use triattn::model::{ModelConfig, PairingStyle};
+use triattn::policy::{
+    CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, RoundOutcome, SelectionMode,
+};
+use triattn::round::{self, Scorer};
+use triattn::score::{NormTerm, OffsetAggregation, TrigTerm};
+use triattn::stats::Stats;
+use triattn::{DType, Element, LayerView};
+
+pub use bench::bench;
+pub use demo::demo;
+
+use crate::{
+    AggArg, BackendArg, CalibrateArgs, CompressArgs, ConvertArgs, InfoArgs, ModeArg, PolicyArgs, PresetArg, StyleArg,
+};
+
+fn style_of(s: StyleArg) -> PairingStyle {
+    match s {
+        StyleArg::Half => PairingStyle::Half,
+        StyleArg::Interleaved => PairingStyle::Interleaved,
+    }
+}
+
+/// The compression config the policy flags describe.
+pub(crate) fn policy_config(a: &PolicyArgs) -> Result<CompressionConfig> {
+    let preset = match a.preset {
+        PresetArg::Paper => Preset::Paper,
+        PresetArg::Vllm => Preset::Vllm,
+    };
+    let mut c = CompressionConfig::preset(preset);
+    if let Some(b) = a.budget {
+        c.budget = b;
+    }
+    if let Some(m) = a.mode {
+        c.mode = match m {
+            ModeArg::PerHead => SelectionMode::PerHead,
+            ModeArg::PerLayerPerHead => SelectionMode::PerLayerPerHead,
+            ModeArg::Union => SelectionMode::Union,
+        };
+    }
+    if let Some(agg) = a.offsets_aggregation {
+        c.score.aggregation = match agg {
+            AggArg::Mean => OffsetAggregation::Mean,
+            AggArg::Max => OffsetAggregation::Max,
+        };
+    }
+    if let Some(agg) = a.group_aggregation {
+        c.group_aggregation = match agg {
+            AggArg::Mean => GroupAggregation::Mean,
+            AggArg::Max => GroupAggregation::Max,
+        };
+    }
+    if let Some(w) = a.window {
+        c.window = w;
+    }
+    if a.normalize {
+        c.normalization = Normalization::ZScore;
+    }
+    if a.no_normalize {
+        c.normalization = Normalization::Off;
+    }
+    if a.protect_prefix {
+        c.prefix = PrefixProtection::Protected;
+    }
+    if a.no_protect_prefix {
+        c.prefix = PrefixProtection::Unprotected;
+    }
+    if let Some(d) = a.divide_length {
+        c.divide_length = d;
+    }
+    if let Some(o) = a.offset_max_length {
+        c.score.offset_max_length = o;
+    }
+    if a.disable_mlr {
+        c.score.norm = NormTerm::MeanModulus;
+    }
+    if a.disable_trig {
+        c.score.trig = TrigTerm::Excluded;
+    }
+    c.validate()?;
+    if c.group_aggregation == GroupAggregation::Mean && c.mode != SelectionMode::PerLayerPerHead {
+        eprintln!(
+            "warning: --group-aggregation applies to --mode per-layer-per-head; {} reduces groups with max",
+            c.mode.name()
+        );
+    }
+    Ok(c)
+}
+
+/// Keys and values of every layer of a dumped cache, checked against the model.
+struct DumpedCache {
+    dtype: DType,
+    num_kv_heads: usize,
+    n: usize,
+    head_dim: usize,
+    value_dim: usize,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+fn read_cache(file: &TensorFile, model: &ModelConfig) -> Result<DumpedCache> {
+    let name = file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let k0 = file.get("k.0")?;
+    let dtype = match k0.dtype {
+        FileDType::Float(d) => d,
+        other => return Err(Error::shape(format!("{name}: tensor k.0 dtype"), "F32, F16 or BF16", other)),
+    };
+    if k0.shape.len() != 3 {
+        return Err(Error::shape(format!("{name}: tensor k.0 shape"), "[Hkv, N, D]", format!("{:?}", k0.shape)));
+    }
+    let n = k0.shape[1];
+    let v0 = file.get("v.0")?;
+    if v0.shape.len() != 3 {
+        return Err(Error::shape(format!("{name}: tensor v.0 shape"), "[Hkv, N, Dv]", format!("{:?}", v0.shape)));
+    }
+    let value_dim = v0.shape[2];
+    let (hkv, d) = (model.num_kv_heads, model.head_dim);
+    let mut k = Vec::with_capacity(model.num_layers);
+    let mut v = Vec::with_capacity(model.num_layers);
+    for l in 0..model.num_layers {
+        let dt = [FileDType::Float(dtype)];
+        k.push(file.get_checked(&format!("k.{l}"), &dt, &[hkv, n, d])?.clone());
+        v.push(file.get_checked(&format!("v.{l}"), &dt, &[hkv, n, value_dim])?.clone());
+    }
+    if file.tensors.contains_key(&format!("k.{}", model.num_layers)) {
+        return Err(Error::shape(
+            format!("{name}: layers"),
+            format!("{} (num_hidden_layers of the model config)", model.num_layers),
+            format!("a tensor k.{} beyond them", model.num_layers),
+        ));
+    }
+    Ok(DumpedCache { dtype, num_kv_heads: hkv, n, head_dim: d, value_dim, k, v })
+}
+
+fn meta_u64(file: &TensorFile, key: &str) -> Result<Option<u64>> {
+    file.meta_usize(key).map(|v| v.map(|x| x as u64))
+}
+
+pub fn compress(a: CompressArgs) -> Result<()> {
+    let config = policy_config(&a.policy)?;
+    let model = ModelConfig::from_file(&a.model_config)?;
+    let stats = Stats::load(&a.stats)?;
+    let scorer = Scorer::new(model, stats, a.rope_style.map(style_of))
+        .map_err(|e| e.context(format!("{} vs {}", a.stats.display(), a.model_config.display())))?;
+    let file = TensorFile::read(&a.kv)?;
+    let cache = read_cache(&file, &scorer.model)?;
+    let round_start = match a.round_start {
+        Some(r) => r,
+        None => meta_u64(&file, "round_start")?.unwrap_or(cache.n as u64),
+    };
+    let prefix_len = match a.prefix_len {
+        Some(p) => p,
+        None => meta_u64(&file, "prefix_len")?.map(|p| p as usize).unwrap_or(0),
+    };
+    if round_start < cache.n as u64 {
+        return Err(Error::invalid_argument(
+            "round_start",
+            format!(">= the {} cached slots (a round starts after every cached token)", cache.n),
+            round_start,
+        ));
+    }
+    if prefix_len > cache.n {
+        return Err(Error::invalid_argument("prefix_len", format!("<= the {} cached slots", cache.n), prefix_len));
+    }
+    let out = match cache.dtype {
+        DType::F32 => compress_typed::<f32>(&a, &config, &scorer, &cache, round_start, prefix_len)?,
+        DType::F16 => compress_typed::<half::f16>(&a, &config, &scorer, &cache, round_start, prefix_len)?,
+        DType::Bf16 => compress_typed::<half::bf16>(&a, &config, &scorer, &cache, round_start, prefix_len)?,
+    };
+    out.write(&a.out)
+}
+
+fn backend_name(b: BackendArg) -> &'static str {
+    match b {
+        BackendArg::Cpu => "cpu",
+        BackendArg::Emu => "emu",
+        BackendArg::Cuda => "cuda",
+    }
+}
+
+fn compress_typed<T: Element>(
+    a: &CompressArgs,
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    cache: &DumpedCache,
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<TensorFile> {
+    let model = &scorer.model;
+    let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
+    let views: Vec<LayerView<'_, T>> = keys
+        .iter()
+        .enumerate()
+        .map(|(l, k)| LayerView::contiguous(&format!("k.{l}"), k, cache.num_kv_heads, cache.n, cache.head_dim))
+        .collect::<Result<_>>()?;
+    let result = match a.backend {
+        BackendArg::Cpu => round::run_cpu(config, scorer, &views, round_start, prefix_len)?,
+        other => {
+            return Err(Error::unsupported(format!(
+                "--backend {}: expected cpu, got a backend this build does not include (rebuild with --features {})",
+                backend_name(other),
+                backend_name(other)
+            )))
+        }
+    };
+    let backend = backend_name(a.backend);
+    let (l, h, hkv, n) = (model.num_layers, model.num_heads, model.num_kv_heads, cache.n);
+    let key_bytes: usize = cache.k.iter().map(|t| t.data.len()).sum();
+    let t = &result.times;
+    if a.verbose {
+        eprintln!(
+            "score: {backend} {:.3} ms ({} keys x {h} heads, {} MB of {} keys, {} aggregation, r = {round_start})",
+            ms(t.score),
+            l * hkv * n,
+            key_bytes as f64 / 1e6,
+            cache.dtype,
+            match config.score.aggregation {
+                OffsetAggregation::Mean => "mean",
+                OffsetAggregation::Max => "max",
+            }
+        );
+        eprintln!(
+            "normalize: {backend} {:.3} ms ({})",
+            ms(t.normalize),
+            match config.zscore() {
+                None => "off".to_string(),
+                Some(z) => format!("{z:?} z-score over {} rows", l * h),
+            }
+        );
+        eprintln!("reduce: {backend} {:.3} ms ({}, {} sets)", ms(t.reduce), config.mode.name(), result.keep.len());
+        eprintln!("select: {backend} {:.3} ms (budget {}, {:?})", ms(t.select), config.budget, result.outcome);
+    }
+    if let RoundOutcome::Skipped(reason) = result.outcome {
+        eprintln!("round skipped: {reason}; every slot is kept");
+    }
+
+    let t0 = Instant::now();
+    let mut out = TensorFile::default();
+    let kept = result.keep[0].len();
+    let keep_flat: Vec<i32> = result.keep.iter().flatten().map(|&s| s as i32).collect();
+    let (keep_shape, score_shape) = match config.mode {
+        SelectionMode::PerHead => (vec![hkv, kept], vec![hkv, n]),
+        SelectionMode::PerLayerPerHead => (vec![l, hkv, kept], vec![l, hkv, n]),
+        SelectionMode::Union => (vec![kept], vec![n]),
+    };
+    out.tensors.insert("keep".into(), Tensor::from_i32(keep_shape, &keep_flat));
+    out.tensors.insert("score".into(), Tensor::from_f32(score_shape, &result.score));
+    for (layer, raw) in result.raw.iter().enumerate() {
+        out.tensors.insert(format!("raw.{layer}"), Tensor::from_f32(vec![h, n], raw));
+    }
+    let es = cache.dtype.size();
+    for layer in 0..l {
+        for (name, src, dim) in [("k", &cache.k[layer], cache.head_dim), ("v", &cache.v[layer], cache.value_dim)] {
+            let row = dim * es;
+            let mut data = vec![0u8; hkv * kept * row];
+            for g in 0..hkv {
+                let keep = &result.keep[config.mode.set_index(layer, g, hkv)];
+                triattn::cpu::compact::gather_rows(
+                    &src.data[g * n * row..(g + 1) * n * row],
+                    row,
+                    row,
+                    keep,
+                    &mut data[g * kept * row..(g + 1) * kept * row],
+                );
+            }
+            out.tensors.insert(format!("{name}.{layer}"), Tensor::from_raw(cache.dtype, vec![hkv, kept, dim], data));
+        }
+    }
+    out.metadata.insert("round_start".into(), round_start.to_string());
+    out.metadata.insert("prefix_len".into(), prefix_len.to_string());
+    if a.verbose {
+        eprintln!("compact: {backend} {:.3} ms ({} -> {kept} slots per set, order-preserving)", ms(t0.elapsed()), n);
+    }
+    Ok(out)
+}
+
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    if a.backend != BackendArg::Cpu {
+        return Err(Error::unsupported(format!(
+            "--backend {}: expected cpu (calibration runs on the CPU in this build)",
+            backend_name(a.backend)
+        )));
+    }
+    let model = ModelConfig::from_file(&a.model_config)?;
+    let style = style_of(a.rope_style);
+    let mut acc =
+        triattn::stats::calibrate::Accumulator::new(model.num_layers, model.num_heads, model.head_dim, style)?;
+    for path in &a.queries {
+        let file = TensorFile::read(path)?;
+        let name = path.display();
+        for l in 0..model.num_layers {
+            let t = file.get(&format!("q.{l}")).map_err(|e| e.context(&name))?;
+            acc.add_tensor(l, t).map_err(|e| e.context(format!("{name}: q.{l}")))?;
+        }
+        if a.verbose {
+            eprintln!("calibrate: cpu read {name}");
+        }
+    }
+    let mut stats = acc.finish()?;
+    stats.record_model(&model);
+    stats.save(&a.out)?;
+    if a.verbose {
+        eprintln!("calibrate: wrote {} ({} layers x {} heads)", a.out.display(), stats.num_layers, stats.num_heads);
+    }
+    Ok(())
+}
+
+pub fn convert_stats(a: ConvertArgs) -> Result<()> {
+    let mut stats = triattn::stats::pt::read_official(&a.input)?;
+    if let Some(path) = &a.model_config {
+        let model = ModelConfig::from_file(path)?;
+        stats.check_model(&model).map_err(|e| e.context(format!("{} vs {}", a.input.display(), path.display())))?;
+        stats.record_model(&model);
+    }
+    stats.save(&a.out)?;
+    eprintln!(
+        "wrote {}: {} layers x {} heads, head_dim {}, rope_style {}",
+        a.out.display(),
+        stats.num_layers,
+        stats.num_heads,
+        stats.head_dim,
+        stats.rope_style
+    );
+    Ok(())
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    if a.model_config.is_none() && a.stats.is_none() {
+        return Err(Error::invalid_argument("info", "--model-config and/or --stats", "neither"));
+    }
+    let model = match &a.model_config {
+        None => None,
+        Some(p) => {
+            let m = ModelConfig::from_file(p)?;
+            println!("model {}", p.display());
+            println!("  name                {}", m.name.as_deref().unwrap_or("-"));
+            println!("  layers              {}", m.num_layers);
+            println!("  attention heads     {}", m.num_heads);
+            println!("  KV heads            {} (group size {})", m.num_kv_heads, m.group_size());
+            println!("  head_dim            {} ({} rotary pairs)", m.head_dim, m.freq_count());
+            println!("  rope_theta          {}", m.rope_theta);
+            println!("  rope scaling        {:?}", m.rope_scaling);
+            println!("  attention scaling   {} (sigma = {})", m.attention_scaling(), m.attention_scaling().powi(2));
+            let w = m.omega();
+            println!("  omega               {:.6e} .. {:.6e}", w[0], w[w.len() - 1]);
+            Some(m)
+        }
+    };
+    if let Some(p) = &a.stats {
+        let stats = if p.extension().is_some_and(|e| e == "pt") {
+            triattn::stats::pt::read_official(p)?
+        } else {
+            Stats::load(p)?
+        };
+        println!("statistics {}", p.display());
+        println!("  layers x heads      {} x {}", stats.num_layers, stats.num_heads);
+        println!("  head_dim            {}", stats.head_dim);
+        println!("  rope_style          {}", stats.rope_style);
+        for (k, v) in &stats.metadata {
+            if !matches!(k.as_str(), "format" | "rope_style" | "head_dim") {
+                println!("  {k:<19} {v}");
+            }
+        }
+        let mut violations = 0usize;
+        let f = stats.freq_count();
+        for i in 0..stats.q_abs_mean.len() {
+            let m = (stats.q_mean_real[i] as f64).hypot(stats.q_mean_imag[i] as f64);
+            if (stats.q_abs_mean[i] as f64) < m * (1.0 - 1e-6) {
+                violations += 1;
+            }
+        }
+        println!("validation");
+        println!("  format, shapes, finite values: ok");
+        println!(
+            "  a_f >= |q̄_f| (triangle inequality): {} ({} of {} entries violate)",
+            if violations == 0 { "ok" } else { "VIOLATED" },
+            violations,
+            stats.num_layers * stats.num_heads * f
+        );
+        if let Some(m) = &model {
+            match stats.check_model(m) {
+                Ok(()) => println!("  matches the model config: ok"),
+                Err(e) => {
+                    println!("  matches the model config: NO ({e})");
+                    return Err(e.context("statistics do not match the model config"));
+                }
+            }
+        }
+    }
+    Ok(())
+}

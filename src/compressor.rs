@@ -1,0 +1,129 @@
+//! [`Compressor`]: the policy driving rounds over a sequence's cache on the CPU backend.
+
+use std::time::{Duration, Instant};
+
+use crate::cache::KvCache;
+use crate::cpu;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::policy::{CompressionConfig, RoundOutcome};
+use crate::round::{self, RoundResult, Scorer};
+
+/// Per-sequence bookkeeping: positions seen and the position held by every slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SequenceState {
+    /// Tokens written so far (prompt and generated): the next round's `round_start`.
+    pub round_start: u64,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Absolute position held by each slot, per (layer, KV head) (`[L * Hkv][len]`).
+    pub positions: Vec<Vec<u64>>,
+}
+
+impl SequenceState {
+    /// A new sequence of a model with `layers` x `kv_heads` KV rows.
+    pub fn new(layers: usize, kv_heads: usize, prompt_len: usize) -> Self {
+        Self { round_start: 0, prompt_len, positions: vec![Vec::new(); layers * kv_heads] }
+    }
+
+    /// Record `count` tokens written to every (layer, KV head) at the next positions.
+    pub fn advance(&mut self, count: usize) {
+        for p in self.positions.iter_mut() {
+            p.extend(self.round_start..self.round_start + count as u64);
+        }
+        self.round_start += count as u64;
+    }
+
+    /// Slots in use (the same for every row).
+    pub fn len(&self) -> usize {
+        self.positions.first().map_or(0, Vec::len)
+    }
+
+    /// Whether no slot is in use.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prompt slots still at the front of the cache (all of them while the prompt is protected).
+    pub fn prompt_slots(&self) -> usize {
+        self.positions.first().map_or(0, |p| p.iter().take_while(|&&x| x < self.prompt_len as u64).count())
+    }
+}
+
+/// What one [`Compressor::compress`] call did.
+#[derive(Clone, Debug)]
+pub struct RoundReport {
+    /// Scores, keep sets, outcome, stage times.
+    pub round: RoundResult,
+    /// Time spent compacting K and V.
+    pub compact: Duration,
+}
+
+/// Owns the policy and the model/statistics; runs rounds over [`KvCache`]s.
+#[derive(Clone, Debug)]
+pub struct Compressor {
+    config: CompressionConfig,
+    scorer: Scorer,
+}
+
+impl Compressor {
+    /// A compressor with validated `config`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the bad knob.
+    pub fn new(config: CompressionConfig, scorer: Scorer) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config, scorer })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CompressionConfig {
+        &self.config
+    }
+
+    /// The scorer (model and statistics).
+    pub fn scorer(&self) -> &Scorer {
+        &self.scorer
+    }
+
+    /// Whether a round is due (see [`CompressionConfig::round_due`]); `scheduled` is the number of
+    /// tokens the next step writes (vllm preset), ignored by the paper preset.
+    pub fn round_due(&self, seq: &SequenceState, scheduled: usize) -> bool {
+        self.config.round_due(seq.len(), scheduled)
+    }
+
+    /// Run a round over `cache` and compact it in place (order-preserving).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` if the cache does not fit the model or disagrees with `seq`.
+    pub fn compress<T: Element>(&self, cache: &mut KvCache<T>, seq: &mut SequenceState) -> Result<RoundReport> {
+        let m = &self.scorer.model;
+        if cache.num_layers != m.num_layers || cache.num_kv_heads != m.num_kv_heads || cache.head_dim != m.head_dim {
+            return Err(Error::shape(
+                "cache [L, Hkv, D]",
+                format!("[{}, {}, {}]", m.num_layers, m.num_kv_heads, m.head_dim),
+                format!("[{}, {}, {}]", cache.num_layers, cache.num_kv_heads, cache.head_dim),
+            ));
+        }
+        if seq.len() != cache.len || seq.positions.len() != m.num_layers * m.num_kv_heads {
+            return Err(Error::shape("sequence state slots", cache.len, seq.len()));
+        }
+        let keys: Vec<_> = (0..cache.num_layers).map(|l| cache.keys(l)).collect();
+        let result = round::run_cpu(&self.config, &self.scorer, &keys, seq.round_start, seq.prompt_slots())?;
+        let t = Instant::now();
+        if let RoundOutcome::Compressed { kept, .. } = result.outcome {
+            let (hkv, cap, d, dv) = (cache.num_kv_heads, cache.capacity, cache.head_dim, cache.value_dim);
+            for l in 0..cache.num_layers {
+                for g in 0..hkv {
+                    let keep = &result.keep[self.config.mode.set_index(l, g, hkv)];
+                    cpu::compact::compact_in_place(&mut cache.k[l][g * cap * d..(g + 1) * cap * d], d, d, keep)?;
+                    cpu::compact::compact_in_place(&mut cache.v[l][g * cap * dv..(g + 1) * cap * dv], dv, dv, keep)?;
+                    let pos = &mut seq.positions[l * hkv + g];
+                    *pos = keep.iter().map(|&s| pos[s as usize]).collect();
+                }
+            }
+            cache.len = kept;
+        }
+        Ok(RoundReport { round: result, compact: t.elapsed() })
+    }
+}

@@ -1,0 +1,171 @@
+//! Every golden case of `shared/data/golden` through the CLI contract (and the library).
+//!
+//! The cases come from an independent float64 reference; keep must match exactly, score and raw
+//! within 5e-4 of the row's standard deviation, compacted K/V bit-exactly.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{golden_cases, keep_of, max_rel_err};
+use triattn::io::TensorFile;
+
+const TOL: f64 = 5e-4;
+
+fn case_args(case: &Path) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
+    v["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+fn run_compress(case: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_triattn"))
+        .current_dir(case)
+        .args(["compress", "--model-config", "config.json", "--stats", "stats.safetensors", "--kv", "kv.safetensors"])
+        .arg("--out")
+        .arg(out)
+        .args(case_args(case))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Compare an output file with the case's expectation; returns (max score err, max raw err).
+fn check_case(case: &Path, got: &TensorFile) -> (f64, f64) {
+    let name = case.file_name().unwrap().to_string_lossy().to_string();
+    let expected = TensorFile::read(case.join("expected.safetensors")).unwrap();
+    let kv = TensorFile::read(case.join("kv.safetensors")).unwrap();
+    let (shape_g, keep_g) = keep_of(got);
+    let (shape_e, keep_e) = keep_of(&expected);
+    assert_eq!(shape_g, shape_e, "{name}: keep shape");
+    assert_eq!(keep_g, keep_e, "{name}: keep");
+    let score_e = expected.get("score").unwrap();
+    let n = *score_e.shape.last().unwrap();
+    let score_g = got.get("score").unwrap();
+    assert_eq!(score_g.shape, score_e.shape, "{name}: score shape");
+    let score_err = max_rel_err(&format!("{name} score"), &score_g.to_f32_vec(), &score_e.to_f32_vec(), n);
+    assert!(score_err <= TOL, "{name}: score error {score_err:.3e} of the row std");
+    let mut raw_err = 0f64;
+    for l in 0.. {
+        let Some(e) = expected.tensors.get(&format!("raw.{l}")) else { break };
+        let g = got.get(&format!("raw.{l}")).unwrap();
+        assert_eq!(g.shape, e.shape, "{name}: raw.{l} shape");
+        raw_err = raw_err.max(max_rel_err(&format!("{name} raw.{l}"), &g.to_f32_vec(), &e.to_f32_vec(), n));
+    }
+    assert!(raw_err <= TOL, "{name}: raw error {raw_err:.3e} of the row std");
+    // Compacted K/V: input rows gathered by keep, bit-exact.
+    let per_layer = shape_g.len() == 3;
+    let union = shape_g.len() == 1;
+    let kept = *shape_g.last().unwrap();
+    for l in 0.. {
+        let Some(k_in) = kv.tensors.get(&format!("k.{l}")) else { break };
+        for name_kv in ["k", "v"] {
+            let src = kv.get(&format!("{name_kv}.{l}")).unwrap();
+            let dst = got.get(&format!("{name_kv}.{l}")).unwrap();
+            let (hkv, n_in, dim) = (src.shape[0], src.shape[1], src.shape[2]);
+            assert_eq!(dst.shape, vec![hkv, kept, dim], "{name}: {name_kv}.{l} shape");
+            assert_eq!(dst.dtype, src.dtype, "{name}: {name_kv}.{l} dtype");
+            let row = src.data.len() / (hkv * n_in);
+            for g in 0..hkv {
+                let keep: &[i64] = if union {
+                    &keep_g
+                } else if per_layer {
+                    &keep_g[(l * hkv + g) * kept..(l * hkv + g + 1) * kept]
+                } else {
+                    &keep_g[g * kept..(g + 1) * kept]
+                };
+                for (i, &s) in keep.iter().enumerate() {
+                    let a = &src.data[(g * n_in + s as usize) * row..(g * n_in + s as usize + 1) * row];
+                    let b = &dst.data[(g * kept + i) * row..(g * kept + i + 1) * row];
+                    assert_eq!(a, b, "{name}: {name_kv}.{l} head {g} row {i}");
+                }
+            }
+        }
+        let _ = k_in;
+    }
+    (score_err, raw_err)
+}
+
+#[test]
+fn golden_cases_pass_through_the_cli() {
+    let cases = golden_cases();
+    if cases.is_empty() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let o = run_compress(case, &out, &[]);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let got = TensorFile::read(&out).unwrap();
+        let (s, r) = check_case(case, &got);
+        eprintln!("{name}: keep exact, score err {s:.2e}, raw err {r:.2e} (of row std)");
+    }
+}
+
+#[test]
+fn verbose_prints_one_line_per_stage() {
+    let Some(case) = golden_cases().into_iter().find(|c| c.ends_with("qwen3-paper")) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let o = run_compress(&case, &out, &["--verbose"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    for stage in ["score", "normalize", "reduce", "select", "compact"] {
+        assert!(err.lines().any(|l| l.starts_with(&format!("{stage}: cpu"))), "no {stage} line in:\n{err}");
+    }
+}
+
+#[test]
+fn calibration_case_passes_through_the_cli() {
+    let Some(case) = common::data_path("golden/calibrate-half") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stats.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_triattn"))
+        .current_dir(&case)
+        .args(["calibrate", "--model-config", "config.json", "--queries", "queries.safetensors", "--out"])
+        .arg(&out)
+        .args(case_args(&case))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = triattn::Stats::load(&out).unwrap();
+    let expected = TensorFile::read(case.join("expected.safetensors")).unwrap();
+    for (name, values) in
+        [("q_mean_real", &got.q_mean_real), ("q_mean_imag", &got.q_mean_imag), ("q_abs_mean", &got.q_abs_mean)]
+    {
+        let e = expected.get(name).unwrap().to_f32_vec();
+        let worst = values
+            .iter()
+            .zip(&e)
+            .map(|(&g, &x)| (g as f64 - x as f64).abs() / (x as f64).abs().max(1e-6))
+            .fold(0f64, f64::max);
+        assert!(worst <= 1e-5, "{name}: relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn convert_stats_is_bit_exact_through_the_cli() {
+    let (Some(pt), Some(reference)) =
+        (common::data_path("official/ds_qwen7b.pt"), common::data_path("calibration/ds_qwen7b.safetensors"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ds_qwen7b.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_triattn"))
+        .arg("convert-stats")
+        .arg(&pt)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (got, want) = (triattn::Stats::load(&out).unwrap(), triattn::Stats::load(&reference).unwrap());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got.q_mean_real), bits(&want.q_mean_real));
+    assert_eq!(bits(&got.q_mean_imag), bits(&want.q_mean_imag));
+    assert_eq!(bits(&got.q_abs_mean), bits(&want.q_abs_mean));
+    assert_eq!(got.sampled_heads, want.sampled_heads);
+}
