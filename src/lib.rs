@@ -60,11 +60,17 @@ pub mod compressor;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod ffi;
 pub mod io;
 pub mod model;
 pub mod policy;
 pub mod round;
 pub mod score;
+pub mod variant;
+#[cfg(any(feature = "cuda", feature = "emu"))]
+pub mod cuda;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod stats;
 
 pub use cache::{KvCache, LayerView};

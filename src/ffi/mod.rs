@@ -1,0 +1,388 @@
+//! The C ABI: a thin, panic-proof shell over the Rust API (`include/triattn.h`, generated).
+//!
+//! Every function returns a [`triattn_status`], checks its pointers, runs inside a panic
+//! boundary and writes its outputs only on success. The message of the last failure on the
+//! calling thread is read with [`triattn_last_error`]. Handles are opaque; each `*_create` has a
+//! matching `*_destroy` that accepts null.
+//!
+//! This version runs rounds on host buffers with the CPU backend; the device-pointer round on a
+//! caller stream comes with the CUDA round orchestration.
+#![allow(non_camel_case_types)]
+
+mod types;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+pub use types::*;
+
+use crate::cache::LayerView;
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::ModelConfig;
+use crate::policy::{CompressionConfig, RoundOutcome};
+use crate::round::{run_cpu, Scorer};
+use crate::stats::Stats;
+use crate::DType;
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_last_error(message: &str) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = message.to_string());
+}
+
+fn status_of(kind: ErrorKind) -> triattn_status {
+    match kind {
+        ErrorKind::InvalidArgument => triattn_status::InvalidArgument,
+        ErrorKind::InvalidConfig => triattn_status::InvalidConfig,
+        ErrorKind::InvalidFormat => triattn_status::InvalidFormat,
+        ErrorKind::ShapeMismatch => triattn_status::ShapeMismatch,
+        ErrorKind::Unsupported => triattn_status::Unsupported,
+        ErrorKind::Io => triattn_status::Io,
+        ErrorKind::NoDevice => triattn_status::NoDevice,
+        ErrorKind::KernelsUnavailable => triattn_status::KernelsUnavailable,
+        ErrorKind::Driver => triattn_status::Driver,
+    }
+}
+
+/// Run `f` inside the panic boundary; map errors to statuses and record their messages.
+fn boundary(f: impl FnOnce() -> Result<()>) -> triattn_status {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => triattn_status::Ok,
+        Ok(Err(e)) => {
+            set_last_error(e.message());
+            status_of(e.kind())
+        }
+        Err(_) => {
+            set_last_error("internal panic (a bug in triattn)");
+            triattn_status::Panic
+        }
+    }
+}
+
+fn non_null<T>(what: &str, p: *const T) -> Result<()> {
+    if p.is_null() {
+        Err(Error::invalid_argument(what, "a non-null pointer", "NULL"))
+    } else {
+        Ok(())
+    }
+}
+
+/// # Safety
+/// `p` is null (checked) or a NUL-terminated string.
+unsafe fn path_arg(what: &str, p: *const c_char) -> Result<String> {
+    non_null(what, p)?;
+    // SAFETY: non-null (checked above); the caller guarantees NUL termination.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map(str::to_string).map_err(|_| Error::invalid_argument(what, "UTF-8 text", "invalid UTF-8"))
+}
+
+/// Library version packed as `major << 16 | minor << 8 | patch`.
+#[no_mangle]
+pub extern "C" fn triattn_version() -> u32 {
+    TRIATTN_VERSION_MAJOR << 16 | TRIATTN_VERSION_MINOR << 8 | TRIATTN_VERSION_PATCH
+}
+
+/// Copy the last error message of this thread into `buf` (NUL-terminated, truncated to `len`).
+/// Returns the full message length (without NUL), so a caller can size a buffer; 0 if none.
+///
+/// # Safety
+/// `buf` is null or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_last_error(buf: *mut c_char, len: usize) -> usize {
+    LAST_ERROR.with(|e| {
+        let msg = e.borrow();
+        if !buf.is_null() && len > 0 {
+            let n = msg.len().min(len - 1);
+            // SAFETY: `buf` has `len` bytes (caller contract) and `n + 1 <= len`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(msg.as_ptr(), buf.cast::<u8>(), n);
+                *buf.add(n) = 0;
+            }
+        }
+        msg.len()
+    })
+}
+
+/// Fill `out` with the defaults of `preset`.
+///
+/// # Safety
+/// `out` is null (an error) or points to a writable `triattn_config`.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_config_default(preset: triattn_preset, out: *mut triattn_config) -> triattn_status {
+    boundary(|| {
+        non_null("out", out)?;
+        let c = triattn_config::from_rust(&CompressionConfig::preset(preset.to_rust()));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(c) };
+        Ok(())
+    })
+}
+
+/// Opaque library context: the backend rounds run on.
+pub struct triattn_context {
+    backend: triattn_backend,
+}
+
+/// Create a context for `backend` (`TRIATTN_BACKEND_CPU` in this version).
+///
+/// # Safety
+/// `out` is null (an error) or points to writable storage for a handle.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_context_create(backend: triattn_backend, out: *mut *mut triattn_context) -> triattn_status {
+    boundary(|| {
+        non_null("out", out)?;
+        if backend != triattn_backend::Cpu {
+            return Err(Error::unsupported(format!(
+                "backend: expected TRIATTN_BACKEND_CPU (the C ABI runs host rounds in this version), got {backend:?}"
+            )));
+        }
+        let ctx = Box::into_raw(Box::new(triattn_context { backend }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(ctx) };
+        Ok(())
+    })
+}
+
+/// Destroy a context (null is ignored).
+///
+/// # Safety
+/// `ctx` is null or a handle from `triattn_context_create` not yet destroyed.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
+    if !ctx.is_null() {
+        // SAFETY: created by Box::into_raw in triattn_context_create, destroyed once.
+        drop(unsafe { Box::from_raw(ctx) });
+    }
+}
+
+/// Opaque compressor: policy, model RoPE and statistics.
+pub struct triattn_compressor {
+    backend: triattn_backend,
+    config: CompressionConfig,
+    scorer: Scorer,
+}
+
+/// Create a compressor from a model `config.json`, a statistics file and a config.
+///
+/// # Safety
+/// `ctx` is a live context; the paths are NUL-terminated; `config` points to a `triattn_config`;
+/// `out` points to writable storage for a handle.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_compressor_create(
+    ctx: *const triattn_context,
+    model_config_path: *const c_char,
+    stats_path: *const c_char,
+    config: *const triattn_config,
+    out: *mut *mut triattn_compressor,
+) -> triattn_status {
+    boundary(|| {
+        non_null("ctx", ctx)?;
+        non_null("config", config)?;
+        non_null("out", out)?;
+        // SAFETY: the pointers were checked non-null; the caller guarantees what they point to.
+        let (backend, model_path, stats_path, config) = unsafe {
+            ((*ctx).backend, path_arg("model_config_path", model_config_path)?, path_arg("stats_path", stats_path)?, &*config)
+        };
+        let config = config.to_rust()?;
+        config.validate()?;
+        let model = ModelConfig::from_file(&model_path)?;
+        let stats = Stats::load(&stats_path)?;
+        let scorer = Scorer::new(model, stats, None).map_err(|e| e.context(format!("{stats_path} vs {model_path}")))?;
+        let handle = Box::into_raw(Box::new(triattn_compressor { backend, config, scorer }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Destroy a compressor (null is ignored).
+///
+/// # Safety
+/// `c` is null or a handle from `triattn_compressor_create` not yet destroyed.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_compressor_destroy(c: *mut triattn_compressor) {
+    if !c.is_null() {
+        // SAFETY: created by Box::into_raw in triattn_compressor_create, destroyed once.
+        drop(unsafe { Box::from_raw(c) });
+    }
+}
+
+/// Model shape as the compressor sees it: layers, attention heads, KV heads, head_dim, and the
+/// number of keep sets a round produces (per its selection mode).
+///
+/// # Safety
+/// `c` is a live compressor; `out` points to a writable `triattn_shape`.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_compressor_shape(c: *const triattn_compressor, out: *mut triattn_shape) -> triattn_status {
+    boundary(|| {
+        non_null("compressor", c)?;
+        non_null("out", out)?;
+        // SAFETY: checked non-null; live handle (caller contract).
+        let c = unsafe { &*c };
+        let m = &c.scorer.model;
+        let shape = triattn_shape {
+            num_layers: m.num_layers,
+            num_heads: m.num_heads,
+            num_kv_heads: m.num_kv_heads,
+            head_dim: m.head_dim,
+            num_keep_sets: c.config.mode.num_sets(m.num_layers, m.num_kv_heads),
+        };
+        // SAFETY: checked non-null; writable (caller contract).
+        unsafe { out.write(shape) };
+        Ok(())
+    })
+}
+
+/// Whether a round is due for a cache of `cache_len` slots before a step that writes `scheduled`
+/// tokens (the vllm preset uses `scheduled`; the paper preset evaluates after the forward).
+///
+/// # Safety
+/// `c` is a live compressor; `due` points to a writable int.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_compressor_round_due(
+    c: *const triattn_compressor,
+    cache_len: usize,
+    scheduled: usize,
+    due: *mut i32,
+) -> triattn_status {
+    boundary(|| {
+        non_null("compressor", c)?;
+        non_null("due", due)?;
+        // SAFETY: checked non-null; live handle and writable output (caller contract).
+        unsafe { due.write((*c).config.round_due(cache_len, scheduled) as i32) };
+        Ok(())
+    })
+}
+
+/// Run one round over host key buffers (CPU backend) and write the keep sets.
+///
+/// `args.keys[l]` points to layer `l`'s keys, `[Hkv, n, head_dim]` contiguous, of `args.dtype`.
+/// On success `args.keep` holds `num_keep_sets` rows of `*kept` ascending slot indices (row
+/// stride `args.keep_row_stride`, at least `min(budget, n)`), `args.score` (if not null)
+/// `num_keep_sets x n` reduced scores, and `*outcome` what happened.
+///
+/// # Safety
+/// `c` is a live compressor; every pointer in `args` is valid for the sizes above; `kept` and
+/// `outcome` are writable.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_round_host(
+    c: *const triattn_compressor,
+    args: *const triattn_host_round,
+    kept: *mut usize,
+    outcome: *mut triattn_outcome,
+) -> triattn_status {
+    boundary(|| {
+        non_null("compressor", c)?;
+        non_null("args", args)?;
+        non_null("kept", kept)?;
+        non_null("outcome", outcome)?;
+        // SAFETY: checked non-null; live handle and readable args (caller contract).
+        let (c, a) = unsafe { (&*c, &*args) };
+        // SAFETY: forwarded caller contract on the buffers in `a`.
+        let (result_kept, result_outcome) = unsafe { round_host(c, a)? };
+        // SAFETY: checked non-null; writable (caller contract).
+        unsafe {
+            kept.write(result_kept);
+            outcome.write(result_outcome);
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// As [`triattn_round_host`].
+unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(usize, triattn_outcome)> {
+    if c.backend != triattn_backend::Cpu {
+        return Err(Error::unsupported("triattn_round_host: expected a compressor of a CPU context"));
+    }
+    let m = &c.scorer.model;
+    non_null("args.keys", a.keys)?;
+    non_null("args.keep", a.keep)?;
+    let sets = c.config.mode.num_sets(m.num_layers, m.num_kv_heads);
+    let need = c.config.budget.min(a.n);
+    if a.keep_row_stride < need {
+        return Err(Error::invalid_argument("args.keep_row_stride", format!(">= {need} (min(budget, n))"), a.keep_row_stride));
+    }
+    let elems = m.num_kv_heads * a.n * m.head_dim;
+    // SAFETY: `keys` holds `num_layers` pointers (caller contract).
+    let ptrs = unsafe { std::slice::from_raw_parts(a.keys, m.num_layers) };
+    for (l, p) in ptrs.iter().enumerate() {
+        non_null(&format!("args.keys[{l}]"), *p)?;
+    }
+    let dtype = a.dtype.to_rust();
+    fn views<'a, T: crate::Element>(ptrs: &[*const std::ffi::c_void], elems: usize, hkv: usize, n: usize, d: usize) -> Result<Vec<LayerView<'a, T>>> {
+        ptrs.iter()
+            .enumerate()
+            .map(|(l, &p)| {
+                // SAFETY: each pointer addresses `elems` elements of T (caller contract), checked non-null.
+                let data = unsafe { std::slice::from_raw_parts(p.cast::<T>(), elems) };
+                LayerView::contiguous(&format!("keys[{l}]"), data, hkv, n, d)
+            })
+            .collect()
+    }
+    let (hkv, n, d) = (m.num_kv_heads, a.n, m.head_dim);
+    let result = match dtype {
+        DType::F32 => run_cpu(&c.config, &c.scorer, &views::<f32>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
+        DType::F16 => run_cpu(&c.config, &c.scorer, &views::<half::f16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
+        DType::Bf16 => run_cpu(&c.config, &c.scorer, &views::<half::bf16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
+    };
+    let kept = result.keep[0].len();
+    // SAFETY: `keep` has `sets * keep_row_stride` writable i32 (caller contract).
+    let keep_out = unsafe { std::slice::from_raw_parts_mut(a.keep, sets * a.keep_row_stride) };
+    for (s, set) in result.keep.iter().enumerate() {
+        for (i, &slot) in set.iter().enumerate() {
+            keep_out[s * a.keep_row_stride + i] = slot as i32;
+        }
+    }
+    if !a.score.is_null() {
+        // SAFETY: `score` has `sets * n` writable floats (caller contract).
+        unsafe { std::slice::from_raw_parts_mut(a.score, sets * n) }.copy_from_slice(&result.score);
+    }
+    let outcome = match result.outcome {
+        RoundOutcome::Compressed { .. } => triattn_outcome::Compressed,
+        RoundOutcome::WithinBudget => triattn_outcome::WithinBudget,
+        RoundOutcome::Skipped(reason) => {
+            set_last_error(&format!("round skipped: {reason}"));
+            triattn_outcome::SkippedProtectedReachBudget
+        }
+    };
+    Ok((kept, outcome))
+}
+
+/// Compact one head's rows in place, order-preserving: row `i` receives row `keep[i]`.
+/// `rows` holds `n` rows of `row_bytes` bytes, `row_stride_bytes` apart; `keep` is ascending.
+///
+/// # Safety
+/// `rows` is valid for `n * row_stride_bytes` bytes; `keep` for `k` i32.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_compact_host(
+    rows: *mut std::ffi::c_void,
+    n: usize,
+    row_bytes: usize,
+    row_stride_bytes: usize,
+    keep: *const i32,
+    k: usize,
+) -> triattn_status {
+    boundary(|| {
+        non_null("rows", rows)?;
+        non_null("keep", keep)?;
+        if row_stride_bytes < row_bytes {
+            return Err(Error::invalid_argument("row_stride_bytes", format!(">= row_bytes ({row_bytes})"), row_stride_bytes));
+        }
+        // SAFETY: caller contract on sizes; both checked non-null.
+        let (data, keep) = unsafe {
+            (std::slice::from_raw_parts_mut(rows.cast::<u8>(), n * row_stride_bytes), std::slice::from_raw_parts(keep, k))
+        };
+        let mut slots = Vec::with_capacity(k);
+        for &s in keep {
+            if s < 0 {
+                return Err(Error::invalid_argument("keep", "non-negative slots", s));
+            }
+            slots.push(s as u32);
+        }
+        crate::cpu::compact::compact_in_place(data, row_stride_bytes, row_bytes, &slots)
+    })
+}

@@ -1,0 +1,269 @@
+//! C-visible types of the ABI. Field order is ABI; names are the C names.
+
+use crate::error::{Error, Result};
+use crate::policy::{CompressionConfig, GroupAggregation, Normalization, Preset, PrefixProtection, SelectionMode};
+use crate::score::{NormTerm, OffsetAggregation, ScoreConfig, TrigTerm};
+use crate::DType;
+
+/// Major version.
+pub const TRIATTN_VERSION_MAJOR: u32 = 0;
+/// Minor version.
+pub const TRIATTN_VERSION_MINOR: u32 = 1;
+/// Patch version.
+pub const TRIATTN_VERSION_PATCH: u32 = 0;
+
+/// Result of every call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_status {
+    /// Success.
+    Ok = 0,
+    /// An argument is outside its documented range (or a required pointer is null).
+    InvalidArgument = 1,
+    /// A model config.json is malformed or unsupported.
+    InvalidConfig = 2,
+    /// A file is malformed (truncated, garbage, missing tensor).
+    InvalidFormat = 3,
+    /// Shapes or dtypes do not fit.
+    ShapeMismatch = 4,
+    /// Valid but not supported by this build.
+    Unsupported = 5,
+    /// A file could not be read or written.
+    Io = 6,
+    /// No CUDA driver or device.
+    NoDevice = 7,
+    /// Built without kernels.
+    KernelsUnavailable = 8,
+    /// A CUDA driver call failed.
+    Driver = 9,
+    /// A bug: a panic was caught at the boundary.
+    Panic = 10,
+}
+
+/// Backend of a context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_backend {
+    /// The CPU backend.
+    Cpu = 0,
+    /// A CUDA device.
+    Cuda = 1,
+}
+
+/// Semantics preset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_preset {
+    /// The paper's runner (default).
+    Paper = 0,
+    /// The official vLLM plugin.
+    Vllm = 1,
+}
+
+impl triattn_preset {
+    pub(crate) fn to_rust(self) -> Preset {
+        match self {
+            triattn_preset::Paper => Preset::Paper,
+            triattn_preset::Vllm => Preset::Vllm,
+        }
+    }
+}
+
+/// Selection mode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_mode {
+    /// One set per KV head for all layers.
+    PerHead = 0,
+    /// One set per (layer, KV head).
+    PerLayerPerHead = 1,
+    /// One set for everything.
+    Union = 2,
+}
+
+/// Mean or max (offsets; groups in per-layer-per-head mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_aggregation {
+    /// Mean.
+    Mean = 0,
+    /// Max.
+    Max = 1,
+}
+
+/// Key and value element type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_dtype {
+    /// f32.
+    F32 = 0,
+    /// IEEE f16.
+    F16 = 1,
+    /// bfloat16.
+    Bf16 = 2,
+}
+
+impl triattn_dtype {
+    pub(crate) fn to_rust(self) -> DType {
+        match self {
+            triattn_dtype::F32 => DType::F32,
+            triattn_dtype::F16 => DType::F16,
+            triattn_dtype::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+/// What a round did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_outcome {
+    /// Each set now holds `budget` slots.
+    Compressed = 0,
+    /// The cache held no more than the budget; every slot kept.
+    WithinBudget = 1,
+    /// The protected slots alone reach the budget; round skipped, every slot kept
+    /// (`triattn_last_error` says why).
+    SkippedProtectedReachBudget = 2,
+}
+
+/// Every knob of a round; fill with `triattn_config_default`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct triattn_config {
+    /// Semantics.
+    pub preset: triattn_preset,
+    /// Selection mode.
+    pub mode: triattn_mode,
+    /// Aggregation over offsets.
+    pub offsets_aggregation: triattn_aggregation,
+    /// Group reduction (per-layer-per-head).
+    pub group_aggregation: triattn_aggregation,
+    /// Slots kept per set, protected included.
+    pub budget: usize,
+    /// Slack above the budget before a round.
+    pub divide_length: usize,
+    /// Recent slots always kept.
+    pub window: usize,
+    /// Largest geometric offset.
+    pub offset_max_length: u64,
+    /// 1: z-score rows; 0: rank raw scores.
+    pub normalize: i32,
+    /// 1: always keep the prompt.
+    pub protect_prefix: i32,
+    /// 1: norm coefficient `a` instead of `a - |q̄|`.
+    pub disable_mlr: i32,
+    /// 1: norm term only.
+    pub disable_trig: i32,
+}
+
+fn flag(what: &str, v: i32) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(Error::invalid_argument(what, "0 or 1", other)),
+    }
+}
+
+impl triattn_config {
+    pub(crate) fn from_rust(c: &CompressionConfig) -> Self {
+        let agg = |a: OffsetAggregation| match a {
+            OffsetAggregation::Mean => triattn_aggregation::Mean,
+            OffsetAggregation::Max => triattn_aggregation::Max,
+        };
+        Self {
+            preset: match c.preset {
+                Preset::Paper => triattn_preset::Paper,
+                Preset::Vllm => triattn_preset::Vllm,
+            },
+            mode: match c.mode {
+                SelectionMode::PerHead => triattn_mode::PerHead,
+                SelectionMode::PerLayerPerHead => triattn_mode::PerLayerPerHead,
+                SelectionMode::Union => triattn_mode::Union,
+            },
+            offsets_aggregation: agg(c.score.aggregation),
+            group_aggregation: match c.group_aggregation {
+                GroupAggregation::Max => triattn_aggregation::Max,
+                GroupAggregation::Mean => triattn_aggregation::Mean,
+            },
+            budget: c.budget,
+            divide_length: c.divide_length,
+            window: c.window,
+            offset_max_length: c.score.offset_max_length,
+            normalize: (c.normalization == Normalization::ZScore) as i32,
+            protect_prefix: (c.prefix == PrefixProtection::Protected) as i32,
+            disable_mlr: (c.score.norm == NormTerm::MeanModulus) as i32,
+            disable_trig: (c.score.trig == TrigTerm::Excluded) as i32,
+        }
+    }
+
+    pub(crate) fn to_rust(&self) -> Result<CompressionConfig> {
+        Ok(CompressionConfig {
+            preset: self.preset.to_rust(),
+            budget: self.budget,
+            divide_length: self.divide_length,
+            mode: match self.mode {
+                triattn_mode::PerHead => SelectionMode::PerHead,
+                triattn_mode::PerLayerPerHead => SelectionMode::PerLayerPerHead,
+                triattn_mode::Union => SelectionMode::Union,
+            },
+            score: ScoreConfig {
+                offset_max_length: self.offset_max_length,
+                aggregation: match self.offsets_aggregation {
+                    triattn_aggregation::Mean => OffsetAggregation::Mean,
+                    triattn_aggregation::Max => OffsetAggregation::Max,
+                },
+                norm: if flag("config.disable_mlr", self.disable_mlr)? { NormTerm::MeanModulus } else { NormTerm::MeanResidual },
+                trig: if flag("config.disable_trig", self.disable_trig)? { TrigTerm::Excluded } else { TrigTerm::Included },
+            },
+            group_aggregation: match self.group_aggregation {
+                triattn_aggregation::Max => GroupAggregation::Max,
+                triattn_aggregation::Mean => GroupAggregation::Mean,
+            },
+            window: self.window,
+            normalization: if flag("config.normalize", self.normalize)? { Normalization::ZScore } else { Normalization::Off },
+            prefix: if flag("config.protect_prefix", self.protect_prefix)? {
+                PrefixProtection::Protected
+            } else {
+                PrefixProtection::Unprotected
+            },
+        })
+    }
+}
+
+/// Model shape seen by a compressor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct triattn_shape {
+    /// Layers.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Keep sets a round produces (KV heads, layers x KV heads, or 1).
+    pub num_keep_sets: usize,
+}
+
+/// Arguments of a round on host buffers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct triattn_host_round {
+    /// Element type of the keys.
+    pub dtype: triattn_dtype,
+    /// `num_layers` pointers, each to `[num_kv_heads, n, head_dim]` contiguous keys.
+    pub keys: *const *const std::ffi::c_void,
+    /// Cached slots per (layer, KV head).
+    pub n: usize,
+    /// Tokens seen so far (>= n).
+    pub round_start: u64,
+    /// Prompt slots at the front of the cache.
+    pub prefix_len: usize,
+    /// Output: `num_keep_sets` rows of kept slot indices, `keep_row_stride` apart.
+    pub keep: *mut i32,
+    /// Elements between keep rows (>= min(budget, n)).
+    pub keep_row_stride: usize,
+    /// Optional output (may be NULL): `num_keep_sets x n` reduced scores.
+    pub score: *mut f32,
+}

@@ -1,0 +1,38 @@
+//! The C example (examples/c/round.c) compiled against the static library and run on the CPU.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn c_example_builds_and_runs() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The static library sits beside the binary cargo built for these tests.
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_triattn")).parent().unwrap().to_path_buf();
+    let lib = bin_dir.join("libtriattn.a");
+    assert!(lib.exists(), "{} missing: the crate must build its staticlib", lib.display());
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("round");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = Command::new(&cc)
+        .arg(root.join("examples/c/round.c"))
+        .arg("-std=c11")
+        .arg("-Wall")
+        .arg("-Werror")
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&exe)
+        .output()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(o.status.success(), "compiling the C example failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(&exe)
+        .arg(root.join("data/qwen3_8b.config.json"))
+        .arg(root.join("data/qwen3_8b.safetensors"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "C example failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("kept 256 of 320 slots per set"), "{stdout}");
+    assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+}
