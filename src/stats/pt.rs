@@ -1521,6 +1521,38 @@ mod tests {
     }
 
     #[test]
+    fn random_opcode_streams_never_panic() {
+        let ops = b"(.}])t\x85\x86\x87sua\x65XJKM\x8aG\x88\x89Nqr\x94hjcRQ\x95\x80\x8c";
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let iterations = std::env::var("TRIATTN_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        for _ in 0..iterations {
+            let mut p = Vec::new();
+            for _ in 0..next() % 64 {
+                p.push(ops[(next() % ops.len() as u64) as usize]);
+                for _ in 0..next() % 3 {
+                    p.push(match next() % 4 {
+                        0 => 0,
+                        1 => b'\n',
+                        2 => 1,
+                        _ => next() as u8,
+                    });
+                }
+                if next() % 8 == 0 {
+                    p.extend_from_slice(b"torch\nFloatStorage\n");
+                }
+            }
+            p.push(b'.');
+            let _ = Vm::new(&p).run();
+        }
+    }
+
+    #[test]
     fn huge_string_length_is_an_error() {
         let mut vm = Vm::new(b"\x80\x02X\xff\xff\xff\xffabc");
         let e = vm.run().unwrap_err();

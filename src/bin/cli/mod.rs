@@ -302,8 +302,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         let file = TensorFile::read(path)?;
         let name = path.display();
         for l in 0..model.num_layers {
-            let t = file.get(&format!("q.{l}")).map_err(|e| e.context(&name))?;
-            acc.add_tensor(l, t).map_err(|e| e.context(format!("{name}: q.{l}")))?;
+            let t = file.get(&format!("q.{l}"))?;
+            acc.add_named_tensor(l, &format!("{name}: q.{l}"), t)?;
         }
         if a.verbose {
             eprintln!("calibrate: cpu read {name}");
