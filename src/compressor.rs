@@ -92,11 +92,33 @@ impl Compressor {
         self.config.round_due(seq.len(), scheduled)
     }
 
-    /// Run a round over `cache` and compact it in place (order-preserving).
+    /// Whether a round is due for `seq` under a per-sequence `budget` (`None`: the compressor's),
+    /// with the compressor's `divide_length` and trigger; `scheduled` as in [`Compressor::round_due`].
+    pub fn round_due_with(&self, seq: &SequenceState, budget: Option<usize>, scheduled: usize) -> bool {
+        let config = CompressionConfig { budget: budget.unwrap_or(self.config.budget), ..self.config };
+        config.round_due(seq.len(), scheduled)
+    }
+
+    /// The compressor's configuration with a per-sequence `budget` and `window` (`None`: the
+    /// compressor's own), validated.
     ///
     /// # Errors
-    /// `ShapeMismatch` if the cache does not fit the model or disagrees with `seq`.
-    pub fn compress<T: Element>(&self, cache: &mut KvCache<T>, seq: &mut SequenceState) -> Result<RoundReport> {
+    /// `InvalidArgument` naming the knob: budget 0, window >= budget.
+    pub fn config_with(&self, budget: Option<usize>, window: Option<usize>) -> Result<CompressionConfig> {
+        let config = CompressionConfig {
+            budget: budget.unwrap_or(self.config.budget),
+            window: window.unwrap_or(self.config.window),
+            ..self.config
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check that `cache` fits the model and agrees with `seq`.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` naming what disagrees.
+    pub fn check_sequence<T: Element>(&self, cache: &KvCache<T>, seq: &SequenceState) -> Result<()> {
         let m = &self.scorer.model;
         if cache.num_layers != m.num_layers || cache.num_kv_heads != m.num_kv_heads || cache.head_dim != m.head_dim {
             return Err(Error::shape(
@@ -108,14 +130,34 @@ impl Compressor {
         if seq.len() != cache.len || seq.positions.len() != m.num_layers * m.num_kv_heads {
             return Err(Error::shape("sequence state slots", cache.len, seq.len()));
         }
+        Ok(())
+    }
+
+    /// Run a round over `cache` and compact it in place (order-preserving).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` if the cache does not fit the model or disagrees with `seq`.
+    pub fn compress<T: Element>(&self, cache: &mut KvCache<T>, seq: &mut SequenceState) -> Result<RoundReport> {
+        self.check_sequence(cache, seq)?;
+        self.compress_with(&self.config, cache, seq)
+    }
+
+    /// [`Compressor::compress`] under `config` (the compressor's with per-sequence overrides),
+    /// for a cache already checked by [`Compressor::check_sequence`].
+    pub(crate) fn compress_with<T: Element>(
+        &self,
+        config: &CompressionConfig,
+        cache: &mut KvCache<T>,
+        seq: &mut SequenceState,
+    ) -> Result<RoundReport> {
         let keys: Vec<_> = (0..cache.num_layers).map(|l| cache.keys(l)).collect();
-        let result = round::run_cpu(&self.config, &self.scorer, &keys, seq.round_start, seq.prompt_slots())?;
+        let result = round::run_cpu(config, &self.scorer, &keys, seq.round_start, seq.prompt_slots())?;
         let t = Instant::now();
         if let RoundOutcome::Compressed { kept, .. } = result.outcome {
             let (hkv, cap, d, dv) = (cache.num_kv_heads, cache.capacity, cache.head_dim, cache.value_dim);
             for l in 0..cache.num_layers {
                 for g in 0..hkv {
-                    let keep = &result.keep[self.config.mode.set_index(l, g, hkv)];
+                    let keep = &result.keep[config.mode.set_index(l, g, hkv)];
                     cpu::compact::compact_in_place(&mut cache.k[l][g * cap * d..(g + 1) * cap * d], d, d, keep)?;
                     cpu::compact::compact_in_place(&mut cache.v[l][g * cap * dv..(g + 1) * cap * dv], dv, dv, keep)?;
                     let pos = &mut seq.positions[l * hkv + g];

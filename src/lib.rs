@@ -55,6 +55,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod cache;
 pub mod compressor;
 pub mod cpu;
@@ -66,13 +67,9 @@ pub mod model;
 pub mod policy;
 pub mod round;
 pub mod score;
-pub mod variant;
-#[cfg(any(feature = "cuda", feature = "emu"))]
-pub mod cuda;
-#[cfg(feature = "emu")]
-pub mod emu;
 pub mod stats;
 
+pub use batch::BatchItem;
 pub use cache::{KvCache, LayerView};
 pub use compressor::{Compressor, RoundReport, SequenceState};
 pub use dtype::{DType, Element};
