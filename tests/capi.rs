@@ -6,8 +6,17 @@ use std::process::Command;
 #[test]
 fn c_example_builds_and_runs() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    // The static library sits beside the binary cargo built for these tests.
+    // `cargo test` builds the library as an rlib only; build the staticlib into the same target
+    // folder (the profile folder that holds the test binaries).
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_triattn")).parent().unwrap().to_path_buf();
+    let target_dir = bin_dir.parent().unwrap();
+    let o = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--lib", "--quiet"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cargo build --lib failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let lib = bin_dir.join("libtriattn.a");
     assert!(lib.exists(), "{} missing: the crate must build its staticlib", lib.display());
     let dir = tempfile::tempdir().unwrap();
