@@ -10,7 +10,16 @@ use triattn::score::{geometric_offsets, OffsetAggregation, ScoreConfig};
 use triattn::{LayerView, ModelConfig, PairingStyle, Stats};
 
 /// score(k̃) = AGG_j Σ_f σ (A_f cos(t_j ω_f) − B_f sin(t_j ω_f)) + Σ_f σ c_f |k̃_f|, in f64.
-fn reference(stats: &Stats, omega: &[f64], sigma: f64, layer: usize, head: usize, key: &[f64], r: u64, agg: OffsetAggregation) -> f64 {
+fn reference(
+    stats: &Stats,
+    omega: &[f64],
+    sigma: f64,
+    layer: usize,
+    head: usize,
+    key: &[f64],
+    r: u64,
+    agg: OffsetAggregation,
+) -> f64 {
     let f_count = stats.freq_count();
     let base = stats.offset(layer, head);
     let offsets = geometric_offsets(65536).unwrap();

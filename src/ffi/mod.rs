@@ -131,7 +131,10 @@ pub struct triattn_context {
 /// # Safety
 /// `out` is null (an error) or points to writable storage for a handle.
 #[no_mangle]
-pub unsafe extern "C" fn triattn_context_create(backend: triattn_backend, out: *mut *mut triattn_context) -> triattn_status {
+pub unsafe extern "C" fn triattn_context_create(
+    backend: triattn_backend,
+    out: *mut *mut triattn_context,
+) -> triattn_status {
     boundary(|| {
         non_null("out", out)?;
         if backend != triattn_backend::Cpu {
@@ -184,7 +187,12 @@ pub unsafe extern "C" fn triattn_compressor_create(
         non_null("out", out)?;
         // SAFETY: the pointers were checked non-null; the caller guarantees what they point to.
         let (backend, model_path, stats_path, config) = unsafe {
-            ((*ctx).backend, path_arg("model_config_path", model_config_path)?, path_arg("stats_path", stats_path)?, &*config)
+            (
+                (*ctx).backend,
+                path_arg("model_config_path", model_config_path)?,
+                path_arg("stats_path", stats_path)?,
+                &*config,
+            )
         };
         let config = config.to_rust()?;
         config.validate()?;
@@ -216,7 +224,10 @@ pub unsafe extern "C" fn triattn_compressor_destroy(c: *mut triattn_compressor) 
 /// # Safety
 /// `c` is a live compressor; `out` points to a writable `triattn_shape`.
 #[no_mangle]
-pub unsafe extern "C" fn triattn_compressor_shape(c: *const triattn_compressor, out: *mut triattn_shape) -> triattn_status {
+pub unsafe extern "C" fn triattn_compressor_shape(
+    c: *const triattn_compressor,
+    out: *mut triattn_shape,
+) -> triattn_status {
     boundary(|| {
         non_null("compressor", c)?;
         non_null("out", out)?;
@@ -304,7 +315,11 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
     let sets = c.config.mode.num_sets(m.num_layers, m.num_kv_heads);
     let need = c.config.budget.min(a.n);
     if a.keep_row_stride < need {
-        return Err(Error::invalid_argument("args.keep_row_stride", format!(">= {need} (min(budget, n))"), a.keep_row_stride));
+        return Err(Error::invalid_argument(
+            "args.keep_row_stride",
+            format!(">= {need} (min(budget, n))"),
+            a.keep_row_stride,
+        ));
     }
     let elems = m.num_kv_heads * a.n * m.head_dim;
     // SAFETY: `keys` holds `num_layers` pointers (caller contract).
@@ -313,7 +328,13 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
         non_null(&format!("args.keys[{l}]"), *p)?;
     }
     let dtype = a.dtype.to_rust();
-    fn views<'a, T: crate::Element>(ptrs: &[*const std::ffi::c_void], elems: usize, hkv: usize, n: usize, d: usize) -> Result<Vec<LayerView<'a, T>>> {
+    fn views<'a, T: crate::Element>(
+        ptrs: &[*const std::ffi::c_void],
+        elems: usize,
+        hkv: usize,
+        n: usize,
+        d: usize,
+    ) -> Result<Vec<LayerView<'a, T>>> {
         ptrs.iter()
             .enumerate()
             .map(|(l, &p)| {
@@ -325,9 +346,15 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
     }
     let (hkv, n, d) = (m.num_kv_heads, a.n, m.head_dim);
     let result = match dtype {
-        DType::F32 => run_cpu(&c.config, &c.scorer, &views::<f32>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
-        DType::F16 => run_cpu(&c.config, &c.scorer, &views::<half::f16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
-        DType::Bf16 => run_cpu(&c.config, &c.scorer, &views::<half::bf16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?,
+        DType::F32 => {
+            run_cpu(&c.config, &c.scorer, &views::<f32>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
+        }
+        DType::F16 => {
+            run_cpu(&c.config, &c.scorer, &views::<half::f16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
+        }
+        DType::Bf16 => {
+            run_cpu(&c.config, &c.scorer, &views::<half::bf16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
+        }
     };
     let kept = result.keep[0].len();
     // SAFETY: `keep` has `sets * keep_row_stride` writable i32 (caller contract).
@@ -370,11 +397,18 @@ pub unsafe extern "C" fn triattn_compact_host(
         non_null("rows", rows)?;
         non_null("keep", keep)?;
         if row_stride_bytes < row_bytes {
-            return Err(Error::invalid_argument("row_stride_bytes", format!(">= row_bytes ({row_bytes})"), row_stride_bytes));
+            return Err(Error::invalid_argument(
+                "row_stride_bytes",
+                format!(">= row_bytes ({row_bytes})"),
+                row_stride_bytes,
+            ));
         }
         // SAFETY: caller contract on sizes; both checked non-null.
         let (data, keep) = unsafe {
-            (std::slice::from_raw_parts_mut(rows.cast::<u8>(), n * row_stride_bytes), std::slice::from_raw_parts(keep, k))
+            (
+                std::slice::from_raw_parts_mut(rows.cast::<u8>(), n * row_stride_bytes),
+                std::slice::from_raw_parts(keep, k),
+            )
         };
         let mut slots = Vec::with_capacity(k);
         for &s in keep {

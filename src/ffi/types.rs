@@ -1,7 +1,7 @@
 //! C-visible types of the ABI. Field order is ABI; names are the C names.
 
 use crate::error::{Error, Result};
-use crate::policy::{CompressionConfig, GroupAggregation, Normalization, Preset, PrefixProtection, SelectionMode};
+use crate::policy::{CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, SelectionMode};
 use crate::score::{NormTerm, OffsetAggregation, ScoreConfig, TrigTerm};
 use crate::DType;
 
@@ -196,7 +196,7 @@ impl triattn_config {
         }
     }
 
-    pub(crate) fn to_rust(&self) -> Result<CompressionConfig> {
+    pub(crate) fn to_rust(self) -> Result<CompressionConfig> {
         Ok(CompressionConfig {
             preset: self.preset.to_rust(),
             budget: self.budget,
@@ -212,15 +212,27 @@ impl triattn_config {
                     triattn_aggregation::Mean => OffsetAggregation::Mean,
                     triattn_aggregation::Max => OffsetAggregation::Max,
                 },
-                norm: if flag("config.disable_mlr", self.disable_mlr)? { NormTerm::MeanModulus } else { NormTerm::MeanResidual },
-                trig: if flag("config.disable_trig", self.disable_trig)? { TrigTerm::Excluded } else { TrigTerm::Included },
+                norm: if flag("config.disable_mlr", self.disable_mlr)? {
+                    NormTerm::MeanModulus
+                } else {
+                    NormTerm::MeanResidual
+                },
+                trig: if flag("config.disable_trig", self.disable_trig)? {
+                    TrigTerm::Excluded
+                } else {
+                    TrigTerm::Included
+                },
             },
             group_aggregation: match self.group_aggregation {
                 triattn_aggregation::Max => GroupAggregation::Max,
                 triattn_aggregation::Mean => GroupAggregation::Mean,
             },
             window: self.window,
-            normalization: if flag("config.normalize", self.normalize)? { Normalization::ZScore } else { Normalization::Off },
+            normalization: if flag("config.normalize", self.normalize)? {
+                Normalization::ZScore
+            } else {
+                Normalization::Off
+            },
             prefix: if flag("config.protect_prefix", self.protect_prefix)? {
                 PrefixProtection::Protected
             } else {
