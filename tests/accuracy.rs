@@ -9,6 +9,7 @@ use triattn::cpu::score::score_layer;
 use triattn::score::{geometric_offsets, OffsetAggregation, ScoreConfig};
 use triattn::{LayerView, ModelConfig, PairingStyle, Stats};
 
+#[allow(clippy::too_many_arguments)]
 /// score(k̃) = AGG_j Σ_f σ (A_f cos(t_j ω_f) − B_f sin(t_j ω_f)) + Σ_f σ c_f |k̃_f|, in f64.
 fn reference(
     stats: &Stats,
