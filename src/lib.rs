@@ -21,7 +21,10 @@
 //! | [`policy`] | presets, knobs, triggers, protection, outcomes |
 //! | [`round`], [`cpu`] | the round's stages on the CPU |
 //! | [`compressor`] | the policy driving rounds over a [`KvCache`] |
+//! | [`batch`] | rounds over many sequences with their own budgets in one call |
 //! | [`io`] | validated safetensors reading, atomic writing |
+//! | [`ffi`] | the C ABI (`include/triattn.h`) |
+//! | `variant`, `cuda`, `emu` | the kernel variant table, the CUDA backend (feature `cuda`), the kernels run on the CPU (feature `emu`) |
 //!
 //! ## Example
 //!
@@ -59,7 +62,11 @@ pub mod batch;
 pub mod cache;
 pub mod compressor;
 pub mod cpu;
+#[cfg(any(feature = "cuda", feature = "emu"))]
+pub mod cuda;
 pub mod dtype;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod error;
 pub mod ffi;
 pub mod io;
@@ -68,6 +75,7 @@ pub mod policy;
 pub mod round;
 pub mod score;
 pub mod stats;
+pub mod variant;
 
 pub use batch::BatchItem;
 pub use cache::{KvCache, LayerView};
@@ -76,5 +84,5 @@ pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use model::{ModelConfig, PairingStyle, RopeScaling};
 pub use policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
-pub use round::{RoundResult, Scorer};
+pub use round::{RoundResult, ScoreBackend, Scorer};
 pub use stats::Stats;

@@ -51,6 +51,28 @@ impl Scorer {
     }
 }
 
+/// Where the scoring stage of a round runs (the other stages run on the CPU in this version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScoreBackend {
+    /// The CPU backend.
+    #[default]
+    Cpu,
+    /// The CUDA scoring kernels executed on the CPU by the SIMT layer (feature `emu`).
+    #[cfg(feature = "emu")]
+    Emu,
+}
+
+impl ScoreBackend {
+    /// `cpu` or `emu`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreBackend::Cpu => "cpu",
+            #[cfg(feature = "emu")]
+            ScoreBackend::Emu => "emu",
+        }
+    }
+}
+
 /// Wall time of each stage of a round.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StageTimes {
@@ -93,6 +115,21 @@ pub fn run_cpu<T: Element>(
     round_start: u64,
     prefix_len: usize,
 ) -> Result<RoundResult> {
+    run(config, scorer, keys, round_start, prefix_len, ScoreBackend::Cpu)
+}
+
+/// Run one round with the scoring stage on `backend` (see [`run_cpu`]).
+///
+/// # Errors
+/// As [`run_cpu`]; `Unsupported` if `backend` has no kernel for the shape.
+pub fn run<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    keys: &[LayerView<'_, T>],
+    round_start: u64,
+    prefix_len: usize,
+    backend: ScoreBackend,
+) -> Result<RoundResult> {
     config.validate()?;
     let model = &scorer.model;
     if keys.len() != model.num_layers {
@@ -121,10 +158,17 @@ pub fn run_cpu<T: Element>(
 
     let t = Instant::now();
     let weights = scorer.weights(round_start, &config.score)?;
-    let mut raw = vec![vec![0f32; heads * n]; layers];
-    for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
-        cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
-    }
+    let raw = match backend {
+        ScoreBackend::Cpu => {
+            let mut raw = vec![vec![0f32; heads * n]; layers];
+            for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
+                cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
+            }
+            raw
+        }
+        #[cfg(feature = "emu")]
+        ScoreBackend::Emu => crate::emu::score_layers(&weights, keys, scorer.style)?,
+    };
     times.score = t.elapsed();
 
     let protection = config.protection(n, prefix_len);

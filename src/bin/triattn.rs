@@ -33,6 +33,15 @@ enum Command {
     Bench(BenchArgs),
     /// Simulate a long decode with the shipped Qwen3-8B statistics and print every round.
     Demo(DemoArgs),
+    /// List every compiled kernel variant with its ptxas report (registers, shared memory, spills).
+    Kernels(KernelsArgs),
+}
+
+#[derive(Args, Debug)]
+struct KernelsArgs {
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Backend that runs the round's stages.
@@ -246,6 +255,7 @@ fn main() -> ExitCode {
         Command::Info(a) => cli::info(a),
         Command::Bench(a) => cli::bench(a),
         Command::Demo(a) => cli::demo(a),
+        Command::Kernels(a) => cli::kernels(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -109,14 +109,15 @@ fn score_rows<T: Element>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! The AVX2 kernel: the same IEEE operations in the same order as [`super::score_rows`], four
-    //! rows at a time so that independent dot products overlap.
+    //! The AVX2 kernel: the same IEEE operations in the same order as [`super::score_rows`], eight
+    //! rows at a time so that independent dot products overlap, with the chunk loops fully
+    //! unrolled for the common head dimensions (64, 128, 256).
     //!
     //! Lane `l` of an accumulator is `acc[l]` of [`super::dot`]; products and sums are separate
     //! `mul`/`add` instructions (no fused multiply-add), the square root is the correctly rounded
     //! `vsqrtps`, and the horizontal sum is `(s[0] + s[2]) + (s[1] + s[3])` with
     //! `s[l] = acc[l] + acc[l + 4]`, exactly as the portable code. Row widening is exact in every
-    //! form (bf16 shift, F16C conversion, f32 copy).
+    //! form (bf16 byte shuffle, F16C conversion, f32 copy).
 
     use std::arch::x86_64::*;
 
@@ -126,7 +127,9 @@ mod avx2 {
     use crate::score::{OffsetAggregation, RoundWeights};
 
     /// Rows scored together.
-    const BLOCK: usize = 4;
+    const BLOCK: usize = 8;
+    /// How far ahead (in rows) keys are prefetched.
+    const PREFETCH_ROWS: usize = 16;
 
     /// Whether the kernel handles this shape (otherwise the portable code runs): the dot products
     /// must have whole 8-lane chunks (`D` and `F = D / 2` multiples of 8).
@@ -148,10 +151,17 @@ mod avx2 {
             }
             DType::Bf16 => {
                 let s = src.as_ptr() as *const u16;
+                // bf16 `e` becomes the f32 with bits `e << 16`: one byte shuffle moves elements
+                // 0..4 (low lane) and 4..8 (high lane) of a broadcast 8-element load into the
+                // upper halves of 32-bit lanes and zeroes the lower halves.
+                let spread = _mm256_setr_epi8(
+                    -128, -128, 0, 1, -128, -128, 2, 3, -128, -128, 4, 5, -128, -128, 6, 7, //
+                    -128, -128, 8, 9, -128, -128, 10, 11, -128, -128, 12, 13, -128, -128, 14, 15,
+                );
                 let mut i = 0;
                 while i + 8 <= n {
-                    let h = _mm_loadu_si128(s.add(i) as *const __m128i);
-                    let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                    let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(s.add(i) as *const __m128i));
+                    let w = _mm256_shuffle_epi8(h, spread);
                     _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
                     i += 8;
                 }
@@ -203,42 +213,43 @@ mod avx2 {
         }
     }
 
-    /// 8-lane partial sums of `rows[r] · w` over `chunks` chunks of 8, for four rows.
+    /// 8-lane partial sums of `rows[b] · w` over `chunks` chunks of 8, for eight rows.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn acc4(rows: [*const f32; BLOCK], w: *const f32, chunks: usize) -> [__m256; BLOCK] {
-        let mut a0 = _mm256_setzero_ps();
-        let mut a1 = _mm256_setzero_ps();
-        let mut a2 = _mm256_setzero_ps();
-        let mut a3 = _mm256_setzero_ps();
+    unsafe fn acc8(rows: [*const f32; 8], w: *const f32, chunks: usize) -> [__m256; 8] {
+        let mut a = [_mm256_setzero_ps(); 8];
         for c in 0..chunks {
             let o = c * 8;
             let y = _mm256_loadu_ps(w.add(o));
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(rows[0].add(o)), y));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(rows[1].add(o)), y));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(_mm256_loadu_ps(rows[2].add(o)), y));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(_mm256_loadu_ps(rows[3].add(o)), y));
+            for b in 0..8 {
+                a[b] = _mm256_add_ps(a[b], _mm256_mul_ps(_mm256_loadu_ps(rows[b].add(o)), y));
+            }
         }
-        [a0, a1, a2, a3]
+        a
     }
 
-    /// The horizontal sums of four accumulators, each `(s0 + s2) + (s1 + s3)`, `s = lo + hi`.
+    /// The horizontal sums of eight accumulators, in row order.
+    ///
+    /// Each row's sum is `(s0 + s2) + (s1 + s3)` with `s = lo + hi` (the lanes `l` and `l + 4`
+    /// added first), exactly as [`super::dot`] finishes.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn reduce4(acc: [__m256; BLOCK]) -> [f32; BLOCK] {
-        let [a, b, c, d] = acc;
-        // [sA | sB] and [sC | sD], s = lo + hi.
-        let ab = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b));
-        let cd = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d));
-        // [s0 s1 | ...] + [s2 s3 | ...]: (s0 + s2), (s1 + s3) for A, C | B, D.
-        let u = _mm256_shuffle_ps::<0x44>(ab, cd);
-        let v = _mm256_shuffle_ps::<0xEE>(ab, cd);
-        let w = _mm256_add_ps(u, v);
-        // (s0 + s2) + (s1 + s3): [A C A C | B D B D].
-        let r = _mm256_hadd_ps(w, w);
-        let mut t = [0f32; 8];
-        _mm256_storeu_ps(t.as_mut_ptr(), r);
-        [t[0], t[4], t[1], t[5]]
+    unsafe fn reduce8(acc: [__m256; 8]) -> __m256 {
+        // For rows (a, b, c, d): [(s0 + s2) (s1 + s3) of a, c | of b, d].
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn pairs(a: __m256, b: __m256, c: __m256, d: __m256) -> __m256 {
+            // [sa | sb] and [sc | sd], s = lo + hi.
+            let ab = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(a, b), _mm256_permute2f128_ps::<0x31>(a, b));
+            let cd = _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(c, d), _mm256_permute2f128_ps::<0x31>(c, d));
+            // [s0 s1 (a) s0 s1 (c) | (b) (d)] + [s2 s3 (a) s2 s3 (c) | (b) (d)].
+            _mm256_add_ps(_mm256_shuffle_ps::<0x44>(ab, cd), _mm256_shuffle_ps::<0xEE>(ab, cd))
+        }
+        let lo = pairs(acc[0], acc[1], acc[2], acc[3]);
+        let hi = pairs(acc[4], acc[5], acc[6], acc[7]);
+        // (s0 + s2) + (s1 + s3) per row: [r0 r2 r4 r6 | r1 r3 r5 r7], then into row order.
+        let r = _mm256_hadd_ps(lo, hi);
+        _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 
     /// Score rows `first_row..first_row + out[0].len()` of KV head `g` (see [`super::score_rows`]).
@@ -255,16 +266,63 @@ mod avx2 {
         first_row: usize,
         out: &mut [&mut [f32]],
     ) {
-        let d = weights.head_dim;
+        // Constant chunk counts let the compiler unroll the dot products; any other D uses the
+        // loop form. Both perform the same operations.
+        match weights.head_dim {
+            64 => score_rows_d::<T, 8>(weights, layer, keys, style, g, first_row, out),
+            128 => score_rows_d::<T, 16>(weights, layer, keys, style, g, first_row, out),
+            256 => score_rows_d::<T, 32>(weights, layer, keys, style, g, first_row, out),
+            _ => score_rows_d::<T, 0>(weights, layer, keys, style, g, first_row, out),
+        }
+    }
+
+    /// [`score_rows`] with `D = 8 * DC` known at compile time (`DC = 0`: read from the weights).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn score_rows_d<T: Element, const DC: usize>(
+        weights: &RoundWeights,
+        layer: usize,
+        keys: &LayerView<'_, T>,
+        style: PairingStyle,
+        g: usize,
+        first_row: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        let d = if DC == 0 { weights.head_dim } else { 8 * DC };
+        let (d_chunks, f_chunks) = (d / 8, d / 16);
         let f_count = d / 2;
         let group = out.len();
         let vectors = weights.vectors_per_head;
         let rows = out[0].len();
-        let mut k = vec![0f32; BLOCK * d];
-        let mut m = vec![0f32; BLOCK * f_count];
+        // The weights and norm coefficients of the group's heads, contiguous in `RoundWeights`.
+        let first_head = layer * weights.num_heads + g * group;
+        let per_head = vectors * d;
+        // Copied into 32-byte aligned scratch with the widened rows and moduli, so that no 8-lane
+        // load splits a cache line (`D` is a multiple of 16: every row starts aligned).
+        let (w_len, c_len) = (group * per_head, group * f_count);
+        let (k_len, m_len) = (BLOCK * d, BLOCK * f_count);
+        let mut scratch = vec![_mm256_setzero_ps(); (w_len + c_len + k_len + m_len) / 8];
+        // SAFETY: `__m256` is 8 plain f32 lanes; the slices are disjoint parts of `scratch`.
+        let all = std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut f32, scratch.len() * 8);
+        let (group_w, rest) = all.split_at_mut(w_len);
+        let (group_c, rest) = rest.split_at_mut(c_len);
+        let (k, m) = rest.split_at_mut(k_len);
+        group_w.copy_from_slice(&weights.weights[first_head * per_head..(first_head + group) * per_head]);
+        group_c.copy_from_slice(&weights.norm[first_head * f_count..(first_head + group) * f_count]);
         let mut r0 = 0;
         while r0 < rows {
             let live = (rows - r0).min(BLOCK);
+            // Keys stream from memory: ask for the rows PREFETCH_ROWS ahead, and at the start for
+            // all rows up to there (prefetching does not change any result).
+            let ahead = if r0 == 0 { 0 } else { r0 + PREFETCH_ROWS };
+            for r in (ahead..r0 + PREFETCH_ROWS + BLOCK).take_while(|&r| r < rows) {
+                let row = keys.row(g, first_row + r);
+                let bytes = std::mem::size_of_val(row);
+                let p = row.as_ptr() as *const i8;
+                for line in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                }
+            }
             for b in 0..BLOCK {
                 // A short last block repeats its last row; those results are discarded.
                 let r = r0 + b.min(live - 1);
@@ -274,27 +332,28 @@ mod avx2 {
             let kp: [*const f32; BLOCK] = std::array::from_fn(|b| k.as_ptr().add(b * d));
             let mp: [*const f32; BLOCK] = std::array::from_fn(|b| m.as_ptr().add(b * f_count));
             for (i, o) in out.iter_mut().enumerate() {
-                let h = g * group + i;
-                let e = reduce4(acc4(mp, weights.head_norm(layer, h).as_ptr(), f_count / 8));
-                let w = weights.head_weights(layer, h);
+                let e = reduce8(acc8(mp, group_c[i * f_count..].as_ptr(), f_chunks));
+                let w = &group_w[i * per_head..(i + 1) * per_head];
                 let trig = match (vectors, weights.aggregation) {
-                    (0, _) => [0.0; BLOCK],
-                    (_, OffsetAggregation::Mean) => reduce4(acc4(kp, w.as_ptr(), d / 8)),
+                    (0, _) => _mm256_setzero_ps(),
+                    (_, OffsetAggregation::Mean) => reduce8(acc8(kp, w.as_ptr(), d_chunks)),
                     (_, OffsetAggregation::Max) => {
-                        let mut best = [f32::NEG_INFINITY; BLOCK];
+                        let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
                         for j in 0..vectors {
-                            let t = reduce4(acc4(kp, w.as_ptr().add(j * d), d / 8));
-                            for b in 0..BLOCK {
-                                if t[b] > best[b] {
-                                    best[b] = t[b];
-                                }
-                            }
+                            let t = reduce8(acc8(kp, w.as_ptr().add(j * d), d_chunks));
+                            // `if t > best { best = t }` per row: NaN never replaces the best.
+                            best = _mm256_blendv_ps(best, t, _mm256_cmp_ps::<_CMP_GT_OQ>(t, best));
                         }
                         best
                     }
                 };
-                for b in 0..live {
-                    o[r0 + b] = trig[b] + e[b];
+                let sum = _mm256_add_ps(trig, e);
+                if live == BLOCK {
+                    _mm256_storeu_ps(o[r0..r0 + BLOCK].as_mut_ptr(), sum);
+                } else {
+                    let mut t = [0f32; BLOCK];
+                    _mm256_storeu_ps(t.as_mut_ptr(), sum);
+                    o[r0..r0 + live].copy_from_slice(&t[..live]);
                 }
             }
             r0 += BLOCK;

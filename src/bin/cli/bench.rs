@@ -22,6 +22,26 @@ use triattn::{Element, LayerView};
 use super::ms;
 use crate::BenchArgs;
 
+/// `println!` that ends the process quietly when stdout is closed (`triattn demo | head`).
+macro_rules! say {
+    ($($t:tt)*) => {
+        $crate::cli::bench::emit(format_args!($($t)*))
+    };
+}
+pub(crate) use say;
+
+/// Write one line to stdout; a closed pipe ends the process with status 0.
+pub(crate) fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("cannot write to stdout: {e}");
+    }
+}
+
 /// Qwen3-8B statistics (converted from the TriAttention authors' `qwen3_8b.pt`, Apache-2.0).
 pub(crate) const QWEN3_8B_STATS: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/qwen3_8b.safetensors"));
@@ -243,26 +263,26 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
 
     let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
     let (copy1_gbs, copy_n_gbs) = (gbs(key_bytes, copy1), gbs(key_bytes, copy_n));
-    println!("triattn bench: CPU scoring throughput vs memcpy (same process)");
-    println!("statistics  Qwen/Qwen3-8B, TriAttention authors (arXiv:2604.04921), Apache-2.0 (embedded)");
-    println!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
-    println!(
+    say!("triattn bench: CPU scoring throughput vs memcpy (same process)");
+    say!("statistics  Qwen/Qwen3-8B, TriAttention authors (arXiv:2604.04921), Apache-2.0 (embedded)");
+    say!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
+    say!(
         "shapes      {l} layers x {h} heads ({hkv} KV heads, G = {}), head_dim {d}, N = {n}, {} keys: {:.1} MB",
         h / hkv,
         T::DTYPE,
         key_bytes as f64 / 1e6
     );
-    println!(
+    say!(
         "method      median of {} timed reps after 1 warm-up; round_start {round_start}; keys generated in {:.0} ms",
         a.reps,
         ms(gen_time)
     );
-    println!();
-    println!("{:<28} {:>10} {:>10}", "memcpy (same bytes)", "ms", "GB/s");
-    println!("{:<28} {:>10.3} {:>10.2}", "1 thread", ms(copy1), copy1_gbs);
-    println!("{:<28} {:>10.3} {:>10.2}", format!("{threads} threads (rayon chunks)"), ms(copy_n), copy_n_gbs);
-    println!();
-    println!(
+    say!("");
+    say!("{:<28} {:>10} {:>10}", "memcpy (same bytes)", "ms", "GB/s");
+    say!("{:<28} {:>10.3} {:>10.2}", "1 thread", ms(copy1), copy1_gbs);
+    say!("{:<28} {:>10.3} {:>10.2}", format!("{threads} threads (rayon chunks)"), ms(copy_n), copy_n_gbs);
+    say!("");
+    say!(
         "{:<6} {:>11} {:>10} {:>11} {:>10} {:>10} {:>14} {:>14}",
         "mode",
         "weights ms",
@@ -275,7 +295,7 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
     );
     for (agg, r) in &results {
         let kg = gbs(key_bytes, r.score);
-        println!(
+        say!(
             "{:<6} {:>11.3} {:>10.3} {:>11.2} {:>10.2} {:>10.3} {:>13.1}% {:>13.1}%",
             match agg {
                 OffsetAggregation::Mean => "mean",
@@ -290,14 +310,14 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
             100.0 * kg / copy_n_gbs,
         );
     }
-    println!();
-    println!("definitions");
-    println!("  memcpy GB/s   bytes copied / time (one direction: {key_bytes} bytes read, the same written)");
-    println!("  keys GB/s     key bytes read by scoring / score time");
-    println!(
+    say!("");
+    say!("definitions");
+    say!("  memcpy GB/s   bytes copied / time (one direction: {key_bytes} bytes read, the same written)");
+    say!("  keys GB/s     key bytes read by scoring / score time");
+    say!(
         "  ratio         keys GB/s / memcpy GB/s; the ceiling is the {threads}-thread memcpy (last column, target >= 50% for mean)"
     );
-    println!("  GFLOP/s       L*N*(2*D*H*J + 2*F*H + 4*F*Hkv) / score time, J = 1 (mean, folded) or the number of offsets (max)");
-    println!("  stage ms      weights + score: the score stage of one round as round::run_cpu runs it");
+    say!("  GFLOP/s       L*N*(2*D*H*J + 2*F*H + 4*F*Hkv) / score time, J = 1 (mean, folded) or the number of offsets (max)");
+    say!("  stage ms      weights + score: the score stage of one round as round::run_cpu runs it");
     Ok(())
 }

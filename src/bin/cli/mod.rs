@@ -11,7 +11,7 @@ use triattn::model::{ModelConfig, PairingStyle};
 use triattn::policy::{
     CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, RoundOutcome, SelectionMode,
 };
-use triattn::round::{self, Scorer};
+use triattn::round::{self, ScoreBackend, Scorer};
 use triattn::score::{NormTerm, OffsetAggregation, TrigTerm};
 use triattn::stats::Stats;
 use triattn::{DType, Element, LayerView};
@@ -20,7 +20,8 @@ pub use bench::bench;
 pub use demo::demo;
 
 use crate::{
-    AggArg, BackendArg, CalibrateArgs, CompressArgs, ConvertArgs, InfoArgs, ModeArg, PolicyArgs, PresetArg, StyleArg,
+    AggArg, BackendArg, CalibrateArgs, CompressArgs, ConvertArgs, InfoArgs, KernelsArgs, ModeArg, PolicyArgs,
+    PresetArg, StyleArg,
 };
 
 fn style_of(s: StyleArg) -> PairingStyle {
@@ -179,6 +180,23 @@ pub fn compress(a: CompressArgs) -> Result<()> {
     out.write(&a.out)
 }
 
+/// The scoring backend `--backend` names, if this build has it.
+fn score_backend(b: BackendArg) -> Result<ScoreBackend> {
+    match b {
+        BackendArg::Cpu => Ok(ScoreBackend::Cpu),
+        #[cfg(feature = "emu")]
+        BackendArg::Emu => Ok(ScoreBackend::Emu),
+        #[cfg(not(feature = "emu"))]
+        BackendArg::Emu => Err(Error::unsupported(
+            "--backend emu: expected a build with the emu feature (cargo build --features emu), got one without",
+        )),
+        BackendArg::Cuda => Err(Error::unsupported(
+            "--backend cuda: expected cpu or emu; the CLI's device round arrives with the GPU round orchestration \
+             (the library's cuda::CudaBackend scores on a device today)",
+        )),
+    }
+}
+
 fn backend_name(b: BackendArg) -> &'static str {
     match b {
         BackendArg::Cpu => "cpu",
@@ -202,23 +220,30 @@ fn compress_typed<T: Element>(
         .enumerate()
         .map(|(l, k)| LayerView::contiguous(&format!("k.{l}"), k, cache.num_kv_heads, cache.n, cache.head_dim))
         .collect::<Result<_>>()?;
-    let result = match a.backend {
-        BackendArg::Cpu => round::run_cpu(config, scorer, &views, round_start, prefix_len)?,
-        other => {
-            return Err(Error::unsupported(format!(
-                "--backend {}: expected cpu, got a backend this build does not include (rebuild with --features {})",
-                backend_name(other),
-                backend_name(other)
-            )))
+    let backend = score_backend(a.backend)?;
+    let result = round::run(config, scorer, &views, round_start, prefix_len, backend)?;
+    let score_backend = backend.name();
+    let kernel = match backend {
+        ScoreBackend::Cpu => String::new(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let algo = match config.score.aggregation {
+                OffsetAggregation::Mean => triattn::variant::ScoreAlgo::Mean,
+                OffsetAggregation::Max => triattn::variant::ScoreAlgo::Max,
+            };
+            triattn::variant::score_variant(cache.dtype, cache.head_dim, algo)
+                .map(|v| format!(" kernel {}", v.symbol()))
+                .unwrap_or_default()
         }
     };
-    let backend = backend_name(a.backend);
+    // Only scoring has kernels in this version; the later stages run on the CPU backend.
+    let backend = "cpu";
     let (l, h, hkv, n) = (model.num_layers, model.num_heads, model.num_kv_heads, cache.n);
     let key_bytes: usize = cache.k.iter().map(|t| t.data.len()).sum();
     let t = &result.times;
     if a.verbose {
         eprintln!(
-            "score: {backend} {:.3} ms ({} keys x {h} heads, {} MB of {} keys, {} aggregation, r = {round_start})",
+            "score: {score_backend} {:.3} ms ({} keys x {h} heads, {} MB of {} keys, {} aggregation, r = {round_start}){kernel}",
             ms(t.score),
             l * hkv * n,
             key_bytes as f64 / 1e6,
@@ -285,6 +310,18 @@ fn compress_typed<T: Element>(
 
 pub(crate) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+pub fn kernels(a: KernelsArgs) -> Result<()> {
+    let report = triattn::variant::kernel_report();
+    if a.json {
+        for r in &report {
+            println!("{}", r.to_json_line());
+        }
+    } else {
+        print!("{}", triattn::variant::kernel_table(&report));
+    }
+    Ok(())
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {

@@ -1,0 +1,209 @@
+// simt.cpp: the fiber scheduler behind simt.h (emu backend only).
+//
+// A block's threads are fibers on one OS thread; blocks are spread over TRIATTN_EMU_THREADS OS
+// threads (default: the hardware threads). The scheduler resumes every runnable
+// fiber in thread order; a fiber gives control back when it reaches a barrier or finishes. When
+// every live lane of a warp waits at the warp barrier the warp is released; when every live
+// thread of the block waits at the block barrier the block is released. Anything else with no
+// runnable fiber left is a divergent barrier, which CUDA leaves undefined: it is reported.
+#include "simt.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <ucontext.h>
+
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace tri_emu {
+
+thread_local dim3 block_idx;
+thread_local dim3 grid_dim;
+thread_local dim3 block_dim;
+thread_local unsigned char* dyn_smem = nullptr;
+
+enum class State { Runnable, AtWarpBarrier, AtBlockBarrier, Done };
+
+struct Fiber {
+  ucontext_t ctx;
+  dim3 tid;
+  unsigned linear = 0;
+  State state = State::Runnable;
+  unsigned phase = 0;  // which of the warp's two exchange buffers the next exchange uses
+};
+
+thread_local Fiber* current = nullptr;
+
+namespace {
+
+constexpr size_t STACK_BYTES = 128 * 1024;
+constexpr size_t SLOT_BYTES = 32;
+
+struct Launch {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  // [warp][phase][lane * SLOT_BYTES]
+  std::vector<unsigned char> exchange;
+  std::vector<unsigned char> smem;
+  KernelBody body = nullptr;
+  const void* params = nullptr;
+};
+
+thread_local Launch* launch_state = nullptr;
+
+// Fiber stacks, kept per OS thread across launches (allocated once, never zeroed).
+thread_local std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
+
+void yield_to_scheduler() { swapcontext(&current->ctx, &launch_state->scheduler); }
+
+void trampoline() {
+  launch_state->body(launch_state->params);
+  current->state = State::Done;
+  yield_to_scheduler();
+  abort();  // a finished fiber is never resumed
+}
+
+}  // namespace
+
+const dim3& thread_idx() { return current->tid; }
+
+unsigned lane_id() { return current->linear % WARP; }
+
+void sync_block() {
+  current->state = State::AtBlockBarrier;
+  yield_to_scheduler();
+}
+
+unsigned char* warp_exchange_begin(const void* mine, size_t bytes) {
+  Launch& L = *launch_state;
+  unsigned warp = current->linear / WARP, lane = current->linear % WARP;
+  unsigned char* slots = &L.exchange[(warp * 2 + current->phase) * WARP * SLOT_BYTES];
+  current->phase ^= 1u;
+  memcpy(slots + lane * SLOT_BYTES, mine, bytes);
+  current->state = State::AtWarpBarrier;
+  yield_to_scheduler();
+  return slots;
+}
+
+namespace {
+
+// Run blocks first, first + stride, ... of the grid on the calling OS thread; 0 or an error code.
+int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+               unsigned first, unsigned stride) {
+  const unsigned nt = block.x * block.y * block.z;
+  Launch L;
+  L.body = body;
+  L.params = params;
+  L.fibers.resize(nt);
+  while (stack_pool.size() < nt) stack_pool.emplace_back(new unsigned char[STACK_BYTES]);
+  const unsigned warps = nt / WARP;
+  L.exchange.assign((size_t)warps * 2 * WARP * SLOT_BYTES, 0);
+  L.smem.resize(dynamic_smem_bytes + 16);
+  Launch* outer = launch_state;
+  Fiber* outer_fiber = current;
+  launch_state = &L;
+  grid_dim = grid;
+  block_dim = block;
+  int status = 0;
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  for (unsigned linear = first; linear < blocks && status == 0; linear += stride) {
+    const unsigned bx = linear % grid.x, by = (linear / grid.x) % grid.y, bz = linear / (grid.x * grid.y);
+    block_idx.x = bx;
+    block_idx.y = by;
+    block_idx.z = bz;
+    // Fresh shared memory holds garbage on hardware; make reads of unwritten bytes visible.
+    memset(L.smem.data(), 0xff, L.smem.size());
+    dyn_smem = L.smem.data();
+    for (unsigned t = 0; t < nt; ++t) {
+      Fiber& f = L.fibers[t];
+      f.linear = t;
+      f.tid.x = t % block.x;
+      f.tid.y = (t / block.x) % block.y;
+      f.tid.z = t / (block.x * block.y);
+      f.state = State::Runnable;
+      f.phase = 0;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stack_pool[t].get();
+      f.ctx.uc_stack.ss_size = STACK_BYTES;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, trampoline, 0);
+    }
+    for (;;) {
+      for (unsigned t = 0; t < nt; ++t) {
+        Fiber& f = L.fibers[t];
+        if (f.state != State::Runnable) continue;
+        current = &f;
+        swapcontext(&L.scheduler, &f.ctx);
+      }
+      bool all_done = true, released = false;
+      for (unsigned w = 0; w < warps; ++w) {
+        bool any_live = false, all_at_warp = true;
+        for (unsigned l = 0; l < WARP; ++l) {
+          const Fiber& f = L.fibers[w * WARP + l];
+          if (f.state == State::Done) continue;
+          any_live = true;
+          if (f.state != State::AtWarpBarrier) all_at_warp = false;
+        }
+        if (any_live) all_done = false;
+        if (any_live && all_at_warp) {
+          for (unsigned l = 0; l < WARP; ++l) {
+            Fiber& f = L.fibers[w * WARP + l];
+            if (f.state == State::AtWarpBarrier) f.state = State::Runnable;
+          }
+          released = true;
+        }
+      }
+      if (all_done) break;
+      if (released) continue;
+      bool all_at_block = true;
+      for (const Fiber& f : L.fibers)
+        if (f.state != State::Done && f.state != State::AtBlockBarrier) all_at_block = false;
+      if (!all_at_block) {
+        fprintf(stderr, "triattn emu: divergent barrier in block (%u, %u, %u)\n", bx, by, bz);
+        status = 3;
+        break;
+      }
+      for (Fiber& f : L.fibers)
+        if (f.state == State::AtBlockBarrier) f.state = State::Runnable;
+    }
+  }
+  launch_state = outer;
+  current = outer_fiber;
+  dyn_smem = nullptr;
+  return status;
+}
+
+// OS threads a launch may use: TRIATTN_EMU_THREADS, else the machine's hardware threads.
+unsigned worker_count(unsigned blocks) {
+  unsigned n = std::thread::hardware_concurrency();
+  if (const char* v = getenv("TRIATTN_EMU_THREADS")) n = (unsigned)atoi(v);
+  if (n == 0) n = 1;
+  return n < blocks ? n : blocks;
+}
+
+}  // namespace
+
+int launch(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dynamic_smem_bytes) {
+  const unsigned nt = block.x * block.y * block.z;
+  if (nt == 0 || nt % WARP != 0) {
+    fprintf(stderr, "triattn emu: block of %u threads is not whole warps\n", nt);
+    return 2;
+  }
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  if (blocks == 0) return 0;
+  // Blocks are independent (they only meet in global memory, which the kernels write disjointly),
+  // so they are spread over OS threads; each has its own fibers and shared memory.
+  const unsigned workers = worker_count(blocks);
+  std::vector<int> status(workers, 0);
+  std::vector<std::thread> threads;
+  for (unsigned w = 1; w < workers; ++w)
+    threads.emplace_back([&, w] { status[w] = run_blocks(body, params, grid, block, dynamic_smem_bytes, w, workers); });
+  status[0] = run_blocks(body, params, grid, block, dynamic_smem_bytes, 0, workers);
+  for (auto& t : threads) t.join();
+  for (int s : status)
+    if (s != 0) return s;
+  return 0;
+}
+
+}  // namespace tri_emu

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU check: CUDA-vs-CPU parity for every kernel variant and scoring throughput against a
+# device copy, in one call on a lent GPU machine.
+#
+#   scripts/gpu-check.sh build       here: build the test and bench binaries (nvcc from
+#                                    setup-cuda.sh), strip them into target/gpu-check/
+#   scripts/gpu-check.sh run         on the GPU machine: run them, print the parity lines and the
+#                                    throughput table; logs under $OUT (or target/gpu-check/logs)
+#   scripts/gpu-check.sh dry-run     here: `run` without requiring a GPU (tests skip loudly)
+#
+# The device call, with target/gpu-check carried (it is ignored by git):
+#   run(command="bash scripts/gpu-check.sh run", carry=["target/gpu-check"], timeout_s=300)
+# Environment: TRIATTN_CUDA_ARCHS (default "80;90" here; the H200 is sm_90).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+pack="$repo/target/gpu-check"
+mode="${1:-}"
+
+build() {
+  cd "$repo"
+  local home
+  home="$(bash scripts/setup-cuda.sh | sed -n 's/^setup-cuda.sh: CUDA_HOME=//p')"
+  if [[ -n "$home" ]]; then export CUDA_HOME="$home"; fi
+  export TRIATTN_CUDA_ARCHS="${TRIATTN_CUDA_ARCHS:-80;90}"
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+  rm -rf "$pack"
+  mkdir -p "$pack/bin"
+  local json
+  json="$(mktemp)"
+  cargo test --release --features cuda --test cuda_score --test variants --no-run --message-format=json >"$json"
+  cargo bench --features cuda --bench score_gpu --no-run --message-format=json >>"$json"
+  python3 - "$json" "$pack/bin" <<'PY'
+import json, shutil, sys, os
+src, dst = sys.argv[1], sys.argv[2]
+for line in open(src):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "variants", "score_gpu"):
+        shutil.copy(m["executable"], os.path.join(dst, m["target"]["name"]))
+PY
+  rm -f "$json"
+  for b in "$pack"/bin/*; do strip --strip-debug "$b" 2>/dev/null || true; done
+  printf '%s\n' "built $(date -u +%FT%TZ) for sm ${TRIATTN_CUDA_ARCHS}" >"$pack/BUILD"
+  ls -la "$pack/bin"
+  du -sh "$pack"
+}
+
+run() {
+  local require="$1"
+  [[ -d "$pack/bin" ]] || { echo "gpu-check: $pack/bin missing: run 'scripts/gpu-check.sh build' first" >&2; exit 2; }
+  local logs="${OUT:-$pack/logs}"
+  mkdir -p "$logs"
+  cat "$pack/BUILD"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+  local env=()
+  [[ "$require" == 1 ]] && env=(env TRIATTN_REQUIRE_GPU=1)
+  local status=0
+  echo "== parity: CUDA vs CPU, every variant"
+  "${env[@]}" "$pack/bin/cuda_score" --test-threads 1 --nocapture 2>&1 | tee "$logs/parity.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
+  grep -q "test result: ok" "$logs/parity.txt" || status=1
+  echo "== variants: ptxas report (no spills, HMMA in max mode)"
+  "$pack/bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
+  echo "== throughput: score vs device copy"
+  "${env[@]}" "$pack/bin/score_gpu" 2>&1 | tee "$logs/bench.txt" || status=1
+  echo "gpu-check: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $logs"
+  return $status
+}
+
+case "$mode" in
+  build) build ;;
+  run) run 1 ;;
+  dry-run) run 0 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,188 @@
+//! Kernel params, mirrored field for field in `cuda/common/params.cuh` (house rule R1).
+//!
+//! Field order is ABI. Pointers are 64-bit addresses (device addresses on the GPU, host addresses
+//! under the emu backend); strides are element counts. Sizes and a few offsets are asserted here
+//! and by `static_assert` in the header.
+
+/// Pairing style code (`TRI_STYLE_*`).
+pub(crate) const STYLE_HALF: i32 = 0;
+/// Pairing style code (`TRI_STYLE_*`).
+pub(crate) const STYLE_INTERLEAVED: i32 = 1;
+
+/// Mirrors `tri_row_partial`: count, mean and M2 of one tile's z-score candidates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowPartial {
+    /// Candidate slots in the tile.
+    pub count: f32,
+    /// Their mean raw score.
+    pub mean: f32,
+    /// Sum of squared deviations from `mean`.
+    pub m2: f32,
+    /// Padding to 16 bytes.
+    pub pad: f32,
+}
+const _: () = assert!(std::mem::size_of::<RowPartial>() == 16);
+
+/// Population statistics of one (sequence, layer, head) row, combined from its tiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowStats {
+    /// Candidate slots.
+    pub count: f64,
+    /// Mean raw score.
+    pub mean: f64,
+    /// Sum of squared deviations from the mean (population variance is `m2 / count`).
+    pub m2: f64,
+}
+
+impl RowPartial {
+    /// Combine tile partials (Chan et al.), in slice order, in f64.
+    pub fn combine(parts: &[RowPartial]) -> RowStats {
+        let mut acc = RowStats::default();
+        for p in parts.iter().filter(|p| p.count > 0.0) {
+            let (nb, mb, m2b) = (p.count as f64, p.mean as f64, p.m2 as f64);
+            let n = acc.count + nb;
+            let delta = mb - acc.mean;
+            acc.mean += delta * nb / n;
+            acc.m2 += m2b + delta * delta * acc.count * nb / n;
+            acc.count = n;
+        }
+        acc
+    }
+}
+
+/// Mirrors `tri_score_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScoreParams {
+    /// u64 `[S * L]` (contiguous) or `[L]` (paged) addresses of key elements
+    pub keys: u64,
+    /// f32 `[S?, L, H, V, D]` (mean) or the u16 level image `[S?, L, H, 3, jpad, D + 8]` (max)
+    pub weights: u64,
+    /// f32 `[L, H, F]`
+    pub norm: u64,
+    /// i32 `[S, block_table_stride]` or 0
+    pub block_table: u64,
+    /// i32 `[S]`
+    pub seq_lens: u64,
+    /// i32 `[S]` or 0
+    pub stat_start: u64,
+    /// f32 out
+    pub raw: u64,
+    /// RowPartial `[S, L, H, num_tiles]` out, or 0
+    pub partials: u64,
+    /// head stride
+    pub head_stride: i64,
+    /// row stride
+    pub row_stride: i64,
+    /// block stride
+    pub block_stride: i64,
+    /// elements (f32 or u16) between sequences' weights (0: shared)
+    pub weights_seq_stride: i64,
+    /// raw seq stride
+    pub raw_seq_stride: i64,
+    /// raw row stride
+    pub raw_row_stride: i64,
+    /// block table stride
+    pub block_table_stride: i32,
+    /// block size
+    pub block_size: i32,
+    /// num seqs
+    pub num_seqs: i32,
+    /// num layers
+    pub num_layers: i32,
+    /// num heads
+    pub num_heads: i32,
+    /// num kv heads
+    pub num_kv_heads: i32,
+    /// group
+    pub group: i32,
+    /// num vectors
+    pub num_vectors: i32,
+    /// style
+    pub style: i32,
+    /// num tiles
+    pub num_tiles: i32,
+}
+const _: () = assert!(std::mem::size_of::<ScoreParams>() == 152);
+const _: () = assert!(std::mem::offset_of!(ScoreParams, head_stride) == 64);
+const _: () = assert!(std::mem::offset_of!(ScoreParams, block_table_stride) == 112);
+
+/// Mirrors `tri_trig_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrigParams {
+    /// f32 `[L, H, F]`
+    pub q_mean_real: u64,
+    /// f32 `[L, H, F]`
+    pub q_mean_imag: u64,
+    /// f32 `[L, H, F]`
+    pub q_abs_mean: u64,
+    /// f64 `[F]`
+    pub omega: u64,
+    /// i64 `[S]`, read on the device
+    pub round_start: u64,
+    /// out: f32 `[S, L, H, 1, D]` (mean) or the u16 level image (max), or 0 when V == 0
+    pub weights: u64,
+    /// f32 `[L, H, F]` out
+    pub norm: u64,
+    /// sigma
+    pub sigma: f64,
+    /// num seqs
+    pub num_seqs: i32,
+    /// num layers
+    pub num_layers: i32,
+    /// num heads
+    pub num_heads: i32,
+    /// head dim
+    pub head_dim: i32,
+    /// num offsets
+    pub num_offsets: i32,
+    /// num vectors
+    pub num_vectors: i32,
+    /// style
+    pub style: i32,
+    /// norm residual
+    pub norm_residual: i32,
+}
+const _: () = assert!(std::mem::size_of::<TrigParams>() == 96);
+const _: () = assert!(std::mem::offset_of!(TrigParams, sigma) == 56);
+
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers and floats, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for ScoreParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for TrigParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: four f32, `repr(C)`, 16 bytes as `tri_row_partial`.
+unsafe impl cudarc::driver::DeviceRepr for RowPartial {}
+#[cfg(feature = "cuda")]
+// SAFETY: every bit pattern of four f32 is a valid RowPartial.
+unsafe impl cudarc::driver::ValidAsZeroBits for RowPartial {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partials_combine_like_one_pass() {
+        let xs: Vec<f64> = (0..300).map(|i| 1000.0 + ((i * 37) % 101) as f64 * 0.25).collect();
+        let parts: Vec<RowPartial> = xs
+            .chunks(64)
+            .map(|c| {
+                let n = c.len() as f64;
+                let m = c.iter().sum::<f64>() / n;
+                let m2 = c.iter().map(|x| (x - m) * (x - m)).sum::<f64>();
+                RowPartial { count: n as f32, mean: m as f32, m2: m2 as f32, pad: 0.0 }
+            })
+            .collect();
+        let s = RowPartial::combine(&parts);
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        assert_eq!(s.count, n);
+        assert!((s.mean - mean).abs() < 1e-7 * mean);
+        assert!((s.m2 / s.count - var).abs() < 1e-5 * var, "{} vs {var}", s.m2 / s.count);
+    }
+}

@@ -1,0 +1,428 @@
+//! The single table of compiled kernel variants, and the report of what ptxas made of them.
+//!
+//! Every kernel that exists is a row of [`table`]: `build.rs` includes this file (it uses only
+//! `std` and the crate's [`DType`]) to write the instantiation units for nvcc and for the emu
+//! backend, and the launchers look variants up here. Compile-time knobs are only those that
+//! change code shape — key dtype, head_dim, aggregation kernel, keys per block, threads; pairing
+//! style, cache layout, group size and all counts are run-time parameters.
+//!
+//! Symbols: `triattn_<op>_<dtype>_<knobs>`, knobs in the order `d` (head_dim), `a` (algorithm:
+//! `mean`, `max`, `trig`), `bn` (keys per block), `nt` (threads per block), e.g.
+//! `triattn_score_bf16_d128_amean_bn96_nt256`.
+
+use super::DType;
+
+/// Head dimensions with compiled scoring kernels.
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// Most weight vectors per head the max-aggregation kernel takes (offsets J, so
+/// `offset_max_length < 2^32`).
+pub const MAX_VECTORS: usize = 32;
+
+/// Query heads whose mean-mode weights sit in shared memory at once (`SCORE_HEAD_CHUNK`).
+const SCORE_HEAD_CHUNK: usize = 8;
+
+/// Which scoring algorithm a variant runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScoreAlgo {
+    /// Folded mean over offsets (and the trig-free score): a streaming GEMV on CUDA cores.
+    Mean,
+    /// Max over offsets: a skinny GEMM on tensor cores (`mma.sync`, bf16 hi + lo).
+    Max,
+}
+
+impl ScoreAlgo {
+    /// `mean` or `max`.
+    pub const fn tag(self) -> &'static str {
+        match self {
+            ScoreAlgo::Mean => "mean",
+            ScoreAlgo::Max => "max",
+        }
+    }
+}
+
+/// The compile-time shape of one kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `score`: raw per-head scores of every key (cuda/score/score.cuh).
+    Score {
+        /// Key dtype.
+        dtype: DType,
+        /// Head dimension D.
+        head_dim: usize,
+        /// Mean (GEMV) or max (tensor cores).
+        algo: ScoreAlgo,
+        /// Key slots per block (one tile).
+        block_keys: usize,
+        /// Threads per block.
+        threads: usize,
+    },
+    /// `score` (trig): the round's weights with f64 trigonometry (cuda/score/trig.cuh).
+    Trig {
+        /// Threads per block.
+        threads: usize,
+    },
+}
+
+/// Dense index of a variant in [`table`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VariantId(pub u16);
+
+/// One compiled kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// Its index in [`table`].
+    pub id: VariantId,
+    /// What it computes and its compile-time knobs.
+    pub kernel: Kernel,
+}
+
+/// Elements per 16-byte chunk.
+const fn vec_elems(dtype: DType) -> usize {
+    16 / dtype.size()
+}
+
+/// Largest power of two dividing `n`, at most 32 (`pow2_part` in cuda/common/types.cuh).
+const fn pow2_part(n: usize) -> usize {
+    let mut p = 1;
+    while n % (2 * p) == 0 && 2 * p <= 32 {
+        p *= 2;
+    }
+    p
+}
+
+/// `(threads per row, chunks per half-row per thread)` of `RowTeam` in types.cuh.
+pub const fn row_team(dtype: DType, head_dim: usize) -> (usize, usize) {
+    let half_chunks = head_dim / 2 / vec_elems(dtype);
+    let tpr = pow2_part(half_chunks);
+    (tpr, half_chunks / tpr)
+}
+
+const MEAN_THREADS: usize = 256;
+
+/// Keys per block of the mean kernel: six 16-byte loads in flight per thread (three rows of two
+/// mirrored chunks, or one row of six), which keeps it within 128 registers, so two blocks of 256
+/// threads fit an SM (48 KiB of loads in flight per SM).
+const fn mean_block_keys(dtype: DType, head_dim: usize) -> usize {
+    let (tpr, cpt) = row_team(dtype, head_dim);
+    let rows_per_thread = if cpt >= 3 { 1 } else { 3 / cpt };
+    MEAN_THREADS / tpr * rows_per_thread
+}
+
+/// `(keys per block, threads)` of the max kernel: one 16-row block per warp. Larger tiles share
+/// each head's weight image among more keys; f16/f32 tiles (kept as f32 in shared memory) and
+/// head_dim 256 stay smaller so every variant fits the 99 KiB of shared memory of sm_86/sm_89
+/// with 32 weight vectors.
+const fn max_tile(dtype: DType, head_dim: usize) -> (usize, usize) {
+    match (dtype, head_dim > 128) {
+        (_, true) => (32, 64),
+        (DType::Bf16, false) => (128, 256),
+        (_, false) => (64, 128),
+    }
+}
+
+/// Every variant, in id order. The same list on every call.
+pub fn table() -> Vec<Variant> {
+    let mut kernels = Vec::new();
+    for algo in [ScoreAlgo::Mean, ScoreAlgo::Max] {
+        for dtype in DType::ALL {
+            for head_dim in HEAD_DIMS {
+                let (block_keys, threads) = match algo {
+                    ScoreAlgo::Mean => (mean_block_keys(dtype, head_dim), MEAN_THREADS),
+                    ScoreAlgo::Max => max_tile(dtype, head_dim),
+                };
+                kernels.push(Kernel::Score { dtype, head_dim, algo, block_keys, threads });
+            }
+        }
+    }
+    kernels.push(Kernel::Trig { threads: 128 });
+    kernels.into_iter().enumerate().map(|(i, kernel)| Variant { id: VariantId(i as u16), kernel }).collect()
+}
+
+/// The scoring variant for a key dtype, head_dim and algorithm, if one is compiled.
+pub fn score_variant(dtype: DType, head_dim: usize, algo: ScoreAlgo) -> Option<Variant> {
+    table().into_iter().find(|v| {
+        matches!(v.kernel, Kernel::Score { dtype: t, head_dim: d, algo: a, .. } if t == dtype && d == head_dim && a == algo)
+    })
+}
+
+/// The trig (weights) variant.
+pub fn trig_variant() -> Variant {
+    table().into_iter().find(|v| matches!(v.kernel, Kernel::Trig { .. })).expect("the table has a trig kernel")
+}
+
+impl Variant {
+    /// The op family (and fatbin) this variant belongs to.
+    pub fn op(&self) -> &'static str {
+        "score"
+    }
+
+    /// The one place a kernel symbol is spelled; build.rs uses it too.
+    pub fn symbol(&self) -> String {
+        match self.kernel {
+            Kernel::Score { dtype, head_dim, algo, block_keys, threads } => {
+                format!("triattn_score_{}_d{head_dim}_a{}_bn{block_keys}_nt{threads}", dtype.tag(), algo.tag())
+            }
+            Kernel::Trig { threads } => format!("triattn_score_f64_atrig_nt{threads}"),
+        }
+    }
+
+    /// Dtype tag as in the symbol (`f64` for the trig kernel's arithmetic).
+    pub fn dtype_tag(&self) -> &'static str {
+        match self.kernel {
+            Kernel::Score { dtype, .. } => dtype.tag(),
+            Kernel::Trig { .. } => "f64",
+        }
+    }
+
+    /// The knobs after the dtype, space separated: `d128 amean bn96 nt256`.
+    pub fn knobs(&self) -> String {
+        match self.kernel {
+            Kernel::Score { head_dim, algo, block_keys, threads, .. } => {
+                format!("d{head_dim} a{} bn{block_keys} nt{threads}", algo.tag())
+            }
+            Kernel::Trig { threads } => format!("atrig nt{threads}"),
+        }
+    }
+
+    /// Blocks per SM the kernel is compiled for (`__launch_bounds__` second argument): 2 for the
+    /// memory-bound mean kernel (at most 128 registers), 1 otherwise.
+    pub fn min_blocks(&self) -> usize {
+        match self.kernel {
+            Kernel::Score { algo: ScoreAlgo::Mean, .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// Threads per block.
+    pub fn threads(&self) -> usize {
+        match self.kernel {
+            Kernel::Score { threads, .. } | Kernel::Trig { threads } => threads,
+        }
+    }
+
+    /// Dynamic shared memory of a launch with `vectors` weight vectors per head
+    /// (`max_smem_bytes` in score.cuh); 0 for kernels with static shared memory only.
+    pub fn dynamic_smem_bytes(&self, vectors: usize) -> usize {
+        match self.kernel {
+            Kernel::Score { dtype, head_dim, algo: ScoreAlgo::Max, block_keys, .. } => {
+                // bf16 keys stay bf16 ([BN][D + 8]); f16/f32 keys are kept as f32 ([BN][D + 4]).
+                let keys = if dtype == DType::Bf16 {
+                    2 * block_keys * (head_dim + 8)
+                } else {
+                    4 * block_keys * (head_dim + 4)
+                };
+                let f = head_dim / 2;
+                let jpad = vectors.div_ceil(8) * 8;
+                keys + 4 * block_keys * (f + 1) + 4 * f + 4 * block_keys + 2 * 3 * jpad * (head_dim + 8)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Static shared memory the kernel declares (what ptxas reports as `smem`).
+    pub fn static_smem_bytes(&self) -> usize {
+        match self.kernel {
+            Kernel::Score { head_dim, algo: ScoreAlgo::Mean, block_keys, .. } => {
+                4 * SCORE_HEAD_CHUNK * (head_dim + head_dim / 2 + block_keys)
+            }
+            Kernel::Score { .. } => 0,
+            Kernel::Trig { .. } => 2 * 32 * 32 * 8,
+        }
+    }
+
+    /// The C++ expression of the kernel body, for the instantiation units (`p` is the params).
+    pub fn template_call(&self) -> String {
+        match self.kernel {
+            Kernel::Score { dtype, head_dim, algo, block_keys, threads } => {
+                let t = match dtype {
+                    DType::F32 => "float",
+                    DType::F16 => "tri::f16_t",
+                    DType::Bf16 => "tri::bf16_t",
+                };
+                format!("tri::score_{}<{t}, {head_dim}, {block_keys}, {threads}>(p)", algo.tag())
+            }
+            Kernel::Trig { threads } => format!("tri::score_trig<{threads}>(p)"),
+        }
+    }
+
+    /// The C++ expression of its dynamic shared memory for `v` weight vectors (`max_smem_bytes`
+    /// in score.cuh), for the emu unit's cross-check of [`Variant::dynamic_smem_bytes`].
+    pub fn smem_call(&self) -> String {
+        match self.kernel {
+            Kernel::Score { dtype, head_dim, algo: ScoreAlgo::Max, block_keys, .. } => {
+                let t = match dtype {
+                    DType::F32 => "float",
+                    DType::F16 => "tri::f16_t",
+                    DType::Bf16 => "tri::bf16_t",
+                };
+                format!("tri::max_smem_bytes<{t}, {head_dim}, {block_keys}>(v)")
+            }
+            _ => "0".to_string(),
+        }
+    }
+
+    /// The C++ params struct the kernel takes by value.
+    pub fn params_type(&self) -> &'static str {
+        match self.kernel {
+            Kernel::Score { .. } => "tri_score_params",
+            Kernel::Trig { .. } => "tri_trig_params",
+        }
+    }
+}
+
+/// What `triattn kernels` shows for one variant on one architecture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// Kernel symbol.
+    pub symbol: String,
+    /// Op family: `score`.
+    pub op: &'static str,
+    /// Dtype tag.
+    pub dtype: &'static str,
+    /// Knobs after the dtype: `d128 amean bn96 nt256`.
+    pub knobs: String,
+    /// `sm_90`, or `none` when this build compiled no CUDA kernels.
+    pub arch: String,
+    /// Registers per thread (ptxas).
+    pub registers: Option<u32>,
+    /// Shared memory per block: static (ptxas) plus dynamic at [`MAX_VECTORS`] weight vectors.
+    pub shared_bytes: Option<u32>,
+    /// Spill stores plus spill loads, bytes (ptxas).
+    pub spill_bytes: Option<u32>,
+    /// Stack frame bytes (ptxas).
+    pub stack_bytes: Option<u32>,
+    /// Tensor-core (HMMA) instructions in the SASS, when cuobjdump was available at build time.
+    pub hmma: Option<u32>,
+}
+
+impl KernelInfo {
+    /// One JSON object, no trailing newline.
+    pub fn to_json_line(&self) -> String {
+        fn num(v: Option<u32>) -> String {
+            v.map_or_else(|| "null".to_string(), |v| v.to_string())
+        }
+        format!(
+            "{{\"symbol\":\"{}\",\"op\":\"{}\",\"dtype\":\"{}\",\"knobs\":\"{}\",\"arch\":\"{}\",\"registers\":{},\"shared_bytes\":{},\"spill_bytes\":{},\"stack_bytes\":{},\"hmma\":{}}}",
+            self.symbol,
+            self.op,
+            self.dtype,
+            self.knobs,
+            self.arch,
+            num(self.registers),
+            num(self.shared_bytes),
+            num(self.spill_bytes),
+            num(self.stack_bytes),
+            num(self.hmma)
+        )
+    }
+}
+
+/// The ptxas report of this build, `symbol,arch,registers,smem,stack,spill_stores,spill_loads[,hmma]`
+/// records separated by `;` (set by build.rs; empty when no CUDA kernels were compiled).
+fn ptxas_report() -> &'static str {
+    option_env!("TRIATTN_KERNEL_REPORT").unwrap_or("")
+}
+
+/// Every variant on every compiled architecture, in table order then arch order; one row per
+/// variant with `arch = "none"` and no numbers when the build compiled no CUDA kernels.
+pub fn kernel_report() -> Vec<KernelInfo> {
+    let records: Vec<Vec<&str>> =
+        ptxas_report().split(';').filter(|r| !r.is_empty()).map(|r| r.split(',').collect()).collect();
+    let mut out = Vec::new();
+    for v in table() {
+        let symbol = v.symbol();
+        let dynamic = v.dynamic_smem_bytes(MAX_VECTORS) as u32;
+        let mut found = false;
+        for r in records.iter().filter(|r| r.len() >= 7 && r[0] == symbol) {
+            let n = |i: usize| r[i].parse::<u32>().ok();
+            found = true;
+            out.push(KernelInfo {
+                symbol: symbol.clone(),
+                op: v.op(),
+                dtype: v.dtype_tag(),
+                knobs: v.knobs(),
+                arch: r[1].to_string(),
+                registers: n(2),
+                shared_bytes: n(3).map(|s| s + dynamic),
+                stack_bytes: n(4),
+                spill_bytes: n(5).zip(n(6)).map(|(a, b)| a + b),
+                hmma: if r.len() > 7 { n(7) } else { None },
+            });
+        }
+        if !found {
+            out.push(KernelInfo {
+                symbol,
+                op: v.op(),
+                dtype: v.dtype_tag(),
+                knobs: v.knobs(),
+                arch: "none".to_string(),
+                registers: None,
+                shared_bytes: Some(v.static_smem_bytes() as u32 + dynamic),
+                spill_bytes: None,
+                stack_bytes: None,
+                hmma: None,
+            });
+        }
+    }
+    out
+}
+
+/// `triattn kernels` as a text table: op, dtype, knobs, arch, registers, shared memory, spills.
+pub fn kernel_table(rows: &[KernelInfo]) -> String {
+    let dash = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let mut s = format!(
+        "{:<6} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+        "op", "dtype", "knobs", "arch", "registers", "shared_bytes", "spill_bytes", "hmma", "symbol"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:<6} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+            r.op,
+            r.dtype,
+            r.knobs,
+            r.arch,
+            dash(r.registers),
+            dash(r.shared_bytes),
+            dash(r.spill_bytes),
+            dash(r.hmma),
+            r.symbol
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbols_are_unique_and_ids_dense() {
+        let t = table();
+        let mut names: Vec<String> = t.iter().map(|v| v.symbol()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), t.len());
+        assert!(t.iter().enumerate().all(|(i, v)| v.id.0 as usize == i));
+        assert!(names.contains(&"triattn_score_bf16_d128_amean_bn96_nt256".to_string()));
+    }
+
+    #[test]
+    fn every_dtype_and_head_dim_has_both_algorithms() {
+        for dtype in DType::ALL {
+            for d in HEAD_DIMS {
+                assert!(score_variant(dtype, d, ScoreAlgo::Mean).is_some());
+                assert!(score_variant(dtype, d, ScoreAlgo::Max).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn json_line_has_the_contract_fields() {
+        let line = kernel_report()[0].to_json_line();
+        for field in ["\"symbol\":", "\"op\":", "\"arch\":", "\"registers\":", "\"shared_bytes\":", "\"spill_bytes\":"]
+        {
+            assert!(line.contains(field), "{line}");
+        }
+    }
+}
