@@ -7,8 +7,9 @@
 //! style, cache layout, group size and all counts are run-time parameters.
 //!
 //! Symbols: `triattn_<op>_<dtype>_<knobs>`, knobs in the order `d` (head_dim), `a` (algorithm:
-//! `mean`, `max`, `trig`), `bn` (keys per block), `nt` (threads per block), e.g.
-//! `triattn_score_bf16_d128_amean_bn96_nt256`.
+//! `mean`, `max`, `trig`; compact: `order`, `hole`), `bn` (keys per block), `c` (16-byte chunks
+//! per thread per tile), `nt` (threads per block), e.g. `triattn_score_bf16_d128_amean_bn96_nt256`,
+//! `triattn_compact_bytes_ahole_c4_nt256` (dtype `bytes`: compaction copies bytes, any dtype).
 
 use super::DType;
 
@@ -59,6 +60,38 @@ pub enum Kernel {
     },
     /// `score` (trig): the round's weights with f64 trigonometry (cuda/score/trig.cuh).
     Trig {
+        /// Threads per block.
+        threads: usize,
+    },
+    /// `select`: deterministic top-k of every row, one block per row (cuda/select/select.cuh).
+    Select {
+        /// Threads per block.
+        threads: usize,
+    },
+    /// `reduce`: per-(layer, head) rows to selection rows, +inf guards (cuda/reduce/reduce.cuh).
+    Reduce {
+        /// Threads per block.
+        threads: usize,
+    },
+    /// `normalize`: z-score rows from the scorer's tile partials (cuda/normalize/normalize.cuh).
+    Normalize {
+        /// Threads per block.
+        threads: usize,
+    },
+    /// `compact`: K and V rows of all layers and KV heads moved after selection, byte copies
+    /// (cuda/compact/compact.cuh).
+    Compact {
+        /// Order-preserving or hole-filling.
+        mode: CompactMode,
+        /// Threads per block.
+        threads: usize,
+        /// 16-byte chunks each thread stages per tile.
+        chunks: usize,
+    },
+    /// `calibrate`: one layer's pre-RoPE queries added to f64 sums (cuda/calibrate/calibrate.cuh).
+    Calibrate {
+        /// Query dtype.
+        dtype: DType,
         /// Threads per block.
         threads: usize,
     },
@@ -136,6 +169,17 @@ pub fn table() -> Vec<Variant> {
         }
     }
     kernels.push(Kernel::Trig { threads: 128 });
+    for threads in SELECT_THREADS {
+        kernels.push(Kernel::Select { threads });
+    }
+    kernels.push(Kernel::Reduce { threads: 256 });
+    kernels.push(Kernel::Normalize { threads: 256 });
+    for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+        kernels.push(Kernel::Compact { mode, threads: COMPACT_THREADS, chunks: COMPACT_CHUNKS });
+    }
+    for dtype in DType::ALL {
+        kernels.push(Kernel::Calibrate { dtype, threads: CALIBRATE_THREADS });
+    }
     kernels.into_iter().enumerate().map(|(i, kernel)| Variant { id: VariantId(i as u16), kernel }).collect()
 }
 
@@ -151,10 +195,99 @@ pub fn trig_variant() -> Variant {
     table().into_iter().find(|v| matches!(v.kernel, Kernel::Trig { .. })).expect("the table has a trig kernel")
 }
 
+/// Threads per block of the compiled `select` variants.
+pub const SELECT_THREADS: [usize; 2] = [256, 512];
+
+/// Row length from which `select` uses its 512-thread variant.
+const SELECT_WIDE_FROM: usize = 4096;
+
+/// The `select` variant for rows of `len` slots.
+pub fn select_variant(len: usize) -> Variant {
+    let threads = if len >= SELECT_WIDE_FROM { 512 } else { 256 };
+    select_variant_with(threads).expect("the table has both select widths")
+}
+
+/// The `normalize` variant.
+pub fn normalize_variant() -> Variant {
+    table()
+        .into_iter()
+        .find(|v| matches!(v.kernel, Kernel::Normalize { .. }))
+        .expect("the table has a normalize kernel")
+}
+
+/// The `reduce` variant.
+pub fn reduce_variant() -> Variant {
+    table().into_iter().find(|v| matches!(v.kernel, Kernel::Reduce { .. })).expect("the table has a reduce kernel")
+}
+
+/// The `select` variant with `threads` threads per block, if one is compiled.
+pub fn select_variant_with(threads: usize) -> Option<Variant> {
+    table().into_iter().find(|v| v.kernel == Kernel::Select { threads })
+}
+
+/// How `compact` moves rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CompactMode {
+    /// Row `i` receives row `keep[i]` (slot order stays position order); out of place, or in
+    /// place with one block per (layer, KV head).
+    OrderPreserving,
+    /// Kept rows at or beyond the new length fill the lowest evicted slots; in place, moves at
+    /// most the evicted count.
+    HoleFilling,
+}
+
+impl CompactMode {
+    /// `order` or `hole`.
+    pub const fn tag(self) -> &'static str {
+        match self {
+            CompactMode::OrderPreserving => "order",
+            CompactMode::HoleFilling => "hole",
+        }
+    }
+
+    /// `COMPACT_ORDER` / `COMPACT_HOLE` in compact.cuh.
+    const fn cuda_name(self) -> &'static str {
+        match self {
+            CompactMode::OrderPreserving => "tri::COMPACT_ORDER",
+            CompactMode::HoleFilling => "tri::COMPACT_HOLE",
+        }
+    }
+}
+
+/// Threads per block of the `compact` kernels.
+pub const COMPACT_THREADS: usize = 256;
+/// 16-byte chunks each `compact` thread stages per tile (a tile holds `256 * 4 * 16` bytes).
+pub const COMPACT_CHUNKS: usize = 4;
+/// Threads per block of the `calibrate` kernels (32 pairs x 4 token lanes).
+pub const CALIBRATE_THREADS: usize = 128;
+
+/// The `compact` variant of `mode`.
+pub fn compact_variant(mode: CompactMode) -> Variant {
+    table()
+        .into_iter()
+        .find(|v| matches!(v.kernel, Kernel::Compact { mode: m, .. } if m == mode))
+        .expect("the table has both compact modes")
+}
+
+/// The `calibrate` variant for queries of `dtype`.
+pub fn calibrate_variant(dtype: DType) -> Variant {
+    table()
+        .into_iter()
+        .find(|v| matches!(v.kernel, Kernel::Calibrate { dtype: t, .. } if t == dtype))
+        .expect("the table has a calibrate kernel per dtype")
+}
+
 impl Variant {
     /// The op family (and fatbin) this variant belongs to.
     pub fn op(&self) -> &'static str {
-        "score"
+        match self.kernel {
+            Kernel::Select { .. } => "select",
+            Kernel::Reduce { .. } => "reduce",
+            Kernel::Normalize { .. } => "normalize",
+            Kernel::Compact { .. } => "compact",
+            Kernel::Calibrate { .. } => "calibrate",
+            _ => "score",
+        }
     }
 
     /// The one place a kernel symbol is spelled; build.rs uses it too.
@@ -164,6 +297,13 @@ impl Variant {
                 format!("triattn_score_{}_d{head_dim}_a{}_bn{block_keys}_nt{threads}", dtype.tag(), algo.tag())
             }
             Kernel::Trig { threads } => format!("triattn_score_f64_atrig_nt{threads}"),
+            Kernel::Compact { mode, threads, chunks } => {
+                format!("triattn_compact_bytes_a{}_c{chunks}_nt{threads}", mode.tag())
+            }
+            Kernel::Calibrate { dtype, threads } => format!("triattn_calibrate_{}_nt{threads}", dtype.tag()),
+            Kernel::Select { threads } => format!("triattn_select_f32_nt{threads}"),
+            Kernel::Reduce { threads } => format!("triattn_reduce_f32_nt{threads}"),
+            Kernel::Normalize { threads } => format!("triattn_normalize_f32_nt{threads}"),
         }
     }
 
@@ -172,6 +312,9 @@ impl Variant {
         match self.kernel {
             Kernel::Score { dtype, .. } => dtype.tag(),
             Kernel::Trig { .. } => "f64",
+            Kernel::Compact { .. } => "bytes",
+            Kernel::Calibrate { dtype, .. } => dtype.tag(),
+            Kernel::Select { .. } | Kernel::Reduce { .. } | Kernel::Normalize { .. } => "f32",
         }
     }
 
@@ -182,6 +325,11 @@ impl Variant {
                 format!("d{head_dim} a{} bn{block_keys} nt{threads}", algo.tag())
             }
             Kernel::Trig { threads } => format!("atrig nt{threads}"),
+            Kernel::Compact { mode, threads, chunks } => format!("a{} c{chunks} nt{threads}", mode.tag()),
+            Kernel::Calibrate { threads, .. } => format!("nt{threads}"),
+            Kernel::Select { threads } | Kernel::Reduce { threads } | Kernel::Normalize { threads } => {
+                format!("nt{threads}")
+            }
         }
     }
 
@@ -197,7 +345,12 @@ impl Variant {
     /// Threads per block.
     pub fn threads(&self) -> usize {
         match self.kernel {
-            Kernel::Score { threads, .. } | Kernel::Trig { threads } => threads,
+            Kernel::Score { threads, .. }
+            | Kernel::Trig { threads }
+            | Kernel::Select { threads }
+            | Kernel::Reduce { threads }
+            | Kernel::Normalize { threads } => threads,
+            Kernel::Compact { threads, .. } | Kernel::Calibrate { threads, .. } => threads,
         }
     }
 
@@ -228,6 +381,12 @@ impl Variant {
             }
             Kernel::Score { .. } => 0,
             Kernel::Trig { .. } => 2 * 32 * 32 * 8,
+            Kernel::Compact { threads, chunks, .. } => 2 * 4 * threads * chunks,
+            Kernel::Calibrate { threads, .. } => 3 * threads * 8,
+            // hist[256], two warp totals per warp, found[3] (select.cuh), as ptxas rounds it.
+            Kernel::Select { threads } => (4 * (256 + 2 * (threads / 32) + 3)).next_multiple_of(16),
+            Kernel::Reduce { .. } => 0,
+            Kernel::Normalize { .. } => 16,
         }
     }
 
@@ -243,6 +402,20 @@ impl Variant {
                 format!("tri::score_{}<{t}, {head_dim}, {block_keys}, {threads}>(p)", algo.tag())
             }
             Kernel::Trig { threads } => format!("tri::score_trig<{threads}>(p)"),
+            Kernel::Compact { mode, threads, chunks } => {
+                format!("tri::compact<{}, {threads}, {chunks}>(p)", mode.cuda_name())
+            }
+            Kernel::Calibrate { dtype, threads } => {
+                let t = match dtype {
+                    DType::F32 => "float",
+                    DType::F16 => "tri::f16_t",
+                    DType::Bf16 => "tri::bf16_t",
+                };
+                format!("tri::calibrate<{t}, {threads}>(p)")
+            }
+            Kernel::Select { threads } => format!("tri::select_topk<{threads}>(p)"),
+            Kernel::Reduce { threads } => format!("tri::reduce_rows<{threads}>(p)"),
+            Kernel::Normalize { threads } => format!("tri::normalize_rows<{threads}>(p)"),
         }
     }
 
@@ -267,6 +440,11 @@ impl Variant {
         match self.kernel {
             Kernel::Score { .. } => "tri_score_params",
             Kernel::Trig { .. } => "tri_trig_params",
+            Kernel::Compact { .. } => "tri_compact_params",
+            Kernel::Calibrate { .. } => "tri_calibrate_params",
+            Kernel::Select { .. } => "tri_select_params",
+            Kernel::Reduce { .. } => "tri_reduce_params",
+            Kernel::Normalize { .. } => "tri_normalize_params",
         }
     }
 }
@@ -372,12 +550,12 @@ pub fn kernel_report() -> Vec<KernelInfo> {
 pub fn kernel_table(rows: &[KernelInfo]) -> String {
     let dash = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let mut s = format!(
-        "{:<6} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+        "{:<9} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
         "op", "dtype", "knobs", "arch", "registers", "shared_bytes", "spill_bytes", "hmma", "symbol"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<6} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+            "{:<9} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
             r.op,
             r.dtype,
             r.knobs,

@@ -119,6 +119,17 @@ fn verbose_prints_one_line_per_stage() {
 
 #[test]
 fn calibration_case_passes_through_the_cli() {
+    check_calibration_case(&[]);
+}
+
+/// `calibrate --backend emu`: the calibrate kernel on the CPU SIMT layer.
+#[cfg(feature = "emu")]
+#[test]
+fn calibration_case_passes_with_the_emu_backend() {
+    check_calibration_case(&["--backend", "emu"]);
+}
+
+fn check_calibration_case(extra: &[&str]) {
     let Some(case) = common::data_path("golden/calibrate-half") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("stats.safetensors");
@@ -127,6 +138,7 @@ fn calibration_case_passes_through_the_cli() {
         .args(["calibrate", "--model-config", "config.json", "--queries", "queries.safetensors", "--out"])
         .arg(&out)
         .args(case_args(&case))
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

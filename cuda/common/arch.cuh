@@ -41,6 +41,12 @@ TRI_DEVICE unsigned ballot(bool pred) { return __ballot_sync(FULL_MASK, pred); }
 
 TRI_DEVICE void sync_block() { __syncthreads(); }
 
+// Atomic add on a 32-bit word in shared or global memory; returns the old value.
+TRI_DEVICE uint32_t atomic_add_u32(uint32_t* p, uint32_t v) { return atomicAdd(p, v); }
+
+// Number of set bits.
+TRI_DEVICE int popc(uint32_t v) { return __popc(v); }
+
 // Dynamic shared memory of the launch, 16-byte aligned.
 TRI_DEVICE unsigned char* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char tri_dynamic_smem[];

@@ -83,3 +83,122 @@ struct tri_trig_params {
 };
 static_assert(sizeof(tri_trig_params) == 96, "keep in sync with TrigParams");
 static_assert(offsetof(tri_trig_params, sigma) == 56, "keep in sync with TrigParams");
+
+// triattn_select_*: deterministic top-k of every row of one round in one launch.
+struct tri_select_params {
+  const float* scores;          // row r at r * score_stride, `len` slots
+  int32_t* keep;                // out: row r at r * keep_stride, `budget` slots ascending
+  int64_t score_stride;         // elements between rows of scores
+  int64_t keep_stride;          // elements between rows of keep
+  int32_t num_rows;             // gridDim.x
+  int32_t len;                  // N slots per row
+  int32_t prefix;               // P: slots < P are protected
+  int32_t window_start;         // W: slots >= W are protected
+  int32_t budget;               // K: kept slots per row, protected ones included
+  int32_t pad;
+};
+static_assert(sizeof(tri_select_params) == 56, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, score_stride) == 16, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, num_rows) == 32, "keep in sync with SelectParams");
+
+// One tensor (K or V) of a compaction: per layer a source and a destination base address (equal
+// for in place), byte strides. Row (g, n): contiguous base + g * head_stride + n * row_stride;
+// paged base + block_table[n / block_size] * block_stride + g * head_stride
+// + (n % block_size) * row_stride (the destination uses dst_head_stride, dst_row_stride).
+struct tri_compact_tensor {
+  const uint64_t* src;          // [L] addresses
+  const uint64_t* dst;          // [L] addresses (the same as src in place)
+  int64_t head_stride;          // bytes between KV heads (source)
+  int64_t row_stride;           // bytes between slots (source; within a block when paged)
+  int64_t dst_head_stride;      // bytes (destination)
+  int64_t dst_row_stride;       // bytes (destination)
+  int64_t block_stride;         // bytes between pool blocks (paged, source and destination)
+  int32_t row_bytes;            // bytes copied per row, a multiple of 16
+  int32_t pad;
+};
+static_assert(sizeof(tri_compact_tensor) == 64, "keep in sync with CompactTensor");
+
+// triattn_compact_*: compaction of K and V of all layers and KV heads of one sequence.
+struct tri_compact_params {
+  tri_compact_tensor k;
+  tri_compact_tensor v;
+  const int32_t* keep;          // [sets, K] ascending slots
+  const int32_t* set_index;     // [L * Hkv] keep set of (l, g)
+  const int32_t* block_table;   // [>= ceil(N / block_size)] (paged), else null
+  int32_t* slot_map;            // out [sets, K]: original slot held by each new slot, or null
+  const void* pos_src;          // [sets, N] i32 or i64 positions, or null
+  void* pos_dst;                // out: (set, i) at set * pos_dst_stride + i, or null
+  int64_t pos_dst_stride;       // elements
+  int32_t num_layers;           // L
+  int32_t num_kv_heads;         // Hkv
+  int32_t num_sets;             // sets
+  int32_t num_slots;            // N
+  int32_t keep_len;             // K
+  int32_t rows_per_tile;        // R: rows (order) or movers (hole) per block tile
+  int32_t block_size;           // slots per block; 0 = contiguous
+  int32_t pos_bytes;            // 4 (i32) or 8 (i64)
+};
+static_assert(sizeof(tri_compact_params) == 216, "keep in sync with CompactParams");
+static_assert(offsetof(tri_compact_params, keep) == 128, "keep in sync with CompactParams");
+static_assert(offsetof(tri_compact_params, num_layers) == 184, "keep in sync with CompactParams");
+
+// triattn_calibrate_*: one layer's pre-RoPE queries added to the f64 calibration sums.
+struct tri_calibrate_params {
+  const void* queries;          // [H, T, D] of QT: (h, t, d) at h * head_stride + t * token_stride + d
+  double* sum_real;             // in/out [H, D/2]
+  double* sum_imag;             // in/out [H, D/2]
+  double* sum_abs;              // in/out [H, D/2]
+  int64_t head_stride;          // elements
+  int64_t token_stride;         // elements
+  int32_t num_heads;            // H
+  int32_t num_tokens;           // T
+  int32_t head_dim;             // D
+  int32_t style;                // TRI_STYLE_*
+};
+static_assert(sizeof(tri_calibrate_params) == 64, "keep in sync with CalibrateParams");
+static_assert(offsetof(tri_calibrate_params, num_heads) == 48, "keep in sync with CalibrateParams");
+
+// Reduction modes (src/policy.rs SelectionMode).
+#define TRI_REDUCE_PER_HEAD 0
+#define TRI_REDUCE_PER_LAYER_PER_HEAD 1
+#define TRI_REDUCE_UNION 2
+
+// triattn_reduce_*: per-(layer, head) rows of one sequence to the rows selection ranks.
+struct tri_reduce_params {
+  const float* z;               // (l, h, n) at l * layer_stride + h * head_stride + n
+  float* out;                   // out: (set, n) at set * out_stride + n
+  int64_t layer_stride;         // elements
+  int64_t head_stride;          // elements
+  int64_t out_stride;           // elements
+  int32_t num_layers;           // L
+  int32_t num_heads;            // H
+  int32_t num_kv_heads;         // Hkv
+  int32_t len;                  // N slots
+  int32_t mode;                 // TRI_REDUCE_*
+  int32_t group_mean;           // per layer per head: 1 mean over the group, 0 max
+  int32_t prefix;               // slots < prefix get +inf
+  int32_t window_start;         // slots >= window_start get +inf
+};
+static_assert(sizeof(tri_reduce_params) == 72, "keep in sync with ReduceParams");
+static_assert(offsetof(tri_reduce_params, layer_stride) == 16, "keep in sync with ReduceParams");
+static_assert(offsetof(tri_reduce_params, num_layers) == 40, "keep in sync with ReduceParams");
+
+// z-score flavours (src/policy.rs ZScore).
+#define TRI_ZSCORE_POPULATION_FLOOR 0
+#define TRI_ZSCORE_UNBIASED_CENTRE_FLAT 1
+
+// triattn_normalize_*: z-score finalisation of raw rows from the scorer's tile partials.
+struct tri_normalize_params {
+  const tri_row_partial* partials;  // [num_rows, num_tiles]
+  const float* raw;                 // row r at r * raw_stride
+  float* out;                       // out: row r at r * out_stride (may equal raw)
+  int64_t raw_stride;               // elements
+  int64_t out_stride;               // elements
+  int32_t num_rows;                 // gridDim.x
+  int32_t num_tiles;                // partials per row
+  int32_t len;                      // N slots
+  int32_t flavour;                  // TRI_ZSCORE_*
+};
+static_assert(sizeof(tri_normalize_params) == 56, "keep in sync with NormalizeParams");
+static_assert(offsetof(tri_normalize_params, raw_stride) == 24, "keep in sync with NormalizeParams");
+static_assert(offsetof(tri_normalize_params, num_rows) == 40, "keep in sync with NormalizeParams");

@@ -140,6 +140,12 @@ inline unsigned ballot(bool pred) {
 
 inline void sync_block() { tri_emu::sync_block(); }
 
+// Fibers of a block interleave only at barriers, blocks on other OS threads share only global
+// memory: a relaxed atomic is exactly the device's semantics for both.
+inline uint32_t atomic_add_u32(uint32_t* p, uint32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+
+inline int popc(uint32_t v) { return __builtin_popcount(v); }
+
 inline unsigned char* dynamic_smem() { return tri_emu::dyn_smem; }
 
 inline void sincos64(double x, double* s, double* c) {

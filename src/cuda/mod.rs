@@ -6,12 +6,25 @@
 //! kernel sources on the CPU through the same launch description, so this module exists when
 //! either feature is on; only [`runtime`] needs the `cuda` feature.
 
+pub mod calibrate;
+pub mod compact;
+pub mod normalize;
 pub mod params;
+pub mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+pub mod select;
 pub mod spec;
 
-pub use params::{RowPartial, RowStats, ScoreParams, TrigParams};
+pub use calibrate::{CalibrateAddresses, CalibrateSpec};
+pub use compact::{
+    CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
+};
+pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
+pub use params::{CalibrateParams, CompactParams, CompactTensor};
+pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
+pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]
 pub use runtime::CudaBackend;
+pub use select::{SelectAddresses, SelectShape, SelectSpec, SELECT_MAX_LEN};
 pub use spec::{KeyLayout, PageOrder, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};

@@ -148,6 +148,109 @@ pub struct TrigParams {
 const _: () = assert!(std::mem::size_of::<TrigParams>() == 96);
 const _: () = assert!(std::mem::offset_of!(TrigParams, sigma) == 56);
 
+/// Mirrors `tri_select_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelectParams {
+    /// f32 `[rows, score_stride]`
+    pub scores: u64,
+    /// i32 `[rows, keep_stride]` out
+    pub keep: u64,
+    /// elements between rows of scores
+    pub score_stride: i64,
+    /// elements between rows of keep
+    pub keep_stride: i64,
+    /// rows (the grid)
+    pub num_rows: i32,
+    /// slots per row N
+    pub len: i32,
+    /// slots below it are protected
+    pub prefix: i32,
+    /// slots from it on are protected
+    pub window_start: i32,
+    /// kept slots per row K
+    pub budget: i32,
+    /// padding
+    pub pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<SelectParams>() == 56);
+const _: () = assert!(std::mem::offset_of!(SelectParams, score_stride) == 16);
+const _: () = assert!(std::mem::offset_of!(SelectParams, num_rows) == 32);
+
+/// Reduction mode code (`TRI_REDUCE_*`).
+pub(crate) const REDUCE_PER_HEAD: i32 = 0;
+/// Reduction mode code (`TRI_REDUCE_*`).
+pub(crate) const REDUCE_PER_LAYER_PER_HEAD: i32 = 1;
+/// Reduction mode code (`TRI_REDUCE_*`).
+pub(crate) const REDUCE_UNION: i32 = 2;
+
+/// Mirrors `tri_reduce_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReduceParams {
+    /// f32 `(l, h, n)` at `l * layer_stride + h * head_stride + n`
+    pub z: u64,
+    /// f32 `[sets, out_stride]` out
+    pub out: u64,
+    /// elements between layers of z
+    pub layer_stride: i64,
+    /// elements between heads of z
+    pub head_stride: i64,
+    /// elements between rows of out
+    pub out_stride: i64,
+    /// layers L
+    pub num_layers: i32,
+    /// attention heads H
+    pub num_heads: i32,
+    /// KV heads Hkv
+    pub num_kv_heads: i32,
+    /// slots N
+    pub len: i32,
+    /// `TRI_REDUCE_*`
+    pub mode: i32,
+    /// per layer per head: 1 mean over the group, 0 max
+    pub group_mean: i32,
+    /// slots below it get +inf
+    pub prefix: i32,
+    /// slots from it on get +inf
+    pub window_start: i32,
+}
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 72);
+const _: () = assert!(std::mem::offset_of!(ReduceParams, layer_stride) == 16);
+const _: () = assert!(std::mem::offset_of!(ReduceParams, num_layers) == 40);
+
+/// z-score flavour code (`TRI_ZSCORE_*`).
+pub(crate) const ZSCORE_POPULATION_FLOOR: i32 = 0;
+/// z-score flavour code (`TRI_ZSCORE_*`).
+pub(crate) const ZSCORE_UNBIASED_CENTRE_FLAT: i32 = 1;
+
+/// Mirrors `tri_normalize_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NormalizeParams {
+    /// RowPartial `[num_rows, num_tiles]`
+    pub partials: u64,
+    /// f32 rows at `r * raw_stride`
+    pub raw: u64,
+    /// f32 rows at `r * out_stride` out (may equal raw)
+    pub out: u64,
+    /// elements between raw rows
+    pub raw_stride: i64,
+    /// elements between output rows
+    pub out_stride: i64,
+    /// rows (the grid)
+    pub num_rows: i32,
+    /// partials per row
+    pub num_tiles: i32,
+    /// slots N
+    pub len: i32,
+    /// `TRI_ZSCORE_*`
+    pub flavour: i32,
+}
+const _: () = assert!(std::mem::size_of::<NormalizeParams>() == 56);
+const _: () = assert!(std::mem::offset_of!(NormalizeParams, raw_stride) == 24);
+const _: () = assert!(std::mem::offset_of!(NormalizeParams, num_rows) == 40);
+
 #[cfg(feature = "cuda")]
 // SAFETY: plain integers and floats, `repr(C)`, size and layout pinned above and in params.cuh.
 unsafe impl cudarc::driver::DeviceRepr for ScoreParams {}
@@ -155,11 +258,123 @@ unsafe impl cudarc::driver::DeviceRepr for ScoreParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for TrigParams {}
 #[cfg(feature = "cuda")]
+// SAFETY: plain integers, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for SelectParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for ReduceParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for NormalizeParams {}
+#[cfg(feature = "cuda")]
 // SAFETY: four f32, `repr(C)`, 16 bytes as `tri_row_partial`.
 unsafe impl cudarc::driver::DeviceRepr for RowPartial {}
 #[cfg(feature = "cuda")]
 // SAFETY: every bit pattern of four f32 is a valid RowPartial.
 unsafe impl cudarc::driver::ValidAsZeroBits for RowPartial {}
+
+/// Mirrors `tri_compact_tensor`: one tensor (K or V) of a compaction, byte strides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactTensor {
+    /// u64 `[L]` source base addresses
+    pub src: u64,
+    /// u64 `[L]` destination base addresses (the same as `src` in place)
+    pub dst: u64,
+    /// bytes between KV heads (source)
+    pub head_stride: i64,
+    /// bytes between slots (source; within a block when paged)
+    pub row_stride: i64,
+    /// bytes between KV heads (destination)
+    pub dst_head_stride: i64,
+    /// bytes between slots (destination)
+    pub dst_row_stride: i64,
+    /// bytes between pool blocks (paged)
+    pub block_stride: i64,
+    /// bytes copied per row, a multiple of 16
+    pub row_bytes: i32,
+    /// padding
+    pub pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<CompactTensor>() == 64);
+
+/// Mirrors `tri_compact_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompactParams {
+    /// K rows
+    pub k: CompactTensor,
+    /// V rows
+    pub v: CompactTensor,
+    /// i32 `[sets, K]` ascending slots
+    pub keep: u64,
+    /// i32 `[L * Hkv]` keep set of each (layer, KV head)
+    pub set_index: u64,
+    /// i32 block-table row (paged) or 0
+    pub block_table: u64,
+    /// i32 `[sets, K]` out, or 0
+    pub slot_map: u64,
+    /// i32 or i64 `[sets, N]`, or 0
+    pub pos_src: u64,
+    /// i32 or i64 out, `(set, i)` at `set * pos_dst_stride + i`, or 0
+    pub pos_dst: u64,
+    /// elements between sets of `pos_dst`
+    pub pos_dst_stride: i64,
+    /// L
+    pub num_layers: i32,
+    /// Hkv
+    pub num_kv_heads: i32,
+    /// sets
+    pub num_sets: i32,
+    /// N
+    pub num_slots: i32,
+    /// K
+    pub keep_len: i32,
+    /// rows (order-preserving) or movers (hole-filling) per block tile
+    pub rows_per_tile: i32,
+    /// slots per block; 0 = contiguous
+    pub block_size: i32,
+    /// 4 (i32) or 8 (i64)
+    pub pos_bytes: i32,
+}
+const _: () = assert!(std::mem::size_of::<CompactParams>() == 216);
+const _: () = assert!(std::mem::offset_of!(CompactParams, keep) == 128);
+const _: () = assert!(std::mem::offset_of!(CompactParams, num_layers) == 184);
+
+/// Mirrors `tri_calibrate_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CalibrateParams {
+    /// `[H, T, D]` queries (f32, f16 or bf16)
+    pub queries: u64,
+    /// f64 `[H, D/2]` in/out
+    pub sum_real: u64,
+    /// f64 `[H, D/2]` in/out
+    pub sum_imag: u64,
+    /// f64 `[H, D/2]` in/out
+    pub sum_abs: u64,
+    /// elements between heads
+    pub head_stride: i64,
+    /// elements between tokens
+    pub token_stride: i64,
+    /// H
+    pub num_heads: i32,
+    /// T
+    pub num_tokens: i32,
+    /// D
+    pub head_dim: i32,
+    /// style
+    pub style: i32,
+}
+const _: () = assert!(std::mem::size_of::<CalibrateParams>() == 64);
+const _: () = assert!(std::mem::offset_of!(CalibrateParams, num_heads) == 48);
+
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for CompactParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for CalibrateParams {}
 
 #[cfg(test)]
 mod tests {

@@ -154,7 +154,7 @@ impl CudaBackend {
     /// # Safety
     /// `params` is `v`'s params type with valid device addresses for this grid; `stream` is a
     /// stream of this backend's context (or null for the legacy default stream).
-    unsafe fn launch<P>(
+    pub(super) unsafe fn launch<P>(
         &self,
         v: Variant,
         params: &P,

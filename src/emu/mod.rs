@@ -21,6 +21,20 @@ use crate::score::{geometric_offsets, OffsetAggregation, RoundWeights, ScoreConf
 use crate::stats::Stats;
 use crate::variant::{self, Variant};
 
+mod calibrate;
+mod compact;
+mod normalize;
+mod reduce;
+mod select;
+pub use calibrate::{calibrate_add, calibrate_sums, calibrate_tensor, launch_calibrate};
+pub use compact::{
+    compact_in_place, compact_into, gather_kv, launch_compact, CompactExtras, KeepSets, KvDims, LayerBytes, Positions,
+    PositionsRef,
+};
+pub use normalize::normalize;
+pub use reduce::reduce;
+pub use select::{launch_select, select, select_rows};
+
 extern "C" {
     fn triattn_emu_variant_count() -> u32;
     fn triattn_emu_symbol(id: u32) -> *const c_char;

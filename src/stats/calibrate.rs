@@ -148,6 +148,44 @@ impl Accumulator {
     /// `InvalidArgument` if `layer` is out of range; `ShapeMismatch` naming the tensor with the
     /// expected and actual dtype or shape (or byte length, for a malformed tensor).
     pub fn add_named_tensor(&mut self, layer: usize, name: &str, tensor: &Tensor) -> Result<()> {
+        let (dtype, tokens) = self.check_named_tensor(layer, name, tensor)?;
+        let bytes = &tensor.data;
+        match dtype {
+            DType::F32 => self.accumulate(layer, tokens, |i| {
+                f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+            }),
+            DType::F16 => {
+                self.accumulate(layer, tokens, |i| half::f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32())
+            }
+            DType::Bf16 => {
+                self.accumulate(layer, tokens, |i| half::bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32())
+            }
+        }
+        Ok(())
+    }
+
+    /// The running sums `(Σ Re z, Σ Im z, Σ |z|)`, each `[L, H, F]` f64.
+    pub fn sums(&self) -> (&[f64], &[f64], &[f64]) {
+        (&self.sum_real, &self.sum_imag, &self.sum_abs)
+    }
+
+    /// The running sums of `layer` (`[H, F]` each), for backends that add to them; the caller
+    /// then records the tokens with [`Self::count_tokens`]. Callers have checked the layer.
+    #[cfg_attr(not(feature = "emu"), allow(dead_code))]
+    pub(crate) fn layer_sums_mut(&mut self, layer: usize) -> (&mut [f64], &mut [f64], &mut [f64]) {
+        let hf = self.num_heads * (self.head_dim / 2);
+        let range = layer * hf..(layer + 1) * hf;
+        (&mut self.sum_real[range.clone()], &mut self.sum_imag[range.clone()], &mut self.sum_abs[range])
+    }
+
+    /// Record `tokens` more tokens of `layer` (after adding them to [`Self::layer_sums_mut`]).
+    #[cfg_attr(not(feature = "emu"), allow(dead_code))]
+    pub(crate) fn count_tokens(&mut self, layer: usize, tokens: usize) {
+        self.tokens[layer] += tokens as u64;
+    }
+
+    /// Check that `tensor` is `[H, T, D]` F32, F16 or BF16 queries for `layer`; its dtype and T.
+    pub(crate) fn check_named_tensor(&self, layer: usize, name: &str, tensor: &Tensor) -> Result<(DType, usize)> {
         self.check_layer(layer, &format!("tensor {name}"))?;
         let (h, d) = (self.num_heads, self.head_dim);
         let dtype = match tensor.dtype {
@@ -178,18 +216,7 @@ impl Accumulator {
                 format!("{} bytes", bytes.len()),
             ));
         }
-        match dtype {
-            DType::F32 => self.accumulate(layer, tokens, |i| {
-                f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
-            }),
-            DType::F16 => {
-                self.accumulate(layer, tokens, |i| half::f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32())
-            }
-            DType::Bf16 => {
-                self.accumulate(layer, tokens, |i| half::bf16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32())
-            }
-        }
-        Ok(())
+        Ok((dtype, tokens))
     }
 
     /// Add `tokens` tokens of `layer`, element `i` of the `[H, T, D]` block being `load(i)`.

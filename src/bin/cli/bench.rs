@@ -127,18 +127,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Run `f` once as a warm-up, then `reps` times; the median time.
-fn time_median(reps: usize, mut f: impl FnMut()) -> Duration {
+/// Time one call of `f`.
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
     f();
-    median(
-        (0..reps)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed()
-            })
-            .collect(),
-    )
+    t.elapsed()
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -213,43 +206,50 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
     // memcpy ceilings: the same byte count, one direction counted.
     let src = vec![0x5au8; key_bytes];
     let mut dst = vec![0u8; key_bytes];
-    let copy1 = time_median(a.reps, || {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&mut dst);
-    });
     let chunk = key_bytes.div_ceil(threads).div_ceil(64) * 64;
-    let copy_n = time_median(a.reps, || {
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(o, i)| o.copy_from_slice(i));
-        std::hint::black_box(&mut dst);
-    });
-    drop((src, dst));
+    let modes = [OffsetAggregation::Mean, OffsetAggregation::Max];
+    let configs = modes.map(|agg| ScoreConfig { aggregation: agg, ..ScoreConfig::default() });
+    let weights = configs.iter().map(|c| scorer.weights(round_start, c)).collect::<Result<Vec<_>>>()?;
 
-    let mut results = Vec::new();
-    for agg in [OffsetAggregation::Mean, OffsetAggregation::Max] {
-        let config = ScoreConfig { aggregation: agg, ..ScoreConfig::default() };
-        let j = triattn::score::geometric_offsets(config.offset_max_length)?.len();
-        let mut built = None;
-        let mut err = None;
-        let weights_time = time_median(a.reps, || match scorer.weights(round_start, &config) {
-            Ok(w) => built = Some(w),
-            Err(e) => err = Some(e),
+    // Every measurement once per repetition, interleaved, so that the copies and the scoring see
+    // the same machine state; repetition 0 is the warm-up (page faults, caches, thread start).
+    let (mut copy1, mut copy_n) = (Vec::new(), Vec::new());
+    let mut weight_times = [Vec::new(), Vec::new()];
+    let mut score_times = [Vec::new(), Vec::new()];
+    for rep in 0..=a.reps {
+        let c1 = timed(|| {
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&mut dst);
         });
-        if let Some(e) = err {
-            return Err(e);
+        let cn = timed(|| {
+            dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(o, i)| o.copy_from_slice(i));
+            std::hint::black_box(&mut dst);
+        });
+        if rep > 0 {
+            copy1.push(c1);
+            copy_n.push(cn);
         }
-        let weights = built.expect("weights were built");
-        let mut err = None;
-        let score_time = time_median(a.reps, || {
+        for (i, config) in configs.iter().enumerate() {
+            let t = Instant::now();
+            std::hint::black_box(scorer.weights(round_start, config)?);
+            let wt = t.elapsed();
+            let t = Instant::now();
             for (layer, (k, out)) in views.iter().zip(raw.iter_mut()).enumerate() {
-                if let Err(e) = triattn::cpu::score::score_layer(&weights, layer, k, scorer.style, out) {
-                    err = Some(e);
-                }
+                triattn::cpu::score::score_layer(&weights[i], layer, k, scorer.style, out)?;
             }
             std::hint::black_box(&mut raw);
-        });
-        if let Some(e) = err {
-            return Err(e);
+            let st = t.elapsed();
+            if rep > 0 {
+                weight_times[i].push(wt);
+                score_times[i].push(st);
+            }
         }
+    }
+    drop((src, dst));
+    let (copy1, copy_n) = (median(copy1), median(copy_n));
+    let j = triattn::score::geometric_offsets(configs[1].offset_max_length)?.len();
+    let mut results = Vec::new();
+    for (i, agg) in modes.into_iter().enumerate() {
         let vectors = match agg {
             OffsetAggregation::Mean => 1,
             OffsetAggregation::Max => j,
@@ -257,7 +257,11 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
         let per_token_layer = (2 * d * h * vectors + 2 * f * h + 4 * f * hkv) as f64;
         results.push((
             agg,
-            ModeResult { weights: weights_time, score: score_time, flops: per_token_layer * (l * n) as f64 },
+            ModeResult {
+                weights: median(std::mem::take(&mut weight_times[i])),
+                score: median(std::mem::take(&mut score_times[i])),
+                flops: per_token_layer * (l * n) as f64,
+            },
         ));
     }
 
@@ -273,7 +277,7 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
         key_bytes as f64 / 1e6
     );
     say!(
-        "method      median of {} timed reps after 1 warm-up; round_start {round_start}; keys generated in {:.0} ms",
+        "method      median of {} reps after 1 warm-up, all measurements interleaved per rep; round_start {round_start}; keys made in {:.0} ms",
         a.reps,
         ms(gen_time)
     );

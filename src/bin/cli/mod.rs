@@ -325,12 +325,19 @@ pub fn kernels(a: KernelsArgs) -> Result<()> {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
-    if a.backend != BackendArg::Cpu {
-        return Err(Error::unsupported(format!(
-            "--backend {}: expected cpu (calibration runs on the CPU in this build)",
-            backend_name(a.backend)
-        )));
-    }
+    // The calibrate kernel runs on emu; the CLI's device path arrives with the GPU round.
+    let on_emu = match a.backend {
+        BackendArg::Cpu => false,
+        #[cfg(feature = "emu")]
+        BackendArg::Emu => true,
+        other => {
+            return Err(Error::unsupported(format!(
+                "--backend {}: expected cpu{} for calibration in this build",
+                backend_name(other),
+                if cfg!(feature = "emu") { " or emu" } else { "" }
+            )))
+        }
+    };
     let model = ModelConfig::from_file(&a.model_config)?;
     let style = style_of(a.rope_style);
     let mut acc =
@@ -340,10 +347,16 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         let name = path.display();
         for l in 0..model.num_layers {
             let t = file.get(&format!("q.{l}"))?;
-            acc.add_named_tensor(l, &format!("{name}: q.{l}"), t)?;
+            let what = format!("{name}: q.{l}");
+            if on_emu {
+                #[cfg(feature = "emu")]
+                triattn::emu::calibrate_tensor(&mut acc, l, &what, t)?;
+            } else {
+                acc.add_named_tensor(l, &what, t)?;
+            }
         }
         if a.verbose {
-            eprintln!("calibrate: cpu read {name}");
+            eprintln!("calibrate: {} read {name}", if on_emu { "emu" } else { "cpu" });
         }
     }
     let mut stats = acc.finish()?;

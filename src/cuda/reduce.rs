@@ -1,0 +1,166 @@
+//! The `reduce` op's host side: [`ReduceSpec`] (validated shape) and, with the `cuda` feature,
+//! its launcher on a caller's stream.
+//!
+//! One launch reduces one sequence's per-(layer, head) rows `z` to the rows selection ranks,
+//! exactly [`crate::cpu::reduce::reduce`] followed by the round's `+inf` guards on protected
+//! slots (`slot < prefix` or `slot >= window_start`).
+
+use crate::error::{Error, Result};
+use crate::policy::{GroupAggregation, SelectionMode};
+use crate::variant::{self, Variant};
+
+use super::params::{ReduceParams, REDUCE_PER_HEAD, REDUCE_PER_LAYER_PER_HEAD, REDUCE_UNION};
+
+/// The shape of a `reduce` launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReduceSpec {
+    /// Layers L, at least 1.
+    pub num_layers: usize,
+    /// Attention heads H, a multiple of `num_kv_heads`.
+    pub num_heads: usize,
+    /// KV heads Hkv, at least 1.
+    pub num_kv_heads: usize,
+    /// Slots N, at least 1.
+    pub len: usize,
+    /// Elements between layers of `z`.
+    pub layer_stride: usize,
+    /// Elements between heads of `z`, `>= len`.
+    pub head_stride: usize,
+    /// Elements between output rows, `>= len`.
+    pub out_stride: usize,
+    /// Which rows selection ranks.
+    pub mode: SelectionMode,
+    /// Per-layer-per-head: max or mean over the group (per-head mode always takes the max).
+    pub group: GroupAggregation,
+    /// Slots below it get `+inf` (`0..=len`).
+    pub prefix: usize,
+    /// Slots from it on get `+inf` (`0..=len`; `len` for no window).
+    pub window_start: usize,
+}
+
+/// Addresses of a `reduce` launch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReduceAddresses {
+    /// `f32 [z_len]`.
+    pub z: u64,
+    /// `f32 [out_len]` out.
+    pub out: u64,
+}
+
+fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(what, expected, got))
+    }
+}
+
+impl ReduceSpec {
+    /// Check everything the kernel assumes.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the first field out of range.
+    pub fn validate(&self) -> Result<()> {
+        let cap = i32::MAX as usize;
+        ensure(self.num_layers >= 1 && self.num_layers <= cap, "reduce layers", ">= 1", self.num_layers)?;
+        ensure(
+            self.num_kv_heads >= 1 && self.num_kv_heads <= 65535,
+            "reduce KV heads",
+            "1..=65535",
+            self.num_kv_heads,
+        )?;
+        ensure(
+            self.num_heads >= self.num_kv_heads && self.num_heads % self.num_kv_heads == 0 && self.num_heads <= cap,
+            "reduce heads",
+            format!("a multiple of the {} KV heads", self.num_kv_heads),
+            self.num_heads,
+        )?;
+        ensure(self.len >= 1 && self.len <= cap, "reduce slots", ">= 1", self.len)?;
+        ensure(self.head_stride >= self.len, "reduce head stride", format!(">= {}", self.len), self.head_stride)?;
+        let layer_min = (self.num_heads - 1) * self.head_stride + self.len;
+        ensure(
+            self.num_layers == 1 || self.layer_stride >= layer_min,
+            "reduce layer stride",
+            format!(">= {layer_min}"),
+            self.layer_stride,
+        )?;
+        ensure(self.out_stride >= self.len, "reduce out stride", format!(">= {}", self.len), self.out_stride)?;
+        ensure(self.prefix <= self.len, "reduce prefix", format!("0..={}", self.len), self.prefix)?;
+        ensure(self.window_start <= self.len, "reduce window start", format!("0..={}", self.len), self.window_start)?;
+        ensure(self.sets() <= 65535, "reduce rows (layers x KV heads)", "<= 65535", self.sets())?;
+        Ok(())
+    }
+
+    /// Output rows: Hkv, L * Hkv or 1.
+    pub fn sets(&self) -> usize {
+        self.mode.num_sets(self.num_layers, self.num_kv_heads)
+    }
+
+    /// The variant a launch runs.
+    pub fn variant(&self) -> Variant {
+        variant::reduce_variant()
+    }
+
+    /// Launch grid `(ceil(N / threads), sets)`.
+    pub fn grid(&self) -> (u32, u32, u32) {
+        (self.len.div_ceil(self.variant().threads()) as u32, self.sets() as u32, 1)
+    }
+
+    /// f32 elements `z` must hold.
+    pub fn z_len(&self) -> usize {
+        (self.num_layers - 1) * self.layer_stride + (self.num_heads - 1) * self.head_stride + self.len
+    }
+
+    /// f32 elements the output must hold.
+    pub fn out_len(&self) -> usize {
+        (self.sets() - 1) * self.out_stride + self.len
+    }
+
+    /// The params struct for `at` (call [`Self::validate`] first).
+    pub fn params(&self, at: &ReduceAddresses) -> ReduceParams {
+        ReduceParams {
+            z: at.z,
+            out: at.out,
+            layer_stride: self.layer_stride as i64,
+            head_stride: self.head_stride as i64,
+            out_stride: self.out_stride as i64,
+            num_layers: self.num_layers as i32,
+            num_heads: self.num_heads as i32,
+            num_kv_heads: self.num_kv_heads as i32,
+            len: self.len as i32,
+            mode: match self.mode {
+                SelectionMode::PerHead => REDUCE_PER_HEAD,
+                SelectionMode::PerLayerPerHead => REDUCE_PER_LAYER_PER_HEAD,
+                SelectionMode::Union => REDUCE_UNION,
+            },
+            group_mean: i32::from(self.group == GroupAggregation::Mean),
+            prefix: self.prefix as i32,
+            window_start: self.window_start as i32,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl super::runtime::CudaBackend {
+    /// Reduce on the GPU over raw device addresses, on the caller's stream (launch only).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad spec; `KernelsUnavailable` for a build without kernels,
+    /// `Driver` for a failed load or launch.
+    ///
+    /// # Safety
+    /// `at.z` is device memory of this context holding [`ReduceSpec::z_len`] f32, `at.out` holds
+    /// [`ReduceSpec::out_len`] f32 that nothing else accesses until the kernel has run; `stream`
+    /// belongs to this context.
+    pub unsafe fn launch_reduce_raw(
+        &self,
+        spec: &ReduceSpec,
+        at: &ReduceAddresses,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        spec.validate()?;
+        let params = spec.params(at);
+        // SAFETY: the caller's contract; params from a validated spec.
+        unsafe { self.launch(spec.variant(), &params, spec.grid(), 0, stream) }
+    }
+}

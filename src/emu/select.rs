@@ -1,0 +1,69 @@
+//! `select` on the emu backend: the kernel of cuda/select/select.cuh run by the SIMT layer,
+//! through the same [`SelectSpec`] and [`SelectParams`](crate::cuda::SelectParams) as the GPU.
+
+use crate::cuda::select::{SelectAddresses, SelectShape, SelectSpec};
+use crate::error::{Error, Result};
+
+/// Launch a `select` kernel over raw host addresses.
+///
+/// # Safety
+/// `at.scores` must point to [`SelectSpec::scores_len`] f32 and `at.keep` to
+/// [`SelectSpec::keep_len`] i32 of host memory that nothing else accesses meanwhile.
+pub unsafe fn launch_select(spec: &SelectSpec, at: &SelectAddresses) -> Result<()> {
+    let params = spec.params(at);
+    // SAFETY: the caller's contract; params from a validated spec for its own variant.
+    unsafe { super::launch(spec.variant(), &params, spec.grid(), 0) }
+}
+
+/// Select every row of `scores` into `keep` (layouts as [`SelectSpec`] documents): per row the
+/// protected slots plus the best `budget - protected` others, ascending, as
+/// [`crate::cpu::select::select_row`]. Output entries past `budget` in a row are left as they were.
+///
+/// # Errors
+/// `ShapeMismatch` when a buffer is shorter than the spec needs; `Driver` if the SIMT layer
+/// reports a divergent barrier.
+pub fn select(spec: &SelectSpec, scores: &[f32], keep: &mut [i32]) -> Result<()> {
+    if scores.len() < spec.scores_len() {
+        return Err(Error::shape("select scores", format!("at least {} f32", spec.scores_len()), scores.len()));
+    }
+    if keep.len() < spec.keep_len() {
+        return Err(Error::shape("select output", format!("at least {} i32", spec.keep_len()), keep.len()));
+    }
+    let at = SelectAddresses { scores: scores.as_ptr() as u64, keep: keep.as_mut_ptr() as u64 };
+    // SAFETY: both lengths checked above; the borrows outlive the synchronous launch and `keep`
+    // is borrowed exclusively.
+    unsafe { launch_select(spec, &at) }
+}
+
+/// Convenience: select dense rows `scores[rows, len]` with one protection range and budget,
+/// returning the kept slots of each row (what [`crate::round`] feeds to `compact`).
+///
+/// # Errors
+/// `InvalidArgument` for a shape [`SelectSpec::new`] refuses (`scores.len()` must be a multiple
+/// of `len`); as [`select`] otherwise.
+pub fn select_rows(
+    scores: &[f32],
+    len: usize,
+    prefix: usize,
+    window_start: usize,
+    budget: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if len == 0 || scores.len() % len != 0 || scores.is_empty() {
+        return Err(Error::shape("select scores", format!("a non-empty multiple of {len} slots"), scores.len()));
+    }
+    let rows = scores.len() / len;
+    let spec = SelectSpec::new(SelectShape {
+        rows,
+        len,
+        prefix,
+        window_start,
+        budget,
+        score_stride: len,
+        keep_stride: budget.max(1),
+    })?;
+    let mut keep = vec![-1i32; spec.keep_len()];
+    select(&spec, scores, &mut keep)?;
+    Ok((0..rows)
+        .map(|r| keep[r * budget.max(1)..r * budget.max(1) + budget].iter().map(|&s| s as u32).collect())
+        .collect())
+}

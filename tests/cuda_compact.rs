@@ -1,0 +1,176 @@
+//! `compact` and `calibrate` on a real GPU against the CPU reference (`scripts/gpu-check.sh`):
+//! compaction bit-exact (both modes, slot map, positions), calibration sums within 1e-12 of
+//! the sum of term magnitudes.
+//!
+//! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use triattn::cpu::compact::{compact_in_place, hole_fill_in_place, hole_filling_plan};
+use triattn::cuda::{
+    CalibrateAddresses, CalibrateSpec, CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget,
+    CudaBackend, PositionType, RowStrides,
+};
+use triattn::stats::calibrate::Accumulator;
+use triattn::variant::CompactMode;
+use triattn::{Element, PairingStyle};
+
+fn gpu_or_skip(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::probe(0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
+            panic!("{test}: GPU required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
+/// splitmix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+}
+
+fn keep_set(rng: &mut Rng, n: usize, k: usize) -> Vec<i32> {
+    let mut all: Vec<i32> = (0..n as i32).collect();
+    for i in 0..k {
+        let j = i + (rng.next() % (n - i) as u64) as usize;
+        all.swap(i, j);
+    }
+    let mut s = all[..k].to_vec();
+    s.sort_unstable();
+    s
+}
+
+fn addresses(stream: &Arc<CudaStream>, bufs: &[CudaSlice<u8>]) -> CudaSlice<u64> {
+    let a: Vec<u64> = bufs.iter().map(|b| b.device_ptr(stream).0).collect();
+    stream.clone_htod(&a).unwrap()
+}
+
+#[test]
+fn cuda_compact_in_place_matches_cpu_bit_exact() {
+    let Some(gpu) = gpu_or_skip("cuda_compact_in_place_matches_cpu_bit_exact") else { return };
+    let stream = gpu.context().default_stream();
+    let (layers, hkv, n, k, d, dv, eb) = (4, 8, 2176, 2048, 128, 128, 2);
+    for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+        let mut rng = Rng(mode as u64 + 1);
+        let st = RowStrides { head_stride: n * d, row_stride: d };
+        let spec = CompactSpec::new(CompactShape {
+            mode,
+            target: CompactTarget::InPlace,
+            elem_bytes: eb,
+            num_layers: layers,
+            num_kv_heads: hkv,
+            num_sets: hkv,
+            num_slots: n,
+            keep_len: k,
+            key_dim: d,
+            value_dim: dv,
+            layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
+            positions: Some(PositionType::I64),
+        })
+        .unwrap();
+        let keep: Vec<i32> = (0..hkv).flat_map(|_| keep_set(&mut rng, n, k)).collect();
+        let index: Vec<i32> = (0..layers * hkv).map(|i| (i % hkv) as i32).collect();
+        let host: Vec<Vec<u8>> =
+            (0..2 * layers).map(|_| (0..hkv * n * d * eb).map(|_| rng.next() as u8).collect()).collect();
+        let pos: Vec<i64> = (0..hkv * n).map(|i| i as i64 * 3 + 1).collect();
+        let mut reference = host.clone();
+        for buf in reference.iter_mut() {
+            for g in 0..hkv {
+                let ks: Vec<u32> = keep[g * k..(g + 1) * k].iter().map(|&s| s as u32).collect();
+                let rows = &mut buf[g * n * d * eb..(g + 1) * n * d * eb];
+                match mode {
+                    CompactMode::OrderPreserving => compact_in_place(rows, d * eb, d * eb, &ks).unwrap(),
+                    CompactMode::HoleFilling => {
+                        hole_fill_in_place(rows, d * eb, d * eb, &ks).unwrap();
+                    }
+                }
+            }
+        }
+        let dev: Vec<CudaSlice<u8>> = host.iter().map(|b| stream.clone_htod(b).unwrap()).collect();
+        let (kd, vd) = dev.split_at(layers);
+        let (kt, vt) = (addresses(&stream, kd), addresses(&stream, vd));
+        let keep_d = stream.clone_htod(&keep).unwrap();
+        let index_d = stream.clone_htod(&index).unwrap();
+        let map_d = stream.alloc_zeros::<i32>(hkv * k).unwrap();
+        let pos_d = stream.clone_htod(&pos).unwrap();
+        let at = CompactAddresses {
+            k_src: kt.device_ptr(&stream).0,
+            k_dst: kt.device_ptr(&stream).0,
+            v_src: vt.device_ptr(&stream).0,
+            v_dst: vt.device_ptr(&stream).0,
+            keep: keep_d.device_ptr(&stream).0,
+            set_index: index_d.device_ptr(&stream).0,
+            block_table: 0,
+            slot_map: map_d.device_ptr(&stream).0,
+            pos_src: pos_d.device_ptr(&stream).0,
+            pos_dst: pos_d.device_ptr(&stream).0,
+        };
+        // SAFETY: every buffer above was allocated to the spec's lengths on this context and
+        // lives until the copies back below, which synchronise the stream.
+        unsafe { gpu.launch_compact_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        for (t, d_buf) in dev.iter().enumerate() {
+            assert!(stream.clone_dtoh(d_buf).unwrap() == reference[t], "{mode:?}: tensor {t} differs");
+        }
+        let map = stream.clone_dtoh(&map_d).unwrap();
+        let got_pos = stream.clone_dtoh(&pos_d).unwrap();
+        for g in 0..hkv {
+            let set = &keep[g * k..(g + 1) * k];
+            let want: Vec<i32> = match mode {
+                CompactMode::OrderPreserving => set.to_vec(),
+                CompactMode::HoleFilling => {
+                    let s: Vec<u32> = set.iter().map(|&x| x as u32).collect();
+                    hole_filling_plan(&s).1.iter().map(|&x| x as i32).collect()
+                }
+            };
+            assert_eq!(&map[g * k..(g + 1) * k], &want[..], "{mode:?}: slot map");
+            for i in 0..k {
+                assert_eq!(got_pos[g * n + i], pos[g * n + want[i] as usize], "{mode:?}: position");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_calibrate_matches_the_accumulator() {
+    let Some(gpu) = gpu_or_skip("cuda_calibrate_matches_the_accumulator") else { return };
+    let stream = gpu.context().default_stream();
+    let (h, t, d) = (32, 1000, 128);
+    let mut rng = Rng(5);
+    let q: Vec<bf16> = (0..h * t * d).map(|_| bf16::from_f32((rng.next() >> 40) as f32 / 4e6 - 2.0)).collect();
+    for style in [PairingStyle::Half, PairingStyle::Interleaved] {
+        let mut cpu = Accumulator::new(1, h, d, style).unwrap();
+        cpu.add(0, &q, t).unwrap();
+        let spec = CalibrateSpec::new(bf16::DTYPE, h, t, d, style).unwrap();
+        let q_d = stream.clone_htod(&q).unwrap();
+        let sums: Vec<CudaSlice<f64>> = (0..3).map(|_| stream.alloc_zeros::<f64>(spec.sums_len()).unwrap()).collect();
+        let at = CalibrateAddresses {
+            queries: q_d.device_ptr(&stream).0,
+            sum_real: sums[0].device_ptr(&stream).0,
+            sum_imag: sums[1].device_ptr(&stream).0,
+            sum_abs: sums[2].device_ptr(&stream).0,
+        };
+        // SAFETY: buffers sized by the spec on this context; the copies back synchronise.
+        unsafe { gpu.launch_calibrate_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        let (r, i, a) = cpu.sums();
+        for (want, got) in [(r, &sums[0]), (i, &sums[1]), (a, &sums[2])] {
+            let got = stream.clone_dtoh(got).unwrap();
+            for ((x, y), s) in want.iter().zip(&got).zip(a) {
+                assert!((x - y).abs() <= 2e-12 * s, "{style:?}: cpu {x} gpu {y}");
+            }
+        }
+    }
+}

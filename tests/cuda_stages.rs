@@ -1,0 +1,176 @@
+//! The round's stages after scoring on a real GPU: `select` against `cpu::select::select_row`,
+//! every variant (exact indices); `reduce` against `cpu::reduce::reduce` plus the `+inf` guards
+//! (bit for bit); `normalize` against its host reference `moments_from_partials` (bit for bit).
+//!
+//! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
+#![cfg(feature = "cuda")]
+
+use cudarc::driver::{DevicePtr, DevicePtrMut};
+use triattn::cpu::reduce::reduce;
+use triattn::cpu::select::select_row;
+use triattn::cuda::{
+    moments_from_partials, CudaBackend, NormalizeAddresses, NormalizeSpec, ReduceAddresses, ReduceSpec, RowPartial,
+    SelectAddresses, SelectShape, SelectSpec,
+};
+use triattn::policy::{GroupAggregation, SelectionMode, ZScore};
+use triattn::variant::{self, Kernel};
+
+fn gpu_or_skip(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::probe(0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
+            panic!("{test}: GPU required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
+/// splitmix64 values with many ties and a few NaN / ±inf.
+fn row(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9e3779b97f4a7c15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^= z >> 31;
+            match z % 53 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3 => -0.0,
+                4..=20 => (z % 7) as f32,
+                _ => ((z >> 40) as f32) / (1u64 << 20) as f32 - 8.0,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_select_variant_matches_the_cpu() {
+    let Some(gpu) = gpu_or_skip("every_select_variant_matches_the_cpu") else { return };
+    let stream = gpu.context().default_stream();
+    for v in variant::table().into_iter().filter(|v| matches!(v.kernel, Kernel::Select { .. })) {
+        for (rows, len, prefix, window_start, budget) in
+            [(8, 1, 0, 1, 1), (64, 2176, 64, 2048, 2048), (3, 16384, 0, 16384, 5000), (2, 131072, 1000, 130000, 4096)]
+        {
+            let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: len, keep_stride: budget };
+            let spec = SelectSpec::with_variant(shape, v).unwrap();
+            let host: Vec<f32> = (0..rows).flat_map(|r| row(r as u64 * 7919 + len as u64, len)).collect();
+            let scores = stream.clone_htod(&host).unwrap();
+            let mut keep = stream.alloc_zeros::<i32>(spec.keep_len()).unwrap();
+            {
+                let (s, _s) = scores.device_ptr(&stream);
+                let (k, _k) = keep.device_ptr_mut(&stream);
+                let at = SelectAddresses { scores: s, keep: k };
+                // SAFETY: both buffers are device memory of this context with the spec's lengths,
+                // alive until the copy below synchronises the stream.
+                unsafe { gpu.launch_select_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+            }
+            let got = stream.clone_dtoh(&keep).unwrap();
+            for r in 0..rows {
+                let want = select_row(&host[r * len..(r + 1) * len], |s| s < prefix || s >= window_start, budget);
+                let row: Vec<u32> = got[r * budget..(r + 1) * budget].iter().map(|&s| s as u32).collect();
+                assert_eq!(row, want, "{} row {r} N {len} K {budget}", v.symbol());
+            }
+            eprintln!("parity {} N {len} rows {rows}: exact", v.symbol());
+        }
+    }
+}
+
+#[test]
+fn reduce_matches_the_cpu_bit_for_bit() {
+    let Some(gpu) = gpu_or_skip("reduce_matches_the_cpu_bit_for_bit") else { return };
+    let stream = gpu.context().default_stream();
+    let (layers, heads, kv, n) = (4, 16, 4, 3001);
+    let z: Vec<f32> = row(11, layers * heads * n);
+    let dense: Vec<Vec<f32>> = z.chunks(heads * n).map(<[f32]>::to_vec).collect();
+    for mode in [SelectionMode::PerHead, SelectionMode::PerLayerPerHead, SelectionMode::Union] {
+        for group in [GroupAggregation::Max, GroupAggregation::Mean] {
+            let spec = ReduceSpec {
+                num_layers: layers,
+                num_heads: heads,
+                num_kv_heads: kv,
+                len: n,
+                layer_stride: heads * n,
+                head_stride: n,
+                out_stride: n,
+                mode,
+                group,
+                prefix: 17,
+                window_start: n - 128,
+            };
+            let dz = stream.clone_htod(&z).unwrap();
+            let mut out = stream.alloc_zeros::<f32>(spec.out_len()).unwrap();
+            {
+                let (zp, _z) = dz.device_ptr(&stream);
+                let (op, _o) = out.device_ptr_mut(&stream);
+                // SAFETY: device buffers of this context with the spec's lengths, alive until the
+                // copy below synchronises the stream.
+                unsafe { gpu.launch_reduce_raw(&spec, &ReduceAddresses { z: zp, out: op }, stream.cu_stream()) }
+                    .unwrap();
+            }
+            let got = stream.clone_dtoh(&out).unwrap();
+            let mut want = reduce(&dense, heads, kv, n, mode, group);
+            for r in want.chunks_mut(n) {
+                for (slot, v) in r.iter_mut().enumerate() {
+                    if slot < 17 || slot >= n - 128 {
+                        *v = f32::INFINITY;
+                    }
+                }
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{mode:?} {group:?} {i}: {g} vs {w}");
+            }
+            eprintln!("parity reduce {mode:?} {group:?}: exact");
+        }
+    }
+}
+
+#[test]
+fn normalize_matches_its_host_reference() {
+    let Some(gpu) = gpu_or_skip("normalize_matches_its_host_reference") else { return };
+    let stream = gpu.context().default_stream();
+    let (rows, n, tile) = (24usize, 5000usize, 96usize);
+    let tiles = n.div_ceil(tile);
+    let raw: Vec<f32> = row(23, rows * n).iter().map(|x| if x.is_finite() { *x } else { 0.5 }).collect();
+    let parts: Vec<RowPartial> = raw
+        .chunks(n)
+        .flat_map(|r| {
+            r.chunks(tile).map(|c| {
+                let k = c.len() as f64;
+                let m = c.iter().map(|&x| x as f64).sum::<f64>() / k;
+                let m2 = c.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>();
+                RowPartial { count: k as f32, mean: m as f32, m2: m2 as f32, pad: 0.0 }
+            })
+        })
+        .collect();
+    for flavour in [ZScore::PopulationFloor, ZScore::UnbiasedCentreFlat] {
+        let spec = NormalizeSpec { rows, len: n, num_tiles: tiles, raw_stride: n, out_stride: n, flavour };
+        let dp = stream.clone_htod(&parts).unwrap();
+        let dr = stream.clone_htod(&raw).unwrap();
+        let mut out = stream.alloc_zeros::<f32>(spec.out_len()).unwrap();
+        {
+            let (pp, _p) = dp.device_ptr(&stream);
+            let (rp, _r) = dr.device_ptr(&stream);
+            let (op, _o) = out.device_ptr_mut(&stream);
+            let at = NormalizeAddresses { partials: pp, raw: rp, out: op };
+            // SAFETY: device buffers of this context with the spec's lengths, alive until the
+            // copy below synchronises the stream.
+            unsafe { gpu.launch_normalize_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        }
+        let got = stream.clone_dtoh(&out).unwrap();
+        for r in 0..rows {
+            let (mean, div) = moments_from_partials(&parts[r * tiles..(r + 1) * tiles], flavour);
+            for i in 0..n {
+                let want = ((raw[r * n + i] as f64 - mean) / div) as f32;
+                assert_eq!(got[r * n + i].to_bits(), want.to_bits(), "{flavour:?} row {r} slot {i}");
+            }
+        }
+        eprintln!("parity normalize {flavour:?}: exact");
+    }
+}
