@@ -245,6 +245,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A panic is a bug; report it as one line, never as a backtrace.
     std::panic::set_hook(Box::new(|info| {
+        // `println!` panics when the reader of stdout went away (`triattn kernels | head`): that is
+        // the reader's choice, not a bug; stop quietly as a SIGPIPE'd program would.
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") {
+            std::process::exit(141);
+        }
         let location = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!("error: internal error{location} (a bug in triattn; please report it with the command line)");
     }));
