@@ -6,8 +6,12 @@
 //! the median of 5 batches of 10 launches after warm-up. Prints one table; exits 0 with a SKIP
 //! line when there is no GPU (1 when `TRIATTN_REQUIRE_GPU` is set).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 
+use common::Rng;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use triattn::cuda::spec::weight_levels;
@@ -40,17 +44,6 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut()) -> f64 {
         .collect();
     samples.sort_by(f64::total_cmp);
     samples[BATCHES / 2]
-}
-
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
 }
 
 fn main() {

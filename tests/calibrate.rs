@@ -1,25 +1,13 @@
 //! The calibration accumulator against the golden `calibrate-half` case, and its chunking
 //! invariance.
 
-use std::path::PathBuf;
+mod common;
 
+use common::calibrate_case_dir;
 use half::bf16;
 use triattn::io::{Tensor, TensorFile};
 use triattn::stats::calibrate::Accumulator;
 use triattn::{DType, ErrorKind, PairingStyle, Stats};
-
-/// The golden case folder (`shared/data/golden/calibrate-half` next to the crate, or a
-/// `tests/data` copy); `None`, with a loud note, if neither exists.
-fn case_dir() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for dir in [root.join("../shared/data/golden/calibrate-half"), root.join("tests/data/golden/calibrate-half")] {
-        if dir.join("queries.safetensors").is_file() && dir.join("expected.safetensors").is_file() {
-            return Some(dir);
-        }
-    }
-    eprintln!("!!!!! SKIPPED: golden case calibrate-half not found next to the crate !!!!!");
-    None
-}
 
 /// Layers of `q.{l}` tensors in a queries file.
 fn layers(file: &TensorFile) -> usize {
@@ -47,7 +35,7 @@ fn accumulate_file(file: &TensorFile, style: PairingStyle) -> Stats {
 
 #[test]
 fn golden_calibrate_half() {
-    let Some(dir) = case_dir() else { return };
+    let Some(dir) = calibrate_case_dir() else { return };
     let queries = TensorFile::read(dir.join("queries.safetensors")).unwrap();
     let expected = TensorFile::read(dir.join("expected.safetensors")).unwrap();
     let stats = accumulate_file(&queries, PairingStyle::Half);
@@ -86,7 +74,7 @@ fn rel_close(name: &str, a: &[f32], b: &[f32], tol: f64) {
 
 #[test]
 fn chunks_and_documents_give_the_same_statistics() {
-    let Some(dir) = case_dir() else { return };
+    let Some(dir) = calibrate_case_dir() else { return };
     let queries = TensorFile::read(dir.join("queries.safetensors")).unwrap();
     for style in [PairingStyle::Half, PairingStyle::Interleaved] {
         let whole = accumulate_file(&queries, style);

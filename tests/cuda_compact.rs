@@ -5,54 +5,21 @@
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{gpu_or_skip, random_keep_set, Rng};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use triattn::cpu::compact::{compact_in_place, hole_fill_in_place, hole_filling_plan};
 use triattn::cuda::{
     CalibrateAddresses, CalibrateSpec, CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget,
-    CudaBackend, PositionType, RowStrides,
+    PositionType, RowStrides,
 };
 use triattn::stats::calibrate::Accumulator;
 use triattn::variant::CompactMode;
 use triattn::{Element, PairingStyle};
-
-fn gpu_or_skip(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::probe(0) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
-            panic!("{test}: GPU required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIP {test}: {e}");
-            None
-        }
-    }
-}
-
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-}
-
-fn keep_set(rng: &mut Rng, n: usize, k: usize) -> Vec<i32> {
-    let mut all: Vec<i32> = (0..n as i32).collect();
-    for i in 0..k {
-        let j = i + (rng.next() % (n - i) as u64) as usize;
-        all.swap(i, j);
-    }
-    let mut s = all[..k].to_vec();
-    s.sort_unstable();
-    s
-}
 
 fn addresses(stream: &Arc<CudaStream>, bufs: &[CudaSlice<u8>]) -> CudaSlice<u64> {
     let a: Vec<u64> = bufs.iter().map(|b| b.device_ptr(stream).0).collect();
@@ -82,10 +49,9 @@ fn cuda_compact_in_place_matches_cpu_bit_exact() {
             positions: Some(PositionType::I64),
         })
         .unwrap();
-        let keep: Vec<i32> = (0..hkv).flat_map(|_| keep_set(&mut rng, n, k)).collect();
+        let keep: Vec<i32> = (0..hkv).flat_map(|_| random_keep_set(&mut rng, n, k)).collect();
         let index: Vec<i32> = (0..layers * hkv).map(|i| (i % hkv) as i32).collect();
-        let host: Vec<Vec<u8>> =
-            (0..2 * layers).map(|_| (0..hkv * n * d * eb).map(|_| rng.next() as u8).collect()).collect();
+        let host: Vec<Vec<u8>> = (0..2 * layers).map(|_| rng.bytes(hkv * n * d * eb)).collect();
         let pos: Vec<i64> = (0..hkv * n).map(|i| i as i64 * 3 + 1).collect();
         let mut reference = host.clone();
         for buf in reference.iter_mut() {
@@ -150,7 +116,7 @@ fn cuda_calibrate_matches_the_accumulator() {
     let stream = gpu.context().default_stream();
     let (h, t, d) = (32, 1000, 128);
     let mut rng = Rng(5);
-    let q: Vec<bf16> = (0..h * t * d).map(|_| bf16::from_f32((rng.next() >> 40) as f32 / 4e6 - 2.0)).collect();
+    let q: Vec<bf16> = (0..h * t * d).map(|_| bf16::from_f32((rng.next_u64() >> 40) as f32 / 4e6 - 2.0)).collect();
     for style in [PairingStyle::Half, PairingStyle::Interleaved] {
         let mut cpu = Accumulator::new(1, h, d, style).unwrap();
         cpu.add(0, &q, t).unwrap();

@@ -3,8 +3,11 @@
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
+use common::{gpu_or_skip, omega, random_stats, std_dev, Rng};
 use half::{bf16, f16};
 use triattn::cpu;
 use triattn::cuda::runtime::{ScoreBuffers, WeightsBuffer};
@@ -15,20 +18,7 @@ use triattn::cuda::{
 use triattn::error::ErrorKind;
 use triattn::score::{OffsetAggregation, RoundWeights, ScoreConfig};
 use triattn::variant::{self, Kernel, HEAD_DIMS};
-use triattn::{Element, LayerView, PairingStyle, Stats};
-
-fn gpu_or_skip(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::probe(0) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
-            panic!("{test}: GPU required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIP {test}: {e}");
-            None
-        }
-    }
-}
+use triattn::{Element, LayerView, PairingStyle};
 
 #[test]
 fn probe_without_gpu_is_an_error_not_a_panic() {
@@ -36,46 +26,6 @@ fn probe_without_gpu_is_an_error_not_a_panic() {
         Ok(b) => eprintln!("GPU present: sm_{}", b.arch()),
         Err(e) => assert!(matches!(e.kind(), ErrorKind::NoDevice | ErrorKind::Driver), "{e}"),
     }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-fn stats(layers: usize, heads: usize, d: usize, seed: u64) -> Stats {
-    let n = layers * heads * d / 2;
-    let mut rng = Rng(seed);
-    let qr: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
-    let qi: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
-    let qa: Vec<f32> = (0..n).map(|i| (qr[i] * qr[i] + qi[i] * qi[i]).sqrt() + 0.5 * (rng.unit() + 1.0)).collect();
-    Stats {
-        num_layers: layers,
-        num_heads: heads,
-        head_dim: d,
-        rope_style: PairingStyle::Half,
-        q_mean_real: qr,
-        q_mean_imag: qi,
-        q_abs_mean: qa,
-        sampled_heads: None,
-        metadata: Default::default(),
-    }
-}
-
-fn omega(d: usize) -> Vec<f64> {
-    (0..d / 2).map(|f| 1e6f64.powf(-2.0 * f as f64 / d as f64)).collect()
-}
-
-fn std_dev(x: &[f32]) -> f64 {
-    let n = x.len() as f64;
-    let m = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    (x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
 }
 
 /// One (dtype, head_dim, aggregation, style) case: CUDA raw scores and partials vs the CPU.
@@ -88,7 +38,7 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(
     layout: Option<(usize, PageOrder)>,
 ) -> f64 {
     let (layers, heads, kv, n) = (2, 8, 2, 515);
-    let st = stats(layers, heads, d, d as u64);
+    let st = random_stats(layers, heads, d, d as u64);
     let cfg = ScoreConfig { aggregation, ..ScoreConfig::default() };
     let w = RoundWeights::build(&st, style, &omega(d), 1.21, 31_337, &cfg).unwrap();
     let mut rng = Rng(7 + d as u64);
@@ -237,7 +187,7 @@ fn cuda_trig_reads_round_start_from_device_memory() {
     let Some(gpu) = gpu_or_skip("cuda_trig_reads_round_start_from_device_memory") else { return };
     let stream = gpu.context().default_stream();
     let (layers, heads, d) = (3, 4, 128);
-    let st = stats(layers, heads, d, 3);
+    let st = random_stats(layers, heads, d, 3);
     for aggregation in [OffsetAggregation::Mean, OffsetAggregation::Max] {
         let cfg = ScoreConfig { aggregation, ..ScoreConfig::default() };
         let vectors = if aggregation == OffsetAggregation::Mean { 1 } else { 17 };

@@ -5,39 +5,25 @@
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{gpu_or_skip, Rng};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use triattn::cpu::reduce::reduce;
 use triattn::cpu::select::select_row;
 use triattn::cuda::{
-    moments_from_partials, CudaBackend, NormalizeAddresses, NormalizeSpec, ReduceAddresses, ReduceSpec, RowPartial,
-    SelectAddresses, SelectShape, SelectSpec,
+    moments_from_partials, NormalizeAddresses, NormalizeSpec, ReduceAddresses, ReduceSpec, RowPartial, SelectAddresses,
+    SelectShape, SelectSpec,
 };
 use triattn::policy::{GroupAggregation, SelectionMode, ZScore};
 use triattn::variant::{self, Kernel};
 
-fn gpu_or_skip(test: &str) -> Option<CudaBackend> {
-    match CudaBackend::probe(0) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
-            panic!("{test}: GPU required but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIP {test}: {e}");
-            None
-        }
-    }
-}
-
 /// splitmix64 values with many ties and a few NaN / ±inf.
 fn row(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
+    let mut rng = Rng(seed);
     (0..n)
         .map(|_| {
-            s = s.wrapping_add(0x9e3779b97f4a7c15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-            z ^= z >> 31;
+            let z = rng.next_u64();
             match z % 53 {
                 0 => f32::NAN,
                 1 => f32::INFINITY,

@@ -7,8 +7,9 @@
 //! bounds the rounding of any summation order; Re and Im sums may cancel to near zero).
 #![cfg(feature = "emu")]
 
-use std::path::PathBuf;
+mod common;
 
+use common::{calibrate_case_dir, Rng};
 use half::{bf16, f16};
 use triattn::cuda::CalibrateSpec;
 use triattn::emu;
@@ -16,21 +17,6 @@ use triattn::io::{Tensor, TensorFile};
 use triattn::stats::calibrate::Accumulator;
 use triattn::variant::{self, Kernel};
 use triattn::{DType, Element, PairingStyle};
-
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 const REL: f64 = 1e-12;
 
@@ -128,26 +114,13 @@ fn calibrate_has_a_variant_per_dtype() {
     assert!(CalibrateSpec::new(DType::F32, 0, 3, 8, PairingStyle::Half).is_err());
 }
 
-/// The golden case folder (`shared/data/golden/calibrate-half` next to the crate, or the
-/// `tests/data` copy).
-fn case_dir() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for dir in [root.join("../shared/data/golden/calibrate-half"), root.join("tests/data/golden/calibrate-half")] {
-        if dir.join("queries.safetensors").is_file() && dir.join("expected.safetensors").is_file() {
-            return Some(dir);
-        }
-    }
-    eprintln!("!!!!! SKIPPED: golden case calibrate-half not found next to the crate !!!!!");
-    None
-}
-
 fn f32s(t: &Tensor) -> Vec<f32> {
     f32::decode_le(&t.data)
 }
 
 #[test]
 fn golden_calibrate_half_on_emu() {
-    let Some(dir) = case_dir() else { return };
+    let Some(dir) = calibrate_case_dir() else { return };
     let queries = TensorFile::read(dir.join("queries.safetensors")).unwrap();
     let expected = TensorFile::read(dir.join("expected.safetensors")).unwrap();
     let layers = (0..).take_while(|l| queries.tensors.contains_key(&format!("q.{l}"))).count();

@@ -5,28 +5,13 @@
 //! and f32 rows are the same byte copies); padded strides; paged pools (NHD and HND).
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::{random_keep_set, Rng};
 use triattn::cpu::compact::{compact_in_place, gather_rows, hole_fill_in_place, hole_filling_plan};
 use triattn::cuda::{CompactLayout, CompactShape, CompactSpec, CompactTarget, PageOrder, PositionType, RowStrides};
 use triattn::emu::{self, CompactExtras, KeepSets, Positions, PositionsRef};
 use triattn::variant::{self, CompactMode, Kernel};
-
-/// splitmix64.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum KeepKind {
@@ -39,17 +24,7 @@ fn keep_set(rng: &mut Rng, n: usize, k: usize, kind: KeepKind) -> Vec<i32> {
     match kind {
         KeepKind::Prefix => (0..k as i32).collect(),
         KeepKind::Suffix => ((n - k) as i32..n as i32).collect(),
-        KeepKind::Random => {
-            // Partial Fisher-Yates, then sort.
-            let mut all: Vec<i32> = (0..n as i32).collect();
-            for i in 0..k {
-                let j = i + rng.below(n - i);
-                all.swap(i, j);
-            }
-            let mut s = all[..k].to_vec();
-            s.sort_unstable();
-            s
-        }
+        KeepKind::Random => random_keep_set(rng, n, k),
     }
 }
 
@@ -165,7 +140,7 @@ fn run_in_place(c: &Case, mode: CompactMode) {
     let (ks, vs) = (strides(c, c.d, c.n), strides(c, c.dv, c.n));
     let mut k: Vec<Vec<u8>> = (0..c.layers).map(|_| rng.bytes(buffer_len(ks, c.hkv, c.n, c.d, c.eb))).collect();
     let mut v: Vec<Vec<u8>> = (0..c.layers).map(|_| rng.bytes(buffer_len(vs, c.hkv, c.n, c.dv, c.eb))).collect();
-    let pos64: Vec<i64> = (0..num_sets * c.n).map(|_| rng.next() as i64).collect();
+    let pos64: Vec<i64> = (0..num_sets * c.n).map(|_| rng.next_u64() as i64).collect();
     let pos32: Vec<i32> = pos64.iter().map(|&p| p as i32).collect();
 
     // CPU reference, head by head.
@@ -248,7 +223,7 @@ fn run_out_of_place(c: &Case) {
             }
         }
     }
-    let pos64: Vec<i64> = (0..num_sets * c.n).map(|_| rng.next() as i64).collect();
+    let pos64: Vec<i64> = (0..num_sets * c.n).map(|_| rng.next_u64() as i64).collect();
     let pos32: Vec<i32> = pos64.iter().map(|&p| p as i32).collect();
     let mut out64 = vec![-1i64; num_sets * c.k];
     let mut out32 = vec![-1i32; num_sets * c.k];

@@ -5,24 +5,13 @@
 //! empty and single-candidate rows; flat rows; N not a multiple of the block; several tiles.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::Rng;
 use triattn::cpu::normalize::row_moments;
 use triattn::cuda::{moments_from_partials, NormalizeSpec, RowPartial};
 use triattn::emu;
 use triattn::policy::ZScore;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 /// Tile partials of one row as the scorer writes them (f32 mean and M2 of the tile's candidate
 /// slots `>= start`, computed here in f64 and rounded).
@@ -44,7 +33,7 @@ fn partials(row: &[f32], tile: usize, start: usize) -> Vec<RowPartial> {
 }
 
 fn check(rng: &mut Rng, rows: usize, len: usize, tile: usize, start: usize, flavour: ZScore, flat: bool) {
-    let stride = len + (rng.next() % 3) as usize;
+    let stride = len + (rng.next_u64() % 3) as usize;
     let tiles = len.div_ceil(tile);
     let mut raw = vec![f32::NAN; rows * stride];
     let mut parts = Vec::new();

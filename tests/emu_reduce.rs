@@ -3,29 +3,23 @@
 //! strided rows, protected prefix and window, N not a multiple of the block.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::Rng;
 use triattn::cpu::reduce::reduce;
 use triattn::cuda::ReduceSpec;
 use triattn::emu;
 use triattn::policy::{GroupAggregation, SelectionMode};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn value(&mut self) -> f32 {
-        match self.next() % 101 {
-            0 => f32::NAN,
-            1 => f32::INFINITY,
-            2 => f32::NEG_INFINITY,
-            3 => -0.0,
-            4..=30 => (self.next() % 5) as f32 - 2.0,
-            _ => (self.next() >> 40) as f32 / (1u64 << 22) as f32 - 2.0,
-        }
+/// Mostly small integers (ties) and uniform values, a few NaN, ±inf and -0.
+fn value(rng: &mut Rng) -> f32 {
+    match rng.next_u64() % 101 {
+        0 => f32::NAN,
+        1 => f32::INFINITY,
+        2 => f32::NEG_INFINITY,
+        3 => -0.0,
+        4..=30 => (rng.next_u64() % 5) as f32 - 2.0,
+        _ => (rng.next_u64() >> 40) as f32 / (1u64 << 22) as f32 - 2.0,
     }
 }
 
@@ -44,9 +38,9 @@ fn check(
     group: GroupAggregation,
     prot: (usize, usize),
 ) {
-    let head_stride = n + (rng.next() % 3) as usize;
-    let layer_stride = heads * head_stride + (rng.next() % 5) as usize;
-    let z: Vec<f32> = (0..layers * layer_stride).map(|_| rng.value()).collect();
+    let head_stride = n + (rng.next_u64() % 3) as usize;
+    let layer_stride = heads * head_stride + (rng.next_u64() % 5) as usize;
+    let z: Vec<f32> = (0..layers * layer_stride).map(|_| value(rng)).collect();
     let dense: Vec<Vec<f32>> = (0..layers)
         .map(|l| (0..heads).flat_map(|h| z[l * layer_stride + h * head_stride..][..n].to_vec()).collect())
         .collect();

@@ -6,76 +6,19 @@
 //! 256). Scores must agree within a small multiple of 1e-6 of the row's standard deviation.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::{omega, random_keys, random_stats, std_dev};
 use half::{bf16, f16};
 use triattn::cpu;
 use triattn::cuda::{KeyLayout, PageOrder, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
 use triattn::emu;
 use triattn::score::{NormTerm, OffsetAggregation, RoundWeights, ScoreConfig, TrigTerm};
 use triattn::variant::{self, Kernel, HEAD_DIMS};
-use triattn::{DType, Element, LayerView, PairingStyle, Stats};
-
-/// splitmix64: deterministic test data without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-fn stats(layers: usize, heads: usize, d: usize, seed: u64) -> Stats {
-    let f = d / 2;
-    let mut rng = Rng(seed);
-    let n = layers * heads * f;
-    let qr: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
-    let qi: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
-    let qa: Vec<f32> = (0..n).map(|i| (qr[i] * qr[i] + qi[i] * qi[i]).sqrt() + 0.5 * (rng.unit() + 1.0)).collect();
-    Stats {
-        num_layers: layers,
-        num_heads: heads,
-        head_dim: d,
-        rope_style: PairingStyle::Half,
-        q_mean_real: qr,
-        q_mean_imag: qi,
-        q_abs_mean: qa,
-        sampled_heads: None,
-        metadata: Default::default(),
-    }
-}
-
-fn omega(d: usize) -> Vec<f64> {
-    (0..d / 2).map(|f| 1e6f64.powf(-2.0 * f as f64 / d as f64)).collect()
-}
-
-/// Keys with a common centre, spread and a few outliers, rounded to `T`.
-fn keys<T: Element>(count: usize, d: usize, seed: u64) -> Vec<T> {
-    let mut rng = Rng(seed);
-    let centre: Vec<f32> = (0..d).map(|_| rng.unit() * 3.0).collect();
-    (0..count)
-        .map(|i| {
-            let x = centre[i % d] + rng.unit();
-            let x = if rng.next() % 97 == 0 { x * 8.0 } else { x };
-            T::from_f32(x)
-        })
-        .collect()
-}
+use triattn::{DType, Element, LayerView, PairingStyle};
 
 fn config(aggregation: OffsetAggregation) -> ScoreConfig {
     ScoreConfig { aggregation, ..ScoreConfig::default() }
-}
-
-/// Population standard deviation.
-fn std_dev(x: &[f32]) -> f64 {
-    let n = x.len() as f64;
-    let m = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    (x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
 }
 
 /// Max over rows of |a - b| / std(row of b); rows of `n`.
@@ -111,9 +54,9 @@ fn check_layer<T: Element>(
     aggregation: OffsetAggregation,
     seed: u64,
 ) -> f64 {
-    let st = stats(2, heads, d, seed);
+    let st = random_stats(2, heads, d, seed);
     let w = RoundWeights::build(&st, style, &omega(d), 1.21, 31_337, &config(aggregation)).unwrap();
-    let data = keys::<T>(kv_heads * n * d, d, seed ^ 0x55);
+    let data = random_keys::<T>(kv_heads * n * d, d, seed ^ 0x55);
     let view = LayerView::contiguous("k", &data, kv_heads, n, d).unwrap();
     let mut cpu_out = vec![0f32; heads * n];
     let mut emu_out = vec![f32::NAN; heads * n];
@@ -215,11 +158,11 @@ fn score_large_groups_span_head_chunks() {
 #[test]
 fn score_without_trig_term_matches_cpu() {
     let d = 64;
-    let st = stats(1, 4, d, 3);
+    let st = random_stats(1, 4, d, 3);
     let cfg = ScoreConfig { trig: TrigTerm::Excluded, norm: NormTerm::MeanModulus, ..ScoreConfig::default() };
     let w = RoundWeights::build(&st, PairingStyle::Half, &omega(d), 1.0, 5000, &cfg).unwrap();
     assert_eq!(w.vectors_per_head, 0);
-    let data = keys::<f16>(2 * 100 * d, d, 4);
+    let data = random_keys::<f16>(2 * 100 * d, d, 4);
     let view = LayerView::contiguous("k", &data, 2, 100, d).unwrap();
     let (mut a, mut b) = (vec![0f32; 400], vec![0f32; 400]);
     cpu::score::score_layer(&w, 0, &view, PairingStyle::Half, &mut a).unwrap();
@@ -231,9 +174,9 @@ fn score_without_trig_term_matches_cpu() {
 fn score_strided_view_matches_cpu() {
     // Row stride not a multiple of 16 bytes: the emu entry scores a dense copy.
     let (d, n, hkv) = (32, 40, 2);
-    let st = stats(1, 2, d, 11);
+    let st = random_stats(1, 2, d, 11);
     let w = RoundWeights::build(&st, PairingStyle::Half, &omega(d), 1.0, 4096, &ScoreConfig::default()).unwrap();
-    let data = keys::<bf16>(hkv * n * (d + 3), d, 12);
+    let data = random_keys::<bf16>(hkv * n * (d + 3), d, 12);
     let view = LayerView::strided("k", &data, hkv, n, d, n * (d + 3), d + 3).unwrap();
     let (mut a, mut b) = (vec![0f32; 2 * n], vec![0f32; 2 * n]);
     cpu::score::score_layer(&w, 0, &view, PairingStyle::Half, &mut a).unwrap();
@@ -249,7 +192,7 @@ fn check_round<T: Element>(aggregation: OffsetAggregation, layout: Option<(usize
     let seqs = lens.len();
     let max_len = 160;
     let starts = [40_000u64, 41_000, 123];
-    let st = stats(layers, heads, d, 21);
+    let st = random_stats(layers, heads, d, 21);
     let cfg = config(aggregation);
     let per_seq: Vec<RoundWeights> =
         starts.iter().map(|&r| RoundWeights::build(&st, style, &omega(d), 1.0, r, &cfg).unwrap()).collect();
@@ -257,7 +200,7 @@ fn check_round<T: Element>(aggregation: OffsetAggregation, layout: Option<(usize
     let weights: Vec<f32> = per_seq.iter().flat_map(|w| w.weights.iter().copied()).collect();
     // Dense keys per (s, l): [Hkv, len, D].
     let dense: Vec<Vec<T>> =
-        (0..seqs * layers).map(|i| keys::<T>(kv * lens[i / layers] * d, d, 1000 + i as u64)).collect();
+        (0..seqs * layers).map(|i| random_keys::<T>(kv * lens[i / layers] * d, d, 1000 + i as u64)).collect();
 
     let mut raw = vec![f32::NAN; seqs * layers * heads * max_len];
     let seq_lens: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
@@ -428,7 +371,7 @@ fn trig_kernel_matches_host_weights() {
         (OffsetAggregation::Mean, PairingStyle::Interleaved),
     ] {
         for d in [64, 96, 128] {
-            let st = stats(2, 3, d, 8);
+            let st = random_stats(2, 3, d, 8);
             let cfg = config(aggregation);
             let starts = [0u64, 31_337, 1_000_000_007];
             let dev = emu::round_weights(&st, style, &omega(d), 1.44, &starts, &cfg).unwrap();
@@ -451,7 +394,7 @@ fn trig_kernel_writes_the_exact_level_image() {
     // host builds from its own weights (emu evaluates cos/sin with the host libm).
     use triattn::cuda::spec::{weight_levels, weights_from_levels};
     for (d, style) in [(96, PairingStyle::Half), (32, PairingStyle::Interleaved)] {
-        let st = stats(2, 3, d, 17);
+        let st = random_stats(2, 3, d, 17);
         let cfg = config(OffsetAggregation::Max);
         let starts = [7_000u64, 65_537];
         let image = emu::round_weight_image(&st, style, &omega(d), 1.0, &starts, &cfg).unwrap();

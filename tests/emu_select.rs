@@ -7,28 +7,13 @@
 //! too), strided rows, and N up to 16K.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::Rng;
 use triattn::cpu::select::select_row;
 use triattn::cuda::{SelectShape, SelectSpec};
 use triattn::emu;
 use triattn::variant::{self, Kernel, Variant};
-
-/// splitmix64: deterministic test data without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Values {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use triattn::io::{FileDType, TensorFile};
+use triattn::{Element, PairingStyle, Stats};
 
 /// `tests/data/<rel>` if present, else `../shared/data/<rel>`; `None` (with a loud message) if neither.
 pub fn data_path(rel: &str) -> Option<PathBuf> {
@@ -28,6 +29,19 @@ pub fn golden_cases() -> Vec<PathBuf> {
         .collect();
     cases.sort();
     cases
+}
+
+/// The golden case folder (`shared/data/golden/calibrate-half` next to the crate, or the
+/// `tests/data` copy); `None`, with a loud note, if neither exists.
+pub fn calibrate_case_dir() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for dir in [root.join("../shared/data/golden/calibrate-half"), root.join("tests/data/golden/calibrate-half")] {
+        if dir.join("queries.safetensors").is_file() && dir.join("expected.safetensors").is_file() {
+            return Some(dir);
+        }
+    }
+    eprintln!("!!!!! SKIPPED: golden case calibrate-half not found next to the crate !!!!!");
+    None
 }
 
 /// Standard deviation of the finite values of `row` (population).
@@ -89,4 +103,86 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
+    /// Uniform in [-1, 1) with 24 bits (the top bits of one draw).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// `n` bytes, the low byte of one draw each.
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// The probed GPU, or `None` after a loud `SKIP <test>: <reason>`; panics instead when
+/// `TRIATTN_REQUIRE_GPU` is set.
+#[cfg(feature = "cuda")]
+pub fn gpu_or_skip(test: &str) -> Option<triattn::cuda::CudaBackend> {
+    match triattn::cuda::CudaBackend::probe(0) {
+        Ok(b) => Some(b),
+        Err(e) if std::env::var_os("TRIATTN_REQUIRE_GPU").is_some() => {
+            panic!("{test}: GPU required but unavailable: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIP {test}: {e}");
+            None
+        }
+    }
+}
+
+/// Random half-pairing statistics from `Rng(seed)`: means of Re and Im uniform in [-2, 2), and
+/// `q_abs_mean` = |mean| plus a margin in [0, 1).
+pub fn random_stats(layers: usize, heads: usize, d: usize, seed: u64) -> Stats {
+    let n = layers * heads * (d / 2);
+    let mut rng = Rng(seed);
+    let qr: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
+    let qi: Vec<f32> = (0..n).map(|_| rng.unit() * 2.0).collect();
+    let qa: Vec<f32> = (0..n).map(|i| (qr[i] * qr[i] + qi[i] * qi[i]).sqrt() + 0.5 * (rng.unit() + 1.0)).collect();
+    Stats {
+        num_layers: layers,
+        num_heads: heads,
+        head_dim: d,
+        rope_style: PairingStyle::Half,
+        q_mean_real: qr,
+        q_mean_imag: qi,
+        q_abs_mean: qa,
+        sampled_heads: None,
+        metadata: Default::default(),
+    }
+}
+
+/// RoPE frequencies of base 1e6 for head dim `d`.
+pub fn omega(d: usize) -> Vec<f64> {
+    (0..d / 2).map(|f| 1e6f64.powf(-2.0 * f as f64 / d as f64)).collect()
+}
+
+/// Keys from `Rng(seed)` with a common centre, spread and a few outliers, rounded to `T`.
+pub fn random_keys<T: Element>(count: usize, d: usize, seed: u64) -> Vec<T> {
+    let mut rng = Rng(seed);
+    let centre: Vec<f32> = (0..d).map(|_| rng.unit() * 3.0).collect();
+    (0..count)
+        .map(|i| {
+            let x = centre[i % d] + rng.unit();
+            let x = if rng.next_u64() % 97 == 0 { x * 8.0 } else { x };
+            T::from_f32(x)
+        })
+        .collect()
+}
+
+/// Population standard deviation.
+pub fn std_dev(x: &[f32]) -> f64 {
+    let n = x.len() as f64;
+    let m = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    (x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n).sqrt()
+}
+
+/// `k` distinct slots of `0..n` drawn by a partial Fisher-Yates shuffle, sorted.
+pub fn random_keep_set(rng: &mut Rng, n: usize, k: usize) -> Vec<i32> {
+    let mut all: Vec<i32> = (0..n as i32).collect();
+    for i in 0..k {
+        let j = i + rng.below(n - i);
+        all.swap(i, j);
+    }
+    let mut s = all[..k].to_vec();
+    s.sort_unstable();
+    s
 }
