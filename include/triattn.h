@@ -44,6 +44,25 @@ typedef enum {
   TRIATTN_STATUS_PANIC = 10,
 } triattn_status;
 
+// What a round did.
+typedef enum {
+  // Each set now holds `budget` slots.
+  TRIATTN_OUTCOME_COMPRESSED = 0,
+  // The cache held no more than the budget; every slot kept.
+  TRIATTN_OUTCOME_WITHIN_BUDGET = 1,
+  // The protected slots alone reach the budget; round skipped, every slot kept
+  // (`triattn_last_error` says why).
+  TRIATTN_OUTCOME_SKIPPED_PROTECTED_REACH_BUDGET = 2,
+} triattn_outcome;
+
+// Backend of a context.
+typedef enum {
+  // The CPU backend.
+  TRIATTN_BACKEND_CPU = 0,
+  // A CUDA device.
+  TRIATTN_BACKEND_CUDA = 1,
+} triattn_backend;
+
 // Semantics preset.
 typedef enum {
   // The paper's runner (default).
@@ -70,14 +89,6 @@ typedef enum {
   TRIATTN_AGGREGATION_MAX = 1,
 } triattn_aggregation;
 
-// Backend of a context.
-typedef enum {
-  // The CPU backend.
-  TRIATTN_BACKEND_CPU = 0,
-  // A CUDA device.
-  TRIATTN_BACKEND_CUDA = 1,
-} triattn_backend;
-
 // Key and value element type.
 typedef enum {
   // f32.
@@ -88,17 +99,6 @@ typedef enum {
   TRIATTN_DTYPE_BF16 = 2,
 } triattn_dtype;
 
-// What a round did.
-typedef enum {
-  // Each set now holds `budget` slots.
-  TRIATTN_OUTCOME_COMPRESSED = 0,
-  // The cache held no more than the budget; every slot kept.
-  TRIATTN_OUTCOME_WITHIN_BUDGET = 1,
-  // The protected slots alone reach the budget; round skipped, every slot kept
-  // (`triattn_last_error` says why).
-  TRIATTN_OUTCOME_SKIPPED_PROTECTED_REACH_BUDGET = 2,
-} triattn_outcome;
-
 // Opaque compressor: policy, model RoPE and statistics.
 typedef struct triattn_compressor triattn_compressor;
 
@@ -107,14 +107,14 @@ typedef struct triattn_context triattn_context;
 
 // Every knob of a round; fill with `triattn_config_default`, then change fields.
 typedef struct {
-  // Semantics.
-  triattn_preset preset;
-  // Selection mode.
-  triattn_mode mode;
-  // Aggregation over offsets.
-  triattn_aggregation offsets_aggregation;
-  // Group reduction (per-layer-per-head).
-  triattn_aggregation group_aggregation;
+  // Semantics: a `triattn_preset` value (C enums travel as uint32_t and are checked on entry).
+  uint32_t preset;
+  // Selection mode: a `triattn_mode` value.
+  uint32_t mode;
+  // Aggregation over offsets: a `triattn_aggregation` value.
+  uint32_t offsets_aggregation;
+  // Group reduction (per-layer-per-head): a `triattn_aggregation` value.
+  uint32_t group_aggregation;
   // Slots kept per set, protected included.
   size_t budget;
   // Slack above the budget before a round.
@@ -149,8 +149,8 @@ typedef struct {
 
 // Arguments of a round on host buffers.
 typedef struct {
-  // Element type of the keys.
-  triattn_dtype dtype;
+  // Element type of the keys: a `triattn_dtype` value.
+  uint32_t dtype;
   // `num_layers` pointers, each to `[num_kv_heads, n, head_dim]` contiguous keys.
   const void *const *keys;
   // Cached slots per (layer, KV head).
@@ -181,17 +181,18 @@ uint32_t triattn_version(void);
 // `buf` is null or points to `len` writable bytes.
 size_t triattn_last_error(char *buf, size_t len);
 
-// Fill `out` with the defaults of `preset`.
+// Fill `out` with the defaults of `preset` (a `triattn_preset` value).
 //
 // # Safety
 // `out` is null (an error) or points to a writable `triattn_config`.
-triattn_status triattn_config_default(triattn_preset preset, triattn_config *out);
+triattn_status triattn_config_default(uint32_t preset, triattn_config *out);
 
-// Create a context for `backend` (`TRIATTN_BACKEND_CPU` in this version).
+// Create a context for `backend` (a `triattn_backend` value; `TRIATTN_BACKEND_CPU` in this version).
 //
 // # Safety
 // `out` is null (an error) or points to writable storage for a handle.
-triattn_status triattn_context_create(triattn_backend backend, triattn_context **out);
+triattn_status triattn_context_create(uint32_t backend,
+                                      triattn_context **out);
 
 // Destroy a context (null is ignored).
 //

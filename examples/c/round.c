@@ -107,6 +107,14 @@ int main(int argc, char **argv) {
   printf("budget 0 -> status %d: %s\n", (int)s, msg);
   if (s != TRIATTN_STATUS_INVALID_ARGUMENT || bad != NULL || strstr(msg, "budget") == NULL) return 1;
 
+  /* Enum fields travel as uint32_t and are checked on entry. */
+  cfg.budget = BUDGET;
+  cfg.mode = 7;
+  s = triattn_compressor_create(ctx, argv[1], argv[2], &cfg, &bad);
+  triattn_last_error(msg, sizeof msg);
+  printf("mode 7 -> status %d: %s\n", (int)s, msg);
+  if (s != TRIATTN_STATUS_INVALID_ARGUMENT || bad != NULL || strstr(msg, "config.mode") == NULL) return 1;
+
   for (size_t l = 0; l < shape.num_layers; ++l) free(keys[l]);
   free(keys);
   free(keep);

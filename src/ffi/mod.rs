@@ -106,14 +106,15 @@ pub unsafe extern "C" fn triattn_last_error(buf: *mut c_char, len: usize) -> usi
     })
 }
 
-/// Fill `out` with the defaults of `preset`.
+/// Fill `out` with the defaults of `preset` (a `triattn_preset` value).
 ///
 /// # Safety
 /// `out` is null (an error) or points to a writable `triattn_config`.
 #[no_mangle]
-pub unsafe extern "C" fn triattn_config_default(preset: triattn_preset, out: *mut triattn_config) -> triattn_status {
+pub unsafe extern "C" fn triattn_config_default(preset: u32, out: *mut triattn_config) -> triattn_status {
     boundary(|| {
         non_null("out", out)?;
+        let preset = triattn_preset::from_c("preset", preset)?;
         let c = triattn_config::from_rust(&CompressionConfig::preset(preset.to_rust()));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(c) };
@@ -126,17 +127,15 @@ pub struct triattn_context {
     backend: triattn_backend,
 }
 
-/// Create a context for `backend` (`TRIATTN_BACKEND_CPU` in this version).
+/// Create a context for `backend` (a `triattn_backend` value; `TRIATTN_BACKEND_CPU` in this version).
 ///
 /// # Safety
 /// `out` is null (an error) or points to writable storage for a handle.
 #[no_mangle]
-pub unsafe extern "C" fn triattn_context_create(
-    backend: triattn_backend,
-    out: *mut *mut triattn_context,
-) -> triattn_status {
+pub unsafe extern "C" fn triattn_context_create(backend: u32, out: *mut *mut triattn_context) -> triattn_status {
     boundary(|| {
         non_null("out", out)?;
+        let backend = triattn_backend::from_c("backend", backend)?;
         if backend != triattn_backend::Cpu {
             return Err(Error::unsupported(format!(
                 "backend: expected TRIATTN_BACKEND_CPU (the C ABI runs host rounds in this version), got {backend:?}"
@@ -327,7 +326,7 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
     for (l, p) in ptrs.iter().enumerate() {
         non_null(&format!("args.keys[{l}]"), *p)?;
     }
-    let dtype = a.dtype.to_rust();
+    let dtype = triattn_dtype::from_c("args.dtype", a.dtype)?.to_rust();
     fn views<'a, T: crate::Element>(
         ptrs: &[*const std::ffi::c_void],
         elems: usize,

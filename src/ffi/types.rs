@@ -60,7 +60,45 @@ pub enum triattn_preset {
     Vllm = 1,
 }
 
+/// Decode a C enum value, with an error naming `what` and the accepted values.
+fn decode<T: Copy>(what: &str, v: u32, values: &[(u32, &str, T)]) -> Result<T> {
+    values.iter().find(|(n, _, _)| *n == v).map(|&(_, _, t)| t).ok_or_else(|| {
+        let expected: Vec<String> = values.iter().map(|(n, name, _)| format!("{name} ({n})")).collect();
+        Error::invalid_argument(what, expected.join(" or "), v)
+    })
+}
+
+impl triattn_backend {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(what, v, &[(0, "TRIATTN_BACKEND_CPU", Self::Cpu), (1, "TRIATTN_BACKEND_CUDA", Self::Cuda)])
+    }
+}
+
+impl triattn_mode {
+    fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_MODE_PER_HEAD", Self::PerHead),
+                (1, "TRIATTN_MODE_PER_LAYER_PER_HEAD", Self::PerLayerPerHead),
+                (2, "TRIATTN_MODE_UNION", Self::Union),
+            ],
+        )
+    }
+}
+
+impl triattn_aggregation {
+    fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(what, v, &[(0, "TRIATTN_AGGREGATION_MEAN", Self::Mean), (1, "TRIATTN_AGGREGATION_MAX", Self::Max)])
+    }
+}
+
 impl triattn_preset {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(what, v, &[(0, "TRIATTN_PRESET_PAPER", Self::Paper), (1, "TRIATTN_PRESET_VLLM", Self::Vllm)])
+    }
+
     pub(crate) fn to_rust(self) -> Preset {
         match self {
             triattn_preset::Paper => Preset::Paper,
@@ -104,6 +142,18 @@ pub enum triattn_dtype {
 }
 
 impl triattn_dtype {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_DTYPE_F32", Self::F32),
+                (1, "TRIATTN_DTYPE_F16", Self::F16),
+                (2, "TRIATTN_DTYPE_BF16", Self::Bf16),
+            ],
+        )
+    }
+
     pub(crate) fn to_rust(self) -> DType {
         match self {
             triattn_dtype::F32 => DType::F32,
@@ -130,14 +180,14 @@ pub enum triattn_outcome {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_config {
-    /// Semantics.
-    pub preset: triattn_preset,
-    /// Selection mode.
-    pub mode: triattn_mode,
-    /// Aggregation over offsets.
-    pub offsets_aggregation: triattn_aggregation,
-    /// Group reduction (per-layer-per-head).
-    pub group_aggregation: triattn_aggregation,
+    /// Semantics: a `triattn_preset` value (C enums travel as uint32_t and are checked on entry).
+    pub preset: u32,
+    /// Selection mode: a `triattn_mode` value.
+    pub mode: u32,
+    /// Aggregation over offsets: a `triattn_aggregation` value.
+    pub offsets_aggregation: u32,
+    /// Group reduction (per-layer-per-head): a `triattn_aggregation` value.
+    pub group_aggregation: u32,
     /// Slots kept per set, protected included.
     pub budget: usize,
     /// Slack above the budget before a round.
@@ -174,17 +224,17 @@ impl triattn_config {
             preset: match c.preset {
                 Preset::Paper => triattn_preset::Paper,
                 Preset::Vllm => triattn_preset::Vllm,
-            },
+            } as u32,
             mode: match c.mode {
                 SelectionMode::PerHead => triattn_mode::PerHead,
                 SelectionMode::PerLayerPerHead => triattn_mode::PerLayerPerHead,
                 SelectionMode::Union => triattn_mode::Union,
-            },
-            offsets_aggregation: agg(c.score.aggregation),
+            } as u32,
+            offsets_aggregation: agg(c.score.aggregation) as u32,
             group_aggregation: match c.group_aggregation {
                 GroupAggregation::Max => triattn_aggregation::Max,
                 GroupAggregation::Mean => triattn_aggregation::Mean,
-            },
+            } as u32,
             budget: c.budget,
             divide_length: c.divide_length,
             window: c.window,
@@ -198,17 +248,18 @@ impl triattn_config {
 
     pub(crate) fn to_rust(self) -> Result<CompressionConfig> {
         Ok(CompressionConfig {
-            preset: self.preset.to_rust(),
+            preset: triattn_preset::from_c("config.preset", self.preset)?.to_rust(),
             budget: self.budget,
             divide_length: self.divide_length,
-            mode: match self.mode {
+            mode: match triattn_mode::from_c("config.mode", self.mode)? {
                 triattn_mode::PerHead => SelectionMode::PerHead,
                 triattn_mode::PerLayerPerHead => SelectionMode::PerLayerPerHead,
                 triattn_mode::Union => SelectionMode::Union,
             },
             score: ScoreConfig {
                 offset_max_length: self.offset_max_length,
-                aggregation: match self.offsets_aggregation {
+                aggregation: match triattn_aggregation::from_c("config.offsets_aggregation", self.offsets_aggregation)?
+                {
                     triattn_aggregation::Mean => OffsetAggregation::Mean,
                     triattn_aggregation::Max => OffsetAggregation::Max,
                 },
@@ -223,7 +274,7 @@ impl triattn_config {
                     TrigTerm::Included
                 },
             },
-            group_aggregation: match self.group_aggregation {
+            group_aggregation: match triattn_aggregation::from_c("config.group_aggregation", self.group_aggregation)? {
                 triattn_aggregation::Max => GroupAggregation::Max,
                 triattn_aggregation::Mean => GroupAggregation::Mean,
             },
@@ -262,8 +313,8 @@ pub struct triattn_shape {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_host_round {
-    /// Element type of the keys.
-    pub dtype: triattn_dtype,
+    /// Element type of the keys: a `triattn_dtype` value.
+    pub dtype: u32,
     /// `num_layers` pointers, each to `[num_kv_heads, n, head_dim]` contiguous keys.
     pub keys: *const *const std::ffi::c_void,
     /// Cached slots per (layer, KV head).
