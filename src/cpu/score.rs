@@ -381,16 +381,16 @@ fn score_rows_dispatch<T: Element>(
     score_rows(weights, layer, keys, style, g, first_row, out)
 }
 
-/// Raw scores of one layer: `out[h * N + n]` for every attention head `h` and slot `n`.
+/// The argument checks of every backend's `score_layer`: keys fit the weights, `layer` exists,
+/// `out` holds `H x N` scores.
 ///
 /// # Errors
-/// `ShapeMismatch` if `keys` or `out` do not match the weights' heads and head_dim.
-pub fn score_layer<T: Element>(
+/// `ShapeMismatch` or `InvalidArgument` naming the argument, expected and got.
+pub(crate) fn check_layer_args<T: Element>(
     weights: &RoundWeights,
     layer: usize,
     keys: &LayerView<'_, T>,
-    style: PairingStyle,
-    out: &mut [f32],
+    out: &[f32],
 ) -> Result<()> {
     let (h, n) = (weights.num_heads, keys.len);
     if keys.dim != weights.head_dim {
@@ -409,6 +409,22 @@ pub fn score_layer<T: Element>(
     if out.len() != h * n {
         return Err(Error::shape("raw score buffer", format!("{h} x {n} = {}", h * n), out.len()));
     }
+    Ok(())
+}
+
+/// Raw scores of one layer: `out[h * N + n]` for every attention head `h` and slot `n`.
+///
+/// # Errors
+/// `ShapeMismatch` if `keys` or `out` do not match the weights' heads and head_dim.
+pub fn score_layer<T: Element>(
+    weights: &RoundWeights,
+    layer: usize,
+    keys: &LayerView<'_, T>,
+    style: PairingStyle,
+    out: &mut [f32],
+) -> Result<()> {
+    check_layer_args(weights, layer, keys, out)?;
+    let (h, n) = (weights.num_heads, keys.len);
     if n == 0 {
         return Ok(());
     }

@@ -280,23 +280,8 @@ pub fn score_layer<T: Element>(
     style: PairingStyle,
     out: &mut [f32],
 ) -> Result<()> {
+    crate::cpu::score::check_layer_args(weights, layer, keys, out)?;
     let (h, n, d) = (weights.num_heads, keys.len, weights.head_dim);
-    if keys.dim != d {
-        return Err(Error::shape("keys head_dim", d, keys.dim));
-    }
-    if keys.num_kv_heads == 0 || h % keys.num_kv_heads != 0 {
-        return Err(Error::shape(
-            "keys KV heads",
-            format!("a divisor of the statistics' {h} attention heads"),
-            keys.num_kv_heads,
-        ));
-    }
-    if layer >= weights.num_layers {
-        return Err(Error::invalid_argument("layer", format!("< {}", weights.num_layers), layer));
-    }
-    if out.len() != h * n {
-        return Err(Error::shape("raw score buffer", format!("{h} x {n} = {}", h * n), out.len()));
-    }
     if n == 0 {
         return Ok(());
     }
