@@ -113,18 +113,6 @@ impl std::error::Error for Error {
     }
 }
 
-/// Extension to prefix errors with the file or object they concern.
-pub trait ResultExt<T> {
-    /// `Err(e)` becomes `Err(e.context(ctx))`.
-    fn context(self, ctx: impl fmt::Display) -> Result<T>;
-}
-
-impl<T> ResultExt<T> for Result<T> {
-    fn context(self, ctx: impl fmt::Display) -> Result<T> {
-        self.map_err(|e| e.context(ctx))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
 use crate::dtype::DType;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// Largest safetensors header we accept (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -307,11 +307,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
-}
-
-/// Convenience: an `ErrorKind` check used in tests.
-pub fn is_format_error(e: &Error) -> bool {
-    matches!(e.kind(), ErrorKind::InvalidFormat | ErrorKind::ShapeMismatch)
 }
 
 #[cfg(test)]

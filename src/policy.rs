@@ -15,7 +15,7 @@
 //! reach the budget the round is skipped and [`RoundOutcome::Skipped`] says why.
 
 use crate::error::{Error, Result};
-use crate::score::{NormTerm, OffsetAggregation, ScoreConfig, TrigTerm};
+use crate::score::ScoreConfig;
 
 /// Which official code path's semantics to follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -208,21 +208,6 @@ impl CompressionConfig {
             Preset::Paper => cache_len >= threshold,
             Preset::Vllm => cache_len + scheduled >= threshold && cache_len > self.budget,
         }
-    }
-
-    /// Mean or max, for reports.
-    pub fn aggregation(&self) -> OffsetAggregation {
-        self.score.aggregation
-    }
-
-    /// Norm coefficient, for reports.
-    pub fn norm(&self) -> NormTerm {
-        self.score.norm
-    }
-
-    /// Trig term, for reports.
-    pub fn trig(&self) -> TrigTerm {
-        self.score.trig
     }
 }
 

@@ -158,7 +158,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
         if a.policy.budget.is_none() { " (demo default)" } else { "" },
         config.divide_length,
         config.mode.name(),
-        match config.aggregation() {
+        match config.score.aggregation {
             OffsetAggregation::Mean => "mean",
             OffsetAggregation::Max => "max",
         },

@@ -97,18 +97,19 @@ pub(crate) fn policy_config(a: &PolicyArgs) -> Result<CompressionConfig> {
     Ok(c)
 }
 
-/// Keys and values of every layer of a dumped cache, checked against the model.
-struct DumpedCache {
+/// Keys and values of every layer of a dumped cache, checked against the model (borrowed from
+/// the file, not copied).
+struct DumpedCache<'f> {
     dtype: DType,
     num_kv_heads: usize,
     n: usize,
     head_dim: usize,
     value_dim: usize,
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    k: Vec<&'f Tensor>,
+    v: Vec<&'f Tensor>,
 }
 
-fn read_cache(file: &TensorFile, model: &ModelConfig) -> Result<DumpedCache> {
+fn read_cache<'f>(file: &'f TensorFile, model: &ModelConfig) -> Result<DumpedCache<'f>> {
     let name = file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let k0 = file.get("k.0")?;
     let dtype = match k0.dtype {
@@ -129,8 +130,8 @@ fn read_cache(file: &TensorFile, model: &ModelConfig) -> Result<DumpedCache> {
     let mut v = Vec::with_capacity(model.num_layers);
     for l in 0..model.num_layers {
         let dt = [FileDType::Float(dtype)];
-        k.push(file.get_checked(&format!("k.{l}"), &dt, &[hkv, n, d])?.clone());
-        v.push(file.get_checked(&format!("v.{l}"), &dt, &[hkv, n, value_dim])?.clone());
+        k.push(file.get_checked(&format!("k.{l}"), &dt, &[hkv, n, d])?);
+        v.push(file.get_checked(&format!("v.{l}"), &dt, &[hkv, n, value_dim])?);
     }
     if file.tensors.contains_key(&format!("k.{}", model.num_layers)) {
         return Err(Error::shape(
