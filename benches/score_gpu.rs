@@ -132,6 +132,7 @@ fn main() {
                 block_table: 0,
                 seq_lens: seq_lens.device_ptr(&stream).0,
                 stat_start: 0,
+                stat_end: 0,
                 raw: raw.device_ptr_mut(&stream).0,
                 partials: partials.device_ptr_mut(&stream).0,
             };

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA-vs-CPU parity for every kernel variant and scoring throughput against a
-# device copy, in one call on a lent GPU machine.
+# The GPU check: CUDA-vs-CPU parity for every kernel variant and for whole rounds (graph capture
+# and replay, per-stage times), and scoring throughput against a device copy, in one call on a
+# lent GPU machine.
 #
 #   scripts/gpu-check.sh build       here: build the test and bench binaries (nvcc from
 #                                    setup-cuda.sh), strip them into target/gpu-check/
@@ -28,7 +29,7 @@ build() {
   mkdir -p "$pack/bin"
   local json
   json="$(mktemp)"
-  cargo test --release --features cuda --test cuda_score --test cuda_stages --test cuda_compact --test variants --no-run --message-format=json >"$json"
+  cargo test --release --features cuda --test cuda_score --test cuda_stages --test cuda_compact --test cuda_round --test variants --no-run --message-format=json >"$json"
   cargo bench --features cuda --bench score_gpu --no-run --message-format=json >>"$json"
   python3 - "$json" "$pack/bin" <<'PY'
 import json, shutil, sys, os
@@ -38,7 +39,7 @@ for line in open(src):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "cuda_stages", "cuda_compact", "variants", "score_gpu"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "cuda_stages", "cuda_compact", "cuda_round", "variants", "score_gpu"):
         shutil.copy(m["executable"], os.path.join(dst, m["target"]["name"]))
 PY
   rm -f "$json"
@@ -67,6 +68,9 @@ run() {
   echo "== parity: compact and calibrate: CUDA vs CPU"
   "${env[@]}" "$pack/bin/cuda_compact" --test-threads 1 --nocapture 2>&1 | tee "$logs/compact.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
   grep -q "test result: ok" "$logs/compact.txt" || status=1
+  echo "== round: every stage on the device vs CPU, graph capture and replay, per-stage times"
+  "${env[@]}" "$pack/bin/cuda_round" --test-threads 1 --nocapture 2>&1 | tee "$logs/round.txt" | grep -E "^parity|^round|^stage|SKIP|panicked|test result" || status=1
+  grep -q "test result: ok" "$logs/round.txt" || status=1
   echo "== variants: ptxas report (no spills, HMMA in max mode)"
   "$pack/bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
   echo "== throughput: score vs device copy"

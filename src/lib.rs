@@ -84,5 +84,5 @@ pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use model::{ModelConfig, PairingStyle, RopeScaling};
 pub use policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
-pub use round::{RoundResult, ScoreBackend, Scorer};
+pub use round::{Backend, RoundResult, Scorer};
 pub use stats::Stats;

@@ -51,24 +51,25 @@ impl Scorer {
     }
 }
 
-/// Where the scoring stage of a round runs (the other stages run on the CPU in this version).
+/// Where the stages of a round run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum ScoreBackend {
-    /// The CPU backend.
+pub enum Backend {
+    /// The CPU backend (the specification).
     #[default]
     Cpu,
-    /// The CUDA scoring kernels executed on the CPU by the SIMT layer (feature `emu`).
+    /// Every stage on the CUDA kernels executed on the CPU by the SIMT layer (feature `emu`):
+    /// the plan/run path a GPU round takes.
     #[cfg(feature = "emu")]
     Emu,
 }
 
-impl ScoreBackend {
+impl Backend {
     /// `cpu` or `emu`.
     pub fn name(self) -> &'static str {
         match self {
-            ScoreBackend::Cpu => "cpu",
+            Backend::Cpu => "cpu",
             #[cfg(feature = "emu")]
-            ScoreBackend::Emu => "emu",
+            Backend::Emu => "emu",
         }
     }
 }
@@ -115,10 +116,10 @@ pub fn run_cpu<T: Element>(
     round_start: u64,
     prefix_len: usize,
 ) -> Result<RoundResult> {
-    run(config, scorer, keys, round_start, prefix_len, ScoreBackend::Cpu)
+    run(config, scorer, keys, round_start, prefix_len, Backend::Cpu)
 }
 
-/// Run one round with the scoring stage on `backend` (see [`run_cpu`]).
+/// Run one round with every stage on `backend` (see [`run_cpu`]).
 ///
 /// # Errors
 /// As [`run_cpu`]; `Unsupported` if `backend` has no kernel for the shape.
@@ -128,7 +129,7 @@ pub fn run<T: Element>(
     keys: &[LayerView<'_, T>],
     round_start: u64,
     prefix_len: usize,
-    backend: ScoreBackend,
+    backend: Backend,
 ) -> Result<RoundResult> {
     config.validate()?;
     let model = &scorer.model;
@@ -156,19 +157,17 @@ pub fn run<T: Element>(
     let (layers, heads, kv_heads) = (model.num_layers, model.num_heads, model.num_kv_heads);
     let mut times = StageTimes::default();
 
+    #[cfg(feature = "emu")]
+    if backend == Backend::Emu {
+        return run_emu(config, scorer, keys, round_start, prefix_len);
+    }
+    let _ = backend;
     let t = Instant::now();
     let weights = scorer.weights(round_start, &config.score)?;
-    let raw = match backend {
-        ScoreBackend::Cpu => {
-            let mut raw = vec![vec![0f32; heads * n]; layers];
-            for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
-                cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
-            }
-            raw
-        }
-        #[cfg(feature = "emu")]
-        ScoreBackend::Emu => crate::emu::score_layers(&weights, keys, scorer.style)?,
-    };
+    let mut raw = vec![vec![0f32; heads * n]; layers];
+    for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
+        cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
+    }
     times.score = t.elapsed();
 
     let protection = config.protection(n, prefix_len);
@@ -217,4 +216,67 @@ pub fn run<T: Element>(
     times.select = t.elapsed();
 
     Ok(RoundResult { n, raw, score, keep, outcome, times })
+}
+
+/// The round on the emu backend: one [`crate::cuda::RoundPlan`] ending with keep sets.
+#[cfg(feature = "emu")]
+fn run_emu<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    keys: &[LayerView<'_, T>],
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<RoundResult> {
+    use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides, Stage};
+    let n = keys[0].len;
+    if n == 0 {
+        // Nothing to launch over: the CPU path reports the empty round.
+        return run(config, scorer, keys, round_start, prefix_len, Backend::Cpu);
+    }
+    let (hkv, d) = (scorer.model.num_kv_heads, scorer.model.head_dim);
+    let first = &keys[0];
+    let uniform = keys.iter().all(|k| k.head_stride == first.head_stride && k.row_stride == first.row_stride);
+    // Layers with different strides are scored from dense copies (one plan has one stride).
+    let dense: Vec<Vec<T>>;
+    let (tensors, strides): (Vec<&[T]>, RowStrides) = if uniform {
+        (
+            keys.iter().map(|k| k.data).collect(),
+            RowStrides { head_stride: first.head_stride, row_stride: first.row_stride },
+        )
+    } else {
+        dense = keys
+            .iter()
+            .map(|k| (0..hkv).flat_map(|g| (0..n).flat_map(move |r| k.row(g, r).iter().copied())).collect())
+            .collect();
+        (dense.iter().map(Vec::as_slice).collect(), RowStrides { head_stride: n * d, row_stride: d })
+    };
+    let plan = RoundPlan::new(
+        scorer,
+        config,
+        RoundShape {
+            dtype: T::DTYPE,
+            len: n,
+            prefix_len,
+            value_dim: d,
+            keys: strides,
+            values: strides,
+            compaction: Compaction::KeepSetsOnly,
+        },
+    )?;
+    let out = crate::emu::round_keys(&plan, &tensors, round_start)?;
+    let t = &out.timings;
+    let times = StageTimes {
+        score: t.get(Stage::Weights) + t.get(Stage::Score),
+        normalize: t.get(Stage::Normalize),
+        reduce: t.get(Stage::Reduce),
+        select: t.get(Stage::Select),
+    };
+    Ok(RoundResult {
+        n,
+        raw: out.outputs.raw,
+        score: out.outputs.score,
+        keep: out.outputs.keep,
+        outcome: plan.outcome(),
+        times,
+    })
 }

@@ -156,6 +156,16 @@ const fn max_tile(dtype: DType, head_dim: usize) -> (usize, usize) {
 
 /// Every variant, in id order. The same list on every call.
 pub fn table() -> Vec<Variant> {
+    cached().to_vec()
+}
+
+/// The table, built once: lookups on a launch path allocate nothing after the first.
+fn cached() -> &'static [Variant] {
+    static TABLE: std::sync::OnceLock<Vec<Variant>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(build_table)
+}
+
+fn build_table() -> Vec<Variant> {
     let mut kernels = Vec::new();
     for algo in [ScoreAlgo::Mean, ScoreAlgo::Max] {
         for dtype in DType::ALL {
@@ -185,14 +195,14 @@ pub fn table() -> Vec<Variant> {
 
 /// The scoring variant for a key dtype, head_dim and algorithm, if one is compiled.
 pub fn score_variant(dtype: DType, head_dim: usize, algo: ScoreAlgo) -> Option<Variant> {
-    table().into_iter().find(|v| {
+    cached().iter().copied().find(|v| {
         matches!(v.kernel, Kernel::Score { dtype: t, head_dim: d, algo: a, .. } if t == dtype && d == head_dim && a == algo)
     })
 }
 
 /// The trig (weights) variant.
 pub fn trig_variant() -> Variant {
-    table().into_iter().find(|v| matches!(v.kernel, Kernel::Trig { .. })).expect("the table has a trig kernel")
+    cached().iter().copied().find(|v| matches!(v.kernel, Kernel::Trig { .. })).expect("the table has a trig kernel")
 }
 
 /// Threads per block of the compiled `select` variants.
@@ -209,20 +219,21 @@ pub fn select_variant(len: usize) -> Variant {
 
 /// The `normalize` variant.
 pub fn normalize_variant() -> Variant {
-    table()
-        .into_iter()
+    cached()
+        .iter()
+        .copied()
         .find(|v| matches!(v.kernel, Kernel::Normalize { .. }))
         .expect("the table has a normalize kernel")
 }
 
 /// The `reduce` variant.
 pub fn reduce_variant() -> Variant {
-    table().into_iter().find(|v| matches!(v.kernel, Kernel::Reduce { .. })).expect("the table has a reduce kernel")
+    cached().iter().copied().find(|v| matches!(v.kernel, Kernel::Reduce { .. })).expect("the table has a reduce kernel")
 }
 
 /// The `select` variant with `threads` threads per block, if one is compiled.
 pub fn select_variant_with(threads: usize) -> Option<Variant> {
-    table().into_iter().find(|v| v.kernel == Kernel::Select { threads })
+    cached().iter().copied().find(|v| v.kernel == Kernel::Select { threads })
 }
 
 /// How `compact` moves rows.
@@ -263,16 +274,18 @@ pub const CALIBRATE_THREADS: usize = 128;
 
 /// The `compact` variant of `mode`.
 pub fn compact_variant(mode: CompactMode) -> Variant {
-    table()
-        .into_iter()
+    cached()
+        .iter()
+        .copied()
         .find(|v| matches!(v.kernel, Kernel::Compact { mode: m, .. } if m == mode))
         .expect("the table has both compact modes")
 }
 
 /// The `calibrate` variant for queries of `dtype`.
 pub fn calibrate_variant(dtype: DType) -> Variant {
-    table()
-        .into_iter()
+    cached()
+        .iter()
+        .copied()
         .find(|v| matches!(v.kernel, Kernel::Calibrate { dtype: t, .. } if t == dtype))
         .expect("the table has a calibrate kernel per dtype")
 }

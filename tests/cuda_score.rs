@@ -118,6 +118,7 @@ fn check<T: Element + cudarc::driver::DeviceRepr>(
                 block_table: bt.as_ref(),
                 seq_lens: &seq_lens,
                 stat_start: None,
+                stat_end: None,
                 raw: &mut raw,
                 partials: Some(&mut partials),
             },

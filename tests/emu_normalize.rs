@@ -7,11 +7,13 @@
 
 mod common;
 
-use common::Rng;
-use triattn::cpu::normalize::row_moments;
-use triattn::cuda::{moments_from_partials, NormalizeSpec, RowPartial};
+use common::{omega, random_keys, random_stats, Rng};
+use triattn::cpu::normalize::{row_moments, zscore_rows};
+use triattn::cuda::{moments_from_partials, KeyLayout, NormalizeSpec, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
 use triattn::emu;
 use triattn::policy::ZScore;
+use triattn::score::{RoundWeights, ScoreConfig};
+use triattn::PairingStyle;
 
 /// Tile partials of one row as the scorer writes them (f32 mean and M2 of the tile's candidate
 /// slots `>= start`, computed here in f64 and rounded).
@@ -72,6 +74,81 @@ fn both_flavours_match() {
             for start in [0, 1, len / 3, len] {
                 for flat in [false, true] {
                     check(&mut rng, 3, len, tile, start.min(len), flavour, flat);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_candidates_match_cpu_zscore() {
+    // Scorer partials over [start, end) with NaN scores among the candidates (keys holding a NaN
+    // element), then the normalize kernel: the CPU z-score of the same raw rows with the same
+    // candidate predicate, NaN left out of the statistics and kept NaN in the output.
+    let (heads, kv, d, len) = (4, 2, 64, 150);
+    let (start, end) = (10usize, 130usize);
+    let st = random_stats(1, heads, d, 9);
+    let w = RoundWeights::build(&st, PairingStyle::Half, &omega(d), 1.0, 4321, &ScoreConfig::default()).unwrap();
+    let mut keys = random_keys::<f32>(kv * len * d, d, 10);
+    for g in 0..kv {
+        for r in (3..len).step_by(11) {
+            keys[(g * len + r) * d + r % d] = f32::NAN;
+        }
+    }
+    let spec = ScoreSpec::new(ScoreShape {
+        dtype: triattn::DType::F32,
+        head_dim: d,
+        num_layers: 1,
+        num_heads: heads,
+        num_kv_heads: kv,
+        num_seqs: 1,
+        max_len: len,
+        vectors: w.vectors_per_head,
+        aggregation: w.aggregation,
+        style: PairingStyle::Half,
+        layout: KeyLayout::Contiguous { head_stride: len * d, row_stride: d },
+        weights: WeightsScope::Shared,
+    })
+    .unwrap();
+    let key_refs = [&keys[..]];
+    let (starts, ends) = ([start as i32], [end as i32]);
+    let inputs = emu::ScoreInputs {
+        keys: &key_refs,
+        weights: &w.weights,
+        norm: &w.norm,
+        block_table: None,
+        seq_lens: &[len as i32],
+        stat_start: Some(&starts),
+        stat_end: Some(&ends),
+    };
+    let mut raw = vec![0f32; spec.raw_len()];
+    let mut parts = vec![RowPartial::default(); spec.partials_len()];
+    emu::score(&spec, &inputs, &mut raw, Some(&mut parts)).unwrap();
+    for h in 0..heads {
+        let row = &raw[h * len..][..len];
+        assert!(row[start..end].iter().any(|x| x.is_nan()), "head {h}: no NaN candidate");
+        assert!(row[start..end].iter().any(|x| !x.is_nan()), "head {h}: no finite candidate");
+    }
+    let candidate = |n: usize| (start..end).contains(&n);
+    for flavour in [ZScore::PopulationFloor, ZScore::UnbiasedCentreFlat] {
+        let nspec =
+            NormalizeSpec { rows: heads, len, num_tiles: spec.num_tiles(), raw_stride: len, out_stride: len, flavour };
+        let mut out = raw.clone();
+        emu::normalize(&nspec, &parts, &mut out).unwrap();
+        let mut cpu = raw.clone();
+        zscore_rows(&mut cpu, len, &candidate, flavour);
+        for h in 0..heads {
+            // 1e-5 of the row's standard deviation: 1e-5 in z units.
+            let tol = 1e-5;
+            for n in 0..len {
+                let (got, want) = (out[h * len + n], cpu[h * len + n]);
+                if want.is_nan() {
+                    assert!(got.is_nan(), "{flavour:?} head {h} slot {n}: {got} vs NaN");
+                } else {
+                    assert!(
+                        (got as f64 - want as f64).abs() <= tol,
+                        "{flavour:?} head {h} slot {n}: {got} vs cpu {want}"
+                    );
                 }
             }
         }

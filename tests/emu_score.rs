@@ -204,7 +204,9 @@ fn check_round<T: Element>(aggregation: OffsetAggregation, layout: Option<(usize
 
     let mut raw = vec![f32::NAN; seqs * layers * heads * max_len];
     let seq_lens: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
+    // Candidates [stat_start, stat_end): an end below the length, one past it (clamped), none.
     let stat_start = [10i32, 0, 0];
+    let stat_end = [143i32, 100, 0];
     let spec_layout;
     let mut pools: Vec<Vec<T>> = Vec::new();
     let mut table = Vec::new();
@@ -275,6 +277,7 @@ fn check_round<T: Element>(aggregation: OffsetAggregation, layout: Option<(usize
         block_table: layout.map(|_| &table[..]),
         seq_lens: &seq_lens,
         stat_start: Some(&stat_start),
+        stat_end: Some(&stat_end),
     };
     emu::score(&spec, &inputs, &mut raw, Some(&mut partials)).unwrap();
 
@@ -296,7 +299,8 @@ fn check_round<T: Element>(aggregation: OffsetAggregation, layout: Option<(usize
                     assert!(worst <= tolerance(aggregation, n), "s{s} l{l} h{h}: {worst:.3e}");
                 }
                 let parts = &partials[(row0 + h) * tiles..][..tiles];
-                let cand = &got[(stat_start[s] as usize).min(n)..];
+                let lo = (stat_start[s] as usize).min(n);
+                let cand = &got[lo..(stat_end[s] as usize).clamp(lo, n)];
                 let combined = RowPartial::combine(parts);
                 assert_eq!(combined.count as usize, cand.len(), "s{s} l{l} h{h} count");
                 if !cand.is_empty() {
@@ -329,6 +333,130 @@ fn score_round_paged_nhd_and_hnd() {
     check_round::<f32>(OffsetAggregation::Mean, Some((128, PageOrder::Nhd)), PairingStyle::Interleaved);
 }
 
+/// Count, mean and M2 in f64 of the non-NaN values of `xs` (the CPU's `row_moments` rule).
+fn host_moments(xs: &[f32]) -> (usize, f64, f64) {
+    let vals: Vec<f64> = xs.iter().filter(|x| !x.is_nan()).map(|&x| x as f64).collect();
+    if vals.is_empty() {
+        return (0, 0.0, 0.0);
+    }
+    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+    (vals.len(), mean, vals.iter().map(|x| (x - mean).powi(2)).sum())
+}
+
+/// z-score partials over `[stat_start, stat_end)` with NaN scores (keys holding a NaN element)
+/// left out: combined partials against a direct f64 pass over the same slots of the raw output,
+/// and the raw scores against the CPU (NaN exactly where the CPU has NaN).
+fn check_nan_partials<T: Element>(aggregation: OffsetAggregation, style: PairingStyle) {
+    let (layers, heads, kv, d) = (2, 4, 2, 64);
+    let lens = [150usize, 97, 20, 50];
+    let seqs = lens.len();
+    let max_len = 160;
+    // An end below the length (0), at it (1), past it (2, clamped), below the start (3, empty).
+    let stat_start = [10i32, 0, 5, 30];
+    let stat_end = [120i32, 97, 200, 20];
+    let st = random_stats(layers, heads, d, 77);
+    let w = RoundWeights::build(&st, style, &omega(d), 1.0, 12_345, &config(aggregation)).unwrap();
+    let nan = T::from_f32(f32::NAN);
+    // Dense keys per (s, l): [Hkv, len, D]; some rows hold a NaN element, and in sequence 2 every
+    // row of KV head 0 does (a whole group of heads with no finite candidate).
+    let dense: Vec<Vec<T>> = (0..seqs * layers)
+        .map(|i| {
+            let (s, l) = (i / layers, i % layers);
+            let n = lens[s];
+            let mut k = random_keys::<T>(kv * n * d, d, 500 + i as u64);
+            for g in 0..kv {
+                for r in 0..n {
+                    if (r * 7 + g * 3 + l) % 13 == 5 || (s == 2 && g == 0) {
+                        k[(g * n + r) * d + (r + g) % d] = nan;
+                    }
+                }
+            }
+            k
+        })
+        .collect();
+    let padded: Vec<Vec<T>> = dense
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let len = lens[i / layers];
+            let mut p = vec![T::from_f32(0.0); kv * max_len * d];
+            for g in 0..kv {
+                p[g * max_len * d..][..len * d].copy_from_slice(&k[g * len * d..][..len * d]);
+            }
+            p
+        })
+        .collect();
+    let key_refs: Vec<&[T]> = padded.iter().map(|v| &v[..]).collect();
+    let spec = ScoreSpec::new(ScoreShape {
+        dtype: T::DTYPE,
+        head_dim: d,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        num_seqs: seqs,
+        max_len,
+        vectors: w.vectors_per_head,
+        aggregation,
+        style,
+        layout: KeyLayout::Contiguous { head_stride: max_len * d, row_stride: d },
+        weights: WeightsScope::Shared,
+    })
+    .unwrap();
+    let seq_lens: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
+    let mut raw = vec![0f32; spec.raw_len()];
+    let mut partials = vec![RowPartial { count: -1.0, ..Default::default() }; spec.partials_len()];
+    let inputs = emu::ScoreInputs {
+        keys: &key_refs,
+        weights: &w.weights,
+        norm: &w.norm,
+        block_table: None,
+        seq_lens: &seq_lens,
+        stat_start: Some(&stat_start),
+        stat_end: Some(&stat_end),
+    };
+    emu::score(&spec, &inputs, &mut raw, Some(&mut partials)).unwrap();
+
+    let tiles = spec.num_tiles();
+    let mut nan_candidates = 0;
+    for s in 0..seqs {
+        let n = lens[s];
+        for l in 0..layers {
+            let row0 = (s * layers + l) * heads;
+            let view = LayerView::contiguous("k", &dense[s * layers + l], kv, n, d).unwrap();
+            let mut cpu_out = vec![0f32; heads * n];
+            cpu::score::score_layer(&w, l, &view, style, &mut cpu_out).unwrap();
+            for h in 0..heads {
+                let got = &raw[(row0 + h) * max_len..][..n];
+                let want = &cpu_out[h * n..][..n];
+                for (r, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert_eq!(a.is_nan(), b.is_nan(), "s{s} l{l} h{h} slot {r}: {a} vs cpu {b}");
+                }
+                let lo = (stat_start[s] as usize).min(n);
+                let cand = &got[lo..(stat_end[s] as usize).clamp(lo, n)];
+                nan_candidates += cand.iter().filter(|x| x.is_nan()).count();
+                let c = RowPartial::combine(&partials[(row0 + h) * tiles..][..tiles]);
+                let (count, mean, m2) = host_moments(cand);
+                let what = format!("{} {aggregation:?} s{s} l{l} h{h}", T::DTYPE);
+                assert_eq!(c.count, count as f64, "{what}: count");
+                if count == 0 {
+                    continue;
+                }
+                let sd = (m2 / count as f64).sqrt();
+                assert!((c.mean - mean).abs() <= 1e-5 * (mean.abs() + sd), "{what}: mean {} vs {mean}", c.mean);
+                assert!((c.m2 - m2).abs() <= 1e-5 * m2 + 1e-12, "{what}: m2 {} vs {m2}", c.m2);
+            }
+        }
+    }
+    assert!(nan_candidates > 0, "the test must put NaN scores among the candidates");
+}
+
+#[test]
+fn score_partials_use_candidate_range_and_skip_nan() {
+    check_nan_partials::<f32>(OffsetAggregation::Mean, PairingStyle::Half);
+    check_nan_partials::<bf16>(OffsetAggregation::Max, PairingStyle::Interleaved);
+    check_nan_partials::<f16>(OffsetAggregation::Mean, PairingStyle::Interleaved);
+}
+
 #[test]
 fn score_rejects_block_table_outside_the_pool() {
     let d = 32;
@@ -358,6 +486,7 @@ fn score_rejects_block_table_outside_the_pool() {
         block_table: Some(&[0, 2]),
         seq_lens: &[20],
         stat_start: None,
+        stat_end: None,
     };
     let err = emu::score(&spec, &inputs, &mut raw, None).unwrap_err();
     assert!(err.to_string().contains("block table"), "{err}");

@@ -182,8 +182,9 @@ fn convert_stats_is_bit_exact_through_the_cli() {
     assert_eq!(got.sampled_heads, want.sampled_heads);
 }
 
-/// `compress --backend emu`: the scoring stage runs the CUDA kernels on the CPU; every golden case
-/// must still pass, and `--verbose` must say where scoring ran.
+/// `compress --backend emu`: every stage (score, normalize, reduce, select, compact) runs the CUDA
+/// kernels on the CPU as one planned device round; every golden case must still pass, and
+/// `--verbose` must say that each stage ran on emu and with which kernel.
 #[cfg(feature = "emu")]
 #[test]
 fn golden_cases_pass_with_the_emu_backend() {
@@ -195,10 +196,15 @@ fn golden_cases_pass_with_the_emu_backend() {
         let o = run_compress(case, &out, &["--backend", "emu", "--verbose"]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{name}: {err}");
-        assert!(
-            err.lines().any(|l| l.starts_with("score: emu") && l.contains("kernel triattn_score_")),
-            "{name}: {err}"
-        );
+        for stage in ["score", "normalize", "reduce", "select", "compact"] {
+            let line = err
+                .lines()
+                .find(|l| l.starts_with(&format!("{stage}: ")))
+                .unwrap_or_else(|| panic!("{name}: no {stage} line in {err}"));
+            assert!(line.starts_with(&format!("{stage}: emu ")), "{name}: {line}");
+            let skipped_normalize = stage == "normalize" && line.contains("(off)");
+            assert!(skipped_normalize || line.contains("kernel triattn_"), "{name}: {line}");
+        }
         let got = TensorFile::read(&out).unwrap();
         let (s, r) = check_case(case, &got);
         eprintln!("{name} (emu): keep exact, score err {s:.2e}, raw err {r:.2e} (of row std)");

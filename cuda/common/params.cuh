@@ -37,6 +37,8 @@ struct tri_score_params {
   const int32_t* block_table;   // [S, block_table_stride] (paged), else null
   const int32_t* seq_lens;      // [S] cached slots per sequence
   const int32_t* stat_start;    // [S] first z-score candidate slot per sequence, or null (0)
+  const int32_t* stat_end;      // [S] one past the last z-score candidate slot per sequence, or
+                                // null (seq_lens[s])
   float* raw;                   // out: (s, l, h, n) at s * raw_seq_stride + (l * H + h) * raw_row_stride + n
   tri_row_partial* partials;    // out: [S, L, H, num_tiles], or null
   int64_t head_stride;          // elements between KV heads
@@ -56,9 +58,9 @@ struct tri_score_params {
   int32_t style;                // TRI_STYLE_*
   int32_t num_tiles;            // gridDim.x, the partials' last extent
 };
-static_assert(sizeof(tri_score_params) == 152, "keep in sync with ScoreParams");
-static_assert(offsetof(tri_score_params, head_stride) == 64, "keep in sync with ScoreParams");
-static_assert(offsetof(tri_score_params, block_table_stride) == 112, "keep in sync with ScoreParams");
+static_assert(sizeof(tri_score_params) == 160, "keep in sync with ScoreParams");
+static_assert(offsetof(tri_score_params, head_stride) == 72, "keep in sync with ScoreParams");
+static_assert(offsetof(tri_score_params, block_table_stride) == 120, "keep in sync with ScoreParams");
 
 // triattn_score_trig_*: the per-round weights of ALGORITHM.md section 9.1-9.2, trigonometry in f64.
 struct tri_trig_params {

@@ -8,8 +8,9 @@
 //              unbiased   (1): sqrt(M2 / (count - 1)) (0 when count <= 1); 1 when < 1e-8 or not
 //                              finite
 //            (count 0: mean 0, divisor 1), then out[r, n] = f32((f64(raw[r, n]) - mean) / divisor)
-//            for every slot n < len. The candidate set is whatever the scorer counted
-//            (slots >= stat_start: the paper preset's non-prompt slots, or all slots).
+//            for every slot n < len. The candidate set is whatever the scorer counted: slots in
+//            [stat_start, stat_end) (the paper preset's non-prompt slots, or all slots), NaN
+//            scores left out, as src/cpu/normalize.rs row_moments.
 // Mapping:   grid = (num_rows); thread 0 combines the row's partials into shared memory, then
 //            the block normalises the row, slots strided by NT (coalesced). out may equal raw.
 // Shared memory: static, 2 doubles.

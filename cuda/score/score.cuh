@@ -6,7 +6,8 @@
 //            k the stored (post-RoPE) key of KV head h / G widened to f32, |k| its F pair
 //            moduli, c = sigma * c_f. With V = 0 the trig term is dropped (raw = |k| . c).
 //            The same pass writes, per (s, l, h, tile), the count, mean and M2 of the scores of
-//            the z-score candidates (slots >= stat_start[s]) in the tile.
+//            the z-score candidates in the tile: slots in [stat_start[s], stat_end[s]) (0 and
+//            seq_lens[s] when null), NaN scores left out (src/cpu/normalize.rs row_moments).
 //            src/cpu/score.rs is the specification.
 // Mapping:   grid = (tiles of BLOCK_KEYS slots, L * Hkv, S); one CTA reads the tile's key rows of
 //            one (l, KV head) once and scores them for all G query heads of the group.
@@ -55,23 +56,37 @@ TRI_DEVICE float warp_sum(float v) {
 // `a` unless `b` is larger; NaN never wins (the CPU reference's rule).
 TRI_DEVICE float keep_larger(float a, float b) { return b > a ? b : a; }
 
-// One warp: count, mean and M2 of vals[lo, hi) into *dst.
+// NaN test that no optimisation flag folds away (no fast-math here, but be explicit).
+TRI_DEVICE bool is_nan(float v) { return v != v; }
+
+// One warp: count, mean and M2 of the non-NaN values of vals[lo, hi) into *dst (NaN left out, as
+// the CPU reference does). Deterministic: fixed lane striding and butterfly sums; the count is a
+// float sum of ones, exact for a tile.
 TRI_DEVICE void tile_partial(const float* vals, int lo, int hi, tri_row_partial* dst) {
   const int lane = threadIdx.x % WARP_SIZE;
-  const int count = hi > lo ? hi - lo : 0;
-  float sum = 0.f;
-  for (int i = lo + lane; i < hi; i += WARP_SIZE) sum += vals[i];
+  float count = 0.f, sum = 0.f;
+  for (int i = lo + lane; i < hi; i += WARP_SIZE) {
+    const float v = vals[i];
+    if (!is_nan(v)) {
+      count += 1.f;
+      sum += v;
+    }
+  }
+  count = warp_sum(count);
   sum = warp_sum(sum);
-  const float mean = count > 0 ? sum / (float)count : 0.f;
+  const float mean = count > 0.f ? sum / count : 0.f;
   float m2 = 0.f;
   for (int i = lo + lane; i < hi; i += WARP_SIZE) {
-    const float d = vals[i] - mean;
-    m2 += d * d;
+    const float v = vals[i];
+    if (!is_nan(v)) {
+      const float d = v - mean;
+      m2 += d * d;
+    }
   }
   m2 = warp_sum(m2);
   if (lane == 0) {
     tri_row_partial r;
-    r.count = (float)count;
+    r.count = count;
     r.mean = mean;
     r.m2 = m2;
     r.pad = 0.f;
@@ -92,11 +107,15 @@ TRI_DEVICE void store_tile(const tri_score_params& p, const float* out_s, int st
     }
   }
   if (p.partials == nullptr) return;
+  // Candidates [stat_start, stat_end) clipped to the tile's rows, relative to tile_begin.
   const int start = p.stat_start ? p.stat_start[s] : 0;
+  const int end = p.stat_end ? p.stat_end[s] : len;
   const int lo = start > tile_begin ? start - tile_begin : 0;
+  int hi = end - tile_begin < rows ? end - tile_begin : rows;
+  if (hi < 0) hi = 0;
   for (int hh = threadIdx.x / WARP_SIZE; hh < heads; hh += NT / WARP_SIZE) {
     const int64_t at = ((int64_t)(s * p.num_layers + l) * p.num_heads + h0 + hh) * p.num_tiles + tile;
-    tile_partial(out_s + hh * stride, lo, rows > 0 ? rows : 0, p.partials + at);
+    tile_partial(out_s + hh * stride, lo, hi, p.partials + at);
   }
 }
 

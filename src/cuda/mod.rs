@@ -8,8 +8,11 @@
 
 pub mod calibrate;
 pub mod compact;
+#[cfg(feature = "cuda")]
+pub mod device_round;
 pub mod normalize;
 pub mod params;
+pub mod plan;
 pub mod reduce;
 #[cfg(feature = "cuda")]
 pub mod runtime;
@@ -20,9 +23,15 @@ pub use calibrate::{CalibrateAddresses, CalibrateSpec};
 pub use compact::{
     CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
 };
+#[cfg(feature = "cuda")]
+pub use device_round::{DeviceRound, StreamLauncher};
 pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
+pub use plan::{
+    CacheAddresses, Compaction, Launcher, Region, RoundOutputs, RoundPlan, RoundShape, Stage, WorkspaceLayout,
+    WORKSPACE_ALIGN,
+};
 pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]
 pub use runtime::CudaBackend;

@@ -2,11 +2,11 @@
 //! its row moments ([`moments_from_partials`]) and, with the `cuda` feature, its launcher.
 //!
 //! One launch z-scores every raw row of a round from the tile partials the scorer wrote: the
-//! statistics are those of the scorer's candidates (slots `>= stat_start`), combined in f64 as
+//! statistics are those of the scorer's candidates (slots in `[stat_start, stat_end)`, NaN scores
+//! left out, as [`crate::cpu::normalize::row_moments`] does), combined in f64 as
 //! [`RowPartial::combine`]. Against [`crate::cpu::normalize`], which sums the row itself in f64,
-//! results agree to f32 rounding of the partials (about 1e-7 of the row's deviation). One
-//! difference: the scorer's partials count NaN scores, so a row holding a NaN candidate comes out
-//! all NaN here, while the CPU leaves NaN out of the statistics.
+//! results agree to f32 rounding of the partials (about 1e-7 of the row's deviation); a NaN score
+//! stays NaN and leaves the rest of its row unaffected.
 
 use crate::error::{Error, Result};
 use crate::policy::ZScore;

@@ -67,6 +67,8 @@ pub struct ScoreParams {
     pub seq_lens: u64,
     /// i32 `[S]` or 0
     pub stat_start: u64,
+    /// i32 `[S]` or 0 (`seq_lens`)
+    pub stat_end: u64,
     /// f32 out
     pub raw: u64,
     /// RowPartial `[S, L, H, num_tiles]` out, or 0
@@ -104,9 +106,9 @@ pub struct ScoreParams {
     /// num tiles
     pub num_tiles: i32,
 }
-const _: () = assert!(std::mem::size_of::<ScoreParams>() == 152);
-const _: () = assert!(std::mem::offset_of!(ScoreParams, head_stride) == 64);
-const _: () = assert!(std::mem::offset_of!(ScoreParams, block_table_stride) == 112);
+const _: () = assert!(std::mem::size_of::<ScoreParams>() == 160);
+const _: () = assert!(std::mem::offset_of!(ScoreParams, head_stride) == 72);
+const _: () = assert!(std::mem::offset_of!(ScoreParams, block_table_stride) == 120);
 
 /// Mirrors `tri_trig_params` (cuda/common/params.cuh).
 #[repr(C)]

@@ -121,7 +121,8 @@ impl CudaBackend {
         }
     }
 
-    fn function(&self, v: Variant) -> Result<sys::CUfunction> {
+    /// The loaded function of `v` (loading the module and setting its attributes the first time).
+    pub(super) fn function_of(&self, v: Variant) -> Result<sys::CUfunction> {
         let module = self.module()?;
         let got = module.functions[v.id.0 as usize].get_or_init(|| {
             let name = CString::new(v.symbol()).expect("symbols have no NUL");
@@ -170,7 +171,7 @@ impl CudaBackend {
                 self.max_dynamic_smem
             )));
         }
-        let f = self.function(v)?;
+        let f = self.function_of(v)?;
         self.ctx.bind_to_thread().map_err(|e| driver("bind context", e))?;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         // SAFETY: the kernel takes exactly one argument of type P (R1: sizes asserted on both
@@ -246,6 +247,9 @@ impl CudaBackend {
         if let Some(t) = buffers.stat_start {
             check("stat_start", s.num_seqs, t.len())?;
         }
+        if let Some(t) = buffers.stat_end {
+            check("stat_end", s.num_seqs, t.len())?;
+        }
         if let super::spec::KeyLayout::Paged { max_blocks, .. } = s.layout {
             let t = buffers.block_table.ok_or_else(|| Error::invalid_argument("block table", "present", "none"))?;
             check("block table", s.num_seqs * max_blocks, t.len())?;
@@ -263,6 +267,7 @@ impl CudaBackend {
         let (seq_lens, _l) = buffers.seq_lens.device_ptr(stream);
         let block_table = buffers.block_table.map(|t| t.device_ptr(stream));
         let stat_start = buffers.stat_start.map(|t| t.device_ptr(stream));
+        let stat_end = buffers.stat_end.map(|t| t.device_ptr(stream));
         let (raw, _r) = buffers.raw.device_ptr_mut(stream);
         let partials = buffers.partials.map(|p| p.device_ptr_mut(stream));
         let at = ScoreAddresses {
@@ -272,6 +277,7 @@ impl CudaBackend {
             block_table: block_table.as_ref().map_or(0, |t| t.0),
             seq_lens,
             stat_start: stat_start.as_ref().map_or(0, |t| t.0),
+            stat_end: stat_end.as_ref().map_or(0, |t| t.0),
             raw,
             partials: partials.as_ref().map_or(0, |t| t.0),
         };
@@ -315,8 +321,10 @@ pub struct ScoreBuffers<'a> {
     pub block_table: Option<&'a CudaSlice<i32>>,
     /// `i32 [S]`.
     pub seq_lens: &'a CudaSlice<i32>,
-    /// `i32 [S]`, or all slots are candidates.
+    /// `i32 [S]` first z-score candidate slot, or slot 0.
     pub stat_start: Option<&'a CudaSlice<i32>>,
+    /// `i32 [S]` one past the last z-score candidate slot, or `seq_lens`.
+    pub stat_end: Option<&'a CudaSlice<i32>>,
     /// `f32 [raw_len]` out.
     pub raw: &'a mut CudaSlice<f32>,
     /// `[partials_len]` out.

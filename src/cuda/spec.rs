@@ -282,6 +282,7 @@ impl ScoreSpec {
             block_table: at.block_table,
             seq_lens: at.seq_lens,
             stat_start: at.stat_start,
+            stat_end: at.stat_end,
             raw: at.raw,
             partials: at.partials,
             head_stride: head_stride as i64,
@@ -375,7 +376,7 @@ pub(crate) fn style_code(style: PairingStyle) -> i32 {
 
 /// The addresses a scoring launch reads and writes (device addresses on the GPU, host addresses
 /// under emu); 0 for an absent optional buffer (`block_table` when contiguous, `stat_start`,
-/// `partials`).
+/// `stat_end`, `partials`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScoreAddresses {
     /// `u64 [key_table_len]`: base addresses of key elements.
@@ -388,8 +389,11 @@ pub struct ScoreAddresses {
     pub block_table: u64,
     /// `i32 [S]`, each `<= max_len`.
     pub seq_lens: u64,
-    /// `i32 [S]` first z-score candidate slot, or 0 for "all slots".
+    /// `i32 [S]` first z-score candidate slot, or 0 for "from slot 0".
     pub stat_start: u64,
+    /// `i32 [S]` one past the last z-score candidate slot (clamped to `seq_lens`), or 0 for
+    /// "up to `seq_lens`". Candidates are the slots in `[stat_start, stat_end)`.
+    pub stat_end: u64,
     /// `f32 [raw_len]` out.
     pub raw: u64,
     /// `RowPartial [partials_len]` out, or 0.

@@ -25,6 +25,7 @@ mod calibrate;
 mod compact;
 mod normalize;
 mod reduce;
+mod round;
 mod select;
 pub use calibrate::{calibrate_add, calibrate_sums, calibrate_tensor, launch_calibrate};
 pub use compact::{
@@ -33,6 +34,7 @@ pub use compact::{
 };
 pub use normalize::normalize;
 pub use reduce::reduce;
+pub use round::{round_in_place, round_keys, round_out_of_place, EmuLauncher, EmuRound, StageTimings};
 pub use select::{launch_select, select, select_rows};
 
 extern "C" {
@@ -132,8 +134,11 @@ pub struct ScoreInputs<'a, T> {
     pub block_table: Option<&'a [i32]>,
     /// `[S]`.
     pub seq_lens: &'a [i32],
-    /// `[S]` first z-score candidate slot per sequence (all slots when `None`).
+    /// `[S]` first z-score candidate slot per sequence (slot 0 when `None`).
     pub stat_start: Option<&'a [i32]>,
+    /// `[S]` one past the last z-score candidate slot per sequence (`seq_lens` when `None`).
+    /// Candidates are the slots in `[stat_start, stat_end)`; NaN scores are left out.
+    pub stat_end: Option<&'a [i32]>,
 }
 
 fn short(what: &str, needed: usize, got: usize) -> Error {
@@ -171,6 +176,11 @@ fn check_bounds<T: Element>(
     if let Some(st) = x.stat_start {
         if st.len() != s.num_seqs {
             return Err(Error::shape("stat_start", s.num_seqs, st.len()));
+        }
+    }
+    if let Some(st) = x.stat_end {
+        if st.len() != s.num_seqs {
+            return Err(Error::shape("stat_end", s.num_seqs, st.len()));
         }
     }
     for &len in x.seq_lens {
@@ -258,6 +268,7 @@ pub fn score<T: Element>(
         block_table: inputs.block_table.map_or(0, |t| t.as_ptr() as u64),
         seq_lens: inputs.seq_lens.as_ptr() as u64,
         stat_start: inputs.stat_start.map_or(0, |t| t.as_ptr() as u64),
+        stat_end: inputs.stat_end.map_or(0, |t| t.as_ptr() as u64),
         raw: raw.as_mut_ptr() as u64,
         partials: partials.map_or(0, |p| p.as_mut_ptr() as u64),
     };
@@ -320,6 +331,7 @@ pub fn score_layer<T: Element>(
         block_table: None,
         seq_lens: &seq_lens,
         stat_start: None,
+        stat_end: None,
     };
     score(&spec, &inputs, out, None)
 }
@@ -386,6 +398,7 @@ pub fn score_layers<T: Element>(
         block_table: None,
         seq_lens: &seq_lens,
         stat_start: None,
+        stat_end: None,
     };
     let mut raw = vec![0f32; spec.raw_len()];
     score(&spec, &inputs, &mut raw, None)?;

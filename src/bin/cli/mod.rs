@@ -11,7 +11,7 @@ use triattn::model::{ModelConfig, PairingStyle};
 use triattn::policy::{
     CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, RoundOutcome, SelectionMode,
 };
-use triattn::round::{self, ScoreBackend, Scorer};
+use triattn::round::{self, Backend, RoundResult, Scorer};
 use triattn::score::{NormTerm, OffsetAggregation, TrigTerm};
 use triattn::stats::Stats;
 use triattn::{DType, Element, LayerView};
@@ -181,19 +181,19 @@ pub fn compress(a: CompressArgs) -> Result<()> {
     out.write(&a.out)
 }
 
-/// The scoring backend `--backend` names, if this build has it.
-fn score_backend(b: BackendArg) -> Result<ScoreBackend> {
+/// The backend `--backend` names, if this build has it.
+fn round_backend(b: BackendArg) -> Result<Backend> {
     match b {
-        BackendArg::Cpu => Ok(ScoreBackend::Cpu),
+        BackendArg::Cpu => Ok(Backend::Cpu),
         #[cfg(feature = "emu")]
-        BackendArg::Emu => Ok(ScoreBackend::Emu),
+        BackendArg::Emu => Ok(Backend::Emu),
         #[cfg(not(feature = "emu"))]
         BackendArg::Emu => Err(Error::unsupported(
             "--backend emu: expected a build with the emu feature (cargo build --features emu), got one without",
         )),
         BackendArg::Cuda => Err(Error::unsupported(
-            "--backend cuda: expected cpu or emu; the CLI's device round arrives with the GPU round orchestration \
-             (the library's cuda::CudaBackend scores on a device today)",
+            "--backend cuda: expected cpu or emu; the CLI runs device rounds on emu until a GPU check has \
+             validated the cuda round (the library's cuda::CudaBackend::run_round runs it on a device)",
         )),
     }
 }
@@ -206,6 +206,118 @@ fn backend_name(b: BackendArg) -> &'static str {
     }
 }
 
+/// A finished round and the compacted `k.<l>` / `v.<l>` bytes `[Hkv, kept, dim]`.
+struct Compressed {
+    result: RoundResult,
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
+    compact: std::time::Duration,
+    /// Kernel symbols per stage (emu), for `--verbose`.
+    kernels: Vec<(&'static str, String)>,
+}
+
+/// The round and an order-preserving gather on the CPU backend.
+fn compress_cpu<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    cache: &DumpedCache,
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<Compressed> {
+    let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
+    let views: Vec<LayerView<'_, T>> = keys
+        .iter()
+        .enumerate()
+        .map(|(l, k)| LayerView::contiguous(&format!("k.{l}"), k, cache.num_kv_heads, cache.n, cache.head_dim))
+        .collect::<Result<_>>()?;
+    let result = round::run(config, scorer, &views, round_start, prefix_len, Backend::Cpu)?;
+    let t0 = Instant::now();
+    let (hkv, n, es) = (cache.num_kv_heads, cache.n, cache.dtype.size());
+    let kept = result.keep[0].len();
+    let gather = |src: &Tensor, layer: usize, dim: usize| {
+        let row = dim * es;
+        let mut data = vec![0u8; hkv * kept * row];
+        for g in 0..hkv {
+            let keep = &result.keep[config.mode.set_index(layer, g, hkv)];
+            triattn::cpu::compact::gather_rows(
+                &src.data[g * n * row..(g + 1) * n * row],
+                row,
+                row,
+                keep,
+                &mut data[g * kept * row..(g + 1) * kept * row],
+            );
+        }
+        data
+    };
+    let k = (0..cache.k.len()).map(|l| gather(cache.k[l], l, cache.head_dim)).collect();
+    let v = (0..cache.v.len()).map(|l| gather(cache.v[l], l, cache.value_dim)).collect();
+    Ok(Compressed { result, k, v, compact: t0.elapsed(), kernels: Vec::new() })
+}
+
+/// Every stage, compaction included, as one device round on the emu backend.
+#[cfg(feature = "emu")]
+fn compress_emu<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    cache: &DumpedCache,
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<Compressed> {
+    use triattn::cuda::{Compaction, RoundPlan, RoundShape, RowStrides, Stage};
+    let (hkv, n, d, dv) = (cache.num_kv_heads, cache.n, cache.head_dim, cache.value_dim);
+    if n == 0 {
+        return compress_cpu::<T>(config, scorer, cache, round_start, prefix_len);
+    }
+    let strides = |dim: usize, slots: usize| RowStrides { head_stride: slots * dim, row_stride: dim };
+    let mut shape = RoundShape {
+        dtype: T::DTYPE,
+        len: n,
+        prefix_len,
+        value_dim: dv,
+        keys: strides(d, n),
+        values: strides(dv, n),
+        compaction: Compaction::KeepSetsOnly,
+    };
+    let kept = RoundPlan::new(scorer, config, shape)?.kept();
+    shape.compaction = Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) };
+    let plan = RoundPlan::new(scorer, config, shape)?;
+    let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
+    let values: Vec<Vec<T>> = cache.v.iter().map(|t| T::decode_le(&t.data)).collect();
+    let zero = T::from_f32(0.0);
+    let mut k_out: Vec<Vec<T>> = keys.iter().map(|_| vec![zero; hkv * kept * d]).collect();
+    let mut v_out: Vec<Vec<T>> = values.iter().map(|_| vec![zero; hkv * kept * dv]).collect();
+    let out = {
+        let k_src: Vec<&[T]> = keys.iter().map(Vec::as_slice).collect();
+        let v_src: Vec<&[T]> = values.iter().map(Vec::as_slice).collect();
+        let mut k_dst: Vec<&mut [T]> = k_out.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut v_dst: Vec<&mut [T]> = v_out.iter_mut().map(Vec::as_mut_slice).collect();
+        triattn::emu::round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?
+    };
+    let t = &out.timings;
+    let times = round::StageTimes {
+        score: t.get(Stage::Weights) + t.get(Stage::Score),
+        normalize: t.get(Stage::Normalize),
+        reduce: t.get(Stage::Reduce),
+        select: t.get(Stage::Select),
+    };
+    let result = RoundResult {
+        n,
+        raw: out.outputs.raw,
+        score: out.outputs.score,
+        keep: out.outputs.keep,
+        outcome: plan.outcome(),
+        times,
+    };
+    let encode = |rows: Vec<Vec<T>>| rows.iter().map(|x| T::encode_le(x)).collect();
+    Ok(Compressed {
+        result,
+        k: encode(k_out),
+        v: encode(v_out),
+        compact: t.get(Stage::Compact),
+        kernels: plan.stage_kernels(),
+    })
+}
+
 fn compress_typed<T: Element>(
     a: &CompressArgs,
     config: &CompressionConfig,
@@ -214,37 +326,25 @@ fn compress_typed<T: Element>(
     round_start: u64,
     prefix_len: usize,
 ) -> Result<TensorFile> {
-    let model = &scorer.model;
-    let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
-    let views: Vec<LayerView<'_, T>> = keys
-        .iter()
-        .enumerate()
-        .map(|(l, k)| LayerView::contiguous(&format!("k.{l}"), k, cache.num_kv_heads, cache.n, cache.head_dim))
-        .collect::<Result<_>>()?;
-    let backend = score_backend(a.backend)?;
-    let result = round::run(config, scorer, &views, round_start, prefix_len, backend)?;
-    let score_backend = backend.name();
-    let kernel = match backend {
-        ScoreBackend::Cpu => String::new(),
-        #[allow(unreachable_patterns)]
-        _ => {
-            let algo = match config.score.aggregation {
-                OffsetAggregation::Mean => triattn::variant::ScoreAlgo::Mean,
-                OffsetAggregation::Max => triattn::variant::ScoreAlgo::Max,
-            };
-            triattn::variant::score_variant(cache.dtype, cache.head_dim, algo)
-                .map(|v| format!(" kernel {}", v.symbol()))
-                .unwrap_or_default()
-        }
+    let backend = round_backend(a.backend)?;
+    let done = match backend {
+        Backend::Cpu => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
+        #[cfg(feature = "emu")]
+        Backend::Emu => compress_emu::<T>(config, scorer, cache, round_start, prefix_len)?,
     };
-    // Only scoring has kernels in this version; the later stages run on the CPU backend.
-    let backend = "cpu";
+    let result = &done.result;
+    let name = backend.name();
+    let kernel = |stage: &str| {
+        done.kernels.iter().find(|(s, _)| *s == stage).map(|(_, k)| format!(" kernel {k}")).unwrap_or_default()
+    };
+    let model = &scorer.model;
     let (l, h, hkv, n) = (model.num_layers, model.num_heads, model.num_kv_heads, cache.n);
     let key_bytes: usize = cache.k.iter().map(|t| t.data.len()).sum();
+    let kept = result.keep[0].len();
     let t = &result.times;
     if a.verbose {
         eprintln!(
-            "score: {score_backend} {:.3} ms ({} keys x {h} heads, {} MB of {} keys, {} aggregation, r = {round_start}){kernel}",
+            "score: {name} {:.3} ms ({} keys x {h} heads, {} MB of {} keys, {} aggregation, r = {round_start}){}",
             ms(t.score),
             l * hkv * n,
             key_bytes as f64 / 1e6,
@@ -252,26 +352,38 @@ fn compress_typed<T: Element>(
             match config.score.aggregation {
                 OffsetAggregation::Mean => "mean",
                 OffsetAggregation::Max => "max",
-            }
+            },
+            kernel("score"),
         );
         eprintln!(
-            "normalize: {backend} {:.3} ms ({})",
+            "normalize: {name} {:.3} ms ({}){}",
             ms(t.normalize),
             match config.zscore() {
                 None => "off".to_string(),
                 Some(z) => format!("{z:?} z-score over {} rows", l * h),
-            }
+            },
+            kernel("normalize"),
         );
-        eprintln!("reduce: {backend} {:.3} ms ({}, {} sets)", ms(t.reduce), config.mode.name(), result.keep.len());
-        eprintln!("select: {backend} {:.3} ms (budget {}, {:?})", ms(t.select), config.budget, result.outcome);
+        eprintln!(
+            "reduce: {name} {:.3} ms ({}, {} sets){}",
+            ms(t.reduce),
+            config.mode.name(),
+            result.keep.len(),
+            kernel("reduce")
+        );
+        eprintln!(
+            "select: {name} {:.3} ms (budget {}, {:?}){}",
+            ms(t.select),
+            config.budget,
+            result.outcome,
+            kernel("select")
+        );
     }
     if let RoundOutcome::Skipped(reason) = result.outcome {
         eprintln!("round skipped: {reason}; every slot is kept");
     }
 
-    let t0 = Instant::now();
     let mut out = TensorFile::default();
-    let kept = result.keep[0].len();
     let keep_flat: Vec<i32> = result.keep.iter().flatten().map(|&s| s as i32).collect();
     let (keep_shape, score_shape) = match config.mode {
         SelectionMode::PerHead => (vec![hkv, kept], vec![hkv, n]),
@@ -283,28 +395,18 @@ fn compress_typed<T: Element>(
     for (layer, raw) in result.raw.iter().enumerate() {
         out.tensors.insert(format!("raw.{layer}"), Tensor::from_f32(vec![h, n], raw));
     }
-    let es = cache.dtype.size();
-    for layer in 0..l {
-        for (name, src, dim) in [("k", &cache.k[layer], cache.head_dim), ("v", &cache.v[layer], cache.value_dim)] {
-            let row = dim * es;
-            let mut data = vec![0u8; hkv * kept * row];
-            for g in 0..hkv {
-                let keep = &result.keep[config.mode.set_index(layer, g, hkv)];
-                triattn::cpu::compact::gather_rows(
-                    &src.data[g * n * row..(g + 1) * n * row],
-                    row,
-                    row,
-                    keep,
-                    &mut data[g * kept * row..(g + 1) * kept * row],
-                );
-            }
-            out.tensors.insert(format!("{name}.{layer}"), Tensor::from_raw(cache.dtype, vec![hkv, kept, dim], data));
-        }
+    for (layer, (k, v)) in done.k.into_iter().zip(done.v).enumerate() {
+        out.tensors.insert(format!("k.{layer}"), Tensor::from_raw(cache.dtype, vec![hkv, kept, cache.head_dim], k));
+        out.tensors.insert(format!("v.{layer}"), Tensor::from_raw(cache.dtype, vec![hkv, kept, cache.value_dim], v));
     }
     out.metadata.insert("round_start".into(), round_start.to_string());
     out.metadata.insert("prefix_len".into(), prefix_len.to_string());
     if a.verbose {
-        eprintln!("compact: {backend} {:.3} ms ({} -> {kept} slots per set, order-preserving)", ms(t0.elapsed()), n);
+        eprintln!(
+            "compact: {name} {:.3} ms ({n} -> {kept} slots per set, order-preserving){}",
+            ms(done.compact),
+            kernel("compact")
+        );
     }
     Ok(out)
 }

@@ -1,0 +1,707 @@
+//! A whole round on the kernel path, planned once per shape: `weights -> score -> normalize ->
+//! reduce -> select -> compact`.
+//!
+//! [`RoundPlan::new`] validates every stage's spec on the host, decides the round's outcome (the
+//! shape fixes it: within budget, skipped, or compressed) and lays out one workspace: the
+//! constants every round reads (statistics, RoPE frequencies, the candidate range, the keep-set
+//! index of each `(layer, KV head)`, the per-layer K/V address tables) followed by the scratch
+//! buffers and outputs (weights, raw scores, tile partials, z-scores, reduced scores, keep sets,
+//! slot map). [`RoundPlan::workspace_image`] is the host image of the constants, copied once into
+//! the caller's workspace; [`RoundPlan::run`] then only launches, on whatever [`Launcher`] the
+//! backend provides — no allocation, no copy, no synchronisation — so on the GPU a whole round can
+//! be captured in a CUDA graph and replayed as `round_start` (read from device memory) advances.
+//!
+//! In the steady state of a decode the cache holds `budget + divide_length` slots at every round,
+//! so one plan serves every round of a sequence.
+//!
+//! Stages that do not evict still run: a round within budget (or whose protected slots reach the
+//! budget) selects every slot, so its scores and keep sets are still reported; it compacts only out
+//! of place (a copy), never in place.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::policy::{CompressionConfig, Preset, RoundOutcome, SkipReason};
+use crate::round::Scorer;
+use crate::score::{geometric_offsets, OffsetAggregation, TrigTerm};
+use crate::variant::{CompactMode, Variant};
+
+use super::compact::{CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, RowStrides};
+use super::normalize::{NormalizeAddresses, NormalizeSpec};
+use super::params::RowPartial;
+use super::reduce::{ReduceAddresses, ReduceSpec};
+use super::select::{SelectAddresses, SelectShape, SelectSpec};
+use super::spec::{KeyLayout, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
+
+/// Where a round's compaction writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Compaction {
+    /// No compaction: the round ends with its keep sets (virtual eviction, or the caller moves
+    /// the rows itself).
+    KeepSetsOnly,
+    /// Compact K and V in place in the given mode (only when the round evicts).
+    InPlace(CompactMode),
+    /// Copy the kept rows, in slot order, into separate destination tensors with these strides.
+    OutOfPlace {
+        /// Destination K strides (elements).
+        keys: RowStrides,
+        /// Destination V strides (elements).
+        values: RowStrides,
+    },
+}
+
+/// The cache a round runs over: per layer one `K[Hkv, N, D]` and one `V[Hkv, N, Dv]` tensor with
+/// the given element strides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RoundShape {
+    /// Element type of K and V.
+    pub dtype: DType,
+    /// Cached slots N.
+    pub len: usize,
+    /// Prompt slots at the front of the cache (protected under the `paper` preset).
+    pub prefix_len: usize,
+    /// Elements per V row, Dv.
+    pub value_dim: usize,
+    /// K strides (elements) of every layer.
+    pub keys: RowStrides,
+    /// V strides (elements) of every layer.
+    pub values: RowStrides,
+    /// What happens after selection.
+    pub compaction: Compaction,
+}
+
+/// One launch of a round, as a [`Launcher`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    /// The per-round weights (f64 trigonometry), part of scoring.
+    Weights,
+    /// Raw scores and z-score tile partials.
+    Score,
+    /// z-score finalisation.
+    Normalize,
+    /// Group and layer reduction with the protection guards.
+    Reduce,
+    /// Top-k.
+    Select,
+    /// Moving K and V.
+    Compact,
+}
+
+impl Stage {
+    /// Every stage, in launch order.
+    pub const ALL: [Stage; 6] =
+        [Stage::Weights, Stage::Score, Stage::Normalize, Stage::Reduce, Stage::Select, Stage::Compact];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Weights => "weights",
+            Stage::Score => "score",
+            Stage::Normalize => "normalize",
+            Stage::Reduce => "reduce",
+            Stage::Select => "select",
+            Stage::Compact => "compact",
+        }
+    }
+}
+
+/// Launches kernels of the variant table on one backend (the GPU on a stream, or emu).
+pub trait Launcher {
+    /// Launch `variant` with `params` over `grid` with `dynamic_smem` bytes of dynamic shared
+    /// memory, as `stage` of a round.
+    ///
+    /// # Safety
+    /// `params` is the params struct of `variant`'s kernel and every address in it is valid
+    /// memory of this backend for every access the kernel makes at this grid.
+    unsafe fn launch<P: Copy>(
+        &mut self,
+        stage: Stage,
+        variant: Variant,
+        params: &P,
+        grid: (u32, u32, u32),
+        dynamic_smem: usize,
+    ) -> Result<()>;
+}
+
+/// A byte range of the workspace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// Byte offset from the workspace base (a multiple of [`WORKSPACE_ALIGN`]).
+    pub offset: usize,
+    /// Bytes.
+    pub bytes: usize,
+}
+
+impl Region {
+    /// Address of the region in a workspace at `base`.
+    pub fn at(&self, base: u64) -> u64 {
+        base + self.offset as u64
+    }
+}
+
+/// Alignment of every region and of the workspace base the caller provides.
+pub const WORKSPACE_ALIGN: usize = 256;
+
+/// Where everything lives in a round's workspace. The constants come first
+/// (`0..constants_bytes`), then scratch and outputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WorkspaceLayout {
+    /// f32 `[L, H, F]`.
+    pub q_mean_real: Region,
+    /// f32 `[L, H, F]`.
+    pub q_mean_imag: Region,
+    /// f32 `[L, H, F]`.
+    pub q_abs_mean: Region,
+    /// f64 `[F]` RoPE frequencies.
+    pub omega: Region,
+    /// i32 `[4]`: the slot count N, the first and one-past-last z-score candidate, 0.
+    pub lengths: Region,
+    /// i32 `[L * Hkv]` keep set of each (layer, KV head).
+    pub set_index: Region,
+    /// u64 `[L]` K bases.
+    pub key_table: Region,
+    /// u64 `[L]` V bases.
+    pub value_table: Region,
+    /// u64 `[L]` destination K bases (out of place; the K table otherwise).
+    pub key_out_table: Region,
+    /// u64 `[L]` destination V bases.
+    pub value_out_table: Region,
+    /// End of the constants.
+    pub constants_bytes: usize,
+    /// Weights: f32 `[L, H, V, D]` (mean) or the u16 level image (max); empty when V = 0.
+    pub weights: Region,
+    /// f32 `[L, H, F]`.
+    pub norm: Region,
+    /// f32 `[L, H, N]` raw scores.
+    pub raw: Region,
+    /// RowPartial `[L, H, tiles]`.
+    pub partials: Region,
+    /// f32 `[L, H, N]` z-scores (empty without normalisation: reduce reads `raw`).
+    pub z: Region,
+    /// f32 `[sets, N]` the scores selection ranks (protected slots `+inf`).
+    pub score: Region,
+    /// i32 `[sets, K]` kept slots, ascending (K = the budget, or N when nothing is evicted).
+    pub keep: Region,
+    /// i32 `[sets, K]` original slot held by each slot after compaction (empty without one).
+    pub slot_map: Region,
+    /// Total bytes.
+    pub total_bytes: usize,
+}
+
+struct Allocator {
+    next: usize,
+}
+
+impl Allocator {
+    fn take(&mut self, bytes: usize) -> Region {
+        let r = Region { offset: self.next, bytes };
+        self.next += bytes.div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
+        r
+    }
+}
+
+/// A validated round for one shape: every stage's spec and the workspace layout.
+#[derive(Clone, Debug)]
+pub struct RoundPlan {
+    shape: RoundShape,
+    num_layers: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sets: usize,
+    kept: usize,
+    outcome: RoundOutcome,
+    trig: TrigSpec,
+    score: ScoreSpec,
+    normalize: Option<NormalizeSpec>,
+    reduce: ReduceSpec,
+    select: SelectSpec,
+    compact: Option<CompactSpec>,
+    layout: WorkspaceLayout,
+    constants: Vec<u8>,
+}
+
+/// The per-layer K and V bases a plan's workspace is bound to (device addresses on the GPU, host
+/// addresses under emu). The destination tables are only read out of place.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheAddresses {
+    /// `[L]` K tensors.
+    pub keys: Vec<u64>,
+    /// `[L]` V tensors.
+    pub values: Vec<u64>,
+    /// `[L]` destination K tensors (out of place), else empty.
+    pub keys_out: Vec<u64>,
+    /// `[L]` destination V tensors (out of place), else empty.
+    pub values_out: Vec<u64>,
+}
+
+/// The outputs a run leaves in its workspace, read back on the host.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoundOutputs {
+    /// Raw scores per layer, `[H, N]` each.
+    pub raw: Vec<Vec<f32>>,
+    /// The scores selection ranked, `[sets, N]` (protected slots `+inf`).
+    pub score: Vec<f32>,
+    /// Keep sets, ascending, `kept` slots each.
+    pub keep: Vec<Vec<u32>>,
+    /// The compaction's slot map per set (empty without a compaction).
+    pub slot_map: Vec<Vec<u32>>,
+}
+
+fn read_f32(buf: &[u8], offset: usize, count: usize) -> Vec<f32> {
+    buf[offset..offset + count * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn read_sets(buf: &[u8], offset: usize, sets: usize, kept: usize) -> Vec<Vec<u32>> {
+    let flat: Vec<u32> = buf[offset..offset + sets * kept * 4]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
+        .collect();
+    flat.chunks(kept.max(1)).take(sets).map(<[u32]>::to_vec).collect()
+}
+
+fn push_bytes(image: &mut [u8], region: Region, bytes: &[u8]) {
+    image[region.offset..region.offset + bytes.len()].copy_from_slice(bytes);
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl RoundPlan {
+    /// Plan a round of `config` over a cache of `shape` for `scorer`'s model and statistics.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad configuration or a shape a stage refuses (naming the field);
+    /// `Unsupported` for a head_dim or dtype with no compiled kernel.
+    pub fn new(scorer: &Scorer, config: &CompressionConfig, shape: RoundShape) -> Result<Self> {
+        config.validate()?;
+        let m = &scorer.model;
+        let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
+        let n = shape.len;
+        if n == 0 {
+            return Err(Error::invalid_argument("round slots", ">= 1", 0));
+        }
+        if shape.prefix_len > n {
+            return Err(Error::invalid_argument("prefix_len", format!("<= the {n} cached slots"), shape.prefix_len));
+        }
+        if n > i32::MAX as usize {
+            return Err(Error::invalid_argument("round slots", "<= 2^31-1", n));
+        }
+        let sets = config.mode.num_sets(l, hkv);
+        let protection = config.protection(n, shape.prefix_len);
+        let protected = protection.count();
+        let (outcome, kept) = if n <= config.budget {
+            (RoundOutcome::WithinBudget, n)
+        } else if protected >= config.budget {
+            (RoundOutcome::Skipped(SkipReason::ProtectedReachBudget { protected, budget: config.budget }), n)
+        } else {
+            (RoundOutcome::Compressed { kept: config.budget, evicted: n - config.budget }, config.budget)
+        };
+
+        let offsets = geometric_offsets(config.score.offset_max_length)?.len();
+        let vectors = match (config.score.trig, config.score.aggregation) {
+            (TrigTerm::Excluded, _) => 0,
+            (TrigTerm::Included, OffsetAggregation::Mean) => 1,
+            (TrigTerm::Included, OffsetAggregation::Max) => offsets,
+        };
+        let trig = TrigSpec {
+            num_layers: l,
+            num_heads: h,
+            head_dim: d,
+            num_seqs: 1,
+            num_offsets: offsets,
+            vectors,
+            style: scorer.style,
+            sigma: scorer.sigma,
+            norm: config.score.norm,
+        };
+        trig.validate()?;
+        let score = ScoreSpec::new(ScoreShape {
+            dtype: shape.dtype,
+            head_dim: d,
+            num_layers: l,
+            num_heads: h,
+            num_kv_heads: hkv,
+            num_seqs: 1,
+            max_len: n,
+            vectors,
+            aggregation: if vectors > 1 { OffsetAggregation::Max } else { OffsetAggregation::Mean },
+            style: scorer.style,
+            layout: KeyLayout::Contiguous { head_stride: shape.keys.head_stride, row_stride: shape.keys.row_stride },
+            weights: WeightsScope::Shared,
+        })?;
+        let normalize = match config.zscore() {
+            None => None,
+            Some(flavour) => {
+                let spec = NormalizeSpec {
+                    rows: l * h,
+                    len: n,
+                    num_tiles: score.num_tiles(),
+                    raw_stride: n,
+                    out_stride: n,
+                    flavour,
+                };
+                spec.validate()?;
+                Some(spec)
+            }
+        };
+        let reduce = ReduceSpec {
+            num_layers: l,
+            num_heads: h,
+            num_kv_heads: hkv,
+            len: n,
+            layer_stride: h * n,
+            head_stride: n,
+            out_stride: n,
+            mode: config.mode,
+            group: config.group_aggregation,
+            prefix: protection.prefix,
+            window_start: protection.window_start,
+        };
+        reduce.validate()?;
+        let select = SelectSpec::new(SelectShape {
+            rows: sets,
+            len: n,
+            prefix: protection.prefix,
+            window_start: protection.window_start,
+            budget: kept,
+            score_stride: n,
+            keep_stride: kept,
+        })?;
+        let compact_shape = |mode, target, k_dst, v_dst| CompactShape {
+            mode,
+            target,
+            elem_bytes: shape.dtype.size(),
+            num_layers: l,
+            num_kv_heads: hkv,
+            num_sets: sets,
+            num_slots: n,
+            keep_len: kept,
+            key_dim: d,
+            value_dim: shape.value_dim,
+            layout: CompactLayout::Contiguous { k: shape.keys, v: shape.values, k_dst, v_dst },
+            positions: None,
+        };
+        let compact = match shape.compaction {
+            Compaction::KeepSetsOnly => None,
+            Compaction::InPlace(_) if kept == n => None,
+            Compaction::InPlace(mode) => {
+                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, shape.keys, shape.values))?)
+            }
+            Compaction::OutOfPlace { keys, values } => Some(CompactSpec::new(compact_shape(
+                CompactMode::OrderPreserving,
+                CompactTarget::OutOfPlace,
+                keys,
+                values,
+            ))?),
+        };
+
+        let f = d / 2;
+        let stats_bytes = l * h * f * 4;
+        let mut a = Allocator { next: 0 };
+        let mut layout = WorkspaceLayout {
+            q_mean_real: a.take(stats_bytes),
+            q_mean_imag: a.take(stats_bytes),
+            q_abs_mean: a.take(stats_bytes),
+            omega: a.take(f * 8),
+            lengths: a.take(16),
+            set_index: a.take(l * hkv * 4),
+            key_table: a.take(l * 8),
+            value_table: a.take(l * 8),
+            key_out_table: a.take(l * 8),
+            value_out_table: a.take(l * 8),
+            ..Default::default()
+        };
+        layout.constants_bytes = a.next;
+        let weight_elem = if vectors > 1 { 2 } else { 4 };
+        layout.weights = a.take(trig.weights_len() * weight_elem);
+        layout.norm = a.take(stats_bytes);
+        layout.raw = a.take(score.raw_len() * 4);
+        layout.partials = a.take(score.partials_len() * std::mem::size_of::<RowPartial>());
+        layout.z = a.take(if normalize.is_some() { l * h * n * 4 } else { 0 });
+        layout.score = a.take(sets * n * 4);
+        layout.keep = a.take(sets * kept * 4);
+        layout.slot_map = a.take(if compact.is_some() { sets * kept * 4 } else { 0 });
+        layout.total_bytes = a.next;
+
+        let stats = &scorer.stats;
+        let want = l * h * f;
+        for (name, t) in [
+            ("q_mean_real", &stats.q_mean_real),
+            ("q_mean_imag", &stats.q_mean_imag),
+            ("q_abs_mean", &stats.q_abs_mean),
+        ] {
+            if t.len() != want {
+                return Err(Error::shape(name, format!("{want} values [L, H, F]"), t.len()));
+            }
+        }
+        if scorer.omega.len() != f {
+            return Err(Error::shape("omega", format!("{f} frequencies (head_dim / 2)"), scorer.omega.len()));
+        }
+        let mut constants = vec![0u8; layout.constants_bytes];
+        push_bytes(&mut constants, layout.q_mean_real, &f32_bytes(&stats.q_mean_real));
+        push_bytes(&mut constants, layout.q_mean_imag, &f32_bytes(&stats.q_mean_imag));
+        push_bytes(&mut constants, layout.q_abs_mean, &f32_bytes(&stats.q_abs_mean));
+        let omega: Vec<u8> = scorer.omega.iter().flat_map(|x| x.to_le_bytes()).collect();
+        push_bytes(&mut constants, layout.omega, &omega);
+        let (stat_start, stat_end) = match config.preset {
+            Preset::Paper => (protection.prefix, protection.window_start.max(protection.prefix)),
+            Preset::Vllm => (0, n),
+        };
+        let lengths: Vec<u8> =
+            [n as i32, stat_start as i32, stat_end as i32, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        push_bytes(&mut constants, layout.lengths, &lengths);
+        let set_index: Vec<u8> = (0..l)
+            .flat_map(|layer| (0..hkv).map(move |g| config.mode.set_index(layer, g, hkv) as i32))
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        push_bytes(&mut constants, layout.set_index, &set_index);
+
+        Ok(Self {
+            shape,
+            num_layers: l,
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+            sets,
+            kept,
+            outcome,
+            trig,
+            score,
+            normalize,
+            reduce,
+            select,
+            compact,
+            layout,
+            constants,
+        })
+    }
+
+    /// The shape planned for.
+    pub fn shape(&self) -> &RoundShape {
+        &self.shape
+    }
+
+    /// What the round does (fixed by the shape).
+    pub fn outcome(&self) -> RoundOutcome {
+        self.outcome
+    }
+
+    /// Keep sets.
+    pub fn sets(&self) -> usize {
+        self.sets
+    }
+
+    /// Slots per keep set: the budget when the round evicts, else N.
+    pub fn kept(&self) -> usize {
+        self.kept
+    }
+
+    /// `(L, H, Hkv, D)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+    }
+
+    /// The workspace layout.
+    pub fn layout(&self) -> &WorkspaceLayout {
+        &self.layout
+    }
+
+    /// Bytes of workspace a run needs (base aligned to [`WORKSPACE_ALIGN`]).
+    pub fn workspace_bytes(&self) -> usize {
+        self.layout.total_bytes
+    }
+
+    /// The scoring launch (its variant names the kernel).
+    pub fn score_spec(&self) -> &ScoreSpec {
+        &self.score
+    }
+
+    /// The stages `run` launches, in order.
+    pub fn stages(&self) -> Vec<Stage> {
+        Stage::ALL
+            .into_iter()
+            .filter(|s| match s {
+                Stage::Normalize => self.normalize.is_some(),
+                Stage::Compact => self.compact.is_some(),
+                _ => true,
+            })
+            .collect()
+    }
+
+    /// The variants `run` launches, in order.
+    pub fn variants(&self) -> Vec<Variant> {
+        let mut v = vec![crate::variant::trig_variant(), self.score.variant()];
+        v.extend(self.normalize.as_ref().map(NormalizeSpec::variant));
+        v.push(self.reduce.variant());
+        v.push(self.select.variant());
+        v.extend(self.compact.as_ref().map(CompactSpec::variant));
+        v
+    }
+
+    /// The kernel symbol of each stage `run` launches, by stage name.
+    pub fn stage_kernels(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            (Stage::Weights.name(), crate::variant::trig_variant().symbol()),
+            (Stage::Score.name(), self.score.variant().symbol()),
+        ];
+        if let Some(n) = &self.normalize {
+            v.push((Stage::Normalize.name(), n.variant().symbol()));
+        }
+        v.push((Stage::Reduce.name(), self.reduce.variant().symbol()));
+        v.push((Stage::Select.name(), self.select.variant().symbol()));
+        if let Some(c) = &self.compact {
+            v.push((Stage::Compact.name(), c.variant().symbol()));
+        }
+        v
+    }
+
+    /// Bytes of K (and, when compacting, V) the round reads, for bandwidth reports.
+    pub fn key_bytes(&self) -> usize {
+        self.num_layers * self.num_kv_heads * self.shape.len * self.head_dim * self.shape.dtype.size()
+    }
+
+    /// The host image of the workspace's constants (`0..constants_bytes`) for a cache at `cache`:
+    /// copy it once to the workspace base before the first run (and again only if the cache
+    /// moves).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` when a table does not have one address per layer (destination tables only
+    /// out of place).
+    pub fn workspace_image(&self, cache: &CacheAddresses) -> Result<Vec<u8>> {
+        let l = self.num_layers;
+        let out_of_place = matches!(self.shape.compaction, Compaction::OutOfPlace { .. });
+        let tables: [(&str, &Vec<u64>, bool); 4] = [
+            ("K layer addresses", &cache.keys, true),
+            ("V layer addresses", &cache.values, self.compact.is_some()),
+            ("destination K layer addresses", &cache.keys_out, out_of_place),
+            ("destination V layer addresses", &cache.values_out, out_of_place),
+        ];
+        for (what, t, needed) in tables {
+            if needed && t.len() != l {
+                return Err(Error::shape(what, l, t.len()));
+            }
+            if let Some(i) = t.iter().position(|&a| a == 0).filter(|_| needed) {
+                return Err(Error::invalid_argument(format!("{what} [{i}]"), "a non-null address", 0));
+            }
+        }
+        let mut image = self.constants.clone();
+        let table = |t: &Vec<u64>| -> Vec<u8> {
+            if t.len() == l {
+                t.iter().flat_map(|a| a.to_le_bytes()).collect()
+            } else {
+                vec![0u8; l * 8]
+            }
+        };
+        let (k_out, v_out) =
+            if out_of_place { (&cache.keys_out, &cache.values_out) } else { (&cache.keys, &cache.values) };
+        push_bytes(&mut image, self.layout.key_table, &table(&cache.keys));
+        push_bytes(&mut image, self.layout.value_table, &table(&cache.values));
+        push_bytes(&mut image, self.layout.key_out_table, &table(k_out));
+        push_bytes(&mut image, self.layout.value_out_table, &table(v_out));
+        Ok(image)
+    }
+
+    /// Read the outputs of a finished run from a host copy of the workspace (at least
+    /// [`Self::workspace_bytes`] long).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` for a shorter buffer.
+    pub fn read_outputs(&self, workspace: &[u8]) -> Result<RoundOutputs> {
+        if workspace.len() < self.layout.total_bytes {
+            return Err(Error::shape("workspace copy", format!("{} bytes", self.layout.total_bytes), workspace.len()));
+        }
+        let (w, n, h) = (&self.layout, self.shape.len, self.num_heads);
+        Ok(RoundOutputs {
+            raw: (0..self.num_layers).map(|l| read_f32(workspace, w.raw.offset + l * h * n * 4, h * n)).collect(),
+            score: read_f32(workspace, w.score.offset, self.sets * n),
+            keep: read_sets(workspace, w.keep.offset, self.sets, self.kept),
+            slot_map: if w.slot_map.bytes > 0 {
+                read_sets(workspace, w.slot_map.offset, self.sets, self.kept)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Launch every stage of the round on `launcher`: nothing but launches.
+    ///
+    /// # Errors
+    /// What the launcher reports (a failed launch, a kernel the build lacks).
+    ///
+    /// # Safety
+    /// `workspace` is [`Self::workspace_bytes`] of memory of the launcher's backend, aligned to
+    /// [`WORKSPACE_ALIGN`], whose first `constants_bytes` hold [`Self::workspace_image`] of a
+    /// cache that is alive and holds [`RoundShape::len`] slots at the planned strides (and
+    /// destination tensors that hold `kept` slots, out of place, not overlapping the source);
+    /// `round_start` is the address of one `i64` in that memory, at least N. Nothing else touches
+    /// the workspace or the cache until the launches have run.
+    pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, workspace: u64, round_start: u64) -> Result<()> {
+        let w = &self.layout;
+        let lengths = w.lengths.at(workspace);
+        let trig = self.trig.params(&TrigAddresses {
+            q_mean_real: w.q_mean_real.at(workspace),
+            q_mean_imag: w.q_mean_imag.at(workspace),
+            q_abs_mean: w.q_abs_mean.at(workspace),
+            omega: w.omega.at(workspace),
+            round_start,
+            weights: if self.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
+            norm: w.norm.at(workspace),
+        });
+        // SAFETY (all launches): the caller's contract on the workspace and cache; every region
+        // is sized by the same validated spec whose params are built here.
+        unsafe { launcher.launch(Stage::Weights, crate::variant::trig_variant(), &trig, self.trig.grid(), 0)? };
+        let score = self.score.params(&ScoreAddresses {
+            keys: w.key_table.at(workspace),
+            weights: if self.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
+            norm: w.norm.at(workspace),
+            block_table: 0,
+            seq_lens: lengths,
+            stat_start: lengths + 4,
+            stat_end: lengths + 8,
+            raw: w.raw.at(workspace),
+            partials: w.partials.at(workspace),
+        });
+        unsafe {
+            launcher.launch(
+                Stage::Score,
+                self.score.variant(),
+                &score,
+                self.score.grid(),
+                self.score.dynamic_smem_bytes(),
+            )?
+        };
+        let reduce_input = match &self.normalize {
+            Some(spec) => {
+                let p = spec.params(&NormalizeAddresses {
+                    partials: w.partials.at(workspace),
+                    raw: w.raw.at(workspace),
+                    out: w.z.at(workspace),
+                });
+                unsafe { launcher.launch(Stage::Normalize, spec.variant(), &p, spec.grid(), 0)? };
+                w.z.at(workspace)
+            }
+            None => w.raw.at(workspace),
+        };
+        let reduce = self.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace) });
+        unsafe { launcher.launch(Stage::Reduce, self.reduce.variant(), &reduce, self.reduce.grid(), 0)? };
+        let select = self.select.params(&SelectAddresses { scores: w.score.at(workspace), keep: w.keep.at(workspace) });
+        unsafe { launcher.launch(Stage::Select, self.select.variant(), &select, self.select.grid(), 0)? };
+        if let Some(spec) = &self.compact {
+            let p = spec.params(&CompactAddresses {
+                k_src: w.key_table.at(workspace),
+                k_dst: w.key_out_table.at(workspace),
+                v_src: w.value_table.at(workspace),
+                v_dst: w.value_out_table.at(workspace),
+                keep: w.keep.at(workspace),
+                set_index: w.set_index.at(workspace),
+                block_table: 0,
+                slot_map: w.slot_map.at(workspace),
+                pos_src: 0,
+                pos_dst: 0,
+            });
+            unsafe { launcher.launch(Stage::Compact, spec.variant(), &p, spec.grid(), 0)? };
+        }
+        Ok(())
+    }
+}

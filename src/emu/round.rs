@@ -1,0 +1,199 @@
+//! Whole rounds on the emu backend: a [`RoundPlan`] run by the SIMT layer over host memory, the
+//! same launches a GPU run makes, with the workspace in a host buffer.
+
+use std::time::{Duration, Instant};
+
+use crate::cuda::plan::{CacheAddresses, Compaction, Launcher, RoundOutputs, RoundPlan, Stage, WORKSPACE_ALIGN};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::variant::Variant;
+
+/// Wall time of each stage of an emu round, indexed like [`Stage::ALL`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTimings(pub [Duration; 6]);
+
+impl StageTimings {
+    /// Time of `stage`.
+    pub fn get(&self, stage: Stage) -> Duration {
+        self.0[stage as usize]
+    }
+}
+
+/// Runs launches synchronously on the SIMT layer, timing each stage.
+#[derive(Debug, Default)]
+pub struct EmuLauncher {
+    /// Accumulated time per stage.
+    pub timings: StageTimings,
+}
+
+impl Launcher for EmuLauncher {
+    unsafe fn launch<P: Copy>(
+        &mut self,
+        stage: Stage,
+        variant: Variant,
+        params: &P,
+        grid: (u32, u32, u32),
+        dynamic_smem: usize,
+    ) -> Result<()> {
+        let t = Instant::now();
+        // SAFETY: forwarded from the caller (the plan's run contract).
+        let r = unsafe { super::launch(variant, params, grid, dynamic_smem) };
+        self.timings.0[stage as usize] += t.elapsed();
+        r
+    }
+}
+
+/// What an emu round computed, and how long each stage took.
+#[derive(Clone, Debug)]
+pub struct EmuRound {
+    /// The outputs read from the workspace.
+    pub outputs: RoundOutputs,
+    /// Time per stage.
+    pub timings: StageTimings,
+}
+
+/// Run `plan` over the cache at `cache` with a fresh host workspace.
+///
+/// # Safety
+/// The addresses in `cache` are host tensors that hold the planned shape (and destinations that
+/// hold `kept` slots, out of place, disjoint from the source); nothing else accesses them during
+/// the call.
+unsafe fn run_host(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<EmuRound> {
+    let n = plan.shape().len;
+    if round_start < n as u64 {
+        return Err(Error::invalid_argument("round_start", format!(">= the {n} cached slots"), round_start));
+    }
+    let round_start =
+        i64::try_from(round_start).map_err(|_| Error::invalid_argument("round_start", "<= 2^63-1", round_start))?;
+    let image = plan.workspace_image(cache)?;
+    // A u128 buffer over-allocated by one alignment unit, so the base can be aligned.
+    let words = plan.workspace_bytes().div_ceil(16) + WORKSPACE_ALIGN / 16;
+    let mut buffer = vec![0u128; words];
+    let raw_base = buffer.as_mut_ptr() as usize;
+    let skip = (WORKSPACE_ALIGN - raw_base % WORKSPACE_ALIGN) % WORKSPACE_ALIGN;
+    // SAFETY: `skip < WORKSPACE_ALIGN` and the buffer has WORKSPACE_ALIGN spare bytes; u128 has
+    // no invalid bit patterns and the view ends with the borrow of `buffer`.
+    let ws: &mut [u8] = unsafe { std::slice::from_raw_parts_mut((raw_base + skip) as *mut u8, plan.workspace_bytes()) };
+    ws[..image.len()].copy_from_slice(&image);
+    let start = [round_start];
+    let mut launcher = EmuLauncher::default();
+    // SAFETY: the workspace is aligned, sized and initialised as `run` requires; the cache is
+    // the caller's contract; `start` outlives the synchronous launches.
+    unsafe { plan.run(&mut launcher, ws.as_mut_ptr() as u64, start.as_ptr() as u64)? };
+    Ok(EmuRound { outputs: plan.read_outputs(ws)?, timings: launcher.timings })
+}
+
+/// Check that each of `tensors` (one per layer) holds `slots` rows of `dim` at `strides`.
+fn check_tensors(
+    what: &str,
+    lens: &[usize],
+    layers: usize,
+    kv_heads: usize,
+    slots: usize,
+    dim: usize,
+    strides: crate::cuda::RowStrides,
+) -> Result<()> {
+    if lens.len() != layers {
+        return Err(Error::shape(format!("{what} layers"), layers, lens.len()));
+    }
+    let needed = (kv_heads - 1) * strides.head_stride + (slots - 1) * strides.row_stride + dim;
+    for (layer, &len) in lens.iter().enumerate() {
+        if len < needed {
+            return Err(Error::shape(format!("{what}.{layer} elements"), format!("at least {needed}"), len));
+        }
+    }
+    Ok(())
+}
+
+fn check_dtype<T: Element>(plan: &RoundPlan) -> Result<()> {
+    if T::DTYPE != plan.shape().dtype {
+        return Err(Error::shape("cache dtype", plan.shape().dtype, T::DTYPE));
+    }
+    Ok(())
+}
+
+/// Run a round that ends with keep sets (a plan with [`Compaction::KeepSetsOnly`]) over the keys
+/// of every layer.
+///
+/// # Errors
+/// `InvalidArgument` for another compaction or `round_start < N`; `ShapeMismatch` for keys that
+/// do not hold the planned shape; `Driver` if the SIMT layer fails.
+pub fn round_keys<T: Element>(plan: &RoundPlan, keys: &[&[T]], round_start: u64) -> Result<EmuRound> {
+    check_dtype::<T>(plan)?;
+    let s = plan.shape();
+    if s.compaction != Compaction::KeepSetsOnly {
+        return Err(Error::invalid_argument(
+            "plan compaction",
+            "KeepSetsOnly (no values given)",
+            format!("{:?}", s.compaction),
+        ));
+    }
+    let (l, _, hkv, d) = plan.dims();
+    check_tensors("k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), l, hkv, s.len, d, s.keys)?;
+    let cache = CacheAddresses { keys: keys.iter().map(|k| k.as_ptr() as u64).collect(), ..Default::default() };
+    // SAFETY: every key tensor holds the planned rows (checked); no values are read.
+    unsafe { run_host(plan, &cache, round_start) }
+}
+
+/// Run a round and compact K and V in place (a plan with [`Compaction::InPlace`]).
+///
+/// # Errors
+/// As [`round_keys`]; `InvalidArgument` for another compaction.
+pub fn round_in_place<T: Element>(
+    plan: &RoundPlan,
+    keys: &mut [&mut [T]],
+    values: &mut [&mut [T]],
+    round_start: u64,
+) -> Result<EmuRound> {
+    check_dtype::<T>(plan)?;
+    let s = plan.shape();
+    if !matches!(s.compaction, Compaction::InPlace(_)) {
+        return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
+    }
+    let (l, _, hkv, d) = plan.dims();
+    check_tensors("k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), l, hkv, s.len, d, s.keys)?;
+    check_tensors("v", &values.iter().map(|v| v.len()).collect::<Vec<_>>(), l, hkv, s.len, s.value_dim, s.values)?;
+    let cache = CacheAddresses {
+        keys: keys.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
+        values: values.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
+        ..Default::default()
+    };
+    // SAFETY: K and V hold the planned rows (checked) and are borrowed exclusively.
+    unsafe { run_host(plan, &cache, round_start) }
+}
+
+/// Run a round and copy the kept rows into `keys_out` / `values_out` (a plan with
+/// [`Compaction::OutOfPlace`], whose destination strides describe them).
+///
+/// # Errors
+/// As [`round_keys`]; `ShapeMismatch` for destinations that do not hold `kept` slots.
+pub fn round_out_of_place<T: Element>(
+    plan: &RoundPlan,
+    keys: &[&[T]],
+    values: &[&[T]],
+    keys_out: &mut [&mut [T]],
+    values_out: &mut [&mut [T]],
+    round_start: u64,
+) -> Result<EmuRound> {
+    check_dtype::<T>(plan)?;
+    let s = plan.shape();
+    let Compaction::OutOfPlace { keys: k_dst, values: v_dst } = s.compaction else {
+        return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
+    };
+    let (l, _, hkv, d) = plan.dims();
+    let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
+    let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
+    check_tensors("k", &lens(keys), l, hkv, s.len, d, s.keys)?;
+    check_tensors("v", &lens(values), l, hkv, s.len, s.value_dim, s.values)?;
+    check_tensors("destination k", &lens_mut(keys_out), l, hkv, plan.kept(), d, k_dst)?;
+    check_tensors("destination v", &lens_mut(values_out), l, hkv, plan.kept(), s.value_dim, v_dst)?;
+    let cache = CacheAddresses {
+        keys: keys.iter().map(|k| k.as_ptr() as u64).collect(),
+        values: values.iter().map(|v| v.as_ptr() as u64).collect(),
+        keys_out: keys_out.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
+        values_out: values_out.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
+    };
+    // SAFETY: sources and destinations hold the planned rows (checked); the destinations are
+    // exclusive borrows, so they do not overlap the shared sources.
+    unsafe { run_host(plan, &cache, round_start) }
+}

@@ -1,0 +1,255 @@
+//! Whole rounds on a GPU (`DeviceRound` / `CudaBackend::run_round`) against the CPU backend, a
+//! CUDA graph captured once and replayed with new `round_start` values, no device memory taken by
+//! a run, and per-stage times (CUDA events) against a device copy of the same bytes.
+//! Skips loudly without a GPU; fails when `TRIATTN_REQUIRE_GPU=1`.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{gpu_or_skip, random_keys, random_stats};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use triattn::cuda::{
+    CacheAddresses, Compaction, CudaBackend, DeviceRound, Launcher, RoundPlan, RoundShape, RowStrides, Stage,
+};
+use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
+use triattn::round::{run_cpu, Scorer};
+use triattn::score::OffsetAggregation;
+use triattn::variant::{CompactMode, Variant};
+use triattn::{LayerView, ModelConfig};
+
+fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
+    ModelConfig::from_json_str(&format!(
+        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
+            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
+    ))
+    .unwrap()
+}
+
+fn strides(n: usize, d: usize) -> RowStrides {
+    RowStrides { head_stride: n * d, row_stride: d }
+}
+
+struct Cache {
+    keys: Vec<CudaSlice<bf16>>,
+    values: Vec<CudaSlice<bf16>>,
+}
+
+impl Cache {
+    fn upload(stream: &Arc<CudaStream>, keys: &[Vec<bf16>], values: &[Vec<bf16>]) -> Self {
+        Self {
+            keys: keys.iter().map(|k| stream.clone_htod(k).unwrap()).collect(),
+            values: values.iter().map(|v| stream.clone_htod(v).unwrap()).collect(),
+        }
+    }
+    fn addresses(&self, stream: &Arc<CudaStream>) -> CacheAddresses {
+        CacheAddresses {
+            keys: self.keys.iter().map(|k| k.device_ptr(stream).0).collect(),
+            values: self.values.iter().map(|v| v.device_ptr(stream).0).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Rounds of every preset and mode on the GPU match the CPU backend (keep sets exact, compacted
+/// rows bit-exact), and a graph captured once replays later rounds correctly.
+#[test]
+fn cuda_rounds_match_cpu_and_replay_as_graphs() {
+    let Some(gpu) = gpu_or_skip("cuda_rounds_match_cpu_and_replay_as_graphs") else { return };
+    let stream = gpu.context().default_stream();
+    let (l, h, hkv, d, n) = (4, 32, 8, 128, 1152);
+    let scorer = Scorer::new(model(l, h, hkv, d), random_stats(l, h, d, 11), None).unwrap();
+    let paper = CompressionConfig { budget: 1024, ..CompressionConfig::preset(Preset::Paper) };
+    let configs = [
+        ("paper per-head", paper, 64),
+        (
+            "paper union max",
+            CompressionConfig {
+                mode: SelectionMode::Union,
+                score: triattn::score::ScoreConfig { aggregation: OffsetAggregation::Max, ..paper.score },
+                ..paper
+            },
+            0,
+        ),
+        (
+            "vllm plph",
+            CompressionConfig {
+                budget: 1024,
+                mode: SelectionMode::PerLayerPerHead,
+                ..CompressionConfig::preset(Preset::Vllm)
+            },
+            0,
+        ),
+    ];
+    for (name, config, prefix) in configs {
+        for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+            let keys: Vec<Vec<bf16>> = (0..l).map(|i| random_keys(hkv * n * d, d, 70 + i as u64)).collect();
+            let values: Vec<Vec<bf16>> = (0..l).map(|i| random_keys(hkv * n * d, d, 90 + i as u64)).collect();
+            let cache = Cache::upload(&stream, &keys, &values);
+            let shape = RoundShape {
+                dtype: triattn::DType::Bf16,
+                len: n,
+                prefix_len: prefix,
+                value_dim: d,
+                keys: strides(n, d),
+                values: strides(n, d),
+                compaction: Compaction::KeepSetsOnly,
+            };
+            // Scores and keep sets over three rounds of one captured graph.
+            let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+            let mut round = DeviceRound::new(&gpu, &stream, plan, &cache.addresses(&stream)).unwrap();
+            round.set_round_start(&stream, n as u64).unwrap();
+            stream.synchronize().unwrap();
+            stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            // SAFETY: the cache buffers live to the end of this iteration.
+            let captured = unsafe { round.run(&gpu, &stream) };
+            let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+            captured.unwrap();
+            let views: Vec<LayerView<'_, bf16>> =
+                keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+            for r in [n as u64, 5000, 90_000] {
+                round.set_round_start(&stream, r).unwrap();
+                graph.launch().unwrap();
+                let got = round.read_outputs(&stream).unwrap();
+                let want = run_cpu(&config, &scorer, &views, r, prefix).unwrap();
+                assert_eq!(got.keep, want.keep, "{name}: keep sets, replayed graph, round_start {r}");
+                let std = common::std_dev(&want.raw[0][..n]);
+                let err = got.raw[0][..n]
+                    .iter()
+                    .zip(&want.raw[0][..n])
+                    .map(|(a, b)| (a - b).abs() as f64)
+                    .fold(0.0, f64::max);
+                println!("parity round {name} ({mode:?}) r={r}: keep exact, raw err {:.2e} of row std", err / std);
+                assert!(err <= 1e-5 * std, "{name}: raw scores");
+            }
+            // In-place compaction of the same cache: rows bit-exact against the CPU gather.
+            let plan = RoundPlan::new(&scorer, &config, RoundShape { compaction: Compaction::InPlace(mode), ..shape })
+                .unwrap();
+            let mut round = DeviceRound::new(&gpu, &stream, plan, &cache.addresses(&stream)).unwrap();
+            round.set_round_start(&stream, 4096).unwrap();
+            // SAFETY: as above.
+            unsafe { round.run(&gpu, &stream) }.unwrap();
+            let got = round.read_outputs(&stream).unwrap();
+            let want = run_cpu(&config, &scorer, &views, 4096, prefix).unwrap();
+            assert_eq!(got.keep, want.keep, "{name}: keep sets");
+            if let RoundOutcome::Compressed { kept, .. } = want.outcome {
+                for (layer, before) in keys.iter().enumerate() {
+                    let k_after = stream.clone_dtoh(&cache.keys[layer]).unwrap();
+                    for g in 0..hkv {
+                        let map = &got.slot_map[config.mode.set_index(layer, g, hkv)];
+                        for i in 0..kept {
+                            let src = map[i] as usize;
+                            assert_eq!(
+                                &k_after[(g * n + i) * d..(g * n + i + 1) * d],
+                                &before[(g * n + src) * d..(g * n + src + 1) * d],
+                                "{name}: K row {i} of layer {layer} head {g}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Times each stage with CUDA events around its launch.
+struct Timed<'a> {
+    gpu: &'a CudaBackend,
+    stream: &'a Arc<CudaStream>,
+    marks: Vec<(Stage, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+}
+
+impl Launcher for Timed<'_> {
+    unsafe fn launch<P: Copy>(
+        &mut self,
+        stage: Stage,
+        variant: Variant,
+        params: &P,
+        grid: (u32, u32, u32),
+        dynamic_smem: usize,
+    ) -> triattn::Result<()> {
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).unwrap();
+        let mut inner = triattn::cuda::StreamLauncher::new(self.gpu, self.stream.cu_stream());
+        // SAFETY: forwarded.
+        unsafe { inner.launch(stage, variant, params, grid, dynamic_smem)? };
+        let end = self.stream.record_event(flags).unwrap();
+        self.marks.push((stage, start, end));
+        Ok(())
+    }
+}
+
+/// Per-stage times of a Qwen3-8B-shaped round (36 layers, N = budget + 128) next to a device copy
+/// of the same key bytes, and no device memory taken by `run`.
+#[test]
+fn cuda_round_stage_times() {
+    let Some(gpu) = gpu_or_skip("cuda_round_stage_times") else { return };
+    let stream = gpu.context().default_stream();
+    let (l, h, hkv, d) = (36, 32, 8, 128);
+    let scorer = Scorer::new(model(l, h, hkv, d), random_stats(l, h, d, 3), None).unwrap();
+    for (budget, mode) in [(2048, CompactMode::HoleFilling), (2048, CompactMode::OrderPreserving)] {
+        let n = budget + 128;
+        let config = CompressionConfig { budget, ..CompressionConfig::preset(Preset::Paper) };
+        let keys: Vec<Vec<bf16>> = (0..l).map(|i| random_keys(hkv * n * d, d, 500 + i as u64)).collect();
+        let cache = Cache::upload(&stream, &keys, &keys);
+        let shape = RoundShape {
+            dtype: triattn::DType::Bf16,
+            len: n,
+            prefix_len: 0,
+            value_dim: d,
+            keys: strides(n, d),
+            values: strides(n, d),
+            compaction: Compaction::InPlace(mode),
+        };
+        let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+        let key_bytes = plan.key_bytes();
+        let mut round = DeviceRound::new(&gpu, &stream, plan.clone(), &cache.addresses(&stream)).unwrap();
+        round.set_round_start(&stream, 100_000).unwrap();
+        // Warm up, then check that a run takes no device memory.
+        // SAFETY: the cache lives to the end of the loop body.
+        unsafe { round.run(&gpu, &stream) }.unwrap();
+        stream.synchronize().unwrap();
+        let (free_before, _) = cudarc::driver::result::mem_get_info().unwrap();
+        let mut total = std::collections::BTreeMap::<Stage, f32>::new();
+        let reps = 20;
+        for _ in 0..reps {
+            let mut t = Timed { gpu: &gpu, stream: &stream, marks: Vec::new() };
+            // SAFETY: as above.
+            unsafe { round.run_with(&mut t, &stream) }.unwrap();
+            stream.synchronize().unwrap();
+            for (stage, s, e) in &t.marks {
+                *total.entry(*stage).or_default() += s.elapsed_ms(e).unwrap();
+            }
+        }
+        let (free_after, _) = cudarc::driver::result::mem_get_info().unwrap();
+        assert_eq!(free_before, free_after, "a run allocated device memory");
+        // Device copy ceiling over the same key bytes.
+        let src = stream.alloc_zeros::<u8>(key_bytes).unwrap();
+        let mut dst = stream.alloc_zeros::<u8>(key_bytes).unwrap();
+        stream.memcpy_dtod(&src, &mut dst).unwrap();
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let s = stream.record_event(flags).unwrap();
+        for _ in 0..reps {
+            stream.memcpy_dtod(&src, &mut dst).unwrap();
+        }
+        let e = stream.record_event(flags).unwrap();
+        stream.synchronize().unwrap();
+        let copy_ms = s.elapsed_ms(&e).unwrap() / reps as f32;
+        let copy_gbs = 2.0 * key_bytes as f64 / (copy_ms as f64 * 1e6);
+        println!("round L={l} Hkv={hkv} N={n} budget={budget} {mode:?}: {:.1} MB of keys; device copy {copy_ms:.4} ms ({copy_gbs:.0} GB/s read+write)", key_bytes as f64 / 1e6);
+        for (stage, ms) in &total {
+            let ms = ms / reps as f32;
+            let note = match stage {
+                Stage::Score => format!(
+                    ", {:.0}% of copy read bandwidth",
+                    100.0 * (key_bytes as f64 / (ms as f64 * 1e6)) / (copy_gbs / 2.0)
+                ),
+                _ => String::new(),
+            };
+            println!("stage {:<9} {ms:.4} ms{note}", stage.name());
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Whole device rounds (`RoundPlan` run on the emu backend) against the CPU backend: keep sets
+//! exact, scores within 1e-5 of the row std, compacted rows bit-exact, for every preset,
+//! selection mode, aggregation and dtype; the run path itself allocates nothing.
+#![cfg(feature = "emu")]
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{random_keys, random_stats, Rng};
+use half::bf16;
+use triattn::cuda::{CacheAddresses, Compaction, Launcher, RoundPlan, RoundShape, RowStrides, Stage};
+use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
+use triattn::round::{run_cpu, Scorer};
+use triattn::score::OffsetAggregation;
+use triattn::variant::{CompactMode, Variant};
+use triattn::{Element, LayerView, ModelConfig};
+
+/// Counts heap allocations per thread (other tests run on other threads meanwhile).
+struct Counting;
+static TOTAL: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn count() {
+    TOTAL.fetch_add(1, Ordering::Relaxed);
+    ALLOCATIONS.with(|c| c.set(c.get() + 1));
+}
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
+    ModelConfig::from_json_str(&format!(
+        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
+            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
+    ))
+    .unwrap()
+}
+
+fn strides(n: usize, d: usize) -> RowStrides {
+    RowStrides { head_stride: n * d, row_stride: d }
+}
+
+struct Case {
+    name: &'static str,
+    config: CompressionConfig,
+    n: usize,
+    prefix: usize,
+}
+
+fn cases() -> Vec<Case> {
+    let paper = CompressionConfig { budget: 96, divide_length: 32, ..CompressionConfig::preset(Preset::Paper) };
+    let vllm =
+        CompressionConfig { budget: 96, divide_length: 32, window: 16, ..CompressionConfig::preset(Preset::Vllm) };
+    vec![
+        Case { name: "paper per-head", config: paper, n: 128, prefix: 20 },
+        Case {
+            name: "paper union window",
+            config: CompressionConfig { mode: SelectionMode::Union, window: 8, ..paper },
+            n: 130,
+            prefix: 7,
+        },
+        Case {
+            name: "paper max plph",
+            config: CompressionConfig {
+                mode: SelectionMode::PerLayerPerHead,
+                score: triattn::score::ScoreConfig { aggregation: OffsetAggregation::Max, ..paper.score },
+                ..paper
+            },
+            n: 128,
+            prefix: 0,
+        },
+        Case {
+            name: "vllm plph window",
+            config: CompressionConfig { mode: SelectionMode::PerLayerPerHead, ..vllm },
+            n: 127,
+            prefix: 5,
+        },
+        Case { name: "within budget", config: paper, n: 90, prefix: 4 },
+        Case { name: "protected reach budget", config: paper, n: 128, prefix: 100 },
+    ]
+}
+
+/// Run `case` on the CPU and as one emu round with in-place compaction in `mode`; compare.
+fn check<T: Element>(case: &Case, mode: CompactMode, seed: u64) {
+    let m = model(2, 8, 2, 64);
+    let (l, hkv, d, dv, n) = (2, 2, 64, 64, case.n);
+    let scorer = Scorer::new(m.clone(), random_stats(2, 8, 64, seed), None).unwrap();
+    let keys: Vec<Vec<T>> = (0..l).map(|i| random_keys::<T>(hkv * n * d, d, seed * 10 + i as u64)).collect();
+    let values: Vec<Vec<T>> = (0..l).map(|i| random_keys::<T>(hkv * n * dv, dv, seed * 20 + i as u64)).collect();
+    let round_start = n as u64 + 1000;
+    let views: Vec<LayerView<'_, T>> = keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+    let want = run_cpu(&case.config, &scorer, &views, round_start, case.prefix).unwrap();
+
+    let shape = RoundShape {
+        dtype: T::DTYPE,
+        len: n,
+        prefix_len: case.prefix,
+        value_dim: dv,
+        keys: strides(n, d),
+        values: strides(n, dv),
+        compaction: Compaction::InPlace(mode),
+    };
+    let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
+    assert_eq!(plan.outcome(), want.outcome, "{}", case.name);
+    let mut k_dev = keys.clone();
+    let mut v_dev = values.clone();
+    let got = {
+        let mut k: Vec<&mut [T]> = k_dev.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut v: Vec<&mut [T]> = v_dev.iter_mut().map(Vec::as_mut_slice).collect();
+        triattn::emu::round_in_place(&plan, &mut k, &mut v, round_start).unwrap()
+    };
+    let out = &got.outputs;
+    assert_eq!(out.keep, want.keep, "{}: keep sets", case.name);
+    for (layer, (g, w)) in out.raw.iter().zip(&want.raw).enumerate() {
+        for (row, (gr, wr)) in g.chunks(n).zip(w.chunks(n)).enumerate() {
+            let std = common::std_dev(wr).max(1e-6);
+            for (a, b) in gr.iter().zip(wr) {
+                assert!(((a - b) as f64).abs() <= 1e-5 * std, "{}: raw l{layer} r{row}: {a} vs {b}", case.name);
+            }
+        }
+    }
+    for (a, b) in out.score.iter().zip(&want.score) {
+        assert!(a == b || ((a - b) as f64).abs() <= 2e-5 * (1.0 + b.abs() as f64), "{}: score {a} vs {b}", case.name);
+    }
+    // Compacted rows: the CPU compaction of the same keep sets, bit for bit.
+    let kept = plan.kept();
+    if let RoundOutcome::Compressed { .. } = want.outcome {
+        for layer in 0..l {
+            for g in 0..hkv {
+                let keep = &want.keep[case.config.mode.set_index(layer, g, hkv)];
+                let slot_of = |i: usize| -> usize {
+                    let map = &out.slot_map[case.config.mode.set_index(layer, g, hkv)];
+                    map[i] as usize
+                };
+                for i in 0..kept {
+                    let src = slot_of(i);
+                    assert!(keep.contains(&(src as u32)), "{}: slot map holds an evicted slot", case.name);
+                    let at = |t: &Vec<T>, slot: usize, dim: usize| {
+                        t[(g * n + slot) * dim..(g * n + slot + 1) * dim].to_vec()
+                    };
+                    assert!(at(&k_dev[layer], i, d) == at(&keys[layer], src, d), "{}: K row {i}", case.name);
+                    assert!(at(&v_dev[layer], i, dv) == at(&values[layer], src, dv), "{}: V row {i}", case.name);
+                }
+                if mode == CompactMode::OrderPreserving {
+                    let map: Vec<u32> = (0..kept).map(|i| slot_of(i) as u32).collect();
+                    assert_eq!(&map, keep, "{}: order-preserving slot map", case.name);
+                }
+            }
+        }
+    } else {
+        assert!(k_dev == keys && v_dev == values, "{}: a round that evicts nothing leaves the cache alone", case.name);
+    }
+}
+
+#[test]
+fn emu_rounds_match_the_cpu_backend() {
+    for (i, case) in cases().iter().enumerate() {
+        check::<f32>(case, CompactMode::OrderPreserving, 1 + i as u64);
+        check::<bf16>(case, CompactMode::HoleFilling, 100 + i as u64);
+    }
+    check::<half::f16>(&cases()[0], CompactMode::HoleFilling, 7);
+}
+
+/// One plan, several rounds: `round_start` is read from memory at run time, so a replay with a
+/// new value scores with the new round's weights (what a replayed CUDA graph relies on).
+#[test]
+fn one_plan_serves_rounds_with_different_round_starts() {
+    let m = model(2, 8, 2, 64);
+    let (hkv, d, n) = (2, 64, 128);
+    let scorer = Scorer::new(m, random_stats(2, 8, 64, 5), None).unwrap();
+    let config = CompressionConfig { budget: 96, ..CompressionConfig::preset(Preset::Paper) };
+    let keys: Vec<Vec<f32>> = (0..2).map(|i| random_keys::<f32>(hkv * n * d, d, 50 + i)).collect();
+    let views: Vec<LayerView<'_, f32>> =
+        keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+    let shape = RoundShape {
+        dtype: triattn::DType::F32,
+        len: n,
+        prefix_len: 0,
+        value_dim: d,
+        keys: strides(n, d),
+        values: strides(n, d),
+        compaction: Compaction::KeepSetsOnly,
+    };
+    let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+    let tensors: Vec<&[f32]> = keys.iter().map(Vec::as_slice).collect();
+    let mut distinct = std::collections::BTreeSet::new();
+    for r in [128u64, 4096, 70_000] {
+        let want = run_cpu(&config, &scorer, &views, r, 0).unwrap();
+        let got = triattn::emu::round_keys(&plan, &tensors, r).unwrap();
+        assert_eq!(got.outputs.keep, want.keep, "round_start {r}");
+        distinct.insert(got.outputs.keep.clone());
+    }
+    assert!(distinct.len() > 1, "different rounds should select differently");
+}
+
+/// One recorded launch: stage, variant id, grid.
+type Recorded = (Stage, u16, (u32, u32, u32));
+
+/// Records launches into a fixed array: no allocation of its own.
+struct Recorder {
+    stages: [Option<Recorded>; 8],
+    count: usize,
+}
+
+impl Launcher for Recorder {
+    unsafe fn launch<P: Copy>(
+        &mut self,
+        stage: Stage,
+        variant: Variant,
+        _params: &P,
+        grid: (u32, u32, u32),
+        _dynamic_smem: usize,
+    ) -> triattn::Result<()> {
+        self.stages[self.count] = Some((stage, variant.id.0, grid));
+        self.count += 1;
+        Ok(())
+    }
+}
+
+/// `run` builds params on the stack and launches: no heap allocation, in every configuration.
+#[test]
+fn the_run_path_allocates_nothing() {
+    let m = model(2, 8, 2, 64);
+    let scorer = Scorer::new(m, random_stats(2, 8, 64, 9), None).unwrap();
+    let mut rng = Rng(3);
+    for case in cases() {
+        for compaction in [
+            Compaction::KeepSetsOnly,
+            Compaction::InPlace(CompactMode::HoleFilling),
+            Compaction::OutOfPlace { keys: strides(rng.below(8) + 96, 64), values: strides(128, 64) },
+        ] {
+            let shape = RoundShape {
+                dtype: triattn::DType::Bf16,
+                len: case.n,
+                prefix_len: case.prefix,
+                value_dim: 64,
+                keys: strides(case.n, 64),
+                values: strides(case.n, 64),
+                compaction,
+            };
+            let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
+            let _ = plan.workspace_image(&CacheAddresses {
+                keys: vec![16; 2],
+                values: vec![32; 2],
+                keys_out: vec![48; 2],
+                values_out: vec![64; 2],
+            });
+            let mut rec = Recorder { stages: [None; 8], count: 0 };
+            let before = allocations();
+            // SAFETY: the recorder launches nothing; the addresses are never dereferenced.
+            unsafe { plan.run(&mut rec, 1 << 20, 1 << 12) }.unwrap();
+            let after = allocations();
+            assert_eq!(after - before, 0, "{}: run allocated", case.name);
+            let stages: Vec<Stage> = rec.stages[..rec.count].iter().map(|s| s.unwrap().0).collect();
+            assert_eq!(stages, plan.stages(), "{}", case.name);
+            let ids: Vec<u16> = rec.stages[..rec.count].iter().map(|s| s.unwrap().1).collect();
+            assert_eq!(ids, plan.variants().iter().map(|v| v.id.0).collect::<Vec<_>>());
+        }
+    }
+}
+
+#[test]
+fn plans_refuse_bad_shapes_by_name() {
+    let m = model(2, 8, 2, 64);
+    let scorer = Scorer::new(m, random_stats(2, 8, 64, 9), None).unwrap();
+    let config = CompressionConfig { budget: 96, ..CompressionConfig::preset(Preset::Paper) };
+    let good = RoundShape {
+        dtype: triattn::DType::Bf16,
+        len: 128,
+        prefix_len: 0,
+        value_dim: 64,
+        keys: strides(128, 64),
+        values: strides(128, 64),
+        compaction: Compaction::InPlace(CompactMode::HoleFilling),
+    };
+    let err = |s: RoundShape| RoundPlan::new(&scorer, &config, s).unwrap_err().to_string();
+    assert!(err(RoundShape { len: 0, ..good }).contains("slots"));
+    assert!(err(RoundShape { prefix_len: 129, ..good }).contains("prefix_len"));
+    assert!(err(RoundShape { value_dim: 3, ..good }).contains("value row"));
+    let plan = RoundPlan::new(&scorer, &config, good).unwrap();
+    let e = plan.workspace_image(&CacheAddresses { keys: vec![16], values: vec![16, 32], ..Default::default() });
+    assert!(e.unwrap_err().to_string().contains("K layer addresses"));
+    let keys = vec![bf16::ZERO; 10];
+    let e = triattn::emu::round_keys(&plan, &[&keys, &keys], 200).unwrap_err().to_string();
+    assert!(e.contains("KeepSetsOnly"), "{e}");
+}
