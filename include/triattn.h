@@ -99,11 +99,29 @@ typedef enum {
   TRIATTN_DTYPE_BF16 = 2,
 } triattn_dtype;
 
-// Opaque compressor: policy, model RoPE and statistics.
+// What a device round does after selection (`triattn_round_shape::compaction`).
+typedef enum {
+  // No compaction: the round ends with its keep sets (virtual eviction, or the engine moves
+  // the rows itself).
+  TRIATTN_COMPACTION_KEEP_SETS_ONLY = 0,
+  // Compact K and V in place, order-preserving (row `i` receives row `keep[i]`).
+  TRIATTN_COMPACTION_IN_PLACE_ORDER_PRESERVING = 1,
+  // Compact K and V in place, hole-filling (moves at most the evicted count).
+  TRIATTN_COMPACTION_IN_PLACE_HOLE_FILLING = 2,
+  // Copy the kept rows, in slot order, into separate destination tensors.
+  TRIATTN_COMPACTION_OUT_OF_PLACE = 3,
+} triattn_compaction;
+
+// Opaque compressor: policy, model RoPE and statistics (and the device of its context).
 typedef struct triattn_compressor triattn_compressor;
 
-// Opaque library context: the backend rounds run on.
+// Opaque library context: the backend rounds run on (and, for CUDA, the device).
 typedef struct triattn_context triattn_context;
+
+// Opaque round plan: one compressor's round over caches of one shape, validated on the host,
+// with its workspace layout. One plan serves every round of that shape (in the steady state of a
+// decode, every round of a sequence); several workspaces may be bound to one plan.
+typedef struct triattn_plan triattn_plan;
 
 // Every knob of a round; fill with `triattn_config_default`, then change fields.
 typedef struct {
@@ -167,6 +185,85 @@ typedef struct {
   float *score;
 } triattn_host_round;
 
+// The cache a device round runs over: per layer one `K[num_kv_heads, len, head_dim]` and one
+// `V[num_kv_heads, len, value_dim]` tensor with the given element strides (any layout whose rows
+// are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D and row stride Hkv*D).
+// Enum fields travel as uint32_t and are checked on entry.
+typedef struct {
+  // Element type of K and V: a `triattn_dtype` value.
+  uint32_t dtype;
+  // Cached slots N per (layer, KV head), >= 1.
+  size_t len;
+  // Prompt slots at the front of the cache (<= len).
+  size_t prefix_len;
+  // Elements per V row (Dv); read only when the round compacts.
+  size_t value_dim;
+  // Elements between KV heads of K.
+  size_t key_head_stride;
+  // Elements between slots of K (>= head_dim).
+  size_t key_row_stride;
+  // Elements between KV heads of V (read only when the round compacts).
+  size_t value_head_stride;
+  // Elements between slots of V (>= value_dim; read only when the round compacts).
+  size_t value_row_stride;
+  // What happens after selection: a `triattn_compaction` value.
+  uint32_t compaction;
+  // Out of place: elements between KV heads of the destination K (else ignored).
+  size_t dst_key_head_stride;
+  // Out of place: elements between slots of the destination K (>= head_dim).
+  size_t dst_key_row_stride;
+  // Out of place: elements between KV heads of the destination V.
+  size_t dst_value_head_stride;
+  // Out of place: elements between slots of the destination V (>= value_dim).
+  size_t dst_value_row_stride;
+} triattn_round_shape;
+
+// What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
+// so an engine can read them on the device (after `triattn_plan_run`, in stream order).
+typedef struct {
+  // Bytes of device workspace the caller provides.
+  size_t workspace_bytes;
+  // Required alignment of the workspace base (256).
+  size_t workspace_alignment;
+  // Leading bytes of the workspace `triattn_plan_bind` writes (the per-cache constants).
+  size_t constants_bytes;
+  // What every round of this shape does (the shape fixes it).
+  triattn_outcome outcome;
+  // Keep sets a round produces.
+  size_t sets;
+  // Slots per keep set: the budget when the round evicts, else `len`.
+  size_t kept;
+  // Offset of the keep sets: int32 `[sets, kept]`, ascending slot indices.
+  size_t keep_offset;
+  // Bytes of the keep sets (`sets * kept * 4`).
+  size_t keep_bytes;
+  // Offset of the ranked scores: float `[sets, len]` (protected slots +inf).
+  size_t score_offset;
+  // Bytes of the ranked scores.
+  size_t score_bytes;
+  // Offset of the raw scores: float `[num_layers, num_heads, len]`.
+  size_t raw_offset;
+  // Bytes of the raw scores.
+  size_t raw_bytes;
+  // Offset of the slot map: int32 `[sets, kept]`, the original slot each slot holds after a
+  // compaction.
+  size_t slot_map_offset;
+  // Bytes of the slot map (0 when the round does not compact).
+  size_t slot_map_bytes;
+} triattn_plan_info;
+
+// Host arrays of `num_layers` device addresses each: the cache a plan's workspace is bound to.
+typedef struct {
+  // K tensor of each layer (always required).
+  void *const *keys;
+  // V tensor of each layer (required when the round compacts, else may be NULL).
+  void *const *values;
+  // Out of place: destination K tensor of each layer (else NULL).
+  void *const *keys_out;
+  // Out of place: destination V tensor of each layer (else NULL).
+  void *const *values_out;
+} triattn_cache_pointers;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -187,12 +284,25 @@ size_t triattn_last_error(char *buf, size_t len);
 // `out` is null (an error) or points to a writable `triattn_config`.
 triattn_status triattn_config_default(uint32_t preset, triattn_config *out);
 
-// Create a context for `backend` (a `triattn_backend` value; `TRIATTN_BACKEND_CPU` in this version).
+// Create a context for `backend` (a `triattn_backend` value): `TRIATTN_BACKEND_CPU`, or
+// `TRIATTN_BACKEND_CUDA` for CUDA device 0 (as `triattn_context_create_cuda(0, out)`).
+//
+// A CUDA context needs a library built with the `cuda` feature (else
+// `TRIATTN_STATUS_UNSUPPORTED`) and a driver and device (else `TRIATTN_STATUS_NO_DEVICE`).
 //
 // # Safety
 // `out` is null (an error) or points to writable storage for a handle.
-triattn_status triattn_context_create(uint32_t backend,
-                                      triattn_context **out);
+triattn_status triattn_context_create(uint32_t backend, triattn_context **out);
+
+// Create a CUDA context on device `device_ordinal` (its primary context, shared with the CUDA
+// runtime API of the same process).
+//
+// `TRIATTN_STATUS_UNSUPPORTED` when the library was built without the `cuda` feature;
+// `TRIATTN_STATUS_NO_DEVICE` when there is no driver or no such device.
+//
+// # Safety
+// `out` is null (an error) or points to writable storage for a handle.
+triattn_status triattn_context_create_cuda(uint32_t device_ordinal, triattn_context **out);
 
 // Destroy a context (null is ignored).
 //
@@ -260,6 +370,70 @@ triattn_status triattn_compact_host(void *rows,
                                     size_t row_stride_bytes,
                                     const int32_t *keep,
                                     size_t k);
+
+// Plan a device round of compressor `c` over caches of `shape` (host-only: no device work).
+//
+// Every field of `shape` is checked on entry (errors name it, with expected vs got). Needs a
+// library built with the `cuda` feature (or `emu`, for planning on the host only); otherwise
+// `TRIATTN_STATUS_UNSUPPORTED`. A plan of a compressor from a CPU context can be planned and
+// inspected but not bound or run.
+//
+// # Safety
+// `c` is a live compressor; `shape` points to a `triattn_round_shape`; `out` points to writable
+// storage for a handle.
+triattn_status triattn_plan_create(const triattn_compressor *c,
+                                   const triattn_round_shape *shape,
+                                   triattn_plan **out);
+
+// The workspace a plan needs and where a run leaves its outputs (byte offsets in the workspace).
+//
+// # Safety
+// `plan` is a live plan; `out` points to a writable `triattn_plan_info`.
+triattn_status triattn_plan_get_info(const triattn_plan *plan, triattn_plan_info *out);
+
+// Bind `workspace` to the cache at `cache`: load the plan's kernels, copy the per-cache
+// constants (statistics, frequencies, the per-layer K/V address tables) into the first
+// `constants_bytes` of `workspace` on `stream`, and synchronise `stream` before returning.
+//
+// A setup step, not part of the captured round: call it once per workspace, again only when
+// the cache moves (new layer addresses), and never while `stream` is being captured. The
+// workspace is the caller's device memory of `workspace_bytes`, aligned to 256 (cudaMalloc's
+// alignment); the library never allocates it.
+//
+// # Safety
+// `plan` is a live plan of a CUDA context; the arrays in `cache` hold `num_layers` device
+// addresses each where required (`keys` always, `values` when the round compacts, the `*_out`
+// arrays out of place); `workspace` is device memory of that context of at least
+// `workspace_bytes`; `stream` is NULL (the legacy default stream) or a stream of that context.
+triattn_status triattn_plan_bind(triattn_plan *plan,
+                                 const triattn_cache_pointers *cache,
+                                 void *workspace,
+                                 void *stream);
+
+// Launch one round on `stream`: nothing but kernel launches (no allocation, no copy, no
+// synchronisation), so it can be captured in a CUDA graph and replayed.
+//
+// `round_start_device` is the device address of one int64, the tokens seen so far (>= len),
+// read by the kernels when they run: write it in stream order (e.g. cudaMemcpyAsync) before
+// each launch or replay. The keep sets, scores and slot map land at the offsets of
+// `triattn_plan_info`; with an in-place or out-of-place compaction K and V are moved too.
+//
+// # Safety
+// `workspace` was bound by `triattn_plan_bind` of this plan to a cache that is still alive and
+// holds `len` slots at the planned strides (out of place: destinations of `kept` slots, not
+// overlapping the source); `stream` is NULL or a stream of the plan's device context; nothing
+// else touches the workspace or the cache until the round has run.
+triattn_status triattn_plan_run(const triattn_plan *plan,
+                                void *workspace,
+                                const int64_t *round_start_device,
+                                void *stream);
+
+// Destroy a plan (null is ignored). Work already queued with it may still be running: the
+// plan holds nothing the device reads.
+//
+// # Safety
+// `plan` is null or a handle from `triattn_plan_create` not yet destroyed.
+void triattn_plan_destroy(triattn_plan *plan);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -29,8 +29,9 @@ build() {
   mkdir -p "$pack/bin"
   local json
   json="$(mktemp)"
-  cargo test --release --features cuda --test cuda_score --test cuda_stages --test cuda_compact --test cuda_round --test variants --no-run --message-format=json >"$json"
+  cargo test --release --features cuda --test cuda_score --test cuda_stages --test cuda_compact --test cuda_round --test golden --test batch --test variants --no-run --message-format=json >"$json"
   cargo bench --features cuda --bench score_gpu --no-run --message-format=json >>"$json"
+  cargo build --release --features cuda --bin triattn --message-format=json >>"$json"
   python3 - "$json" "$pack/bin" <<'PY'
 import json, shutil, sys, os
 src, dst = sys.argv[1], sys.argv[2]
@@ -39,7 +40,7 @@ for line in open(src):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "cuda_stages", "cuda_compact", "cuda_round", "variants", "score_gpu"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "cuda_stages", "cuda_compact", "cuda_round", "golden", "batch", "variants", "score_gpu", "triattn"):
         shutil.copy(m["executable"], os.path.join(dst, m["target"]["name"]))
 PY
   rm -f "$json"
@@ -71,6 +72,11 @@ run() {
   echo "== round: every stage on the device vs CPU, graph capture and replay, per-stage times"
   "${env[@]}" "$pack/bin/cuda_round" --test-threads 1 --nocapture 2>&1 | tee "$logs/round.txt" | grep -E "^parity|^round|^stage|SKIP|panicked|test result" || status=1
   grep -q "test result: ok" "$logs/round.txt" || status=1
+  echo "== CLI and Compressor on the cuda backend: golden cases (compress, calibrate), batched rounds"
+  "${env[@]}" env TRIATTN_BIN="$pack/bin/triattn" "$pack/bin/golden" --test-threads 1 --nocapture cuda 2>&1 | tee "$logs/golden.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
+  grep -q "test result: ok" "$logs/golden.txt" || status=1
+  "${env[@]}" "$pack/bin/batch" --test-threads 1 --nocapture cuda 2>&1 | tee "$logs/batch.txt" | grep -E "SKIP|panicked|test result" || status=1
+  grep -q "test result: ok" "$logs/batch.txt" || status=1
   echo "== variants: ptxas report (no spills, HMMA in max mode)"
   "$pack/bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
   echo "== throughput: score vs device copy"

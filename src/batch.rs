@@ -172,12 +172,16 @@ impl Compressor {
         &self,
         work: Vec<(usize, (&mut BatchItem<'_, T>, CompressionConfig))>,
     ) -> Result<Vec<RoundReport>> {
-        let results: Vec<Result<RoundReport>> = work
-            .into_par_iter()
-            .map(|(i, (item, config))| {
-                self.compress_with(&config, item.cache, item.seq).map_err(|e| e.context(format!("batch item {i}")))
-            })
-            .collect();
+        let one = |(i, (item, config)): (usize, (&mut BatchItem<'_, T>, CompressionConfig))| {
+            self.compress_with(&config, item.cache, item.seq).map_err(|e| e.context(format!("batch item {i}")))
+        };
+        // CPU rounds run in parallel; kernel backends take the rounds one after another (each
+        // round already fills the device, or the SIMT layer's threads).
+        let results: Vec<Result<RoundReport>> = if self.backend().is_cpu() {
+            work.into_par_iter().map(one).collect()
+        } else {
+            work.into_iter().map(one).collect()
+        };
         results.into_iter().collect()
     }
 }

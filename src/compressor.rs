@@ -1,4 +1,5 @@
-//! [`Compressor`]: the policy driving rounds over a sequence's cache on the CPU backend.
+//! [`Compressor`]: the policy driving rounds over a sequence's cache, on any backend with the same
+//! calls (the CPU, or every stage on the kernels: emu, or a GPU).
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use crate::cpu;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::policy::{CompressionConfig, RoundOutcome};
-use crate::round::{self, RoundResult, Scorer};
+use crate::round::{self, Backend, RoundResult, Scorer};
 
 /// Per-sequence bookkeeping: positions seen and the position held by every slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +65,7 @@ pub struct RoundReport {
 pub struct Compressor {
     config: CompressionConfig,
     scorer: Scorer,
+    backend: Backend,
 }
 
 impl Compressor {
@@ -73,7 +75,20 @@ impl Compressor {
     /// `InvalidArgument` naming the bad knob.
     pub fn new(config: CompressionConfig, scorer: Scorer) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, scorer })
+        Ok(Self { config, scorer, backend: Backend::Cpu })
+    }
+
+    /// The same compressor running its rounds on `backend`: on the kernels (emu, or a GPU via
+    /// `cuda::CudaDevice`) every stage runs as one planned device round and K and V are
+    /// compacted by the kernel (order-preserving, in place); keep sets equal the CPU backend's.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The backend rounds run on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// The configuration.
@@ -150,6 +165,9 @@ impl Compressor {
         cache: &mut KvCache<T>,
         seq: &mut SequenceState,
     ) -> Result<RoundReport> {
+        if !self.backend.is_cpu() {
+            return self.compress_on_device(config, cache, seq);
+        }
         let keys: Vec<_> = (0..cache.num_layers).map(|l| cache.keys(l)).collect();
         let result = round::run_cpu(config, &self.scorer, &keys, seq.round_start, seq.prompt_slots())?;
         let t = Instant::now();
@@ -160,12 +178,75 @@ impl Compressor {
                     let keep = &result.keep[config.mode.set_index(l, g, hkv)];
                     cpu::compact::compact_in_place(&mut cache.k[l][g * cap * d..(g + 1) * cap * d], d, d, keep)?;
                     cpu::compact::compact_in_place(&mut cache.v[l][g * cap * dv..(g + 1) * cap * dv], dv, dv, keep)?;
-                    let pos = &mut seq.positions[l * hkv + g];
-                    *pos = keep.iter().map(|&s| pos[s as usize]).collect();
                 }
             }
+            update_positions(config, cache.num_layers, hkv, &result.keep, seq);
             cache.len = kept;
         }
         Ok(RoundReport { round: result, compact: t.elapsed() })
+    }
+
+    /// A round as one device plan compacting the cache in place (order-preserving).
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    fn compress_on_device<T: Element>(
+        &self,
+        config: &CompressionConfig,
+        cache: &mut KvCache<T>,
+        seq: &mut SequenceState,
+    ) -> Result<RoundReport> {
+        use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
+        use crate::variant::CompactMode;
+        let n = cache.len;
+        if n == 0 {
+            return Err(Error::invalid_argument("cache slots", ">= 1 for a device round", 0));
+        }
+        let (cap, d, dv) = (cache.capacity, cache.head_dim, cache.value_dim);
+        let shape = RoundShape {
+            dtype: T::DTYPE,
+            len: n,
+            prefix_len: seq.prompt_slots(),
+            value_dim: dv,
+            keys: RowStrides { head_stride: cap * d, row_stride: d },
+            values: RowStrides { head_stride: cap * dv, row_stride: dv },
+            compaction: Compaction::InPlace(CompactMode::OrderPreserving),
+        };
+        let plan = RoundPlan::new(&self.scorer, config, shape)?;
+        let mut k: Vec<&mut [T]> = cache.k.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut v: Vec<&mut [T]> = cache.v.iter_mut().map(Vec::as_mut_slice).collect();
+        let (out, (times, compact)) =
+            round::device_round(&self.backend, &plan, round::DeviceCache::InPlace(&mut k, &mut v), seq.round_start)?;
+        let result = RoundResult::from_outputs(&plan, out, times);
+        if let RoundOutcome::Compressed { kept, .. } = result.outcome {
+            update_positions(config, cache.num_layers, cache.num_kv_heads, &result.keep, seq);
+            cache.len = kept;
+        }
+        Ok(RoundReport { round: result, compact })
+    }
+
+    #[cfg(not(any(feature = "emu", feature = "cuda")))]
+    fn compress_on_device<T: Element>(
+        &self,
+        _config: &CompressionConfig,
+        _cache: &mut KvCache<T>,
+        _seq: &mut SequenceState,
+    ) -> Result<RoundReport> {
+        Err(Error::unsupported("device rounds need the emu or cuda feature"))
+    }
+}
+
+/// Each (layer, KV head) keeps the positions of its kept slots.
+fn update_positions(
+    config: &CompressionConfig,
+    layers: usize,
+    kv_heads: usize,
+    keep: &[Vec<u32>],
+    seq: &mut SequenceState,
+) {
+    for l in 0..layers {
+        for g in 0..kv_heads {
+            let keep = &keep[config.mode.set_index(l, g, kv_heads)];
+            let pos = &mut seq.positions[l * kv_heads + g];
+            *pos = keep.iter().map(|&s| pos[s as usize]).collect();
+        }
     }
 }

@@ -62,7 +62,6 @@ pub mod batch;
 pub mod cache;
 pub mod compressor;
 pub mod cpu;
-#[cfg(any(feature = "cuda", feature = "emu"))]
 pub mod cuda;
 pub mod dtype;
 #[cfg(feature = "emu")]

@@ -52,7 +52,7 @@ impl Scorer {
 }
 
 /// Where the stages of a round run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Default)]
 pub enum Backend {
     /// The CPU backend (the specification).
     #[default]
@@ -61,16 +61,27 @@ pub enum Backend {
     /// the plan/run path a GPU round takes.
     #[cfg(feature = "emu")]
     Emu,
+    /// Every stage on a GPU (feature `cuda`). Host buffers are copied to the device and back;
+    /// engines with device-resident caches use [`crate::cuda::RoundPlan`] directly.
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::cuda::CudaDevice>),
 }
 
 impl Backend {
-    /// `cpu` or `emu`.
-    pub fn name(self) -> &'static str {
+    /// `cpu`, `emu` or `cuda`.
+    pub fn name(&self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
             #[cfg(feature = "emu")]
             Backend::Emu => "emu",
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(_) => "cuda",
         }
+    }
+
+    /// Whether rounds run on the CPU backend.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Backend::Cpu)
     }
 }
 
@@ -157,10 +168,11 @@ pub fn run<T: Element>(
     let (layers, heads, kv_heads) = (model.num_layers, model.num_heads, model.num_kv_heads);
     let mut times = StageTimes::default();
 
-    #[cfg(feature = "emu")]
-    if backend == Backend::Emu {
-        return run_emu(config, scorer, keys, round_start, prefix_len);
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    if !backend.is_cpu() {
+        return run_device(config, scorer, keys, round_start, prefix_len, &backend);
     }
+    #[cfg(not(any(feature = "emu", feature = "cuda")))]
     let _ = backend;
     let t = Instant::now();
     let weights = scorer.weights(round_start, &config.score)?;
@@ -218,16 +230,17 @@ pub fn run<T: Element>(
     Ok(RoundResult { n, raw, score, keep, outcome, times })
 }
 
-/// The round on the emu backend: one [`crate::cuda::RoundPlan`] ending with keep sets.
-#[cfg(feature = "emu")]
-fn run_emu<T: Element>(
+/// The round on a kernel backend: one [`crate::cuda::RoundPlan`] ending with keep sets.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+fn run_device<T: Element>(
     config: &CompressionConfig,
     scorer: &Scorer,
     keys: &[LayerView<'_, T>],
     round_start: u64,
     prefix_len: usize,
+    backend: &Backend,
 ) -> Result<RoundResult> {
-    use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides, Stage};
+    use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
     let n = keys[0].len;
     if n == 0 {
         // Nothing to launch over: the CPU path reports the empty round.
@@ -263,20 +276,79 @@ fn run_emu<T: Element>(
             compaction: Compaction::KeepSetsOnly,
         },
     )?;
-    let out = crate::emu::round_keys(&plan, &tensors, round_start)?;
-    let t = &out.timings;
-    let times = StageTimes {
-        score: t.get(Stage::Weights) + t.get(Stage::Score),
-        normalize: t.get(Stage::Normalize),
-        reduce: t.get(Stage::Reduce),
-        select: t.get(Stage::Select),
+    let (out, times) = device_round(backend, &plan, DeviceCache::Keys(&tensors), round_start)?;
+    Ok(RoundResult::from_outputs(&plan, out, times.0))
+}
+
+/// Host tensors a device round reads (and compacts).
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub(crate) enum DeviceCache<'a, 'b, T> {
+    /// Keys only (a plan ending with keep sets).
+    Keys(&'a [&'b [T]]),
+    /// K and V compacted in place.
+    InPlace(&'a mut [&'b mut [T]], &'a mut [&'b mut [T]]),
+}
+
+/// Run `plan` on `backend` over host tensors; the outputs, the stage times and the compaction
+/// time.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub(crate) fn device_round<T: Element>(
+    backend: &Backend,
+    plan: &crate::cuda::RoundPlan,
+    cache: DeviceCache<'_, '_, T>,
+    round_start: u64,
+) -> Result<(crate::cuda::RoundOutputs, (StageTimes, Duration))> {
+    use crate::cuda::Stage;
+    let times_of = |get: &dyn Fn(Stage) -> Duration| {
+        let times = StageTimes {
+            score: get(Stage::Weights) + get(Stage::Score),
+            normalize: get(Stage::Normalize),
+            reduce: get(Stage::Reduce),
+            select: get(Stage::Select),
+        };
+        (times, get(Stage::Compact))
     };
-    Ok(RoundResult {
-        n,
-        raw: out.outputs.raw,
-        score: out.outputs.score,
-        keep: out.outputs.keep,
-        outcome: plan.outcome(),
-        times,
-    })
+    match backend {
+        Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let out = match cache {
+                DeviceCache::Keys(k) => crate::emu::round_keys(plan, k, round_start)?,
+                DeviceCache::InPlace(k, v) => crate::emu::round_in_place(plan, k, v, round_start)?,
+            };
+            let t = out.timings;
+            Ok((out.outputs, times_of(&|s| t.get(s))))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            let out = match cache {
+                DeviceCache::Keys(k) => dev.round_keys(plan, k, round_start)?,
+                DeviceCache::InPlace(k, v) => dev.round_in_place(plan, k, v, round_start)?,
+            };
+            let ms = out.stage_ms;
+            let get = move |s: Stage| {
+                Duration::from_secs_f64(ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum::<f64>())
+            };
+            Ok((out.outputs, times_of(&get)))
+        }
+    }
+}
+
+impl RoundResult {
+    /// The result of a device round from its outputs.
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    pub(crate) fn from_outputs(
+        plan: &crate::cuda::RoundPlan,
+        out: crate::cuda::RoundOutputs,
+        times: StageTimes,
+    ) -> Self {
+        RoundResult {
+            n: plan.shape().len,
+            raw: out.raw,
+            score: out.score,
+            keep: out.keep,
+            outcome: plan.outcome(),
+            times,
+        }
+    }
 }

@@ -68,6 +68,14 @@ pub enum Kernel {
         /// Threads per block.
         threads: usize,
     },
+    /// `select`, multi-block path for long rows: one kernel of its launch sequence
+    /// (cuda/select/multi.cuh).
+    SelectPass {
+        /// Which kernel of the sequence.
+        phase: SelectPhase,
+        /// Threads per block.
+        threads: usize,
+    },
     /// `reduce`: per-(layer, head) rows to selection rows, +inf guards (cuda/reduce/reduce.cuh).
     Reduce {
         /// Threads per block.
@@ -96,6 +104,46 @@ pub enum Kernel {
         threads: usize,
     },
 }
+
+/// The kernels of the multi-block `select` path, in launch order (cuda/select/multi.cuh).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SelectPhase {
+    /// Per-chunk histogram of one radix pass.
+    Histogram,
+    /// Per-row digit search of one radix pass.
+    Scan,
+    /// Per-chunk counts of sure-kept slots and ties.
+    Count,
+    /// Per-chunk placement of the kept slots.
+    Place,
+}
+
+impl SelectPhase {
+    /// All phases.
+    pub const ALL: [SelectPhase; 4] =
+        [SelectPhase::Histogram, SelectPhase::Scan, SelectPhase::Count, SelectPhase::Place];
+
+    /// `hist`, `scan`, `count`, `place`.
+    pub const fn tag(self) -> &'static str {
+        match self {
+            SelectPhase::Histogram => "hist",
+            SelectPhase::Scan => "scan",
+            SelectPhase::Count => "count",
+            SelectPhase::Place => "place",
+        }
+    }
+
+    /// Threads per block of the phase's kernel (the scan runs one thread per digit).
+    pub const fn threads(self) -> usize {
+        match self {
+            SelectPhase::Scan => 256,
+            _ => SELECT_PASS_THREADS,
+        }
+    }
+}
+
+/// Threads per block of the per-chunk multi-block `select` kernels.
+pub const SELECT_PASS_THREADS: usize = 256;
 
 /// Dense index of a variant in [`table`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -190,6 +238,9 @@ fn build_table() -> Vec<Variant> {
     for dtype in DType::ALL {
         kernels.push(Kernel::Calibrate { dtype, threads: CALIBRATE_THREADS });
     }
+    for phase in SelectPhase::ALL {
+        kernels.push(Kernel::SelectPass { phase, threads: phase.threads() });
+    }
     kernels.into_iter().enumerate().map(|(i, kernel)| Variant { id: VariantId(i as u16), kernel }).collect()
 }
 
@@ -215,6 +266,15 @@ const SELECT_WIDE_FROM: usize = 4096;
 pub fn select_variant(len: usize) -> Variant {
     let threads = if len >= SELECT_WIDE_FROM { 512 } else { 256 };
     select_variant_with(threads).expect("the table has both select widths")
+}
+
+/// The multi-block `select` kernel of `phase`.
+pub fn select_pass_variant(phase: SelectPhase) -> Variant {
+    cached()
+        .iter()
+        .copied()
+        .find(|v| matches!(v.kernel, Kernel::SelectPass { phase: p, .. } if p == phase))
+        .expect("the table has every multi-block select phase")
 }
 
 /// The `normalize` variant.
@@ -294,7 +354,7 @@ impl Variant {
     /// The op family (and fatbin) this variant belongs to.
     pub fn op(&self) -> &'static str {
         match self.kernel {
-            Kernel::Select { .. } => "select",
+            Kernel::Select { .. } | Kernel::SelectPass { .. } => "select",
             Kernel::Reduce { .. } => "reduce",
             Kernel::Normalize { .. } => "normalize",
             Kernel::Compact { .. } => "compact",
@@ -315,6 +375,7 @@ impl Variant {
             }
             Kernel::Calibrate { dtype, threads } => format!("triattn_calibrate_{}_nt{threads}", dtype.tag()),
             Kernel::Select { threads } => format!("triattn_select_f32_nt{threads}"),
+            Kernel::SelectPass { phase, threads } => format!("triattn_select_f32_a{}_nt{threads}", phase.tag()),
             Kernel::Reduce { threads } => format!("triattn_reduce_f32_nt{threads}"),
             Kernel::Normalize { threads } => format!("triattn_normalize_f32_nt{threads}"),
         }
@@ -327,7 +388,9 @@ impl Variant {
             Kernel::Trig { .. } => "f64",
             Kernel::Compact { .. } => "bytes",
             Kernel::Calibrate { dtype, .. } => dtype.tag(),
-            Kernel::Select { .. } | Kernel::Reduce { .. } | Kernel::Normalize { .. } => "f32",
+            Kernel::Select { .. } | Kernel::SelectPass { .. } | Kernel::Reduce { .. } | Kernel::Normalize { .. } => {
+                "f32"
+            }
         }
     }
 
@@ -340,6 +403,7 @@ impl Variant {
             Kernel::Trig { threads } => format!("atrig nt{threads}"),
             Kernel::Compact { mode, threads, chunks } => format!("a{} c{chunks} nt{threads}", mode.tag()),
             Kernel::Calibrate { threads, .. } => format!("nt{threads}"),
+            Kernel::SelectPass { phase, threads } => format!("a{} nt{threads}", phase.tag()),
             Kernel::Select { threads } | Kernel::Reduce { threads } | Kernel::Normalize { threads } => {
                 format!("nt{threads}")
             }
@@ -363,7 +427,9 @@ impl Variant {
             | Kernel::Select { threads }
             | Kernel::Reduce { threads }
             | Kernel::Normalize { threads } => threads,
-            Kernel::Compact { threads, .. } | Kernel::Calibrate { threads, .. } => threads,
+            Kernel::Compact { threads, .. }
+            | Kernel::Calibrate { threads, .. }
+            | Kernel::SelectPass { threads, .. } => threads,
         }
     }
 
@@ -398,6 +464,14 @@ impl Variant {
             Kernel::Calibrate { threads, .. } => 3 * threads * 8,
             // hist[256], two warp totals per warp, found[3] (select.cuh), as ptxas rounds it.
             Kernel::Select { threads } => (4 * (256 + 2 * (threads / 32) + 3)).next_multiple_of(16),
+            // multi.cuh: hist[256]; hist[256] + found[3]; totals[2]; two warp totals per warp
+            // + before[2].
+            Kernel::SelectPass { phase, threads } => match phase {
+                SelectPhase::Histogram => 4 * 256,
+                SelectPhase::Scan => (4 * (256 + 3usize)).next_multiple_of(16),
+                SelectPhase::Count => 16,
+                SelectPhase::Place => (4 * (2 * (threads / 32) + 2)).next_multiple_of(16),
+            },
             Kernel::Reduce { .. } => 0,
             Kernel::Normalize { .. } => 16,
         }
@@ -427,6 +501,12 @@ impl Variant {
                 format!("tri::calibrate<{t}, {threads}>(p)")
             }
             Kernel::Select { threads } => format!("tri::select_topk<{threads}>(p)"),
+            Kernel::SelectPass { phase, threads } => match phase {
+                SelectPhase::Histogram => format!("tri::select_hist<{threads}>(p)"),
+                SelectPhase::Scan => format!("tri::select_scan<{threads}>(p)"),
+                SelectPhase::Count => format!("tri::select_count<{threads}>(p)"),
+                SelectPhase::Place => format!("tri::select_place<{threads}>(p)"),
+            },
             Kernel::Reduce { threads } => format!("tri::reduce_rows<{threads}>(p)"),
             Kernel::Normalize { threads } => format!("tri::normalize_rows<{threads}>(p)"),
         }
@@ -455,7 +535,7 @@ impl Variant {
             Kernel::Trig { .. } => "tri_trig_params",
             Kernel::Compact { .. } => "tri_compact_params",
             Kernel::Calibrate { .. } => "tri_calibrate_params",
-            Kernel::Select { .. } => "tri_select_params",
+            Kernel::Select { .. } | Kernel::SelectPass { .. } => "tri_select_params",
             Kernel::Reduce { .. } => "tri_reduce_params",
             Kernel::Normalize { .. } => "tri_normalize_params",
         }

@@ -511,3 +511,70 @@ fn decode_batch_paper_per_layer_per_head_bf16() {
 fn decode_batch_vllm_per_head_bf16() {
     simulate::<bf16>(Preset::Vllm, SelectionMode::PerHead, 2500, 33);
 }
+
+/// The same batch on a kernel backend: keep sets, caches and sequence states equal the CPU
+/// backend's exactly; scores within 1e-5 of the row's spread.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+fn batch_on_backend_matches_cpu<T: Element>(
+    seed: u64,
+    m: ModelConfig,
+    config: CompressionConfig,
+    backend: triattn::Backend,
+) {
+    let mut rng = Rng(seed);
+    let sc = scorer(&mut rng, &m);
+    let cpu = Compressor::new(config, sc).unwrap();
+    let device = cpu.clone().with_backend(backend);
+    let seqs = six_sequences::<T>(&mut rng, &cpu, &m);
+    let mut on_cpu = seqs.clone();
+    let want = {
+        let mut items: Vec<_> = on_cpu.iter_mut().map(Seq::item).collect();
+        cpu.compress_batch(&mut items).unwrap()
+    };
+    let mut on_device = seqs.clone();
+    let got = {
+        let mut items: Vec<_> = on_device.iter_mut().map(Seq::item).collect();
+        device.compress_batch(&mut items).unwrap()
+    };
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let what = format!("{} item {i}", device.backend().name());
+        assert_eq!(g.round.outcome, w.round.outcome, "{what}: outcome");
+        assert_eq!(g.round.keep, w.round.keep, "{what}: keep sets");
+        for (gl, wl) in g.round.raw.iter().zip(&w.round.raw) {
+            let n = w.round.n;
+            for (gr, wr) in gl.chunks(n).zip(wl.chunks(n)) {
+                let spread = common::std_dev(wr).max(1e-6);
+                let err = gr.iter().zip(wr).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+                assert!(err <= 1e-5 * spread, "{what}: raw scores differ by {err} (row std {spread})");
+            }
+        }
+        assert_same_seq(&what, &on_device[i], &on_cpu[i]);
+    }
+}
+
+#[cfg(feature = "emu")]
+#[test]
+fn batch_on_emu_matches_cpu_bf16_per_head() {
+    batch_on_backend_matches_cpu::<bf16>(41, model(2, 8, 2, 64), paper(96, 32), triattn::Backend::Emu);
+}
+
+#[cfg(feature = "emu")]
+#[test]
+fn batch_on_emu_matches_cpu_f32_vllm_per_layer_per_head() {
+    let config = CompressionConfig {
+        budget: 96,
+        divide_length: 32,
+        window: 16,
+        mode: SelectionMode::PerLayerPerHead,
+        ..CompressionConfig::preset(Preset::Vllm)
+    };
+    batch_on_backend_matches_cpu::<f32>(42, model(2, 8, 2, 64), config, triattn::Backend::Emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn batch_on_cuda_matches_cpu() {
+    let Some(_gpu) = common::gpu_or_skip("batch_on_cuda_matches_cpu") else { return };
+    let dev = std::sync::Arc::new(triattn::cuda::CudaDevice::open(0).unwrap());
+    batch_on_backend_matches_cpu::<bf16>(43, model(2, 8, 2, 64), paper(96, 32), triattn::Backend::Cuda(dev));
+}

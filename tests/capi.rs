@@ -1,10 +1,12 @@
-//! The C example (examples/c/round.c) compiled against the static library and run on the CPU.
+//! The C examples compiled against the header and the static library: examples/c/round.c is
+//! also run (CPU backend); examples/c/device_round.c (the device-pointer flow) is compiled and
+//! linked only, as running it needs a GPU.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn c_example_builds_and_runs() {
+/// Build the staticlib (default features) and return its path.
+fn staticlib() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     // `cargo test` builds the library as an rlib only; build the staticlib into the same target
     // folder (the profile folder that holds the test binaries).
@@ -19,6 +21,31 @@ fn c_example_builds_and_runs() {
     assert!(o.status.success(), "cargo build --lib failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let lib = bin_dir.join("libtriattn.a");
     assert!(lib.exists(), "{} missing: the crate must build its staticlib", lib.display());
+    lib
+}
+
+#[test]
+fn c_device_example_compiles_and_links() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib = staticlib();
+    let dir = tempfile::tempdir().unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let o = Command::new(&cc)
+        .arg(root.join("examples/c/device_round.c"))
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(dir.path().join("device_round"))
+        .output()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(o.status.success(), "compiling the device C example failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn c_example_builds_and_runs() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib = staticlib();
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("round");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());

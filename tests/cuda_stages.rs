@@ -1,5 +1,6 @@
 //! The round's stages after scoring on a real GPU: `select` against `cpu::select::select_row`,
-//! every variant (exact indices); `reduce` against `cpu::reduce::reduce` plus the `+inf` guards
+//! every variant and the multi-block path of long rows (exact indices, the same run after run);
+//! `reduce` against `cpu::reduce::reduce` plus the `+inf` guards
 //! (bit for bit); `normalize` against its host reference `moments_from_partials` (bit for bit).
 //!
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
@@ -52,7 +53,7 @@ fn every_select_variant_matches_the_cpu() {
             {
                 let (s, _s) = scores.device_ptr(&stream);
                 let (k, _k) = keep.device_ptr_mut(&stream);
-                let at = SelectAddresses { scores: s, keep: k };
+                let at = SelectAddresses { scores: s, keep: k, scratch: 0 };
                 // SAFETY: both buffers are device memory of this context with the spec's lengths,
                 // alive until the copy below synchronises the stream.
                 unsafe { gpu.launch_select_raw(&spec, &at, stream.cu_stream()) }.unwrap();
@@ -65,6 +66,49 @@ fn every_select_variant_matches_the_cpu() {
             }
             eprintln!("parity {} N {len} rows {rows}: exact", v.symbol());
         }
+    }
+}
+
+#[test]
+fn multi_block_select_matches_the_cpu() {
+    let Some(gpu) = gpu_or_skip("multi_block_select_matches_the_cpu") else { return };
+    let stream = gpu.context().default_stream();
+    for (rows, len, prefix, window_start, budget) in [
+        (3, 16_385, 0, 16_385, 1),
+        (4, 20_000, 64, 19_872, 19_872),
+        (2, 65_536, 0, 65_536, 65_535),
+        (8, 100_003, 4, 99_000, 2048),
+        (2, 131_072, 1000, 130_000, 4096),
+        (1, 131_072, 131_072, 131_072, 131_072),
+    ] {
+        let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: len, keep_stride: budget };
+        let spec = SelectSpec::new(shape).unwrap();
+        assert!(spec.is_multi_block());
+        let host: Vec<f32> = (0..rows).flat_map(|r| row(r as u64 * 104_729 + len as u64, len)).collect();
+        let scores = stream.clone_htod(&host).unwrap();
+        // Scratch deliberately not zeroed: the kernels write every word before reading it.
+        let mut scratch = stream.clone_htod(&vec![0xa5a5_a5a5u32; spec.scratch_bytes() / 4]).unwrap();
+        let mut outputs = Vec::new();
+        for _ in 0..2 {
+            let mut keep = stream.alloc_zeros::<i32>(spec.keep_len()).unwrap();
+            {
+                let (s, _s) = scores.device_ptr(&stream);
+                let (k, _k) = keep.device_ptr_mut(&stream);
+                let (x, _x) = scratch.device_ptr_mut(&stream);
+                let at = SelectAddresses { scores: s, keep: k, scratch: x };
+                // SAFETY: the three buffers are device memory of this context with the spec's
+                // lengths, alive until the copy below synchronises the stream.
+                unsafe { gpu.launch_select_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+            }
+            outputs.push(stream.clone_dtoh(&keep).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1], "multi-block select N {len}: two runs differ");
+        for r in 0..rows {
+            let want = select_row(&host[r * len..(r + 1) * len], |s| s < prefix || s >= window_start, budget);
+            let got: Vec<u32> = outputs[0][r * budget..(r + 1) * budget].iter().map(|&s| s as u32).collect();
+            assert_eq!(got, want, "multi-block row {r} N {len} K {budget}");
+        }
+        eprintln!("parity multi-block select N {len} rows {rows}: exact, deterministic");
     }
 }
 

@@ -310,3 +310,34 @@ fn plans_refuse_bad_shapes_by_name() {
     let e = triattn::emu::round_keys(&plan, &[&keys, &keys], 200).unwrap_err().to_string();
     assert!(e.contains("KeepSetsOnly"), "{e}");
 }
+
+/// A prompt-length round (N above the single-block select limit) takes the multi-block select
+/// inside the plan and still equals the CPU backend.
+#[test]
+fn long_rounds_take_the_multi_block_select() {
+    let m = model(1, 2, 1, 32);
+    let (hkv, d, n) = (1, 32, triattn::cuda::select::SELECT_SINGLE_MAX_LEN + 3001);
+    let scorer = Scorer::new(m, random_stats(1, 2, 32, 17), None).unwrap();
+    for config in [
+        CompressionConfig { budget: 2048, ..CompressionConfig::preset(Preset::Paper) },
+        CompressionConfig { budget: 4000, window: 64, ..CompressionConfig::preset(Preset::Vllm) },
+    ] {
+        let keys = random_keys::<bf16>(hkv * n * d, d, 77);
+        let views = [LayerView::contiguous("k", &keys, hkv, n, d).unwrap()];
+        let want = run_cpu(&config, &scorer, &views, n as u64 + 5, 1000).unwrap();
+        let shape = RoundShape {
+            dtype: triattn::DType::Bf16,
+            len: n,
+            prefix_len: 1000,
+            value_dim: d,
+            keys: strides(n, d),
+            values: strides(n, d),
+            compaction: Compaction::KeepSetsOnly,
+        };
+        let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+        let select_launches = plan.variants().iter().filter(|v| v.op() == "select").count();
+        assert!(select_launches > 1, "expected the multi-block select, got {select_launches} select launch(es)");
+        let got = triattn::emu::round_keys(&plan, &[&keys], n as u64 + 5).unwrap();
+        assert_eq!(got.outputs.keep, want.keep);
+    }
+}

@@ -5,12 +5,17 @@
 //! multiple of the block, N at and just past the register-cached length (16 * NT), K = N - 1,
 //! K = 1, K = protected (no candidate kept), K = N, protected prefix and window (overlapping
 //! too), strided rows, and N up to 16K.
+//!
+//! The multi-block path (rows longer than `SELECT_SINGLE_MAX_LEN`, or forced on short rows): rows
+//! of 20K to 130K slots with the same value families, budgets from the protected count to N, and
+//! the same output run after run.
 #![cfg(feature = "emu")]
 
 mod common;
 
 use common::Rng;
 use triattn::cpu::select::select_row;
+use triattn::cuda::select::SELECT_SINGLE_MAX_LEN;
 use triattn::cuda::{SelectShape, SelectSpec};
 use triattn::emu;
 use triattn::variant::{self, Kernel, Variant};
@@ -64,6 +69,17 @@ fn select_variants() -> Vec<Variant> {
     v
 }
 
+/// How a test builds its spec.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// One single-block variant.
+    Single(Variant),
+    /// The multi-block path whatever the length.
+    Multi,
+    /// What `SelectSpec::new` picks.
+    Auto,
+}
+
 /// One launch of `variant` over `rows` rows (stride `len + pad`), checked row by row.
 #[allow(clippy::too_many_arguments)]
 fn check(
@@ -76,6 +92,21 @@ fn check(
     budget: usize,
     values: Values,
 ) {
+    check_path(Path::Single(variant), rng, rows, len, prefix, window_start, budget, values);
+}
+
+/// One select over `rows` rows (stride `len + pad`), checked row by row; returns the output.
+#[allow(clippy::too_many_arguments)]
+fn check_path(
+    path: Path,
+    rng: &mut Rng,
+    rows: usize,
+    len: usize,
+    prefix: usize,
+    window_start: usize,
+    budget: usize,
+    values: Values,
+) -> Vec<i32> {
     let pad = rng.below(3);
     let stride = len + pad;
     let mut scores = vec![f32::NAN; rows * stride];
@@ -89,7 +120,12 @@ fn check(
     }
     let keep_stride = budget + 1;
     let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: stride, keep_stride };
-    let spec = SelectSpec::with_variant(shape, variant).unwrap();
+    let spec = match path {
+        Path::Single(variant) => SelectSpec::with_variant(shape, variant).unwrap(),
+        Path::Multi => SelectSpec::multi_block(shape).unwrap(),
+        Path::Auto => SelectSpec::new(shape).unwrap(),
+    };
+    let variant = spec.variant();
     let mut keep = vec![-7i32; rows * keep_stride];
     emu::select(&spec, &scores, &mut keep).unwrap();
     for (r, want) in expected.iter().enumerate() {
@@ -102,6 +138,7 @@ fn check(
         );
         assert_eq!(keep[r * keep_stride + budget], -7, "{} wrote past the budget", variant.symbol());
     }
+    keep
 }
 
 #[test]
@@ -200,4 +237,71 @@ fn rows_helper_and_variant_choice() {
     assert_eq!(got, vec![vec![0, 3], vec![0, 3]]);
     assert!(matches!(variant::select_variant(100).kernel, Kernel::Select { threads: 256 }));
     assert!(matches!(variant::select_variant(16384).kernel, Kernel::Select { threads: 512 }));
+}
+
+#[test]
+fn multi_block_edge_shapes_match_the_cpu() {
+    // Forced on short rows: one chunk, a chunk boundary, no candidate kept, all kept.
+    let mut rng = Rng(5);
+    for values in [Values::Random, Values::Ties, Values::Special, Values::Constant] {
+        for len in [1, 2, 300, 2047, 2048, 2049, 5000] {
+            for (prefix, window_start) in [(0, len), (len / 4, len - len / 5), (len / 2, len / 3)] {
+                let shape =
+                    SelectShape { rows: 1, len, prefix, window_start, budget: 0, score_stride: len, keep_stride: len };
+                let protected = shape.protected();
+                let mut budgets = vec![protected, protected + 1, (protected + len) / 2, len - 1, len];
+                budgets.retain(|&k| k >= protected && k <= len && k >= 1);
+                budgets.dedup();
+                for budget in budgets {
+                    check_path(Path::Multi, &mut rng, 2, len, prefix, window_start, budget, values);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn multi_block_long_rows_match_the_cpu() {
+    let mut rng = Rng(6);
+    let cases = [
+        // (len, prefix, window_start, budget, values)
+        (20_000, 0, 20_000, 1, Values::Random),
+        (20_000, 64, 19_872, 19_872, Values::Ties),
+        (33_333, 100, 33_000, 4096, Values::Special),
+        (65_536, 0, 65_536, 65_535, Values::Ties),
+        (70_001, 4, 69_000, 2009, Values::Constant),
+        (131_072, 1000, 130_000, 4096, Values::Special),
+        (130_000, 0, 130_000, 65_000, Values::Random),
+    ];
+    for (len, prefix, window_start, budget, values) in cases {
+        assert!(len > SELECT_SINGLE_MAX_LEN);
+        check_path(Path::Auto, &mut rng, 1, len, prefix, window_start, budget, values);
+    }
+    // Two rows in one launch, and every slot protected or kept.
+    check_path(Path::Auto, &mut rng, 2, 24_577, 24_577, 24_577, 24_577, Values::Special);
+    check_path(Path::Auto, &mut rng, 2, 40_000, 17, 39_000, 20_000, Values::Ties);
+}
+
+#[test]
+fn multi_block_is_deterministic() {
+    let first = check_path(Path::Auto, &mut Rng(7), 2, 50_000, 32, 49_500, 7777, Values::Ties);
+    let second = check_path(Path::Auto, &mut Rng(7), 2, 50_000, 32, 49_500, 7777, Values::Ties);
+    assert_eq!(first, second);
+}
+
+#[test]
+fn path_choice_by_length() {
+    let shape =
+        |len| SelectShape { rows: 3, len, prefix: 0, window_start: len, budget: 1, score_stride: len, keep_stride: 1 };
+    let single = SelectSpec::new(shape(SELECT_SINGLE_MAX_LEN)).unwrap();
+    assert!(!single.is_multi_block());
+    assert_eq!(single.scratch_bytes(), 0);
+    assert_eq!(single.launches(&Default::default()).iter().flatten().count(), 1);
+    let multi = SelectSpec::new(shape(SELECT_SINGLE_MAX_LEN + 1)).unwrap();
+    assert!(multi.is_multi_block());
+    assert!(multi.scratch_bytes() > 0);
+    let launches = multi.launches(&Default::default());
+    assert_eq!(launches.iter().flatten().count(), launches.len());
+    assert!(launches.iter().flatten().all(|l| matches!(l.0.kernel, Kernel::SelectPass { .. })));
+    assert_eq!(launches[0].unwrap().0, multi.variant());
 }

@@ -19,7 +19,7 @@ fn case_args(case: &Path) -> Vec<String> {
 }
 
 fn run_compress(case: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_triattn"))
+    Command::new(common::triattn_bin())
         .current_dir(case)
         .args(["compress", "--model-config", "config.json", "--stats", "stats.safetensors", "--kv", "kv.safetensors"])
         .arg("--out")
@@ -133,7 +133,7 @@ fn check_calibration_case(extra: &[&str]) {
     let Some(case) = common::data_path("golden/calibrate-half") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("stats.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_triattn"))
+    let o = Command::new(common::triattn_bin())
         .current_dir(&case)
         .args(["calibrate", "--model-config", "config.json", "--queries", "queries.safetensors", "--out"])
         .arg(&out)
@@ -209,4 +209,64 @@ fn golden_cases_pass_with_the_emu_backend() {
         let (s, r) = check_case(case, &got);
         eprintln!("{name} (emu): keep exact, score err {s:.2e}, raw err {r:.2e} (of row std)");
     }
+}
+
+/// `compress --backend cuda`: on a GPU every golden case passes with every stage on the device;
+/// without one the CLI stops with one clear error line (never a panic) and writes nothing.
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cases_with_the_cuda_backend() {
+    let cases = golden_cases();
+    let dir = tempfile::tempdir().unwrap();
+    let have_gpu =
+        common::gpu_or_skip("golden_cases_with_the_cuda_backend (checking the error path instead)").is_some();
+    for case in &cases {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let o = run_compress(case, &out, &["--backend", "cuda", "--verbose"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if !have_gpu {
+            assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+            let lines: Vec<&str> = err.lines().collect();
+            assert_eq!(lines.len(), 1, "{name}: one line expected: {err}");
+            assert!(lines[0].starts_with("error:") && lines[0].contains("CUDA"), "{name}: {err}");
+            assert!(!out.exists(), "{name}: no output on failure");
+            continue;
+        }
+        assert!(o.status.success(), "{name}: {err}");
+        for stage in ["score", "normalize", "reduce", "select", "compact"] {
+            assert!(err.lines().any(|l| l.starts_with(&format!("{stage}: cuda "))), "{name}: {stage}: {err}");
+        }
+        let got = TensorFile::read(&out).unwrap();
+        let (s, r) = check_case(case, &got);
+        println!("parity golden {name} (cuda): keep exact, score err {s:.2e}, raw err {r:.2e} (of row std)");
+    }
+}
+
+/// `calibrate --backend cuda`: the calibrate kernel on the GPU (the golden case within 1e-5);
+/// without a GPU one clear error line.
+#[cfg(feature = "cuda")]
+#[test]
+fn calibration_case_with_the_cuda_backend() {
+    if common::gpu_or_skip("calibration_case_with_the_cuda_backend (checking the error path instead)").is_some() {
+        check_calibration_case(&["--backend", "cuda"]);
+        println!("parity golden calibrate-half (cuda): within 1e-5");
+        return;
+    }
+    let Some(case) = common::calibrate_case_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stats.safetensors");
+    let o = Command::new(common::triattn_bin())
+        .current_dir(&case)
+        .args(["calibrate", "--model-config", "config.json", "--queries", "queries.safetensors", "--backend", "cuda"])
+        .arg("--out")
+        .arg(&out)
+        .args(case_args(&case))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error:") && err.contains("CUDA"), "{err}");
+    assert!(!out.exists());
 }

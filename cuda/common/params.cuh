@@ -86,7 +86,9 @@ struct tri_trig_params {
 static_assert(sizeof(tri_trig_params) == 96, "keep in sync with TrigParams");
 static_assert(offsetof(tri_trig_params, sigma) == 56, "keep in sync with TrigParams");
 
-// triattn_select_*: deterministic top-k of every row of one round in one launch.
+// triattn_select_*: deterministic top-k of every row of one round. Single-block rows: one launch,
+// grid (num_rows). Long rows (multi-block, select.cuh): a fixed sequence of launches over the same
+// struct, differing only in `pass`, grid (num_rows, num_chunks) or (num_rows).
 struct tri_select_params {
   const float* scores;          // row r at r * score_stride, `len` slots
   int32_t* keep;                // out: row r at r * keep_stride, `budget` slots ascending
@@ -97,11 +99,17 @@ struct tri_select_params {
   int32_t prefix;               // P: slots < P are protected
   int32_t window_start;         // W: slots >= W are protected
   int32_t budget;               // K: kept slots per row, protected ones included
-  int32_t pad;
+  int32_t pass;                 // multi-block: radix pass 0..3 of the histogram and scan kernels
+  uint32_t* scratch;            // multi-block: per row select_scratch_words(num_chunks) words; else null
+  int32_t num_chunks;           // multi-block: chunks per row (gridDim.y); else 0
+  int32_t chunk_len;            // multi-block: slots per chunk, a multiple of the block; else 0
 };
-static_assert(sizeof(tri_select_params) == 56, "keep in sync with SelectParams");
+static_assert(sizeof(tri_select_params) == 72, "keep in sync with SelectParams");
 static_assert(offsetof(tri_select_params, score_stride) == 16, "keep in sync with SelectParams");
 static_assert(offsetof(tri_select_params, num_rows) == 32, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, pass) == 52, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, scratch) == 56, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, num_chunks) == 64, "keep in sync with SelectParams");
 
 // One tensor (K or V) of a compaction: per layer a source and a destination base address (equal
 // for in place), byte strides. Row (g, n): contiguous base + g * head_stride + n * row_stride;

@@ -206,3 +206,6 @@ TRI_DEVICE void select_topk(const tri_select_params& p) {
 }
 
 }  // namespace tri
+
+// Rows longer than SELECT_SINGLE_MAX_LEN (src/cuda/select.rs): the multi-block path.
+#include "multi.cuh"

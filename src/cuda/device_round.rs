@@ -192,3 +192,283 @@ impl DeviceRound {
         self.plan.read_outputs(&host)
     }
 }
+
+/// Times each launch with a pair of CUDA events (for reports and benchmarks; it allocates
+/// events, so it is not the engine path).
+pub struct TimedLauncher<'a> {
+    inner: StreamLauncher<'a>,
+    stream: &'a Arc<CudaStream>,
+    marks: Vec<(Stage, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+}
+
+impl<'a> TimedLauncher<'a> {
+    /// Launch on `stream` of `backend`, timing every launch.
+    pub fn new(backend: &'a CudaBackend, stream: &'a Arc<CudaStream>) -> Self {
+        Self { inner: StreamLauncher::new(backend, stream.cu_stream()), stream, marks: Vec::new() }
+    }
+
+    /// Milliseconds per stage (summed over its launches); synchronises on the last event.
+    ///
+    /// # Errors
+    /// `Driver` for a failed event query.
+    pub fn stage_ms(&self) -> Result<Vec<(Stage, f32)>> {
+        let mut out: Vec<(Stage, f32)> = Vec::new();
+        for (stage, start, end) in &self.marks {
+            end.synchronize().map_err(|e| driver("event", e))?;
+            let ms = start.elapsed_ms(end).map_err(|e| driver("event time", e))?;
+            match out.iter_mut().find(|(s, _)| s == stage) {
+                Some((_, t)) => *t += ms,
+                None => out.push((*stage, ms)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Launcher for TimedLauncher<'_> {
+    unsafe fn launch<P: Copy>(
+        &mut self,
+        stage: Stage,
+        variant: Variant,
+        params: &P,
+        grid: (u32, u32, u32),
+        dynamic_smem: usize,
+    ) -> Result<()> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(|e| driver("event", e))?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.inner.launch(stage, variant, params, grid, dynamic_smem)? };
+        let end = self.stream.record_event(flags).map_err(|e| driver("event", e))?;
+        self.marks.push((stage, start, end));
+        Ok(())
+    }
+}
+
+/// A GPU and a stream of its primary context: what the host-buffer conveniences
+/// ([`CudaDevice::round_in_place`], [`CudaDevice::round_out_of_place`]) and
+/// [`crate::Compressor`] on the CUDA backend run on.
+pub struct CudaDevice {
+    backend: CudaBackend,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice").field("backend", &self.backend).finish()
+    }
+}
+
+/// What a round over host buffers on the GPU computed, with per-stage device times.
+#[derive(Clone, Debug)]
+pub struct HostRound {
+    /// The outputs.
+    pub outputs: RoundOutputs,
+    /// Milliseconds per launched stage (CUDA events).
+    pub stage_ms: Vec<(Stage, f32)>,
+}
+
+impl CudaDevice {
+    /// Open device `ordinal` and its default stream.
+    ///
+    /// # Errors
+    /// `NoDevice` without a driver or device; `Driver` for a failed query.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let backend = CudaBackend::probe(ordinal)?;
+        let stream = backend.context().default_stream();
+        Ok(Self { backend, stream })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &CudaBackend {
+        &self.backend
+    }
+
+    /// The stream rounds run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn upload(&self, what: &str, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        self.stream.clone_htod(bytes).map_err(|e| driver(&format!("copy {what} to the device"), e))
+    }
+
+    fn download<T: crate::dtype::Element>(
+        &self,
+        what: &str,
+        host: &mut [&mut [T]],
+        dev: &[CudaSlice<u8>],
+    ) -> Result<()> {
+        for (h, d) in host.iter_mut().zip(dev) {
+            let bytes = self.stream.clone_dtoh(d).map_err(|e| driver(what, e))?;
+            h.copy_from_slice(&T::decode_le(&bytes));
+        }
+        Ok(())
+    }
+
+    fn run_host(&self, plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<HostRound> {
+        let mut round = DeviceRound::new(&self.backend, &self.stream, plan.clone(), cache)?;
+        round.set_round_start(&self.stream, round_start)?;
+        let mut timed = TimedLauncher::new(&self.backend, &self.stream);
+        // SAFETY: the cache buffers belong to the caller of `run_host` and outlive the round,
+        // which `read_outputs` synchronises.
+        unsafe { round.run_with(&mut timed, &self.stream)? };
+        let outputs = round.read_outputs(&self.stream)?;
+        Ok(HostRound { outputs, stage_ms: timed.stage_ms()? })
+    }
+
+    /// Run a round of a keep-sets-only plan over host keys (copied to the device).
+    ///
+    /// # Errors
+    /// As [`Self::round_in_place`].
+    pub fn round_keys<T: crate::dtype::Element>(
+        &self,
+        plan: &RoundPlan,
+        keys: &[&[T]],
+        round_start: u64,
+    ) -> Result<HostRound> {
+        let s = plan.shape();
+        if s.compaction != super::plan::Compaction::KeepSetsOnly {
+            return Err(Error::invalid_argument("plan compaction", "KeepSetsOnly", format!("{:?}", s.compaction)));
+        }
+        let d = plan.dims().3;
+        super::plan::check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
+        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
+        let cache =
+            CacheAddresses { keys: k_dev.iter().map(|b| b.device_ptr(&self.stream).0).collect(), ..Default::default() };
+        self.run_host(plan, &cache, round_start)
+    }
+
+    /// Run a round of an in-place plan over host K and V: copied to the device, compacted there,
+    /// copied back.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a plan of another compaction; `ShapeMismatch` for tensors that do
+    /// not hold the planned shape; `Driver` for a failed copy or launch.
+    pub fn round_in_place<T: crate::dtype::Element>(
+        &self,
+        plan: &RoundPlan,
+        keys: &mut [&mut [T]],
+        values: &mut [&mut [T]],
+        round_start: u64,
+    ) -> Result<HostRound> {
+        let s = plan.shape();
+        if !matches!(s.compaction, super::plan::Compaction::InPlace(_)) {
+            return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
+        }
+        let d = plan.dims().3;
+        super::plan::check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
+        super::plan::check_layers::<T>(
+            plan,
+            "v",
+            &values.iter().map(|v| v.len()).collect::<Vec<_>>(),
+            s.len,
+            s.value_dim,
+            s.values,
+        )?;
+        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
+        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
+        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
+        let cache = CacheAddresses {
+            keys: k_dev.iter().map(addr).collect(),
+            values: v_dev.iter().map(addr).collect(),
+            ..Default::default()
+        };
+        let out = self.run_host(plan, &cache, round_start)?;
+        self.download("copy the cache back", keys, &k_dev)?;
+        self.download("copy the cache back", values, &v_dev)?;
+        Ok(out)
+    }
+
+    /// Run a round of an out-of-place plan over host K and V, writing the kept rows to
+    /// `keys_out` / `values_out`.
+    ///
+    /// # Errors
+    /// As [`Self::round_in_place`].
+    pub fn round_out_of_place<T: crate::dtype::Element>(
+        &self,
+        plan: &RoundPlan,
+        keys: &[&[T]],
+        values: &[&[T]],
+        keys_out: &mut [&mut [T]],
+        values_out: &mut [&mut [T]],
+        round_start: u64,
+    ) -> Result<HostRound> {
+        let s = plan.shape();
+        let super::plan::Compaction::OutOfPlace { keys: k_dst, values: v_dst } = s.compaction else {
+            return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
+        };
+        let d = plan.dims().3;
+        let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
+        let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
+        super::plan::check_layers::<T>(plan, "k", &lens(keys), s.len, d, s.keys)?;
+        super::plan::check_layers::<T>(plan, "v", &lens(values), s.len, s.value_dim, s.values)?;
+        super::plan::check_layers::<T>(plan, "destination k", &lens_mut(keys_out), plan.kept(), d, k_dst)?;
+        super::plan::check_layers::<T>(plan, "destination v", &lens_mut(values_out), plan.kept(), s.value_dim, v_dst)?;
+        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
+        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
+        let alloc = |len: usize| {
+            self.stream.alloc_zeros::<u8>(len * T::DTYPE.size()).map_err(|e| driver("destination allocation", e))
+        };
+        let k_out = keys_out.iter().map(|k| alloc(k.len())).collect::<Result<Vec<_>>>()?;
+        let v_out = values_out.iter().map(|v| alloc(v.len())).collect::<Result<Vec<_>>>()?;
+        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
+        let cache = CacheAddresses {
+            keys: k_dev.iter().map(addr).collect(),
+            values: v_dev.iter().map(addr).collect(),
+            keys_out: k_out.iter().map(addr).collect(),
+            values_out: v_out.iter().map(addr).collect(),
+        };
+        let out = self.run_host(plan, &cache, round_start)?;
+        self.download("copy the compacted rows back", keys_out, &k_out)?;
+        self.download("copy the compacted rows back", values_out, &v_out)?;
+        Ok(out)
+    }
+}
+
+impl CudaDevice {
+    /// Add one layer's pre-RoPE queries (a `[H, T, D]` tensor named `name`) to `acc` on the GPU:
+    /// the layer's f64 sums go to the device, the calibrate kernel adds the queries, the sums
+    /// come back (what `triattn calibrate --backend cuda` does per file and layer).
+    ///
+    /// # Errors
+    /// As [`crate::stats::calibrate::Accumulator::add_named_tensor`] for a tensor that does not
+    /// fit; `Driver` for a failed copy or launch.
+    pub fn calibrate_tensor(
+        &self,
+        acc: &mut crate::stats::calibrate::Accumulator,
+        layer: usize,
+        name: &str,
+        tensor: &crate::io::Tensor,
+    ) -> Result<()> {
+        use super::calibrate::{CalibrateAddresses, CalibrateSpec};
+        let (dtype, tokens) = acc.check_named_tensor(layer, name, tensor)?;
+        let spec = CalibrateSpec::new(dtype, acc.num_heads(), tokens, acc.head_dim(), acc.style())?;
+        if spec.queries_len() > 0 {
+            let queries = self.upload("queries", &tensor.data)?;
+            let (real, imag, abs) = acc.layer_sums_mut(layer);
+            let mut sums = [real, imag, abs]
+                .iter()
+                .map(|s| self.stream.clone_htod(&s[..]).map_err(|e| driver("copy the sums to the device", e)))
+                .collect::<Result<Vec<CudaSlice<f64>>>>()?;
+            {
+                let (q, _q) = queries.device_ptr(&self.stream);
+                let [r, i, a] = &mut sums[..] else { unreachable!("three sums") };
+                let (r, _r) = r.device_ptr_mut(&self.stream);
+                let (i, _i) = i.device_ptr_mut(&self.stream);
+                let (a, _a) = a.device_ptr_mut(&self.stream);
+                let at = CalibrateAddresses { queries: q, sum_real: r, sum_imag: i, sum_abs: a };
+                // SAFETY: the query buffer holds the checked tensor's bytes (spec.queries_len()
+                // elements of `dtype`), each sum buffer `sums_len` f64; the guards outlive the
+                // queued launch and the copies below synchronise the stream.
+                unsafe { self.backend.launch_calibrate_raw(&spec, &at, self.stream.cu_stream())? };
+            }
+            let (real, imag, abs) = acc.layer_sums_mut(layer);
+            for (host, dev) in [real, imag, abs].into_iter().zip(&sums) {
+                let back = self.stream.clone_dtoh(dev).map_err(|e| driver("copy the sums back", e))?;
+                host.copy_from_slice(&back);
+            }
+        }
+        acc.count_tokens(layer, tokens);
+        Ok(())
+    }
+}

@@ -2,9 +2,10 @@
 //! specs, and (feature `cuda`) the runtime that loads the embedded fatbin and launches on a
 //! caller's stream.
 //!
-//! The params and specs are shared with the emu backend ([`crate::emu`]), which runs the same
-//! kernel sources on the CPU through the same launch description, so this module exists when
-//! either feature is on; only [`runtime`] needs the `cuda` feature.
+//! The params, specs and round plans are host code shared with the emu backend ([`crate::emu`]),
+//! which runs the same kernel sources on the CPU through the same launch description, so they
+//! exist in every build (an engine can plan a round and size its workspace anywhere); only
+//! `runtime` and `device_round` need the `cuda` feature.
 
 pub mod calibrate;
 pub mod compact;
@@ -24,7 +25,7 @@ pub use compact::{
     CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
 };
 #[cfg(feature = "cuda")]
-pub use device_round::{DeviceRound, StreamLauncher};
+pub use device_round::{CudaDevice, DeviceRound, HostRound, StreamLauncher, TimedLauncher};
 pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};

@@ -162,7 +162,7 @@ pub struct SelectParams {
     pub score_stride: i64,
     /// elements between rows of keep
     pub keep_stride: i64,
-    /// rows (the grid)
+    /// rows (the grid's x)
     pub num_rows: i32,
     /// slots per row N
     pub len: i32,
@@ -172,12 +172,21 @@ pub struct SelectParams {
     pub window_start: i32,
     /// kept slots per row K
     pub budget: i32,
-    /// padding
-    pub pad: i32,
+    /// multi-block: the radix pass (0..4) of the histogram and scan kernels; 0 otherwise
+    pub pass: i32,
+    /// multi-block: u32 scratch, [`crate::cuda::select::SelectSpec::scratch_bytes`]; 0 otherwise
+    pub scratch: u64,
+    /// multi-block: chunks per row (the grid's y); 0 otherwise
+    pub num_chunks: i32,
+    /// multi-block: slots per chunk; 0 otherwise
+    pub chunk_len: i32,
 }
-const _: () = assert!(std::mem::size_of::<SelectParams>() == 56);
+const _: () = assert!(std::mem::size_of::<SelectParams>() == 72);
 const _: () = assert!(std::mem::offset_of!(SelectParams, score_stride) == 16);
 const _: () = assert!(std::mem::offset_of!(SelectParams, num_rows) == 32);
+const _: () = assert!(std::mem::offset_of!(SelectParams, pass) == 52);
+const _: () = assert!(std::mem::offset_of!(SelectParams, scratch) == 56);
+const _: () = assert!(std::mem::offset_of!(SelectParams, num_chunks) == 64);
 
 /// Reduction mode code (`TRI_REDUCE_*`).
 pub(crate) const REDUCE_PER_HEAD: i32 = 0;

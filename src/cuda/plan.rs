@@ -181,6 +181,8 @@ pub struct WorkspaceLayout {
     pub score: Region,
     /// i32 `[sets, K]` kept slots, ascending (K = the budget, or N when nothing is evicted).
     pub keep: Region,
+    /// Scratch of the multi-block select (empty for rows of the single-block path).
+    pub select_scratch: Region,
     /// i32 `[sets, K]` original slot held by each slot after compaction (empty without one).
     pub slot_map: Region,
     /// Total bytes.
@@ -257,6 +259,32 @@ fn read_sets(buf: &[u8], offset: usize, sets: usize, kept: usize) -> Vec<Vec<u32
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32)
         .collect();
     flat.chunks(kept.max(1)).take(sets).map(<[u32]>::to_vec).collect()
+}
+
+/// Check the element type and that each of `lens` (one per layer) holds `slots` rows of `dim`
+/// elements at `strides` (host-buffer entry points of every backend).
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn check_layers<T: crate::dtype::Element>(
+    plan: &RoundPlan,
+    what: &str,
+    lens: &[usize],
+    slots: usize,
+    dim: usize,
+    strides: RowStrides,
+) -> Result<()> {
+    if T::DTYPE != plan.shape.dtype {
+        return Err(Error::shape("cache dtype", plan.shape.dtype, T::DTYPE));
+    }
+    if lens.len() != plan.num_layers {
+        return Err(Error::shape(format!("{what} layers"), plan.num_layers, lens.len()));
+    }
+    let needed = (plan.num_kv_heads - 1) * strides.head_stride + (slots - 1) * strides.row_stride + dim;
+    for (layer, &len) in lens.iter().enumerate() {
+        if len < needed {
+            return Err(Error::shape(format!("{what}.{layer} elements"), format!("at least {needed}"), len));
+        }
+    }
+    Ok(())
 }
 
 fn push_bytes(image: &mut [u8], region: Region, bytes: &[u8]) {
@@ -421,6 +449,7 @@ impl RoundPlan {
         layout.z = a.take(if normalize.is_some() { l * h * n * 4 } else { 0 });
         layout.score = a.take(sets * n * 4);
         layout.keep = a.take(sets * kept * 4);
+        layout.select_scratch = a.take(select.scratch_bytes());
         layout.slot_map = a.take(if compact.is_some() { sets * kept * 4 } else { 0 });
         layout.total_bytes = a.next;
 
@@ -534,7 +563,7 @@ impl RoundPlan {
         let mut v = vec![crate::variant::trig_variant(), self.score.variant()];
         v.extend(self.normalize.as_ref().map(NormalizeSpec::variant));
         v.push(self.reduce.variant());
-        v.push(self.select.variant());
+        v.extend(self.select.launches(&SelectAddresses::default()).iter().flatten().map(|l| l.0));
         v.extend(self.compact.as_ref().map(CompactSpec::variant));
         v
     }
@@ -685,8 +714,14 @@ impl RoundPlan {
         };
         let reduce = self.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace) });
         unsafe { launcher.launch(Stage::Reduce, self.reduce.variant(), &reduce, self.reduce.grid(), 0)? };
-        let select = self.select.params(&SelectAddresses { scores: w.score.at(workspace), keep: w.keep.at(workspace) });
-        unsafe { launcher.launch(Stage::Select, self.select.variant(), &select, self.select.grid(), 0)? };
+        let select = SelectAddresses {
+            scores: w.score.at(workspace),
+            keep: w.keep.at(workspace),
+            scratch: w.select_scratch.at(workspace),
+        };
+        for (variant, params, grid) in self.select.launches(&select).iter().flatten() {
+            unsafe { launcher.launch(Stage::Select, *variant, params, *grid, 0)? };
+        }
         if let Some(spec) = &self.compact {
             let p = spec.params(&CompactAddresses {
                 k_src: w.key_table.at(workspace),

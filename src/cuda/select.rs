@@ -6,16 +6,39 @@
 //! every protected slot (`slot < prefix` or `slot >= window_start`) plus the best
 //! `budget - protected` other slots in the crate's order (larger score first, ties to the lower
 //! slot, NaN below every number) — exactly [`crate::cpu::select::select_row`].
+//!
+//! Two paths, the same keep sets bit for bit: rows up to [`SELECT_SINGLE_MAX_LEN`] slots run one
+//! kernel, one block per row (cuda/select/select.cuh); longer rows run the multi-block sequence
+//! of [`SELECT_MULTI_LAUNCHES`] kernels over chunks of [`SELECT_CHUNK_LEN`] slots
+//! (cuda/select/multi.cuh), which needs [`SelectSpec::scratch_bytes`] of device scratch.
+//! [`SelectSpec::launches`] lists the launches of either path, in order.
 
 use crate::error::{Error, Result};
-use crate::variant::{self, Kernel, Variant};
+use crate::variant::{self, Kernel, SelectPhase, Variant};
 
 use super::params::SelectParams;
 
-/// Longest row a `select` launch takes. The kernel runs one block per row and re-reads the row
-/// from L2 in each radix pass, so long prompt rows work, only slower than a multi-block select
-/// would be.
+/// Longest row a `select` launch takes.
 pub const SELECT_MAX_LEN: usize = 1 << 17;
+
+/// Longest row the single-block path takes ([`SelectSpec::new`]); longer rows go multi-block.
+pub const SELECT_SINGLE_MAX_LEN: usize = 1 << 14;
+
+/// Slots per chunk (one block) of the multi-block path: 8 per thread of its 256-thread blocks.
+pub const SELECT_CHUNK_LEN: usize = 8 * variant::SELECT_PASS_THREADS;
+
+/// Radix passes of the multi-block path (8-bit digits of a 32-bit key).
+const SELECT_PASSES: usize = 4;
+
+/// Launches of the multi-block path: a histogram and a scan per pass, then count and place. The
+/// capacity of [`SelectLaunches`].
+pub const SELECT_MULTI_LAUNCHES: usize = 2 * SELECT_PASSES + 2;
+
+/// One launch: the variant, its params, its grid.
+pub type SelectLaunch = (Variant, SelectParams, (u32, u32, u32));
+
+/// The launches of a `select`, in order: `Some` first, then `None` (no heap allocation).
+pub type SelectLaunches = [Option<SelectLaunch>; SELECT_MULTI_LAUNCHES];
 
 /// The shape of a `select` launch, before validation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,11 +66,14 @@ impl SelectShape {
     }
 }
 
-/// A validated `select` launch: shape and variant.
+/// A validated `select`: shape and path (one single-block variant, or the multi-block sequence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelectSpec {
     shape: SelectShape,
+    /// The single-block variant, or the first multi-block kernel (the histogram).
     variant: Variant,
+    /// Chunks per row of the multi-block path; 0 for the single-block path.
+    chunks: usize,
 }
 
 /// Addresses of a `select` launch.
@@ -57,6 +83,9 @@ pub struct SelectAddresses {
     pub scores: u64,
     /// `i32 [keep_len]` out.
     pub keep: u64,
+    /// Scratch of [`SelectSpec::scratch_bytes`] (4-byte aligned; no initial contents needed,
+    /// nothing else may use it until the launches have run); unused (0) on the single-block path.
+    pub scratch: u64,
 }
 
 fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
@@ -68,21 +97,46 @@ fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std:
 }
 
 impl SelectSpec {
-    /// Validate `shape` and pick the variant for its row length.
+    /// Validate `shape` and pick the path for its row length: single-block up to
+    /// [`SELECT_SINGLE_MAX_LEN`] slots, multi-block beyond.
     ///
     /// # Errors
     /// `InvalidArgument` naming the first field out of range.
     pub fn new(shape: SelectShape) -> Result<Self> {
-        Self::with_variant(shape, variant::select_variant(shape.len))
+        if shape.len > SELECT_SINGLE_MAX_LEN {
+            Self::multi_block(shape)
+        } else {
+            Self::with_variant(shape, variant::select_variant(shape.len))
+        }
     }
 
-    /// Validate `shape` for a given `select` variant (tests run every variant).
+    /// Validate `shape` for the multi-block path whatever its length (tests run it on short rows).
     ///
     /// # Errors
-    /// As [`Self::new`]; `InvalidArgument` if `variant` is not a `select` kernel.
+    /// As [`Self::new`].
+    pub fn multi_block(shape: SelectShape) -> Result<Self> {
+        let mut spec = Self::validate(shape, variant::select_pass_variant(SelectPhase::Histogram))?;
+        spec.chunks = shape.len.div_ceil(SELECT_CHUNK_LEN);
+        ensure(
+            shape.rows.checked_mul(spec.row_scratch_words() * 4).is_some_and(|x| x <= i64::MAX as usize),
+            "select scratch",
+            "an addressable size",
+            format!("{} rows", shape.rows),
+        )?;
+        Ok(spec)
+    }
+
+    /// Validate `shape` for a given single-block `select` variant (tests run every variant).
+    ///
+    /// # Errors
+    /// As [`Self::new`]; `InvalidArgument` if `variant` is not a single-block `select` kernel.
     pub fn with_variant(shape: SelectShape, variant: Variant) -> Result<Self> {
-        let s = &shape;
         ensure(matches!(variant.kernel, Kernel::Select { .. }), "select variant", "a select kernel", variant.symbol())?;
+        Self::validate(shape, variant)
+    }
+
+    fn validate(shape: SelectShape, variant: Variant) -> Result<Self> {
+        let s = &shape;
         ensure(s.rows >= 1 && s.rows <= i32::MAX as usize, "select rows", "1..=2^31-1", s.rows)?;
         ensure(s.len >= 1 && s.len <= SELECT_MAX_LEN, "select slots", format!("1..={SELECT_MAX_LEN}"), s.len)?;
         ensure(s.prefix <= s.len, "select prefix", format!("0..={}", s.len), s.prefix)?;
@@ -106,7 +160,7 @@ impl SelectSpec {
             "addressable sizes",
             format!("{} rows", s.rows),
         )?;
-        Ok(Self { shape, variant })
+        Ok(Self { shape, variant, chunks: 0 })
     }
 
     /// The validated shape.
@@ -114,14 +168,35 @@ impl SelectSpec {
         &self.shape
     }
 
-    /// The variant a launch runs.
+    /// The variant of the single-block launch, or of the first multi-block launch.
     pub fn variant(&self) -> Variant {
         self.variant
     }
 
-    /// Launch grid `(rows, 1, 1)`.
+    /// Whether the multi-block path runs.
+    pub fn is_multi_block(&self) -> bool {
+        self.chunks > 0
+    }
+
+    /// Grid of the single-block launch `(rows, 1, 1)` (of the first launch when multi-block).
     pub fn grid(&self) -> (u32, u32, u32) {
-        (self.shape.rows as u32, 1, 1)
+        (self.shape.rows as u32, self.chunks.max(1) as u32, 1)
+    }
+
+    /// u32 scratch words per row (multi-block): state, chunk histograms, chunk counts
+    /// (`select_scratch_words` in multi.cuh).
+    fn row_scratch_words(&self) -> usize {
+        4 + self.chunks * (256 + 2)
+    }
+
+    /// Bytes of scratch the launches need ([`SelectAddresses::scratch`]); 0 on the single-block
+    /// path.
+    pub fn scratch_bytes(&self) -> usize {
+        if self.is_multi_block() {
+            self.shape.rows * self.row_scratch_words() * 4
+        } else {
+            0
+        }
     }
 
     /// f32 elements the scores must hold: `(rows - 1) * score_stride + len`.
@@ -148,32 +223,79 @@ impl SelectSpec {
             prefix: s.prefix as i32,
             window_start: s.window_start as i32,
             budget: s.budget as i32,
-            pad: 0,
+            pass: 0,
+            scratch: if self.is_multi_block() { at.scratch } else { 0 },
+            num_chunks: self.chunks as i32,
+            chunk_len: if self.is_multi_block() { SELECT_CHUNK_LEN as i32 } else { 0 },
         }
+    }
+
+    /// Check that `at.scratch` is usable: non-null and 4-byte aligned on the multi-block path (a
+    /// launcher's cheap guard; its size is the caller's contract).
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the scratch.
+    pub fn check_scratch(&self, at: &SelectAddresses) -> Result<()> {
+        ensure(
+            !self.is_multi_block() || (at.scratch != 0 && at.scratch % 4 == 0),
+            "select scratch",
+            format!("a 4-byte aligned address of {} bytes", self.scratch_bytes()),
+            format!("{:#x}", at.scratch),
+        )
+    }
+
+    /// Every launch of this select at `at`, in order: the single-block kernel, or the multi-block
+    /// sequence (per radix pass a histogram over `(rows, chunks)` and a scan over `(rows)`, then
+    /// count and place over `(rows, chunks)`). Launches must run in this order on one stream.
+    pub fn launches(&self, at: &SelectAddresses) -> SelectLaunches {
+        let mut out: SelectLaunches = [None; SELECT_MULTI_LAUNCHES];
+        let params = self.params(at);
+        if !self.is_multi_block() {
+            out[0] = Some((self.variant, params, self.grid()));
+            return out;
+        }
+        let chunked = self.grid();
+        let per_row = (self.shape.rows as u32, 1, 1);
+        for pass in 0..SELECT_PASSES {
+            let p = SelectParams { pass: pass as i32, ..params };
+            out[2 * pass] = Some((variant::select_pass_variant(SelectPhase::Histogram), p, chunked));
+            out[2 * pass + 1] = Some((variant::select_pass_variant(SelectPhase::Scan), p, per_row));
+        }
+        out[2 * SELECT_PASSES] = Some((variant::select_pass_variant(SelectPhase::Count), params, chunked));
+        out[2 * SELECT_PASSES + 1] = Some((variant::select_pass_variant(SelectPhase::Place), params, chunked));
+        out
     }
 }
 
 #[cfg(feature = "cuda")]
 impl super::runtime::CudaBackend {
     /// Select on the GPU over raw device addresses, on the caller's stream: only
-    /// `cuLaunchKernel` (no allocation, copy or sync; graph capturable).
+    /// `cuLaunchKernel`, every launch of [`SelectSpec::launches`] in order (no allocation, copy
+    /// or sync; graph capturable).
     ///
     /// # Errors
-    /// `KernelsUnavailable` for a build without kernels, `Driver` for a failed load or launch.
+    /// `KernelsUnavailable` for a build without kernels, `Driver` for a failed load or launch,
+    /// `InvalidArgument` for a null or misaligned scratch on the multi-block path.
     ///
     /// # Safety
     /// `at.scores` is device memory of this context holding [`SelectSpec::scores_len`] f32,
-    /// `at.keep` holds [`SelectSpec::keep_len`] i32 that nothing else accesses until the kernel
-    /// has run; `stream` belongs to this context (or is null, the legacy default stream).
+    /// `at.keep` holds [`SelectSpec::keep_len`] i32 that nothing else accesses until the kernels
+    /// have run; for the multi-block path ([`SelectSpec::scratch_bytes`] > 0) `at.scratch` is
+    /// device memory of this context of that many bytes, 4-byte aligned, contents irrelevant,
+    /// that nothing else accesses until the kernels have run; `stream` belongs to this context
+    /// (or is null, the legacy default stream).
     pub unsafe fn launch_select_raw(
         &self,
         spec: &SelectSpec,
         at: &SelectAddresses,
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<()> {
-        let params = spec.params(at);
-        // SAFETY: the caller's contract; params from a validated spec for its own variant.
-        unsafe { self.launch(spec.variant(), &params, spec.grid(), 0, stream) }
+        spec.check_scratch(at)?;
+        for (variant, params, grid) in spec.launches(at).iter().flatten() {
+            // SAFETY: the caller's contract; params from a validated spec for their variant.
+            unsafe { self.launch(*variant, params, *grid, 0, stream)? };
+        }
+        Ok(())
     }
 }
 
@@ -203,5 +325,43 @@ mod tests {
         assert!(SelectSpec::new(SelectShape { keep_stride: 4, ..shape(20, 0, 20, 5) }).is_err());
         assert!(SelectSpec::new(SelectShape { rows: 0, ..shape(20, 0, 20, 5) }).is_err());
         assert!(SelectSpec::with_variant(shape(20, 0, 20, 5), variant::trig_variant()).is_err());
+        let pass = variant::select_pass_variant(SelectPhase::Histogram);
+        assert!(SelectSpec::with_variant(shape(20, 0, 20, 5), pass).is_err());
+        assert!(SelectSpec::multi_block(shape(20, 3, 16, 6)).is_err());
+    }
+
+    #[test]
+    fn multi_block_launch_sequence() {
+        let len = SELECT_SINGLE_MAX_LEN + 1;
+        let spec = SelectSpec::new(shape(len, 0, len, 100)).unwrap();
+        let chunks = len.div_ceil(SELECT_CHUNK_LEN);
+        assert_eq!(spec.scratch_bytes(), 2 * (4 + chunks * 258) * 4);
+        let at = SelectAddresses { scores: 16, keep: 32, scratch: 64 };
+        let launches = spec.launches(&at);
+        let phases: Vec<SelectPhase> = launches
+            .iter()
+            .flatten()
+            .map(|(v, _, _)| match v.kernel {
+                Kernel::SelectPass { phase, .. } => phase,
+                _ => panic!("not a multi-block kernel"),
+            })
+            .collect();
+        use SelectPhase::*;
+        let want = [Histogram, Scan, Histogram, Scan, Histogram, Scan, Histogram, Scan, Count, Place];
+        assert_eq!(phases, want);
+        for (i, (_, p, grid)) in launches.iter().flatten().enumerate() {
+            assert_eq!((p.scratch, p.num_chunks, p.chunk_len), (64, chunks as i32, SELECT_CHUNK_LEN as i32));
+            assert_eq!(p.pass, if i < 8 { (i / 2) as i32 } else { 0 });
+            assert_eq!(*grid, if want[i] == Scan { (2, 1, 1) } else { (2, chunks as u32, 1) });
+        }
+        let single = SelectSpec::new(shape(len - 1, 0, len - 1, 100)).unwrap();
+        let launches = single.launches(&at);
+        assert_eq!(launches.iter().flatten().count(), 1);
+        assert_eq!(launches[0].unwrap().1.scratch, 0);
+        assert_eq!(single.scratch_bytes(), 0);
+        assert!(single.check_scratch(&SelectAddresses::default()).is_ok());
+        assert!(spec.check_scratch(&SelectAddresses::default()).is_err());
+        assert!(spec.check_scratch(&SelectAddresses { scratch: 66, ..at }).is_err());
+        assert!(spec.check_scratch(&at).is_ok());
     }
 }

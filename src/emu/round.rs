@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cuda::plan::{CacheAddresses, Compaction, Launcher, RoundOutputs, RoundPlan, Stage, WORKSPACE_ALIGN};
+use crate::cuda::plan::{
+    check_layers, CacheAddresses, Compaction, Launcher, RoundOutputs, RoundPlan, Stage, WORKSPACE_ALIGN,
+};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::variant::Variant;
@@ -83,35 +85,6 @@ unsafe fn run_host(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -
     Ok(EmuRound { outputs: plan.read_outputs(ws)?, timings: launcher.timings })
 }
 
-/// Check that each of `tensors` (one per layer) holds `slots` rows of `dim` at `strides`.
-fn check_tensors(
-    what: &str,
-    lens: &[usize],
-    layers: usize,
-    kv_heads: usize,
-    slots: usize,
-    dim: usize,
-    strides: crate::cuda::RowStrides,
-) -> Result<()> {
-    if lens.len() != layers {
-        return Err(Error::shape(format!("{what} layers"), layers, lens.len()));
-    }
-    let needed = (kv_heads - 1) * strides.head_stride + (slots - 1) * strides.row_stride + dim;
-    for (layer, &len) in lens.iter().enumerate() {
-        if len < needed {
-            return Err(Error::shape(format!("{what}.{layer} elements"), format!("at least {needed}"), len));
-        }
-    }
-    Ok(())
-}
-
-fn check_dtype<T: Element>(plan: &RoundPlan) -> Result<()> {
-    if T::DTYPE != plan.shape().dtype {
-        return Err(Error::shape("cache dtype", plan.shape().dtype, T::DTYPE));
-    }
-    Ok(())
-}
-
 /// Run a round that ends with keep sets (a plan with [`Compaction::KeepSetsOnly`]) over the keys
 /// of every layer.
 ///
@@ -119,7 +92,6 @@ fn check_dtype<T: Element>(plan: &RoundPlan) -> Result<()> {
 /// `InvalidArgument` for another compaction or `round_start < N`; `ShapeMismatch` for keys that
 /// do not hold the planned shape; `Driver` if the SIMT layer fails.
 pub fn round_keys<T: Element>(plan: &RoundPlan, keys: &[&[T]], round_start: u64) -> Result<EmuRound> {
-    check_dtype::<T>(plan)?;
     let s = plan.shape();
     if s.compaction != Compaction::KeepSetsOnly {
         return Err(Error::invalid_argument(
@@ -128,8 +100,8 @@ pub fn round_keys<T: Element>(plan: &RoundPlan, keys: &[&[T]], round_start: u64)
             format!("{:?}", s.compaction),
         ));
     }
-    let (l, _, hkv, d) = plan.dims();
-    check_tensors("k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), l, hkv, s.len, d, s.keys)?;
+    let d = plan.dims().3;
+    check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
     let cache = CacheAddresses { keys: keys.iter().map(|k| k.as_ptr() as u64).collect(), ..Default::default() };
     // SAFETY: every key tensor holds the planned rows (checked); no values are read.
     unsafe { run_host(plan, &cache, round_start) }
@@ -145,14 +117,13 @@ pub fn round_in_place<T: Element>(
     values: &mut [&mut [T]],
     round_start: u64,
 ) -> Result<EmuRound> {
-    check_dtype::<T>(plan)?;
     let s = plan.shape();
     if !matches!(s.compaction, Compaction::InPlace(_)) {
         return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
     }
-    let (l, _, hkv, d) = plan.dims();
-    check_tensors("k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), l, hkv, s.len, d, s.keys)?;
-    check_tensors("v", &values.iter().map(|v| v.len()).collect::<Vec<_>>(), l, hkv, s.len, s.value_dim, s.values)?;
+    let d = plan.dims().3;
+    check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
+    check_layers::<T>(plan, "v", &values.iter().map(|v| v.len()).collect::<Vec<_>>(), s.len, s.value_dim, s.values)?;
     let cache = CacheAddresses {
         keys: keys.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
         values: values.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
@@ -175,18 +146,17 @@ pub fn round_out_of_place<T: Element>(
     values_out: &mut [&mut [T]],
     round_start: u64,
 ) -> Result<EmuRound> {
-    check_dtype::<T>(plan)?;
     let s = plan.shape();
     let Compaction::OutOfPlace { keys: k_dst, values: v_dst } = s.compaction else {
         return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
     };
-    let (l, _, hkv, d) = plan.dims();
+    let d = plan.dims().3;
     let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
     let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
-    check_tensors("k", &lens(keys), l, hkv, s.len, d, s.keys)?;
-    check_tensors("v", &lens(values), l, hkv, s.len, s.value_dim, s.values)?;
-    check_tensors("destination k", &lens_mut(keys_out), l, hkv, plan.kept(), d, k_dst)?;
-    check_tensors("destination v", &lens_mut(values_out), l, hkv, plan.kept(), s.value_dim, v_dst)?;
+    check_layers::<T>(plan, "k", &lens(keys), s.len, d, s.keys)?;
+    check_layers::<T>(plan, "v", &lens(values), s.len, s.value_dim, s.values)?;
+    check_layers::<T>(plan, "destination k", &lens_mut(keys_out), plan.kept(), d, k_dst)?;
+    check_layers::<T>(plan, "destination v", &lens_mut(values_out), plan.kept(), s.value_dim, v_dst)?;
     let cache = CacheAddresses {
         keys: keys.iter().map(|k| k.as_ptr() as u64).collect(),
         values: values.iter().map(|v| v.as_ptr() as u64).collect(),

@@ -4,20 +4,30 @@
 use crate::cuda::select::{SelectAddresses, SelectShape, SelectSpec};
 use crate::error::{Error, Result};
 
-/// Launch a `select` kernel over raw host addresses.
+/// Launch a `select` over raw host addresses: every launch of [`SelectSpec::launches`], in order.
 ///
 /// # Safety
 /// `at.scores` must point to [`SelectSpec::scores_len`] f32 and `at.keep` to
-/// [`SelectSpec::keep_len`] i32 of host memory that nothing else accesses meanwhile.
+/// [`SelectSpec::keep_len`] i32 of host memory that nothing else accesses meanwhile; when
+/// [`SelectSpec::scratch_bytes`] is not 0, `at.scratch` to that many bytes of host memory,
+/// 4-byte aligned (contents irrelevant), that nothing else accesses meanwhile.
+///
+/// # Errors
+/// `InvalidArgument` for a null or misaligned scratch on the multi-block path; `Driver` if the
+/// SIMT layer reports a divergent barrier.
 pub unsafe fn launch_select(spec: &SelectSpec, at: &SelectAddresses) -> Result<()> {
-    let params = spec.params(at);
-    // SAFETY: the caller's contract; params from a validated spec for its own variant.
-    unsafe { super::launch(spec.variant(), &params, spec.grid(), 0) }
+    spec.check_scratch(at)?;
+    for (variant, params, grid) in spec.launches(at).iter().flatten() {
+        // SAFETY: the caller's contract; params from a validated spec for their variant.
+        unsafe { super::launch(*variant, params, *grid, 0)? };
+    }
+    Ok(())
 }
 
 /// Select every row of `scores` into `keep` (layouts as [`SelectSpec`] documents): per row the
 /// protected slots plus the best `budget - protected` others, ascending, as
 /// [`crate::cpu::select::select_row`]. Output entries past `budget` in a row are left as they were.
+/// The multi-block path's scratch is allocated here.
 ///
 /// # Errors
 /// `ShapeMismatch` when a buffer is shorter than the spec needs; `Driver` if the SIMT layer
@@ -29,9 +39,15 @@ pub fn select(spec: &SelectSpec, scores: &[f32], keep: &mut [i32]) -> Result<()>
     if keep.len() < spec.keep_len() {
         return Err(Error::shape("select output", format!("at least {} i32", spec.keep_len()), keep.len()));
     }
-    let at = SelectAddresses { scores: scores.as_ptr() as u64, keep: keep.as_mut_ptr() as u64 };
-    // SAFETY: both lengths checked above; the borrows outlive the synchronous launch and `keep`
-    // is borrowed exclusively.
+    // Not zeroed on purpose: the kernels write every scratch word before reading it.
+    let mut scratch = vec![0xa5a5_a5a5u32; spec.scratch_bytes().div_ceil(4)];
+    let at = SelectAddresses {
+        scores: scores.as_ptr() as u64,
+        keep: keep.as_mut_ptr() as u64,
+        scratch: if scratch.is_empty() { 0 } else { scratch.as_mut_ptr() as u64 },
+    };
+    // SAFETY: all lengths checked or sized above; the borrows outlive the synchronous launches
+    // and `keep` and `scratch` are borrowed exclusively.
     unsafe { launch_select(spec, &at) }
 }
 

@@ -5,10 +5,15 @@
 //! calling thread is read with [`triattn_last_error`]. Handles are opaque; each `*_create` has a
 //! matching `*_destroy` that accepts null.
 //!
-//! This version runs rounds on host buffers with the CPU backend; the device-pointer round on a
-//! caller stream comes with the CUDA round orchestration.
+//! Two kinds of round: on host buffers with the CPU backend ([`triattn_round_host`]), and on
+//! device pointers on the caller's CUDA stream ([`triattn_plan_create`], [`triattn_plan_bind`],
+//! [`triattn_plan_run`]): the engine owns the workspace, the cache and the stream, and a run only
+//! launches kernels (no allocation, copy or synchronisation), so it can be captured in a CUDA
+//! graph. Streams travel as `void*` (a `CUstream` / `cudaStream_t`), so the header needs no CUDA
+//! header.
 #![allow(non_camel_case_types)]
 
+mod device;
 mod types;
 
 use std::cell::RefCell;
@@ -122,12 +127,17 @@ pub unsafe extern "C" fn triattn_config_default(preset: u32, out: *mut triattn_c
     })
 }
 
-/// Opaque library context: the backend rounds run on.
+/// Opaque library context: the backend rounds run on (and, for CUDA, the device).
 pub struct triattn_context {
     backend: triattn_backend,
+    device: device::Device,
 }
 
-/// Create a context for `backend` (a `triattn_backend` value; `TRIATTN_BACKEND_CPU` in this version).
+/// Create a context for `backend` (a `triattn_backend` value): `TRIATTN_BACKEND_CPU`, or
+/// `TRIATTN_BACKEND_CUDA` for CUDA device 0 (as `triattn_context_create_cuda(0, out)`).
+///
+/// A CUDA context needs a library built with the `cuda` feature (else
+/// `TRIATTN_STATUS_UNSUPPORTED`) and a driver and device (else `TRIATTN_STATUS_NO_DEVICE`).
 ///
 /// # Safety
 /// `out` is null (an error) or points to writable storage for a handle.
@@ -136,12 +146,34 @@ pub unsafe extern "C" fn triattn_context_create(backend: u32, out: *mut *mut tri
     boundary(|| {
         non_null("out", out)?;
         let backend = triattn_backend::from_c("backend", backend)?;
-        if backend != triattn_backend::Cpu {
-            return Err(Error::unsupported(format!(
-                "backend: expected TRIATTN_BACKEND_CPU (the C ABI runs host rounds in this version), got {backend:?}"
-            )));
-        }
-        let ctx = Box::into_raw(Box::new(triattn_context { backend }));
+        let device = match backend {
+            triattn_backend::Cpu => device::Device::default(),
+            triattn_backend::Cuda => device::open_cuda(0)?,
+        };
+        let ctx = Box::into_raw(Box::new(triattn_context { backend, device }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(ctx) };
+        Ok(())
+    })
+}
+
+/// Create a CUDA context on device `device_ordinal` (its primary context, shared with the CUDA
+/// runtime API of the same process).
+///
+/// `TRIATTN_STATUS_UNSUPPORTED` when the library was built without the `cuda` feature;
+/// `TRIATTN_STATUS_NO_DEVICE` when there is no driver or no such device.
+///
+/// # Safety
+/// `out` is null (an error) or points to writable storage for a handle.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_context_create_cuda(
+    device_ordinal: u32,
+    out: *mut *mut triattn_context,
+) -> triattn_status {
+    boundary(|| {
+        non_null("out", out)?;
+        let device = device::open_cuda(device_ordinal)?;
+        let ctx = Box::into_raw(Box::new(triattn_context { backend: triattn_backend::Cuda, device }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(ctx) };
         Ok(())
@@ -160,9 +192,10 @@ pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
     }
 }
 
-/// Opaque compressor: policy, model RoPE and statistics.
+/// Opaque compressor: policy, model RoPE and statistics (and the device of its context).
 pub struct triattn_compressor {
     backend: triattn_backend,
+    device: device::Device,
     config: CompressionConfig,
     scorer: Scorer,
 }
@@ -185,9 +218,10 @@ pub unsafe extern "C" fn triattn_compressor_create(
         non_null("config", config)?;
         non_null("out", out)?;
         // SAFETY: the pointers were checked non-null; the caller guarantees what they point to.
-        let (backend, model_path, stats_path, config) = unsafe {
+        let (backend, device, model_path, stats_path, config) = unsafe {
             (
                 (*ctx).backend,
+                (*ctx).device.clone(),
                 path_arg("model_config_path", model_config_path)?,
                 path_arg("stats_path", stats_path)?,
                 &*config,
@@ -198,7 +232,7 @@ pub unsafe extern "C" fn triattn_compressor_create(
         let model = ModelConfig::from_file(&model_path)?;
         let stats = Stats::load(&stats_path)?;
         let scorer = Scorer::new(model, stats, None).map_err(|e| e.context(format!("{stats_path} vs {model_path}")))?;
-        let handle = Box::into_raw(Box::new(triattn_compressor { backend, config, scorer }));
+        let handle = Box::into_raw(Box::new(triattn_compressor { backend, device, config, scorer }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
         Ok(())
@@ -418,4 +452,128 @@ pub unsafe extern "C" fn triattn_compact_host(
         }
         crate::cpu::compact::compact_in_place(data, row_stride_bytes, row_bytes, &slots)
     })
+}
+
+/// Opaque round plan: one compressor's round over caches of one shape, validated on the host,
+/// with its workspace layout. One plan serves every round of that shape (in the steady state of a
+/// decode, every round of a sequence); several workspaces may be bound to one plan.
+pub struct triattn_plan {
+    inner: device::Plan,
+}
+
+/// Plan a device round of compressor `c` over caches of `shape` (host-only: no device work).
+///
+/// Every field of `shape` is checked on entry (errors name it, with expected vs got). Needs a
+/// library built with the `cuda` feature (or `emu`, for planning on the host only); otherwise
+/// `TRIATTN_STATUS_UNSUPPORTED`. A plan of a compressor from a CPU context can be planned and
+/// inspected but not bound or run.
+///
+/// # Safety
+/// `c` is a live compressor; `shape` points to a `triattn_round_shape`; `out` points to writable
+/// storage for a handle.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_create(
+    c: *const triattn_compressor,
+    shape: *const triattn_round_shape,
+    out: *mut *mut triattn_plan,
+) -> triattn_status {
+    boundary(|| {
+        non_null("compressor", c)?;
+        non_null("shape", shape)?;
+        non_null("out", out)?;
+        // SAFETY: checked non-null; live handle and readable shape (caller contract).
+        let (c, shape) = unsafe { (&*c, &*shape) };
+        let plan = device::create_plan(c, shape)?;
+        let handle = Box::into_raw(Box::new(triattn_plan { inner: plan }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// The workspace a plan needs and where a run leaves its outputs (byte offsets in the workspace).
+///
+/// # Safety
+/// `plan` is a live plan; `out` points to a writable `triattn_plan_info`.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_get_info(
+    plan: *const triattn_plan,
+    out: *mut triattn_plan_info,
+) -> triattn_status {
+    boundary(|| {
+        non_null("plan", plan)?;
+        non_null("out", out)?;
+        // SAFETY: checked non-null; live handle and writable output (caller contract).
+        unsafe { out.write(device::plan_info(&(*plan).inner)) };
+        Ok(())
+    })
+}
+
+/// Bind `workspace` to the cache at `cache`: load the plan's kernels, copy the per-cache
+/// constants (statistics, frequencies, the per-layer K/V address tables) into the first
+/// `constants_bytes` of `workspace` on `stream`, and synchronise `stream` before returning.
+///
+/// A setup step, not part of the captured round: call it once per workspace, again only when
+/// the cache moves (new layer addresses), and never while `stream` is being captured. The
+/// workspace is the caller's device memory of `workspace_bytes`, aligned to 256 (cudaMalloc's
+/// alignment); the library never allocates it.
+///
+/// # Safety
+/// `plan` is a live plan of a CUDA context; the arrays in `cache` hold `num_layers` device
+/// addresses each where required (`keys` always, `values` when the round compacts, the `*_out`
+/// arrays out of place); `workspace` is device memory of that context of at least
+/// `workspace_bytes`; `stream` is NULL (the legacy default stream) or a stream of that context.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_bind(
+    plan: *mut triattn_plan,
+    cache: *const triattn_cache_pointers,
+    workspace: *mut std::ffi::c_void,
+    stream: *mut std::ffi::c_void,
+) -> triattn_status {
+    boundary(|| {
+        non_null("plan", plan)?;
+        non_null("cache", cache)?;
+        // SAFETY: checked non-null; live handle and readable pointers (caller contract).
+        unsafe { device::bind(&(*plan).inner, &*cache, workspace, stream) }
+    })
+}
+
+/// Launch one round on `stream`: nothing but kernel launches (no allocation, no copy, no
+/// synchronisation), so it can be captured in a CUDA graph and replayed.
+///
+/// `round_start_device` is the device address of one int64, the tokens seen so far (>= len),
+/// read by the kernels when they run: write it in stream order (e.g. cudaMemcpyAsync) before
+/// each launch or replay. The keep sets, scores and slot map land at the offsets of
+/// `triattn_plan_info`; with an in-place or out-of-place compaction K and V are moved too.
+///
+/// # Safety
+/// `workspace` was bound by `triattn_plan_bind` of this plan to a cache that is still alive and
+/// holds `len` slots at the planned strides (out of place: destinations of `kept` slots, not
+/// overlapping the source); `stream` is NULL or a stream of the plan's device context; nothing
+/// else touches the workspace or the cache until the round has run.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_run(
+    plan: *const triattn_plan,
+    workspace: *mut std::ffi::c_void,
+    round_start_device: *const i64,
+    stream: *mut std::ffi::c_void,
+) -> triattn_status {
+    boundary(|| {
+        non_null("plan", plan)?;
+        // SAFETY: checked non-null; live handle; the rest is the caller's contract.
+        unsafe { device::run(&(*plan).inner, workspace, round_start_device, stream) }
+    })
+}
+
+/// Destroy a plan (null is ignored). Work already queued with it may still be running: the
+/// plan holds nothing the device reads.
+///
+/// # Safety
+/// `plan` is null or a handle from `triattn_plan_create` not yet destroyed.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_destroy(plan: *mut triattn_plan) {
+    if !plan.is_null() {
+        // SAFETY: created by Box::into_raw in triattn_plan_create, destroyed once.
+        drop(unsafe { Box::from_raw(plan) });
+    }
 }

@@ -330,3 +330,118 @@ pub struct triattn_host_round {
     /// Optional output (may be NULL): `num_keep_sets x n` reduced scores.
     pub score: *mut f32,
 }
+
+/// What a device round does after selection (`triattn_round_shape::compaction`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_compaction {
+    /// No compaction: the round ends with its keep sets (virtual eviction, or the engine moves
+    /// the rows itself).
+    KeepSetsOnly = 0,
+    /// Compact K and V in place, order-preserving (row `i` receives row `keep[i]`).
+    InPlaceOrderPreserving = 1,
+    /// Compact K and V in place, hole-filling (moves at most the evicted count).
+    InPlaceHoleFilling = 2,
+    /// Copy the kept rows, in slot order, into separate destination tensors.
+    OutOfPlace = 3,
+}
+
+impl triattn_compaction {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_COMPACTION_KEEP_SETS_ONLY", Self::KeepSetsOnly),
+                (1, "TRIATTN_COMPACTION_IN_PLACE_ORDER_PRESERVING", Self::InPlaceOrderPreserving),
+                (2, "TRIATTN_COMPACTION_IN_PLACE_HOLE_FILLING", Self::InPlaceHoleFilling),
+                (3, "TRIATTN_COMPACTION_OUT_OF_PLACE", Self::OutOfPlace),
+            ],
+        )
+    }
+}
+
+/// The cache a device round runs over: per layer one `K[num_kv_heads, len, head_dim]` and one
+/// `V[num_kv_heads, len, value_dim]` tensor with the given element strides (any layout whose rows
+/// are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D and row stride Hkv*D).
+/// Enum fields travel as uint32_t and are checked on entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct triattn_round_shape {
+    /// Element type of K and V: a `triattn_dtype` value.
+    pub dtype: u32,
+    /// Cached slots N per (layer, KV head), >= 1.
+    pub len: usize,
+    /// Prompt slots at the front of the cache (<= len).
+    pub prefix_len: usize,
+    /// Elements per V row (Dv); read only when the round compacts.
+    pub value_dim: usize,
+    /// Elements between KV heads of K.
+    pub key_head_stride: usize,
+    /// Elements between slots of K (>= head_dim).
+    pub key_row_stride: usize,
+    /// Elements between KV heads of V (read only when the round compacts).
+    pub value_head_stride: usize,
+    /// Elements between slots of V (>= value_dim; read only when the round compacts).
+    pub value_row_stride: usize,
+    /// What happens after selection: a `triattn_compaction` value.
+    pub compaction: u32,
+    /// Out of place: elements between KV heads of the destination K (else ignored).
+    pub dst_key_head_stride: usize,
+    /// Out of place: elements between slots of the destination K (>= head_dim).
+    pub dst_key_row_stride: usize,
+    /// Out of place: elements between KV heads of the destination V.
+    pub dst_value_head_stride: usize,
+    /// Out of place: elements between slots of the destination V (>= value_dim).
+    pub dst_value_row_stride: usize,
+}
+
+/// What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
+/// so an engine can read them on the device (after `triattn_plan_run`, in stream order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct triattn_plan_info {
+    /// Bytes of device workspace the caller provides.
+    pub workspace_bytes: usize,
+    /// Required alignment of the workspace base (256).
+    pub workspace_alignment: usize,
+    /// Leading bytes of the workspace `triattn_plan_bind` writes (the per-cache constants).
+    pub constants_bytes: usize,
+    /// What every round of this shape does (the shape fixes it).
+    pub outcome: triattn_outcome,
+    /// Keep sets a round produces.
+    pub sets: usize,
+    /// Slots per keep set: the budget when the round evicts, else `len`.
+    pub kept: usize,
+    /// Offset of the keep sets: int32 `[sets, kept]`, ascending slot indices.
+    pub keep_offset: usize,
+    /// Bytes of the keep sets (`sets * kept * 4`).
+    pub keep_bytes: usize,
+    /// Offset of the ranked scores: float `[sets, len]` (protected slots +inf).
+    pub score_offset: usize,
+    /// Bytes of the ranked scores.
+    pub score_bytes: usize,
+    /// Offset of the raw scores: float `[num_layers, num_heads, len]`.
+    pub raw_offset: usize,
+    /// Bytes of the raw scores.
+    pub raw_bytes: usize,
+    /// Offset of the slot map: int32 `[sets, kept]`, the original slot each slot holds after a
+    /// compaction.
+    pub slot_map_offset: usize,
+    /// Bytes of the slot map (0 when the round does not compact).
+    pub slot_map_bytes: usize,
+}
+
+/// Host arrays of `num_layers` device addresses each: the cache a plan's workspace is bound to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct triattn_cache_pointers {
+    /// K tensor of each layer (always required).
+    pub keys: *const *mut std::ffi::c_void,
+    /// V tensor of each layer (required when the round compacts, else may be NULL).
+    pub values: *const *mut std::ffi::c_void,
+    /// Out of place: destination K tensor of each layer (else NULL).
+    pub keys_out: *const *mut std::ffi::c_void,
+    /// Out of place: destination V tensor of each layer (else NULL).
+    pub values_out: *const *mut std::ffi::c_void,
+}

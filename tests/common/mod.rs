@@ -6,10 +6,19 @@ use std::path::PathBuf;
 use triattn::io::{FileDType, TensorFile};
 use triattn::{Element, PairingStyle, Stats};
 
-/// `tests/data/<rel>` if present, else `../shared/data/<rel>`; `None` (with a loud message) if neither.
+/// The `triattn` CLI under test: `TRIATTN_BIN` if set (a test binary carried to another machine,
+/// as gpu-check does), else the one cargo built with the tests.
+pub fn triattn_bin() -> PathBuf {
+    std::env::var_os("TRIATTN_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_triattn")))
+}
+
+/// `tests/data/<rel>` if present, else `../shared/data/<rel>`, else `tests/data/<rel>` under the
+/// current directory (a carried test binary run from the repository root); `None` (with a loud
+/// message) if none.
 pub fn data_path(rel: &str) -> Option<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for base in [root.join("tests/data"), root.join("../shared/data")] {
+    let here = std::env::current_dir().unwrap_or_default().join("tests/data");
+    for base in [root.join("tests/data"), root.join("../shared/data"), here] {
         let p = base.join(rel);
         if p.exists() {
             return Some(p);

@@ -191,18 +191,12 @@ fn round_backend(b: BackendArg) -> Result<Backend> {
         BackendArg::Emu => Err(Error::unsupported(
             "--backend emu: expected a build with the emu feature (cargo build --features emu), got one without",
         )),
+        #[cfg(feature = "cuda")]
+        BackendArg::Cuda => Ok(Backend::Cuda(std::sync::Arc::new(triattn::cuda::CudaDevice::open(0)?))),
+        #[cfg(not(feature = "cuda"))]
         BackendArg::Cuda => Err(Error::unsupported(
-            "--backend cuda: expected cpu or emu; the CLI runs device rounds on emu until a GPU check has \
-             validated the cuda round (the library's cuda::CudaBackend::run_round runs it on a device)",
+            "--backend cuda: expected a build with the cuda feature (cargo build --features cuda), got one without",
         )),
-    }
-}
-
-fn backend_name(b: BackendArg) -> &'static str {
-    match b {
-        BackendArg::Cpu => "cpu",
-        BackendArg::Emu => "emu",
-        BackendArg::Cuda => "cuda",
     }
 }
 
@@ -254,9 +248,10 @@ fn compress_cpu<T: Element>(
     Ok(Compressed { result, k, v, compact: t0.elapsed(), kernels: Vec::new() })
 }
 
-/// Every stage, compaction included, as one device round on the emu backend.
-#[cfg(feature = "emu")]
-fn compress_emu<T: Element>(
+/// Every stage, compaction included, as one device round on a kernel backend (emu or cuda).
+#[cfg(any(feature = "emu", feature = "cuda"))]
+fn compress_device<T: Element>(
+    backend: &Backend,
     config: &CompressionConfig,
     scorer: &Scorer,
     cache: &DumpedCache,
@@ -291,29 +286,38 @@ fn compress_emu<T: Element>(
         let v_src: Vec<&[T]> = values.iter().map(Vec::as_slice).collect();
         let mut k_dst: Vec<&mut [T]> = k_out.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v_dst: Vec<&mut [T]> = v_out.iter_mut().map(Vec::as_mut_slice).collect();
-        triattn::emu::round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?
+        match backend {
+            #[cfg(feature = "emu")]
+            Backend::Emu => {
+                let out = triattn::emu::round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
+                let t = out.timings;
+                (out.outputs, Stage::ALL.map(|s| t.get(s)))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(dev) => {
+                let out = dev.round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
+                let ms = |s: Stage| out.stage_ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum();
+                (out.outputs, Stage::ALL.map(|s| std::time::Duration::from_secs_f64(ms(s))))
+            }
+            other => return Err(Error::invalid_argument("backend", "emu or cuda", other.name())),
+        }
     };
-    let t = &out.timings;
+    let (outputs, t) = out;
+    let get = |s: Stage| t[s as usize];
     let times = round::StageTimes {
-        score: t.get(Stage::Weights) + t.get(Stage::Score),
-        normalize: t.get(Stage::Normalize),
-        reduce: t.get(Stage::Reduce),
-        select: t.get(Stage::Select),
+        score: get(Stage::Weights) + get(Stage::Score),
+        normalize: get(Stage::Normalize),
+        reduce: get(Stage::Reduce),
+        select: get(Stage::Select),
     };
-    let result = RoundResult {
-        n,
-        raw: out.outputs.raw,
-        score: out.outputs.score,
-        keep: out.outputs.keep,
-        outcome: plan.outcome(),
-        times,
-    };
+    let result =
+        RoundResult { n, raw: outputs.raw, score: outputs.score, keep: outputs.keep, outcome: plan.outcome(), times };
     let encode = |rows: Vec<Vec<T>>| rows.iter().map(|x| T::encode_le(x)).collect();
     Ok(Compressed {
         result,
         k: encode(k_out),
         v: encode(v_out),
-        compact: t.get(Stage::Compact),
+        compact: get(Stage::Compact),
         kernels: plan.stage_kernels(),
     })
 }
@@ -329,8 +333,8 @@ fn compress_typed<T: Element>(
     let backend = round_backend(a.backend)?;
     let done = match backend {
         Backend::Cpu => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
-        #[cfg(feature = "emu")]
-        Backend::Emu => compress_emu::<T>(config, scorer, cache, round_start, prefix_len)?,
+        #[cfg(any(feature = "emu", feature = "cuda"))]
+        ref device => compress_device::<T>(device, config, scorer, cache, round_start, prefix_len)?,
     };
     let result = &done.result;
     let name = backend.name();
@@ -428,18 +432,10 @@ pub fn kernels(a: KernelsArgs) -> Result<()> {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
-    // The calibrate kernel runs on emu; the CLI's device path arrives with the GPU round.
-    let on_emu = match a.backend {
-        BackendArg::Cpu => false,
-        #[cfg(feature = "emu")]
-        BackendArg::Emu => true,
-        other => {
-            return Err(Error::unsupported(format!(
-                "--backend {}: expected cpu{} for calibration in this build",
-                backend_name(other),
-                if cfg!(feature = "emu") { " or emu" } else { "" }
-            )))
-        }
+    // Where the sums are accumulated: the CPU, or the calibrate kernel (emu or a GPU).
+    let backend = match a.backend {
+        BackendArg::Cpu => Backend::Cpu,
+        other => round_backend(other).map_err(|e| e.context("calibrate"))?,
     };
     let model = ModelConfig::from_file(&a.model_config)?;
     let style = style_of(a.rope_style);
@@ -451,15 +447,16 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         for l in 0..model.num_layers {
             let t = file.get(&format!("q.{l}"))?;
             let what = format!("{name}: q.{l}");
-            if on_emu {
+            match &backend {
+                Backend::Cpu => acc.add_named_tensor(l, &what, t)?,
                 #[cfg(feature = "emu")]
-                triattn::emu::calibrate_tensor(&mut acc, l, &what, t)?;
-            } else {
-                acc.add_named_tensor(l, &what, t)?;
+                Backend::Emu => triattn::emu::calibrate_tensor(&mut acc, l, &what, t)?,
+                #[cfg(feature = "cuda")]
+                Backend::Cuda(dev) => dev.calibrate_tensor(&mut acc, l, &what, t)?,
             }
         }
         if a.verbose {
-            eprintln!("calibrate: {} read {name}", if on_emu { "emu" } else { "cpu" });
+            eprintln!("calibrate: {} read {name}", backend.name());
         }
     }
     let mut stats = acc.finish()?;
