@@ -112,6 +112,17 @@ typedef enum {
   TRIATTN_COMPACTION_OUT_OF_PLACE = 3,
 } triattn_compaction;
 
+// How a device round's cache is laid out (`triattn_round_shape::layout`).
+typedef enum {
+  // Per layer one K and one V tensor with element strides (the `*_stride` fields).
+  TRIATTN_LAYOUT_CONTIGUOUS = 0,
+  // Per layer one K and one V block pool `[num_blocks, block_size, Hkv, dim]` (vLLM) and the
+  // sequence's block-table row (`triattn_cache_pointers::block_table`).
+  TRIATTN_LAYOUT_PAGED_NHD = 1,
+  // Per layer one K and one V block pool `[num_blocks, Hkv, block_size, dim]` (FlashInfer).
+  TRIATTN_LAYOUT_PAGED_HND = 2,
+} triattn_layout;
+
 // Opaque compressor: policy, model RoPE and statistics (and the device of its context).
 typedef struct triattn_compressor triattn_compressor;
 
@@ -185,10 +196,12 @@ typedef struct {
   float *score;
 } triattn_host_round;
 
-// The cache a device round runs over: per layer one `K[num_kv_heads, len, head_dim]` and one
-// `V[num_kv_heads, len, value_dim]` tensor with the given element strides (any layout whose rows
-// are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D and row stride Hkv*D).
-// Enum fields travel as uint32_t and are checked on entry.
+// The cache a device round runs over. Contiguous: per layer one `K[num_kv_heads, len,
+// head_dim]` and one `V[num_kv_heads, len, value_dim]` tensor with the given element strides
+// (any layout whose rows are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D
+// and row stride Hkv*D). Paged: per layer one K and one V block pool and the sequence's
+// block-table row (the stride fields are ignored). Enum fields travel as uint32_t and are
+// checked on entry.
 typedef struct {
   // Element type of K and V: a `triattn_dtype` value.
   uint32_t dtype;
@@ -216,6 +229,14 @@ typedef struct {
   size_t dst_value_head_stride;
   // Out of place: elements between slots of the destination V (>= value_dim).
   size_t dst_value_row_stride;
+  // Where the rows live: a `triattn_layout` value (0, contiguous, when zero-initialised).
+  uint32_t layout;
+  // Paged: slots per block, 16 to 256 (else ignored).
+  size_t block_size;
+  // Paged: blocks in each layer's pool.
+  size_t num_blocks;
+  // Paged: entries of the sequence's block-table row (>= ceil(len / block_size)).
+  size_t max_blocks;
 } triattn_round_shape;
 
 // What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
@@ -262,6 +283,10 @@ typedef struct {
   void *const *keys_out;
   // Out of place: destination V tensor of each layer (else NULL).
   void *const *values_out;
+  // Paged: the device address of the sequence's block-table row, int32 `[max_blocks]`
+  // (distinct blocks; its entries are read at every run, so the engine may append blocks
+  // between rounds). NULL for a contiguous cache.
+  const int32_t *block_table;
 } triattn_cache_pointers;
 
 #ifdef __cplusplus
@@ -403,8 +428,10 @@ triattn_status triattn_plan_get_info(const triattn_plan *plan, triattn_plan_info
 // # Safety
 // `plan` is a live plan of a CUDA context; the arrays in `cache` hold `num_layers` device
 // addresses each where required (`keys` always, `values` when the round compacts, the `*_out`
-// arrays out of place); `workspace` is device memory of that context of at least
-// `workspace_bytes`; `stream` is NULL (the legacy default stream) or a stream of that context.
+// arrays out of place; a paged plan's `block_table` the sequence's block-table row on the
+// device, which every later run of this plan reads); `workspace` is device memory of that
+// context of at least `workspace_bytes`; `stream` is NULL (the legacy default stream) or a
+// stream of that context.
 triattn_status triattn_plan_bind(triattn_plan *plan,
                                  const triattn_cache_pointers *cache,
                                  void *workspace,

@@ -194,7 +194,7 @@ impl Compressor {
         cache: &mut KvCache<T>,
         seq: &mut SequenceState,
     ) -> Result<RoundReport> {
-        use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
+        use crate::cuda::{CacheLayout, Compaction, RoundPlan, RoundShape, RowStrides};
         use crate::variant::CompactMode;
         let n = cache.len;
         if n == 0 {
@@ -206,8 +206,10 @@ impl Compressor {
             len: n,
             prefix_len: seq.prompt_slots(),
             value_dim: dv,
-            keys: RowStrides { head_stride: cap * d, row_stride: d },
-            values: RowStrides { head_stride: cap * dv, row_stride: dv },
+            layout: CacheLayout::Contiguous {
+                keys: RowStrides { head_stride: cap * d, row_stride: d },
+                values: RowStrides { head_stride: cap * dv, row_stride: dv },
+            },
             compaction: Compaction::InPlace(CompactMode::OrderPreserving),
         };
         let plan = RoundPlan::new(&self.scorer, config, shape)?;

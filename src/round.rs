@@ -240,7 +240,7 @@ fn run_device<T: Element>(
     prefix_len: usize,
     backend: &Backend,
 ) -> Result<RoundResult> {
-    use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
+    use crate::cuda::{CacheLayout, Compaction, RoundPlan, RoundShape, RowStrides};
     let n = keys[0].len;
     if n == 0 {
         // Nothing to launch over: the CPU path reports the empty round.
@@ -271,8 +271,7 @@ fn run_device<T: Element>(
             len: n,
             prefix_len,
             value_dim: d,
-            keys: strides,
-            values: strides,
+            layout: CacheLayout::Contiguous { keys: strides, values: strides },
             compaction: Compaction::KeepSetsOnly,
         },
     )?;

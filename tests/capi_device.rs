@@ -121,7 +121,7 @@ fn cuda_context_refuses_cleanly_or_opens() {
 /// Planning is host-only: it works in every build.
 mod plans {
     use super::*;
-    use triattn::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
+    use triattn::cuda::{CacheLayout, Compaction, RoundPlan, RoundShape, RowStrides};
     use triattn::round::Scorer;
     use triattn::variant::CompactMode;
     use triattn::{CompressionConfig, ModelConfig, Preset, Stats};
@@ -194,8 +194,7 @@ mod plans {
                 len,
                 prefix_len: PROMPT,
                 value_dim: d,
-                keys: strides,
-                values: strides,
+                layout: CacheLayout::Contiguous { keys: strides, values: strides },
                 compaction,
             });
             let w = want.layout();
@@ -306,6 +305,7 @@ mod plans {
             values: keys.as_ptr(),
             keys_out: ptr::null(),
             values_out: ptr::null(),
+            block_table: ptr::null(),
         };
         let round_start = 0x2000usize as *const i64;
         // SAFETY: the calls refuse before touching any of the (fake) device addresses.
@@ -393,6 +393,7 @@ fn c_abi_device_round_matches_cpu() {
         values: v_ptrs.as_ptr(),
         keys_out: ptr::null(),
         values_out: ptr::null(),
+        block_table: ptr::null(),
     };
     // SAFETY: device buffers of the plan's shape on this context, alive to the end of the test.
     let s = unsafe { triattn_plan_bind(p, &cache, ws, cu_stream) };

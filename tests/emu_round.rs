@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{random_keys, random_stats, Rng};
 use half::bf16;
-use triattn::cuda::{CacheAddresses, Compaction, Launcher, RoundPlan, RoundShape, RowStrides, Stage};
+use triattn::cuda::{
+    CacheAddresses, CacheLayout, Compaction, Launcher, RoundAddresses, RoundPlan, RoundShape, RowStrides, Stage,
+};
 use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
@@ -122,8 +124,7 @@ fn check<T: Element>(case: &Case, mode: CompactMode, seed: u64) {
         len: n,
         prefix_len: case.prefix,
         value_dim: dv,
-        keys: strides(n, d),
-        values: strides(n, dv),
+        layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, dv) },
         compaction: Compaction::InPlace(mode),
     };
     let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
@@ -203,8 +204,7 @@ fn one_plan_serves_rounds_with_different_round_starts() {
         len: n,
         prefix_len: 0,
         value_dim: d,
-        keys: strides(n, d),
-        values: strides(n, d),
+        layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
         compaction: Compaction::KeepSetsOnly,
     };
     let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
@@ -260,8 +260,7 @@ fn the_run_path_allocates_nothing() {
                 len: case.n,
                 prefix_len: case.prefix,
                 value_dim: 64,
-                keys: strides(case.n, 64),
-                values: strides(case.n, 64),
+                layout: CacheLayout::Contiguous { keys: strides(case.n, 64), values: strides(case.n, 64) },
                 compaction,
             };
             let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
@@ -270,11 +269,13 @@ fn the_run_path_allocates_nothing() {
                 values: vec![32; 2],
                 keys_out: vec![48; 2],
                 values_out: vec![64; 2],
+                block_table: 0,
             });
             let mut rec = Recorder { stages: [None; 8], count: 0 };
             let before = allocations();
             // SAFETY: the recorder launches nothing; the addresses are never dereferenced.
-            unsafe { plan.run(&mut rec, 1 << 20, 1 << 12) }.unwrap();
+            let at = RoundAddresses { workspace: 1 << 20, round_start: 1 << 12, block_table: 0 };
+            unsafe { plan.run(&mut rec, &at) }.unwrap();
             let after = allocations();
             assert_eq!(after - before, 0, "{}: run allocated", case.name);
             let stages: Vec<Stage> = rec.stages[..rec.count].iter().map(|s| s.unwrap().0).collect();
@@ -295,8 +296,7 @@ fn plans_refuse_bad_shapes_by_name() {
         len: 128,
         prefix_len: 0,
         value_dim: 64,
-        keys: strides(128, 64),
-        values: strides(128, 64),
+        layout: CacheLayout::Contiguous { keys: strides(128, 64), values: strides(128, 64) },
         compaction: Compaction::InPlace(CompactMode::HoleFilling),
     };
     let err = |s: RoundShape| RoundPlan::new(&scorer, &config, s).unwrap_err().to_string();
@@ -330,8 +330,7 @@ fn long_rounds_take_the_multi_block_select() {
             len: n,
             prefix_len: 1000,
             value_dim: d,
-            keys: strides(n, d),
-            values: strides(n, d),
+            layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
             compaction: Compaction::KeepSetsOnly,
         };
         let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
@@ -339,5 +338,91 @@ fn long_rounds_take_the_multi_block_select() {
         assert!(select_launches > 1, "expected the multi-block select, got {select_launches} select launch(es)");
         let got = triattn::emu::round_keys(&plan, &[&keys], n as u64 + 5).unwrap();
         assert_eq!(got.outputs.keep, want.keep);
+    }
+}
+
+/// A paged cache (vLLM's NHD and FlashInfer's HND pools, a shuffled block-table row): keep sets
+/// equal the CPU backend's over the same rows, and an in-place compaction moves the rows between
+/// the sequence's blocks exactly as the CPU compaction of the dense cache.
+#[test]
+fn paged_rounds_match_the_cpu_backend() {
+    use triattn::cuda::PageOrder;
+    let m = model(2, 8, 2, 64);
+    let (l, hkv, d, n, bs) = (2, 2, 64, 150, 16);
+    let scorer = Scorer::new(m, random_stats(2, 8, 64, 23), None).unwrap();
+    let config = CompressionConfig { budget: 96, ..CompressionConfig::preset(Preset::Paper) };
+    let mut rng = Rng(8);
+    for (order, mode) in [(PageOrder::Nhd, CompactMode::HoleFilling), (PageOrder::Hnd, CompactMode::OrderPreserving)] {
+        let keys: Vec<Vec<bf16>> = (0..l).map(|i| random_keys(hkv * n * d, d, 300 + i as u64)).collect();
+        let values: Vec<Vec<bf16>> = (0..l).map(|i| random_keys(hkv * n * d, d, 400 + i as u64)).collect();
+        let (num_blocks, max_blocks) = (24, 12);
+        // A shuffled choice of distinct blocks for the sequence.
+        let mut blocks: Vec<i32> = (0..num_blocks as i32).collect();
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, rng.below(i + 1));
+        }
+        let table: Vec<i32> = blocks[..max_blocks].to_vec();
+        let at = |slot: usize, g: usize| -> usize {
+            let block = table[slot / bs] as usize;
+            let within = slot % bs;
+            match order {
+                PageOrder::Nhd => ((block * bs + within) * hkv + g) * d,
+                PageOrder::Hnd => ((block * hkv + g) * bs + within) * d,
+            }
+        };
+        let pool = |dense: &Vec<bf16>| {
+            let mut p = vec![bf16::from_f32(-7.0); num_blocks * bs * hkv * d];
+            for g in 0..hkv {
+                for slot in 0..n {
+                    p[at(slot, g)..at(slot, g) + d].copy_from_slice(&dense[(g * n + slot) * d..(g * n + slot + 1) * d]);
+                }
+            }
+            p
+        };
+        let mut k_pools: Vec<Vec<bf16>> = keys.iter().map(pool).collect();
+        let mut v_pools: Vec<Vec<bf16>> = values.iter().map(pool).collect();
+        let views: Vec<LayerView<'_, bf16>> =
+            keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+        let want = run_cpu(&config, &scorer, &views, 5000, 10).unwrap();
+        let shape = RoundShape {
+            dtype: triattn::DType::Bf16,
+            len: n,
+            prefix_len: 10,
+            value_dim: d,
+            layout: CacheLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
+            compaction: Compaction::InPlace(mode),
+        };
+        let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+        let got = {
+            let mut k: Vec<&mut [bf16]> = k_pools.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut v: Vec<&mut [bf16]> = v_pools.iter_mut().map(Vec::as_mut_slice).collect();
+            triattn::emu::round_paged(&plan, &mut k, &mut v, &table, 5000).unwrap()
+        };
+        assert_eq!(got.outputs.keep, want.keep, "{order:?}: keep sets");
+        for layer in 0..l {
+            for g in 0..hkv {
+                let map = &got.outputs.slot_map[config.mode.set_index(layer, g, hkv)];
+                for (i, &src) in map.iter().enumerate() {
+                    let src = src as usize;
+                    assert_eq!(
+                        &k_pools[layer][at(i, g)..at(i, g) + d],
+                        &keys[layer][(g * n + src) * d..(g * n + src + 1) * d],
+                        "{order:?}: K row {i} of layer {layer} head {g}"
+                    );
+                    assert_eq!(
+                        &v_pools[layer][at(i, g)..at(i, g) + d],
+                        &values[layer][(g * n + src) * d..(g * n + src + 1) * d],
+                        "{order:?}: V row {i}"
+                    );
+                }
+            }
+        }
+        // A block table that repeats a block is refused by name.
+        let mut bad = table.clone();
+        bad[3] = bad[1];
+        let mut k: Vec<&mut [bf16]> = k_pools.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut v: Vec<&mut [bf16]> = v_pools.iter_mut().map(Vec::as_mut_slice).collect();
+        let e = triattn::emu::round_paged(&plan, &mut k, &mut v, &bad, 5000).unwrap_err().to_string();
+        assert!(e.contains("block table [3]"), "{e}");
     }
 }

@@ -13,7 +13,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError
 use crate::error::{Error, ErrorKind, Result};
 use crate::variant::Variant;
 
-use super::plan::{CacheAddresses, Launcher, RoundOutputs, RoundPlan, Stage, WORKSPACE_ALIGN};
+use super::plan::{
+    check_layers, CacheAddresses, Launcher, LayerTensors, RoundAddresses, RoundOutputs, RoundPlan, Stage,
+    WORKSPACE_ALIGN,
+};
 use super::runtime::CudaBackend;
 
 fn driver(what: &str, e: DriverError) -> Error {
@@ -65,34 +68,38 @@ impl CudaBackend {
     /// Launch a whole round on `stream`: no allocation, no copy, no synchronisation.
     ///
     /// # Errors
-    /// As [`Self::prepare_round`]; `Driver` for a failed launch; `Unsupported` when a kernel
-    /// needs more shared memory than this GPU has.
+    /// As [`Self::prepare_round`]; `InvalidArgument` for a misaligned workspace or `round_start`
+    /// or a block table that does not fit the layout; `Driver` for a failed launch;
+    /// `Unsupported` when a kernel needs more shared memory than this GPU has.
     ///
     /// # Safety
-    /// `workspace` is device memory of this context of [`RoundPlan::workspace_bytes`], aligned to
-    /// [`WORKSPACE_ALIGN`], whose constants hold [`RoundPlan::workspace_image`] of a live cache of
-    /// the planned shape; `round_start` is the device address of one `i64 >= N`; `stream` belongs
-    /// to this context; nothing else touches the workspace or the cache until the round has run.
-    pub unsafe fn run_round(&self, plan: &RoundPlan, workspace: u64, round_start: u64, stream: CUstream) -> Result<()> {
-        if workspace % WORKSPACE_ALIGN as u64 != 0 {
+    /// `at.workspace` is device memory of this context of [`RoundPlan::workspace_bytes`],
+    /// aligned to [`WORKSPACE_ALIGN`], whose constants hold [`RoundPlan::workspace_image`] of a
+    /// live cache of the planned shape; `at.round_start` is the device address of one `i64 >= N`;
+    /// a paged plan's `at.block_table` is the sequence's block-table row on the device; `stream`
+    /// belongs to this context; nothing else touches the workspace or the cache until the round
+    /// has run.
+    pub unsafe fn run_round(&self, plan: &RoundPlan, at: &RoundAddresses, stream: CUstream) -> Result<()> {
+        if at.workspace % WORKSPACE_ALIGN as u64 != 0 {
             return Err(Error::invalid_argument(
                 "workspace address",
                 format!("a multiple of {WORKSPACE_ALIGN}"),
-                workspace,
+                at.workspace,
             ));
         }
-        if round_start % 8 != 0 {
-            return Err(Error::invalid_argument("round_start address", "a multiple of 8", round_start));
+        if at.round_start % 8 != 0 {
+            return Err(Error::invalid_argument("round_start address", "a multiple of 8", at.round_start));
         }
         let mut launcher = StreamLauncher::new(self, stream);
         // SAFETY: the caller's contract.
-        unsafe { plan.run(&mut launcher, workspace, round_start) }
+        unsafe { plan.run(&mut launcher, at) }
     }
 }
 
 /// A planned round bound to a cache, with its own workspace and `round_start` slot.
 pub struct DeviceRound {
     plan: RoundPlan,
+    block_table: u64,
     workspace: CudaSlice<u8>,
     round_start: CudaSlice<i64>,
 }
@@ -130,7 +137,7 @@ impl DeviceRound {
             ));
         }
         drop(_guard);
-        Ok(Self { plan, workspace, round_start })
+        Ok(Self { plan, block_table: cache.block_table, workspace, round_start })
     }
 
     /// The plan.
@@ -165,7 +172,8 @@ impl DeviceRound {
         // SAFETY: the workspace and slot are this round's (sized, aligned and initialised in
         // `new`); the guards live until the launches are queued; the cache is the caller's
         // contract.
-        unsafe { backend.run_round(&self.plan, ws, rs, stream.cu_stream()) }
+        let at = RoundAddresses { workspace: ws, round_start: rs, block_table: self.block_table };
+        unsafe { backend.run_round(&self.plan, &at, stream.cu_stream()) }
     }
 
     /// Launch the round through another launcher of this round's device (a timing wrapper around
@@ -180,7 +188,8 @@ impl DeviceRound {
         let (ws, _w) = self.workspace.device_ptr_mut(stream);
         let (rs, _r) = self.round_start.device_ptr(stream);
         // SAFETY: as in `run`.
-        unsafe { self.plan.run(launcher, ws, rs) }
+        let at = RoundAddresses { workspace: ws, round_start: rs, block_table: self.block_table };
+        unsafe { self.plan.run(launcher, &at) }
     }
 
     /// Copy the outputs back (synchronises `stream`).
@@ -306,6 +315,13 @@ impl CudaDevice {
     }
 
     fn run_host(&self, plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<HostRound> {
+        if plan.contiguous_strides().is_none() {
+            return Err(Error::invalid_argument(
+                "plan layout",
+                "contiguous (host-buffer rounds; paged caches live on the device: use DeviceRound)",
+                "paged",
+            ));
+        }
         let mut round = DeviceRound::new(&self.backend, &self.stream, plan.clone(), cache)?;
         round.set_round_start(&self.stream, round_start)?;
         let mut timed = TimedLauncher::new(&self.backend, &self.stream);
@@ -330,8 +346,7 @@ impl CudaDevice {
         if s.compaction != super::plan::Compaction::KeepSetsOnly {
             return Err(Error::invalid_argument("plan compaction", "KeepSetsOnly", format!("{:?}", s.compaction)));
         }
-        let d = plan.dims().3;
-        super::plan::check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
+        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
         let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
         let cache =
             CacheAddresses { keys: k_dev.iter().map(|b| b.device_ptr(&self.stream).0).collect(), ..Default::default() };
@@ -355,16 +370,8 @@ impl CudaDevice {
         if !matches!(s.compaction, super::plan::Compaction::InPlace(_)) {
             return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
         }
-        let d = plan.dims().3;
-        super::plan::check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
-        super::plan::check_layers::<T>(
-            plan,
-            "v",
-            &values.iter().map(|v| v.len()).collect::<Vec<_>>(),
-            s.len,
-            s.value_dim,
-            s.values,
-        )?;
+        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
+        check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
         let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
         let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
         let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
@@ -394,16 +401,15 @@ impl CudaDevice {
         round_start: u64,
     ) -> Result<HostRound> {
         let s = plan.shape();
-        let super::plan::Compaction::OutOfPlace { keys: k_dst, values: v_dst } = s.compaction else {
+        if !matches!(s.compaction, super::plan::Compaction::OutOfPlace { .. }) {
             return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
-        };
-        let d = plan.dims().3;
+        }
         let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
         let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
-        super::plan::check_layers::<T>(plan, "k", &lens(keys), s.len, d, s.keys)?;
-        super::plan::check_layers::<T>(plan, "v", &lens(values), s.len, s.value_dim, s.values)?;
-        super::plan::check_layers::<T>(plan, "destination k", &lens_mut(keys_out), plan.kept(), d, k_dst)?;
-        super::plan::check_layers::<T>(plan, "destination v", &lens_mut(values_out), plan.kept(), s.value_dim, v_dst)?;
+        check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
+        check_layers::<T>(plan, LayerTensors::Values, &lens(values))?;
+        check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(keys_out))?;
+        check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(values_out))?;
         let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
         let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
         let alloc = |len: usize| {
@@ -417,6 +423,7 @@ impl CudaDevice {
             values: v_dev.iter().map(addr).collect(),
             keys_out: k_out.iter().map(addr).collect(),
             values_out: v_out.iter().map(addr).collect(),
+            block_table: 0,
         };
         let out = self.run_host(plan, &cache, round_start)?;
         self.download("copy the compacted rows back", keys_out, &k_out)?;

@@ -30,8 +30,8 @@ pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
 pub use plan::{
-    CacheAddresses, Compaction, Launcher, Region, RoundOutputs, RoundPlan, RoundShape, Stage, WorkspaceLayout,
-    WORKSPACE_ALIGN,
+    CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs, RoundPlan, RoundShape,
+    Stage, WorkspaceLayout, WORKSPACE_ALIGN,
 };
 pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]

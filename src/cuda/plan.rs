@@ -30,7 +30,7 @@ use super::normalize::{NormalizeAddresses, NormalizeSpec};
 use super::params::RowPartial;
 use super::reduce::{ReduceAddresses, ReduceSpec};
 use super::select::{SelectAddresses, SelectShape, SelectSpec};
-use super::spec::{KeyLayout, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
+use super::spec::{KeyLayout, PageOrder, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
 
 /// Where a round's compaction writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -49,8 +49,33 @@ pub enum Compaction {
     },
 }
 
-/// The cache a round runs over: per layer one `K[Hkv, N, D]` and one `V[Hkv, N, Dv]` tensor with
-/// the given element strides.
+/// Where a round's K and V rows live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheLayout {
+    /// Per layer one `K[Hkv, N, D]` and one `V[Hkv, N, Dv]` tensor with element strides.
+    Contiguous {
+        /// K strides (elements) of every layer.
+        keys: RowStrides,
+        /// V strides (elements) of every layer.
+        values: RowStrides,
+    },
+    /// Per layer one K and one V block pool (`[num_blocks, block_size, Hkv, dim]` NHD, as vLLM,
+    /// or `[num_blocks, Hkv, block_size, dim]` HND, as FlashInfer) and the sequence's
+    /// block-table row `i32[max_blocks]` (distinct blocks), whose address is bound with the cache
+    /// ([`CacheAddresses::block_table`]) and whose entries are read at run time.
+    Paged {
+        /// Slots per block, 16 to 256.
+        block_size: usize,
+        /// Axis order inside a block.
+        order: PageOrder,
+        /// Blocks in each layer's pool.
+        num_blocks: usize,
+        /// Entries of the block-table row.
+        max_blocks: usize,
+    },
+}
+
+/// The cache a round runs over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RoundShape {
     /// Element type of K and V.
@@ -61,12 +86,39 @@ pub struct RoundShape {
     pub prefix_len: usize,
     /// Elements per V row, Dv.
     pub value_dim: usize,
-    /// K strides (elements) of every layer.
-    pub keys: RowStrides,
-    /// V strides (elements) of every layer.
-    pub values: RowStrides,
+    /// Where the rows live.
+    pub layout: CacheLayout,
     /// What happens after selection.
     pub compaction: Compaction,
+}
+
+impl RoundShape {
+    /// A contiguous cache whose K and V tensors are `[Hkv, capacity, dim]` (dense rows).
+    pub fn dense(
+        dtype: DType,
+        len: usize,
+        prefix_len: usize,
+        head_dim: usize,
+        value_dim: usize,
+        capacity: usize,
+    ) -> Self {
+        RoundShape {
+            dtype,
+            len,
+            prefix_len,
+            value_dim,
+            layout: CacheLayout::Contiguous {
+                keys: RowStrides { head_stride: capacity * head_dim, row_stride: head_dim },
+                values: RowStrides { head_stride: capacity * value_dim, row_stride: value_dim },
+            },
+            compaction: Compaction::KeepSetsOnly,
+        }
+    }
+
+    /// The same shape with `compaction`.
+    pub fn with_compaction(self, compaction: Compaction) -> Self {
+        RoundShape { compaction, ..self }
+    }
 }
 
 /// One launch of a round, as a [`Launcher`] sees it.
@@ -120,6 +172,17 @@ pub trait Launcher {
         grid: (u32, u32, u32),
         dynamic_smem: usize,
     ) -> Result<()>;
+}
+
+/// What a run reads besides the plan: device addresses on the GPU, host addresses under emu.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundAddresses {
+    /// The workspace base.
+    pub workspace: u64,
+    /// One `i64`: the round's `round_start` (the number of tokens written so far).
+    pub round_start: u64,
+    /// The sequence's block-table row (paged caches), else 0.
+    pub block_table: u64,
 }
 
 /// A byte range of the workspace.
@@ -234,6 +297,9 @@ pub struct CacheAddresses {
     pub keys_out: Vec<u64>,
     /// `[L]` destination V tensors (out of place), else empty.
     pub values_out: Vec<u64>,
+    /// The sequence's block-table row `i32[max_blocks]` (paged caches), else 0. Its address is
+    /// passed to every run; its entries are read on the device at run time.
+    pub block_table: u64,
 }
 
 /// The outputs a run leaves in its workspace, read back on the host.
@@ -261,27 +327,78 @@ fn read_sets(buf: &[u8], offset: usize, sets: usize, kept: usize) -> Vec<Vec<u32
     flat.chunks(kept.max(1)).take(sets).map(<[u32]>::to_vec).collect()
 }
 
-/// Check the element type and that each of `lens` (one per layer) holds `slots` rows of `dim`
-/// elements at `strides` (host-buffer entry points of every backend).
+/// Which per-layer tensors of a round a host buffer list holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LayerTensors {
+    /// K (tensors, or pools when paged).
+    Keys,
+    /// V.
+    Values,
+    /// Out-of-place destination K.
+    KeysOut,
+    /// Out-of-place destination V.
+    ValuesOut,
+}
+
+/// Check the element type and that each of `lens` (elements of one buffer per layer) holds what
+/// the plan reaches in `which` (host-buffer entry points of every backend).
 #[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(dead_code))]
 pub(crate) fn check_layers<T: crate::dtype::Element>(
     plan: &RoundPlan,
-    what: &str,
+    which: LayerTensors,
     lens: &[usize],
-    slots: usize,
-    dim: usize,
-    strides: RowStrides,
 ) -> Result<()> {
-    if T::DTYPE != plan.shape.dtype {
-        return Err(Error::shape("cache dtype", plan.shape.dtype, T::DTYPE));
+    let s = &plan.shape;
+    if T::DTYPE != s.dtype {
+        return Err(Error::shape("cache dtype", s.dtype, T::DTYPE));
     }
+    let (what, dim) = match which {
+        LayerTensors::Keys => ("k", plan.head_dim),
+        LayerTensors::Values => ("v", s.value_dim),
+        LayerTensors::KeysOut => ("destination k", plan.head_dim),
+        LayerTensors::ValuesOut => ("destination v", s.value_dim),
+    };
     if lens.len() != plan.num_layers {
         return Err(Error::shape(format!("{what} layers"), plan.num_layers, lens.len()));
     }
-    let needed = (plan.num_kv_heads - 1) * strides.head_stride + (slots - 1) * strides.row_stride + dim;
+    let hkv = plan.num_kv_heads;
+    let rows = |slots: usize, st: RowStrides| (hkv - 1) * st.head_stride + (slots - 1) * st.row_stride + dim;
+    let needed = match (which, s.layout, s.compaction) {
+        (LayerTensors::KeysOut, _, Compaction::OutOfPlace { keys, .. }) => rows(plan.kept, keys),
+        (LayerTensors::ValuesOut, _, Compaction::OutOfPlace { values, .. }) => rows(plan.kept, values),
+        (LayerTensors::KeysOut | LayerTensors::ValuesOut, ..) => {
+            return Err(Error::invalid_argument(format!("{what} tensors"), "none (the plan compacts in place)", "some"))
+        }
+        (LayerTensors::Keys, CacheLayout::Contiguous { keys, .. }, _) => rows(s.len, keys),
+        (LayerTensors::Values, CacheLayout::Contiguous { values, .. }, _) => rows(s.len, values),
+        (_, CacheLayout::Paged { block_size, num_blocks, .. }, _) => num_blocks * block_size * hkv * dim,
+    };
     for (layer, &len) in lens.iter().enumerate() {
         if len < needed {
             return Err(Error::shape(format!("{what}.{layer} elements"), format!("at least {needed}"), len));
+        }
+    }
+    Ok(())
+}
+
+/// Check a paged plan's block-table row: entries covering N slots, distinct, inside the pool.
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(dead_code))]
+pub(crate) fn check_block_table(plan: &RoundPlan, table: &[i32]) -> Result<()> {
+    let CacheLayout::Paged { block_size, num_blocks, max_blocks, .. } = plan.shape.layout else {
+        return Err(Error::invalid_argument("block table", "none (contiguous cache)", "a block table"));
+    };
+    if table.len() < max_blocks {
+        return Err(Error::shape("block table", format!("{max_blocks} entries"), table.len()));
+    }
+    let used = plan.shape.len.div_ceil(block_size);
+    let mut seen = vec![false; num_blocks];
+    for (i, &b) in table[..used].iter().enumerate() {
+        if b < 0 || b as usize >= num_blocks || std::mem::replace(&mut seen[b as usize], true) {
+            return Err(Error::invalid_argument(
+                format!("block table [{i}]"),
+                format!("a distinct block in 0..{num_blocks}"),
+                b,
+            ));
         }
     }
     Ok(())
@@ -355,7 +472,14 @@ impl RoundPlan {
             vectors,
             aggregation: if vectors > 1 { OffsetAggregation::Max } else { OffsetAggregation::Mean },
             style: scorer.style,
-            layout: KeyLayout::Contiguous { head_stride: shape.keys.head_stride, row_stride: shape.keys.row_stride },
+            layout: match shape.layout {
+                CacheLayout::Contiguous { keys, .. } => {
+                    KeyLayout::Contiguous { head_stride: keys.head_stride, row_stride: keys.row_stride }
+                }
+                CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
+                    KeyLayout::Paged { block_size, order, num_blocks, max_blocks }
+                }
+            },
             weights: WeightsScope::Shared,
         })?;
         let normalize = match config.zscore() {
@@ -396,7 +520,7 @@ impl RoundPlan {
             score_stride: n,
             keep_stride: kept,
         })?;
-        let compact_shape = |mode, target, k_dst, v_dst| CompactShape {
+        let compact_shape = |mode, target, layout| CompactShape {
             mode,
             target,
             elem_bytes: shape.dtype.size(),
@@ -407,21 +531,34 @@ impl RoundPlan {
             keep_len: kept,
             key_dim: d,
             value_dim: shape.value_dim,
-            layout: CompactLayout::Contiguous { k: shape.keys, v: shape.values, k_dst, v_dst },
+            layout,
             positions: None,
+        };
+        let in_place_layout = match shape.layout {
+            CacheLayout::Contiguous { keys, values } => {
+                CompactLayout::Contiguous { k: keys, v: values, k_dst: keys, v_dst: values }
+            }
+            CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
+                CompactLayout::Paged { block_size, order, num_blocks, max_blocks }
+            }
         };
         let compact = match shape.compaction {
             Compaction::KeepSetsOnly => None,
             Compaction::InPlace(_) if kept == n => None,
             Compaction::InPlace(mode) => {
-                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, shape.keys, shape.values))?)
+                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, in_place_layout))?)
             }
-            Compaction::OutOfPlace { keys, values } => Some(CompactSpec::new(compact_shape(
-                CompactMode::OrderPreserving,
-                CompactTarget::OutOfPlace,
-                keys,
-                values,
-            ))?),
+            Compaction::OutOfPlace { keys: k_dst, values: v_dst } => {
+                let CacheLayout::Contiguous { keys, values } = shape.layout else {
+                    return Err(Error::invalid_argument(
+                        "compaction of a paged cache",
+                        "in place (or keep sets only)",
+                        "out of place",
+                    ));
+                };
+                let layout = CompactLayout::Contiguous { k: keys, v: values, k_dst, v_dst };
+                Some(CompactSpec::new(compact_shape(CompactMode::OrderPreserving, CompactTarget::OutOfPlace, layout))?)
+            }
         };
 
         let f = d / 2;
@@ -504,6 +641,14 @@ impl RoundPlan {
             layout,
             constants,
         })
+    }
+
+    /// The K and V strides of a contiguous plan (`None` when paged).
+    pub fn contiguous_strides(&self) -> Option<(RowStrides, RowStrides)> {
+        match self.shape.layout {
+            CacheLayout::Contiguous { keys, values } => Some((keys, values)),
+            CacheLayout::Paged { .. } => None,
+        }
     }
 
     /// The shape planned for.
@@ -656,16 +801,27 @@ impl RoundPlan {
     /// Launch every stage of the round on `launcher`: nothing but launches.
     ///
     /// # Errors
-    /// What the launcher reports (a failed launch, a kernel the build lacks).
+    /// `InvalidArgument` for a paged plan without a block table (or a contiguous one with);
+    /// what the launcher reports (a failed launch, a kernel the build lacks).
     ///
     /// # Safety
-    /// `workspace` is [`Self::workspace_bytes`] of memory of the launcher's backend, aligned to
-    /// [`WORKSPACE_ALIGN`], whose first `constants_bytes` hold [`Self::workspace_image`] of a
-    /// cache that is alive and holds [`RoundShape::len`] slots at the planned strides (and
+    /// `at.workspace` is [`Self::workspace_bytes`] of memory of the launcher's backend, aligned
+    /// to [`WORKSPACE_ALIGN`], whose first `constants_bytes` hold [`Self::workspace_image`] of a
+    /// cache that is alive and holds [`RoundShape::len`] slots in the planned layout (and
     /// destination tensors that hold `kept` slots, out of place, not overlapping the source);
-    /// `round_start` is the address of one `i64` in that memory, at least N. Nothing else touches
-    /// the workspace or the cache until the launches have run.
-    pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, workspace: u64, round_start: u64) -> Result<()> {
+    /// `at.round_start` is the address of one `i64` in that memory, at least N; a paged plan's
+    /// `at.block_table` is the sequence's block-table row, distinct in-range blocks covering N
+    /// slots. Nothing else touches the workspace or the cache until the launches have run.
+    pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, at: &RoundAddresses) -> Result<()> {
+        let (workspace, round_start) = (at.workspace, at.round_start);
+        let paged = matches!(self.shape.layout, CacheLayout::Paged { .. });
+        if paged != (at.block_table != 0) {
+            return Err(Error::invalid_argument(
+                "block table address",
+                if paged { "non-null (paged cache)" } else { "null (contiguous cache)" },
+                format!("{:#x}", at.block_table),
+            ));
+        }
         let w = &self.layout;
         let lengths = w.lengths.at(workspace);
         let trig = self.trig.params(&TrigAddresses {
@@ -684,7 +840,7 @@ impl RoundPlan {
             keys: w.key_table.at(workspace),
             weights: if self.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
             norm: w.norm.at(workspace),
-            block_table: 0,
+            block_table: at.block_table,
             seq_lens: lengths,
             stat_start: lengths + 4,
             stat_end: lengths + 8,
@@ -730,7 +886,7 @@ impl RoundPlan {
                 v_dst: w.value_out_table.at(workspace),
                 keep: w.keep.at(workspace),
                 set_index: w.set_index.at(workspace),
-                block_table: 0,
+                block_table: at.block_table,
                 slot_map: w.slot_map.at(workspace),
                 pos_src: 0,
                 pos_dst: 0,

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use crate::cuda::plan::{
-    check_layers, CacheAddresses, Compaction, Launcher, RoundOutputs, RoundPlan, Stage, WORKSPACE_ALIGN,
+    check_block_table, check_layers, CacheAddresses, Compaction, Launcher, LayerTensors, RoundAddresses, RoundOutputs,
+    RoundPlan, Stage, WORKSPACE_ALIGN,
 };
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -81,7 +82,12 @@ unsafe fn run_host(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -
     let mut launcher = EmuLauncher::default();
     // SAFETY: the workspace is aligned, sized and initialised as `run` requires; the cache is
     // the caller's contract; `start` outlives the synchronous launches.
-    unsafe { plan.run(&mut launcher, ws.as_mut_ptr() as u64, start.as_ptr() as u64)? };
+    let at = RoundAddresses {
+        workspace: ws.as_mut_ptr() as u64,
+        round_start: start.as_ptr() as u64,
+        block_table: cache.block_table,
+    };
+    unsafe { plan.run(&mut launcher, &at)? };
     Ok(EmuRound { outputs: plan.read_outputs(ws)?, timings: launcher.timings })
 }
 
@@ -100,8 +106,8 @@ pub fn round_keys<T: Element>(plan: &RoundPlan, keys: &[&[T]], round_start: u64)
             format!("{:?}", s.compaction),
         ));
     }
-    let d = plan.dims().3;
-    check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
+    contiguous(plan)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
     let cache = CacheAddresses { keys: keys.iter().map(|k| k.as_ptr() as u64).collect(), ..Default::default() };
     // SAFETY: every key tensor holds the planned rows (checked); no values are read.
     unsafe { run_host(plan, &cache, round_start) }
@@ -121,9 +127,9 @@ pub fn round_in_place<T: Element>(
     if !matches!(s.compaction, Compaction::InPlace(_)) {
         return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
     }
-    let d = plan.dims().3;
-    check_layers::<T>(plan, "k", &keys.iter().map(|k| k.len()).collect::<Vec<_>>(), s.len, d, s.keys)?;
-    check_layers::<T>(plan, "v", &values.iter().map(|v| v.len()).collect::<Vec<_>>(), s.len, s.value_dim, s.values)?;
+    contiguous(plan)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
+    check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
     let cache = CacheAddresses {
         keys: keys.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
         values: values.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
@@ -147,23 +153,70 @@ pub fn round_out_of_place<T: Element>(
     round_start: u64,
 ) -> Result<EmuRound> {
     let s = plan.shape();
-    let Compaction::OutOfPlace { keys: k_dst, values: v_dst } = s.compaction else {
+    if !matches!(s.compaction, Compaction::OutOfPlace { .. }) {
         return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
-    };
-    let d = plan.dims().3;
+    }
     let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
     let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
-    check_layers::<T>(plan, "k", &lens(keys), s.len, d, s.keys)?;
-    check_layers::<T>(plan, "v", &lens(values), s.len, s.value_dim, s.values)?;
-    check_layers::<T>(plan, "destination k", &lens_mut(keys_out), plan.kept(), d, k_dst)?;
-    check_layers::<T>(plan, "destination v", &lens_mut(values_out), plan.kept(), s.value_dim, v_dst)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
+    check_layers::<T>(plan, LayerTensors::Values, &lens(values))?;
+    check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(keys_out))?;
+    check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(values_out))?;
     let cache = CacheAddresses {
         keys: keys.iter().map(|k| k.as_ptr() as u64).collect(),
         values: values.iter().map(|v| v.as_ptr() as u64).collect(),
         keys_out: keys_out.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
         values_out: values_out.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
+        block_table: 0,
     };
     // SAFETY: sources and destinations hold the planned rows (checked); the destinations are
     // exclusive borrows, so they do not overlap the shared sources.
+    unsafe { run_host(plan, &cache, round_start) }
+}
+
+fn contiguous(plan: &RoundPlan) -> Result<()> {
+    match plan.contiguous_strides() {
+        Some(_) => Ok(()),
+        None => Err(Error::invalid_argument("plan layout", "contiguous (use round_paged for a paged cache)", "paged")),
+    }
+}
+
+/// Run a round of a paged plan over per-layer K and V block pools and the sequence's block-table
+/// row: keep sets only, or compaction in place (the rows move between the sequence's blocks).
+///
+/// # Errors
+/// `InvalidArgument` for a contiguous or out-of-place plan or a bad block table; as
+/// [`round_keys`] otherwise.
+pub fn round_paged<T: Element>(
+    plan: &RoundPlan,
+    key_pools: &mut [&mut [T]],
+    value_pools: &mut [&mut [T]],
+    block_table: &[i32],
+    round_start: u64,
+) -> Result<EmuRound> {
+    if plan.contiguous_strides().is_some() {
+        return Err(Error::invalid_argument("plan layout", "paged", "contiguous"));
+    }
+    if matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }) {
+        return Err(Error::invalid_argument(
+            "compaction of a paged cache",
+            "in place or keep sets only",
+            "out of place",
+        ));
+    }
+    check_block_table(plan, block_table)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &key_pools.iter().map(|k| k.len()).collect::<Vec<_>>())?;
+    let compacts = matches!(plan.shape().compaction, Compaction::InPlace(_));
+    if compacts {
+        check_layers::<T>(plan, LayerTensors::Values, &value_pools.iter().map(|v| v.len()).collect::<Vec<_>>())?;
+    }
+    let cache = CacheAddresses {
+        keys: key_pools.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
+        values: if compacts { value_pools.iter_mut().map(|v| v.as_mut_ptr() as u64).collect() } else { Vec::new() },
+        block_table: block_table.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the pools hold every block (checked), the block table names distinct in-range
+    // blocks covering N slots (checked); the pools are borrowed exclusively.
     unsafe { run_host(plan, &cache, round_start) }
 }

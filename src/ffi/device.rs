@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::policy::RoundOutcome;
 
 use super::{non_null, triattn_compaction, triattn_compressor, triattn_dtype, triattn_outcome};
-use super::{triattn_cache_pointers, triattn_plan_info, triattn_round_shape};
+use super::{triattn_cache_pointers, triattn_layout, triattn_plan_info, triattn_round_shape};
 
 /// The CUDA device of a context, compressor or plan (none for the CPU backend, and always none
 /// in a build without the `cuda` feature).
@@ -42,14 +42,21 @@ pub(super) fn open_cuda(ordinal: u32) -> Result<Device> {
 /// A validated round plan and the device of the compressor it was made from.
 pub(super) struct Plan {
     plan: crate::cuda::RoundPlan,
+    /// The block-table row bound by `triattn_plan_bind` (paged plans), else 0.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    block_table: u64,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: Device,
 }
 
 /// Check the fields of `s` for a model of `head_dim`, each error naming the field.
-fn validate_shape(s: &triattn_round_shape, head_dim: usize) -> Result<(triattn_dtype, triattn_compaction)> {
+fn validate_shape(
+    s: &triattn_round_shape,
+    head_dim: usize,
+) -> Result<(triattn_dtype, triattn_compaction, triattn_layout)> {
     let dtype = triattn_dtype::from_c("shape.dtype", s.dtype)?;
     let compaction = triattn_compaction::from_c("shape.compaction", s.compaction)?;
+    let layout = triattn_layout::from_c("shape.layout", s.layout)?;
     if s.len == 0 || s.len > i32::MAX as usize {
         return Err(Error::invalid_argument("shape.len", "1..=2147483647 cached slots", s.len));
     }
@@ -77,33 +84,54 @@ fn validate_shape(s: &triattn_round_shape, head_dim: usize) -> Result<(triattn_d
         }
         Ok(())
     };
+    if compaction != triattn_compaction::KeepSetsOnly && s.value_dim == 0 {
+        return Err(Error::invalid_argument("shape.value_dim", ">= 1 (the round compacts V)", 0));
+    }
+    if layout != triattn_layout::Contiguous {
+        // Block size, pool and table sizes are checked by the plan, by name.
+        if compaction == triattn_compaction::OutOfPlace {
+            return Err(Error::invalid_argument(
+                "shape.compaction",
+                "KEEP_SETS_ONLY or IN_PLACE_* for a paged cache",
+                "TRIATTN_COMPACTION_OUT_OF_PLACE",
+            ));
+        }
+        return Ok((dtype, compaction, layout));
+    }
     strides("key", head_dim, s.key_head_stride, s.key_row_stride)?;
     if compaction != triattn_compaction::KeepSetsOnly {
-        if s.value_dim == 0 {
-            return Err(Error::invalid_argument("shape.value_dim", ">= 1 (the round compacts V)", 0));
-        }
         strides("value", s.value_dim, s.value_head_stride, s.value_row_stride)?;
     }
     if compaction == triattn_compaction::OutOfPlace {
         strides("dst_key", head_dim, s.dst_key_head_stride, s.dst_key_row_stride)?;
         strides("dst_value", s.value_dim, s.dst_value_head_stride, s.dst_value_row_stride)?;
     }
-    Ok((dtype, compaction))
+    Ok((dtype, compaction, layout))
 }
 
 /// Plan a round of `c` over caches of shape `s` (host-only).
 pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Result<Plan> {
-    use crate::cuda::{Compaction, RoundPlan, RoundShape, RowStrides};
+    use crate::cuda::{CacheLayout, Compaction, PageOrder, RoundPlan, RoundShape, RowStrides};
     use crate::variant::CompactMode;
-    let (dtype, compaction) = validate_shape(s, c.scorer.model.head_dim)?;
+    let (dtype, compaction, layout) = validate_shape(s, c.scorer.model.head_dim)?;
     let st = |head_stride, row_stride| RowStrides { head_stride, row_stride };
     let shape = RoundShape {
         dtype: dtype.to_rust(),
         len: s.len,
         prefix_len: s.prefix_len,
         value_dim: s.value_dim,
-        keys: st(s.key_head_stride, s.key_row_stride),
-        values: st(s.value_head_stride, s.value_row_stride),
+        layout: match layout {
+            triattn_layout::Contiguous => CacheLayout::Contiguous {
+                keys: st(s.key_head_stride, s.key_row_stride),
+                values: st(s.value_head_stride, s.value_row_stride),
+            },
+            triattn_layout::PagedNhd | triattn_layout::PagedHnd => CacheLayout::Paged {
+                block_size: s.block_size,
+                order: if layout == triattn_layout::PagedNhd { PageOrder::Nhd } else { PageOrder::Hnd },
+                num_blocks: s.num_blocks,
+                max_blocks: s.max_blocks,
+            },
+        },
         compaction: match compaction {
             triattn_compaction::KeepSetsOnly => Compaction::KeepSetsOnly,
             triattn_compaction::InPlaceOrderPreserving => Compaction::InPlace(CompactMode::OrderPreserving),
@@ -115,7 +143,7 @@ pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Re
         },
     };
     let plan = RoundPlan::new(&c.scorer, &c.config, shape).map_err(|e| e.context("triattn_plan_create"))?;
-    Ok(Plan { plan, device: c.device.clone() })
+    Ok(Plan { plan, block_table: 0, device: c.device.clone() })
 }
 
 /// The sizes and output offsets of `p`.
@@ -199,7 +227,7 @@ unsafe fn address_table(what: &str, ptr: *const *mut std::ffi::c_void, layers: u
 /// # Safety
 /// As `triattn_plan_bind`.
 pub(super) unsafe fn bind(
-    p: &Plan,
+    p: &mut Plan,
     cache: &triattn_cache_pointers,
     workspace: *mut std::ffi::c_void,
     stream: *mut std::ffi::c_void,
@@ -209,6 +237,7 @@ pub(super) unsafe fn bind(
         use crate::cuda::{CacheAddresses, Compaction, Stage};
         let gpu = gpu_of(p, "triattn_plan_bind")?;
         let plan = &p.plan;
+        let block_table = cache.block_table as u64;
         let layers = plan.dims().0;
         let needs_values = plan.stages().contains(&Stage::Compact);
         let out_of_place = matches!(plan.shape().compaction, Compaction::OutOfPlace { .. });
@@ -229,7 +258,20 @@ pub(super) unsafe fn bind(
             values: table("cache.values", cache.values, needs_values, "the round compacts V")?,
             keys_out: table("cache.keys_out", cache.keys_out, out_of_place, "the round compacts out of place")?,
             values_out: table("cache.values_out", cache.values_out, out_of_place, "the round compacts out of place")?,
+            block_table: cache.block_table as u64,
         };
+        let paged = plan.contiguous_strides().is_none();
+        if paged == cache.block_table.is_null() {
+            return Err(Error::invalid_argument(
+                "cache.block_table",
+                if paged {
+                    "the device address of the sequence's block-table row (paged cache)"
+                } else {
+                    "NULL (contiguous cache)"
+                },
+                format!("{:#x}", cache.block_table as u64),
+            ));
+        }
         let ws = check_workspace(workspace)?;
         let image = plan.workspace_image(&addresses).map_err(|e| e.context("triattn_plan_bind"))?;
         gpu.prepare_round(plan)?;
@@ -243,6 +285,7 @@ pub(super) unsafe fn bind(
         // SAFETY: as above.
         unsafe { cudarc::driver::result::stream::synchronize(stream) }
             .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))?;
+        p.block_table = block_table;
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
@@ -276,7 +319,9 @@ pub(super) unsafe fn run(
         }
         // SAFETY: the caller's contract (a workspace bound by `triattn_plan_bind` to a live cache
         // of the planned shape, a device int64 >= len, a stream of this device's context).
-        unsafe { gpu.run_round(&p.plan, ws, round_start as u64, stream as cudarc::driver::sys::CUstream) }
+        let at =
+            crate::cuda::RoundAddresses { workspace: ws, round_start: round_start as u64, block_table: p.block_table };
+        unsafe { gpu.run_round(&p.plan, &at, stream as cudarc::driver::sys::CUstream) }
     }
     #[cfg(not(feature = "cuda"))]
     {

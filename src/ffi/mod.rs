@@ -521,8 +521,10 @@ pub unsafe extern "C" fn triattn_plan_get_info(
 /// # Safety
 /// `plan` is a live plan of a CUDA context; the arrays in `cache` hold `num_layers` device
 /// addresses each where required (`keys` always, `values` when the round compacts, the `*_out`
-/// arrays out of place); `workspace` is device memory of that context of at least
-/// `workspace_bytes`; `stream` is NULL (the legacy default stream) or a stream of that context.
+/// arrays out of place; a paged plan's `block_table` the sequence's block-table row on the
+/// device, which every later run of this plan reads); `workspace` is device memory of that
+/// context of at least `workspace_bytes`; `stream` is NULL (the legacy default stream) or a
+/// stream of that context.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_plan_bind(
     plan: *mut triattn_plan,
@@ -534,7 +536,7 @@ pub unsafe extern "C" fn triattn_plan_bind(
         non_null("plan", plan)?;
         non_null("cache", cache)?;
         // SAFETY: checked non-null; live handle and readable pointers (caller contract).
-        unsafe { device::bind(&(*plan).inner, &*cache, workspace, stream) }
+        unsafe { device::bind(&mut (*plan).inner, &*cache, workspace, stream) }
     })
 }
 

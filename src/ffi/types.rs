@@ -361,10 +361,39 @@ impl triattn_compaction {
     }
 }
 
-/// The cache a device round runs over: per layer one `K[num_kv_heads, len, head_dim]` and one
-/// `V[num_kv_heads, len, value_dim]` tensor with the given element strides (any layout whose rows
-/// are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D and row stride Hkv*D).
-/// Enum fields travel as uint32_t and are checked on entry.
+/// How a device round's cache is laid out (`triattn_round_shape::layout`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_layout {
+    /// Per layer one K and one V tensor with element strides (the `*_stride` fields).
+    Contiguous = 0,
+    /// Per layer one K and one V block pool `[num_blocks, block_size, Hkv, dim]` (vLLM) and the
+    /// sequence's block-table row (`triattn_cache_pointers::block_table`).
+    PagedNhd = 1,
+    /// Per layer one K and one V block pool `[num_blocks, Hkv, block_size, dim]` (FlashInfer).
+    PagedHnd = 2,
+}
+
+impl triattn_layout {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_LAYOUT_CONTIGUOUS", Self::Contiguous),
+                (1, "TRIATTN_LAYOUT_PAGED_NHD", Self::PagedNhd),
+                (2, "TRIATTN_LAYOUT_PAGED_HND", Self::PagedHnd),
+            ],
+        )
+    }
+}
+
+/// The cache a device round runs over. Contiguous: per layer one `K[num_kv_heads, len,
+/// head_dim]` and one `V[num_kv_heads, len, value_dim]` tensor with the given element strides
+/// (any layout whose rows are 16-byte aligned: `[Hkv, N, D]`, or `[N, Hkv, D]` with head stride D
+/// and row stride Hkv*D). Paged: per layer one K and one V block pool and the sequence's
+/// block-table row (the stride fields are ignored). Enum fields travel as uint32_t and are
+/// checked on entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct triattn_round_shape {
@@ -394,6 +423,14 @@ pub struct triattn_round_shape {
     pub dst_value_head_stride: usize,
     /// Out of place: elements between slots of the destination V (>= value_dim).
     pub dst_value_row_stride: usize,
+    /// Where the rows live: a `triattn_layout` value (0, contiguous, when zero-initialised).
+    pub layout: u32,
+    /// Paged: slots per block, 16 to 256 (else ignored).
+    pub block_size: usize,
+    /// Paged: blocks in each layer's pool.
+    pub num_blocks: usize,
+    /// Paged: entries of the sequence's block-table row (>= ceil(len / block_size)).
+    pub max_blocks: usize,
 }
 
 /// What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
@@ -444,4 +481,8 @@ pub struct triattn_cache_pointers {
     pub keys_out: *const *mut std::ffi::c_void,
     /// Out of place: destination V tensor of each layer (else NULL).
     pub values_out: *const *mut std::ffi::c_void,
+    /// Paged: the device address of the sequence's block-table row, int32 `[max_blocks]`
+    /// (distinct blocks; its entries are read at every run, so the engine may append blocks
+    /// between rounds). NULL for a contiguous cache.
+    pub block_table: *const i32,
 }

@@ -258,7 +258,7 @@ fn compress_device<T: Element>(
     round_start: u64,
     prefix_len: usize,
 ) -> Result<Compressed> {
-    use triattn::cuda::{Compaction, RoundPlan, RoundShape, RowStrides, Stage};
+    use triattn::cuda::{CacheLayout, Compaction, RoundPlan, RoundShape, RowStrides, Stage};
     let (hkv, n, d, dv) = (cache.num_kv_heads, cache.n, cache.head_dim, cache.value_dim);
     if n == 0 {
         return compress_cpu::<T>(config, scorer, cache, round_start, prefix_len);
@@ -269,8 +269,7 @@ fn compress_device<T: Element>(
         len: n,
         prefix_len,
         value_dim: dv,
-        keys: strides(d, n),
-        values: strides(dv, n),
+        layout: CacheLayout::Contiguous { keys: strides(d, n), values: strides(dv, n) },
         compaction: Compaction::KeepSetsOnly,
     };
     let kept = RoundPlan::new(scorer, config, shape)?.kept();
