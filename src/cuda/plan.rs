@@ -329,6 +329,7 @@ fn read_sets(buf: &[u8], offset: usize, sets: usize, kept: usize) -> Vec<Vec<u32
 
 /// Which per-layer tensors of a round a host buffer list holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(dead_code))]
 pub(crate) enum LayerTensors {
     /// K (tensors, or pools when paged).
     Keys,
