@@ -4,21 +4,13 @@
 
 mod common;
 
-use common::Rng;
+use common::{model, Rng};
 use half::bf16;
 use triattn::policy::{CompressionConfig, PrefixProtection, Preset, RoundOutcome, SelectionMode, SkipReason};
 use triattn::round::Scorer;
 use triattn::score::OffsetAggregation;
 use triattn::stats::Stats;
 use triattn::{BatchItem, Compressor, Element, ErrorKind, KvCache, ModelConfig, PairingStyle, SequenceState};
-
-fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
-    ModelConfig::from_json_str(&format!(
-        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
-            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
-    ))
-    .unwrap()
-}
 
 fn scorer(rng: &mut Rng, m: &ModelConfig) -> Scorer {
     let count = m.num_layers * m.num_heads * (m.head_dim / 2);

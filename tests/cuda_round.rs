@@ -8,31 +8,18 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{gpu_or_skip, random_keys, random_stats};
+use common::{dense_strides as strides, gpu_or_skip, model, random_keys, random_stats};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use triattn::cuda::{
-    CacheAddresses, CacheLayout, Compaction, CudaBackend, DeviceRound, Launcher, RoundPlan, RoundShape, RowStrides,
-    Stage,
+    CacheAddresses, CacheLayout, Compaction, DeviceRound, RoundPlan, RoundShape, Stage, TimedLauncher,
 };
 use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
-use triattn::variant::{CompactMode, Variant};
-use triattn::{LayerView, ModelConfig};
-
-fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
-    ModelConfig::from_json_str(&format!(
-        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
-            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
-    ))
-    .unwrap()
-}
-
-fn strides(n: usize, d: usize) -> RowStrides {
-    RowStrides { head_stride: n * d, row_stride: d }
-}
+use triattn::variant::CompactMode;
+use triattn::LayerView;
 
 struct Cache {
     keys: Vec<CudaSlice<bf16>>,
@@ -155,33 +142,6 @@ fn cuda_rounds_match_cpu_and_replay_as_graphs() {
     }
 }
 
-/// Times each stage with CUDA events around its launch.
-struct Timed<'a> {
-    gpu: &'a CudaBackend,
-    stream: &'a Arc<CudaStream>,
-    marks: Vec<(Stage, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
-}
-
-impl Launcher for Timed<'_> {
-    unsafe fn launch<P: Copy>(
-        &mut self,
-        stage: Stage,
-        variant: Variant,
-        params: &P,
-        grid: (u32, u32, u32),
-        dynamic_smem: usize,
-    ) -> triattn::Result<()> {
-        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(flags).unwrap();
-        let mut inner = triattn::cuda::StreamLauncher::new(self.gpu, self.stream.cu_stream());
-        // SAFETY: forwarded.
-        unsafe { inner.launch(stage, variant, params, grid, dynamic_smem)? };
-        let end = self.stream.record_event(flags).unwrap();
-        self.marks.push((stage, start, end));
-        Ok(())
-    }
-}
-
 /// Per-stage times of a Qwen3-8B-shaped round (36 layers, N = budget + 128) next to a device copy
 /// of the same key bytes, and no device memory taken by `run`.
 #[test]
@@ -215,12 +175,12 @@ fn cuda_round_stage_times() {
         let mut total = std::collections::BTreeMap::<Stage, f32>::new();
         let reps = 20;
         for _ in 0..reps {
-            let mut t = Timed { gpu: &gpu, stream: &stream, marks: Vec::new() };
+            let mut timed = TimedLauncher::new(&gpu, &stream);
             // SAFETY: as above.
-            unsafe { round.run_with(&mut t, &stream) }.unwrap();
+            unsafe { round.run_with(&mut timed, &stream) }.unwrap();
             stream.synchronize().unwrap();
-            for (stage, s, e) in &t.marks {
-                *total.entry(*stage).or_default() += s.elapsed_ms(e).unwrap();
+            for (stage, ms) in timed.stage_ms().unwrap() {
+                *total.entry(stage).or_default() += ms;
             }
         }
         let (free_after, _) = cudarc::driver::result::mem_get_info().unwrap();

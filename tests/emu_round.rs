@@ -8,16 +8,14 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{random_keys, random_stats, Rng};
+use common::{dense_strides as strides, model, random_keys, random_stats, Rng};
 use half::bf16;
-use triattn::cuda::{
-    CacheAddresses, CacheLayout, Compaction, Launcher, RoundAddresses, RoundPlan, RoundShape, RowStrides, Stage,
-};
+use triattn::cuda::{CacheAddresses, CacheLayout, Compaction, Launcher, RoundAddresses, RoundPlan, RoundShape, Stage};
 use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
 use triattn::variant::{CompactMode, Variant};
-use triattn::{Element, LayerView, ModelConfig};
+use triattn::{Element, LayerView};
 
 /// Counts heap allocations per thread (other tests run on other threads meanwhile).
 struct Counting;
@@ -55,18 +53,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
-    ModelConfig::from_json_str(&format!(
-        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
-            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
-    ))
-    .unwrap()
-}
-
-fn strides(n: usize, d: usize) -> RowStrides {
-    RowStrides { head_stride: n * d, row_stride: d }
-}
 
 struct Case {
     name: &'static str,

@@ -3,21 +3,13 @@
 
 mod common;
 
-use common::Rng;
+use common::{model, Rng};
 use half::bf16;
 use triattn::policy::{CompressionConfig, Normalization, PrefixProtection, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
 use triattn::stats::Stats;
 use triattn::{Compressor, KvCache, LayerView, ModelConfig, PairingStyle, SequenceState};
-
-fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> ModelConfig {
-    ModelConfig::from_json_str(&format!(
-        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
-            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
-    ))
-    .unwrap()
-}
 
 fn random_stats(rng: &mut Rng, m: &ModelConfig, style: PairingStyle) -> Stats {
     let f = m.head_dim / 2;

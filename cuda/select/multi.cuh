@@ -94,7 +94,7 @@ TRI_DEVICE void select_scan(const tri_select_params& p) {
   __shared__ uint32_t hist[SELECT_RADIX];
   __shared__ uint32_t found[3];  // key prefix, rank within it, whole bucket kept
   const SelectRow r = select_row_view(p, blockIdx.x);
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x, warp = tid / 32;
   uint32_t prefix = 0, mask = 0, rank = (uint32_t)(r.kc > 0 ? r.kc : 0);
   if (p.pass == 0) {
     if (r.kc <= 0) {
@@ -121,42 +121,7 @@ TRI_DEVICE void select_scan(const tri_select_params& p) {
     hist[tid] = sum;
   }
   sync_block();
-  if (warp == 0) {
-    // Lane l owns digits 255 - 8l - j, j < 8: the bins from the top, in lane order.
-    uint32_t c[8];
-    uint32_t sum = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      c[j] = hist[SELECT_RADIX - 1 - 8 * lane - j];
-      sum += c[j];
-    }
-    // Inclusive scan over the lanes; counts <= 2^24 travel exactly as floats.
-    uint32_t incl = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const uint32_t up = (uint32_t)shfl((float)incl, lane >= off ? lane - off : lane);
-      if (lane >= off) incl += up;
-    }
-    const uint32_t excl = incl - sum;
-    if (excl < rank && rank <= incl) {
-      uint32_t acc = excl, digit = 0, within = 0, whole = 0;
-      bool hit = false;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (!hit && acc + c[j] >= rank) {
-          hit = true;
-          digit = (uint32_t)(SELECT_RADIX - 1 - 8 * lane - j);
-          within = rank - acc;
-          whole = within == c[j] ? 1u : 0u;
-        } else if (!hit) {
-          acc += c[j];
-        }
-      }
-      found[0] = prefix | (digit << shift);
-      found[1] = within;
-      found[2] = whole;
-    }
-  }
+  if (warp == 0) select_find_digit(hist, rank, prefix, shift, found);
   sync_block();
   if (tid == 0) {
     r.state[0] = found[0];

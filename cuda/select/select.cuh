@@ -46,6 +46,48 @@ TRI_DEVICE uint32_t select_key(float x) {
 // global memory once; longer rows are re-read in every pass.
 constexpr int SELECT_ITEMS = 16;
 
+// Warp 0 of a block: find the digit (bits `shift`..`shift`+7) of the candidate of rank `rank`
+// (1-based, from the top) in the 256-bin histogram `hist`. Writes found[0] = `prefix` with that
+// digit, found[1] = the rank within its bin, found[2] = 1 when the whole bin is kept. Lane l owns
+// digits 255 - 8l - j, j < 8 (the bins from the top, in lane order).
+TRI_DEVICE void select_find_digit(const uint32_t* hist, uint32_t rank, uint32_t prefix, int shift, uint32_t* found) {
+  const int lane = threadIdx.x % 32;
+  uint32_t c[8];
+  uint32_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    c[j] = hist[SELECT_RADIX - 1 - 8 * lane - j];
+    sum += c[j];
+  }
+  // Inclusive scan over the lanes; counts <= 2^24 travel exactly as floats.
+  uint32_t incl = sum;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const uint32_t up = (uint32_t)shfl((float)incl, lane >= off ? lane - off : lane);
+    if (lane >= off) incl += up;
+  }
+  const uint32_t excl = incl - sum;
+  if (excl < rank && rank <= incl) {
+    // Walk the lane's bins without indexing registers dynamically (no local memory).
+    uint32_t acc = excl, digit = 0, within = 0, whole = 0;
+    bool hit = false;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (!hit && acc + c[j] >= rank) {
+        hit = true;
+        digit = (uint32_t)(SELECT_RADIX - 1 - 8 * lane - j);
+        within = rank - acc;
+        whole = within == c[j] ? 1u : 0u;
+      } else if (!hit) {
+        acc += c[j];
+      }
+    }
+    found[0] = prefix | (digit << shift);
+    found[1] = within;
+    found[2] = whole;
+  }
+}
+
 // One chunk of the final pass: slot i (one per thread) is kept when `sure`, or when `tie` and
 // among the first `take` ties of the row; kept slots go out in slot order.
 template <int NT>
@@ -88,7 +130,7 @@ TRI_DEVICE void select_topk(const tri_select_params& p) {
   __shared__ uint32_t warp_ties[WARPS];
   __shared__ uint32_t found[3];  // key prefix, rank within it, whole bucket kept
 
-  const int n = p.len, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int n = p.len, tid = threadIdx.x, warp = tid / 32;
   const float* scores = p.scores + (int64_t)blockIdx.x * p.score_stride;
   int32_t* keep = p.keep + (int64_t)blockIdx.x * p.keep_stride;
   // Candidates are the slots [lo, hi); the rest is protected.
@@ -122,43 +164,7 @@ TRI_DEVICE void select_topk(const tri_select_params& p) {
         }
       }
       sync_block();
-      if (warp == 0) {
-        // Lane l owns digits 255 - 8l - j, j < 8: the bins from the top, in lane order.
-        uint32_t c[8];
-        uint32_t sum = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          c[j] = hist[SELECT_RADIX - 1 - 8 * lane - j];
-          sum += c[j];
-        }
-        // Inclusive scan over the lanes; counts <= 2^24 travel exactly as floats.
-        uint32_t incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off *= 2) {
-          const uint32_t up = (uint32_t)shfl((float)incl, lane >= off ? lane - off : lane);
-          if (lane >= off) incl += up;
-        }
-        const uint32_t excl = incl - sum;
-        if (excl < rank && rank <= incl) {
-          // Walk the lane's bins without indexing registers dynamically (no local memory).
-          uint32_t acc = excl, digit = 0, within = 0, whole = 0;
-          bool hit = false;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (!hit && acc + c[j] >= rank) {
-              hit = true;
-              digit = (uint32_t)(SELECT_RADIX - 1 - 8 * lane - j);
-              within = rank - acc;
-              whole = within == c[j] ? 1u : 0u;
-            } else if (!hit) {
-              acc += c[j];
-            }
-          }
-          found[0] = prefix | (digit << shift);
-          found[1] = within;
-          found[2] = whole;
-        }
-      }
+      if (warp == 0) select_find_digit(hist, rank, prefix, shift, found);
       sync_block();
       prefix = found[0];
       rank = found[1];

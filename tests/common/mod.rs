@@ -6,6 +6,20 @@ use std::path::PathBuf;
 use triattn::io::{FileDType, TensorFile};
 use triattn::{Element, PairingStyle, Stats};
 
+/// A model config with RoPE base 1e6 and no scaling.
+pub fn model(layers: usize, heads: usize, kv_heads: usize, head_dim: usize) -> triattn::ModelConfig {
+    triattn::ModelConfig::from_json_str(&format!(
+        r#"{{"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},
+            "head_dim":{head_dim},"rope_theta":1000000.0}}"#
+    ))
+    .unwrap()
+}
+
+/// Element strides of a dense `[Hkv, n, d]` tensor.
+pub fn dense_strides(n: usize, d: usize) -> triattn::cuda::RowStrides {
+    triattn::cuda::RowStrides { head_stride: n * d, row_stride: d }
+}
+
 /// The `triattn` CLI under test: `TRIATTN_BIN` if set (a test binary carried to another machine,
 /// as gpu-check does), else the one cargo built with the tests.
 pub fn triattn_bin() -> PathBuf {
