@@ -30,5 +30,6 @@ echo "   (GPU parity tests skip loudly without a GPU; TRIATTN_REQUIRE_GPU=1 make
 cargo test --features "$features"
 if [[ "$features" == *cuda* ]]; then
   echo "== GPU parity tests (print SKIP without a GPU)"
-  cargo test --features "$features" --test cuda_score -- --nocapture 2>&1 | grep -E "SKIP|test result" || true
+  cargo test --features "$features" --test cuda_score --test cuda_stages --test cuda_compact --test cuda_round \
+    -- --nocapture 2>&1 | grep -E "SKIP|test result" || true
 fi

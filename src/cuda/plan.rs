@@ -1,7 +1,9 @@
 //! A whole round on the kernel path, planned once per shape: `weights -> score -> normalize ->
 //! reduce -> select -> compact`.
 //!
-//! [`RoundPlan::new`] validates every stage's spec on the host, decides the round's outcome (the
+//! [`RoundPlan::new`] takes a cache shape — contiguous per-layer tensors with any row strides, or
+//! paged block pools (vLLM's NHD, FlashInfer's HND) with the sequence's block-table row — and
+//! validates every stage's spec on the host, decides the round's outcome (the
 //! shape fixes it: within budget, skipped, or compressed) and lays out one workspace: the
 //! constants every round reads (statistics, RoPE frequencies, the candidate range, the keep-set
 //! index of each `(layer, KV head)`, the per-layer K/V address tables) followed by the scratch
