@@ -412,3 +412,166 @@ fn paged_rounds_match_the_cpu_backend() {
         assert!(e.contains("block table [3]"), "{e}");
     }
 }
+
+/// Random rounds: shapes, dtypes, presets, knobs, layouts (padded strides, NHD/HND pools) and
+/// compactions drawn at random; every plan either refuses by name or runs on emu to the CPU
+/// backend's outcome and keep sets, with rows moved exactly as the keep sets say.
+#[test]
+fn random_rounds_match_the_cpu_backend() {
+    use triattn::cuda::PageOrder;
+    use triattn::policy::{GroupAggregation, Normalization, PrefixProtection};
+    use triattn::score::{NormTerm, ScoreConfig, TrigTerm};
+    let mut rng = Rng(2026);
+    let mut ran = 0;
+    let mut compressed = [0usize; 2]; // contiguous, paged
+    for case in 0..60 {
+        let (l, hkv, g) = (1 + rng.below(2), 1 + rng.below(2), [1, 2, 4][rng.below(3)]);
+        let d = [32, 64, 128][rng.below(3)];
+        let n = 1 + rng.below(260);
+        let prefix = rng.below(n + 1);
+        let budget = 1 + rng.below(200);
+        let preset = if rng.below(2) == 0 { Preset::Paper } else { Preset::Vllm };
+        let config = CompressionConfig {
+            budget,
+            window: rng.below(budget.min(40)),
+            mode: [SelectionMode::PerHead, SelectionMode::PerLayerPerHead, SelectionMode::Union][rng.below(3)],
+            group_aggregation: if rng.below(2) == 0 { GroupAggregation::Max } else { GroupAggregation::Mean },
+            normalization: if rng.below(4) == 0 { Normalization::Off } else { Normalization::ZScore },
+            prefix: if rng.below(2) == 0 { PrefixProtection::Protected } else { PrefixProtection::Unprotected },
+            score: ScoreConfig {
+                offset_max_length: [1, 64, 65536][rng.below(3)],
+                aggregation: if rng.below(2) == 0 { OffsetAggregation::Mean } else { OffsetAggregation::Max },
+                norm: if rng.below(2) == 0 { NormTerm::MeanResidual } else { NormTerm::MeanModulus },
+                trig: if rng.below(5) == 0 { TrigTerm::Excluded } else { TrigTerm::Included },
+            },
+            ..CompressionConfig::preset(preset)
+        };
+        let scorer = Scorer::new(model(l, hkv * g, hkv, d), random_stats(l, hkv * g, d, case), None).unwrap();
+        let dense: Vec<Vec<f32>> = (0..l).map(|i| random_keys::<f32>(hkv * n * d, d, case * 7 + i as u64)).collect();
+        let views: Vec<LayerView<'_, f32>> =
+            dense.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+        let round_start = n as u64 + rng.below(100_000) as u64;
+        let want = run_cpu(&config, &scorer, &views, round_start, prefix).unwrap();
+        let mode = if rng.below(2) == 0 { CompactMode::OrderPreserving } else { CompactMode::HoleFilling };
+        let paged = rng.below(3) == 0;
+        let what = format!("case {case} (L{l} Hkv{hkv} G{g} D{d} N{n} P{prefix} {config:?}, paged {paged})");
+        if paged {
+            let bs = [16, 32][rng.below(2)];
+            let order = if rng.below(2) == 0 { PageOrder::Nhd } else { PageOrder::Hnd };
+            let max_blocks = n.div_ceil(bs) + rng.below(3);
+            let num_blocks = max_blocks + rng.below(4);
+            let mut blocks: Vec<i32> = (0..num_blocks as i32).collect();
+            for i in (1..blocks.len()).rev() {
+                blocks.swap(i, rng.below(i + 1));
+            }
+            let table = blocks[..max_blocks].to_vec();
+            let at = |slot: usize, h: usize| -> usize {
+                let (b, w) = (table[slot / bs] as usize, slot % bs);
+                match order {
+                    PageOrder::Nhd => ((b * bs + w) * hkv + h) * d,
+                    PageOrder::Hnd => ((b * hkv + h) * bs + w) * d,
+                }
+            };
+            let mut pools: Vec<Vec<f32>> = dense
+                .iter()
+                .map(|k| {
+                    let mut p = vec![f32::NAN; num_blocks * bs * hkv * d];
+                    for h in 0..hkv {
+                        for s in 0..n {
+                            p[at(s, h)..at(s, h) + d].copy_from_slice(&k[(h * n + s) * d..(h * n + s + 1) * d]);
+                        }
+                    }
+                    p
+                })
+                .collect();
+            let mut vpools = pools.clone();
+            let shape = RoundShape {
+                dtype: triattn::DType::F32,
+                len: n,
+                prefix_len: prefix,
+                value_dim: d,
+                layout: CacheLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
+                compaction: Compaction::InPlace(mode),
+            };
+            let plan = match RoundPlan::new(&scorer, &config, shape) {
+                Ok(p) => p,
+                Err(e) => panic!("{what}: a valid paged shape was refused: {e}"),
+            };
+            let got = {
+                let mut k: Vec<&mut [f32]> = pools.iter_mut().map(Vec::as_mut_slice).collect();
+                let mut v: Vec<&mut [f32]> = vpools.iter_mut().map(Vec::as_mut_slice).collect();
+                triattn::emu::round_paged(&plan, &mut k, &mut v, &table, round_start).unwrap()
+            };
+            assert_eq!(plan.outcome(), want.outcome, "{what}");
+            assert_eq!(got.outputs.keep, want.keep, "{what}");
+            if let RoundOutcome::Compressed { kept, .. } = want.outcome {
+                for layer in 0..l {
+                    for h in 0..hkv {
+                        let map = &got.outputs.slot_map[config.mode.set_index(layer, h, hkv)];
+                        assert_eq!(map.len(), kept, "{what}");
+                        for (i, &src) in map.iter().enumerate() {
+                            let src = src as usize;
+                            let row = &pools[layer][at(i, h)..at(i, h) + d];
+                            assert!(row == &dense[layer][(h * n + src) * d..(h * n + src + 1) * d], "{what}: row {i}");
+                        }
+                    }
+                }
+            }
+        } else {
+            // Rows padded by 0..2 chunks of 4 f32 (16 bytes) and heads by a few rows.
+            let row_stride = d + 4 * rng.below(3);
+            let head_stride = (n + rng.below(3)) * row_stride;
+            let st = triattn::cuda::RowStrides { head_stride, row_stride };
+            let padded = |k: &Vec<f32>| {
+                let mut p = vec![f32::NAN; (hkv - 1) * head_stride + (n - 1) * row_stride + d];
+                for h in 0..hkv {
+                    for s in 0..n {
+                        let at = h * head_stride + s * row_stride;
+                        p[at..at + d].copy_from_slice(&k[(h * n + s) * d..(h * n + s + 1) * d]);
+                    }
+                }
+                p
+            };
+            let mut k: Vec<Vec<f32>> = dense.iter().map(padded).collect();
+            let mut v = k.clone();
+            let shape = RoundShape {
+                dtype: triattn::DType::F32,
+                len: n,
+                prefix_len: prefix,
+                value_dim: d,
+                layout: CacheLayout::Contiguous { keys: st, values: st },
+                compaction: Compaction::InPlace(mode),
+            };
+            let plan = RoundPlan::new(&scorer, &config, shape).unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+            let got = {
+                let mut kr: Vec<&mut [f32]> = k.iter_mut().map(Vec::as_mut_slice).collect();
+                let mut vr: Vec<&mut [f32]> = v.iter_mut().map(Vec::as_mut_slice).collect();
+                triattn::emu::round_in_place(&plan, &mut kr, &mut vr, round_start).unwrap()
+            };
+            assert_eq!(plan.outcome(), want.outcome, "{what}");
+            assert_eq!(got.outputs.keep, want.keep, "{what}");
+            if let RoundOutcome::Compressed { kept, .. } = want.outcome {
+                for layer in 0..l {
+                    for h in 0..hkv {
+                        let map = &got.outputs.slot_map[config.mode.set_index(layer, h, hkv)];
+                        assert_eq!(map.len(), kept, "{what}");
+                        for (i, &src) in map.iter().enumerate() {
+                            let src = src as usize;
+                            let at = h * head_stride + i * row_stride;
+                            assert!(
+                                k[layer][at..at + d] == dense[layer][(h * n + src) * d..(h * n + src + 1) * d],
+                                "{what}: row {i}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if matches!(want.outcome, RoundOutcome::Compressed { .. }) {
+            compressed[usize::from(paged)] += 1;
+        }
+        ran += 1;
+    }
+    assert_eq!(ran, 60);
+    assert!(compressed[0] >= 5 && compressed[1] >= 3, "too few evicting rounds drawn: {compressed:?}");
+}
