@@ -56,7 +56,10 @@ static int engine_round(const triattn_compressor *comp, const triattn_shape *mod
   triattn_plan *plan = NULL;
   if (check(triattn_plan_create(comp, &shape, &plan), "plan_create")) return 1;
   triattn_plan_info info;
-  if (check(triattn_plan_get_info(plan, &info), "plan_get_info")) return 1;
+  if (check(triattn_plan_get_info(plan, &info), "plan_get_info")) {
+    triattn_plan_destroy(plan);
+    return 1;
+  }
   printf("workspace: %zu bytes (align %zu); %zu sets of %zu slots; keep sets at +%zu\n", info.workspace_bytes,
          info.workspace_alignment, info.sets, info.kept, info.keep_offset);
   if (info.workspace_bytes > workspace_capacity) {
@@ -69,16 +72,16 @@ static int engine_round(const triattn_compressor *comp, const triattn_shape *mod
   /* 2. Bind the workspace to this cache (setup: copies the constants and synchronises the
    *    stream; again only when the cache moves; never inside a graph capture). */
   triattn_cache_pointers cache = {.keys = k_layers, .values = v_layers, .keys_out = NULL, .values_out = NULL};
-  if (check(triattn_plan_bind(plan, &cache, workspace, stream), "plan_bind")) return 1;
+  int rc = check(triattn_plan_bind(plan, &cache, workspace, stream), "plan_bind");
 
   /* 3. Each round: the engine writes round_start (tokens seen so far) into device memory in
    *    stream order, then launches; the same call can be captured once and replayed. */
-  if (check(triattn_plan_run(plan, workspace, round_start_device, stream), "plan_run")) return 1;
+  if (rc == 0) rc = check(triattn_plan_run(plan, workspace, round_start_device, stream), "plan_run");
 
   /* The keep sets (int32 [sets, kept]) are at workspace + info.keep_offset, and K/V are
    *    compacted in place to `kept` rows per (layer, KV head) once the stream reaches here. */
   triattn_plan_destroy(plan);
-  return 0;
+  return rc;
 }
 
 int main(int argc, char **argv) {
