@@ -270,3 +270,29 @@ fn calibration_case_with_the_cuda_backend() {
     assert!(err.starts_with("error:") && err.contains("CUDA"), "{err}");
     assert!(!out.exists());
 }
+
+/// `triattn demo --backend emu`: a simulated decode whose rounds run every stage on the kernels
+/// keeps exactly the slots the CPU backend keeps (the table's columns before the stage times).
+#[cfg(feature = "emu")]
+#[test]
+fn demo_on_emu_keeps_what_the_cpu_keeps() {
+    let run = |backend: &str| {
+        let o = Command::new(common::triattn_bin())
+            .args(["demo", "--layers", "2", "--tokens", "900", "--backend", backend])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success(), "{backend}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(out.contains(&format!("({backend} backend)")), "{out}");
+        // Round rows: "<round> <r> <before> <after> ... | <times>".
+        let rows: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains('|') && l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .map(|l| l.split('|').next().unwrap().trim().to_string())
+            .collect();
+        rows
+    };
+    let (cpu, emu) = (run("cpu"), run("emu"));
+    assert!(cpu.len() >= 2, "expected rounds: {cpu:?}");
+    assert_eq!(cpu, emu);
+}

@@ -239,6 +239,9 @@ struct DemoArgs {
     /// Random seed of the simulated keys.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Where the rounds run: every stage on the CPU, or on the kernels (emu, or a GPU).
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    backend: BackendArg,
 }
 
 fn main() -> ExitCode {

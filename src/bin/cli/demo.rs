@@ -136,7 +136,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     }
     let scorer = qwen3_8b(a.layers)?;
     let sim = Simulator::new(&scorer, a.prompt, a.seed);
-    let compressor = Compressor::new(config, scorer)?;
+    let compressor = Compressor::new(config, scorer)?.with_backend(super::round_backend(a.backend)?);
     let m = &compressor.scorer().model;
     let (layers, kv_heads, d) = (m.num_layers, m.num_kv_heads, m.head_dim);
     let threshold = config.budget + config.divide_length;
@@ -145,7 +145,10 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     let mut seq = SequenceState::new(layers, kv_heads, a.prompt);
     let token_bytes = layers * kv_heads * 2 * d * std::mem::size_of::<half::bf16>();
 
-    say!("triattn demo: simulated decode of Qwen3-8B with TriAttention KV compression (CPU backend)");
+    say!(
+        "triattn demo: simulated decode of Qwen3-8B with TriAttention KV compression ({} backend)",
+        compressor.backend().name()
+    );
     say!("statistics: Qwen/Qwen3-8B, TriAttention authors (arXiv:2604.04921), Apache-2.0");
     say!(
         "model      {layers} layers x {} heads ({kv_heads} KV heads), head_dim {d}, rope_theta {}; keys simulated, bf16",

@@ -182,7 +182,7 @@ pub fn compress(a: CompressArgs) -> Result<()> {
 }
 
 /// The backend `--backend` names, if this build has it.
-fn round_backend(b: BackendArg) -> Result<Backend> {
+pub(crate) fn round_backend(b: BackendArg) -> Result<Backend> {
     match b {
         BackendArg::Cpu => Ok(Backend::Cpu),
         #[cfg(feature = "emu")]
