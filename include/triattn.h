@@ -123,6 +123,17 @@ typedef enum {
   TRIATTN_LAYOUT_PAGED_HND = 2,
 } triattn_layout;
 
+// Element type of the positions a device round compacts alongside the rows
+// (`triattn_round_shape::positions`).
+typedef enum {
+  // No positions.
+  TRIATTN_POSITIONS_NONE = 0,
+  // int32 positions.
+  TRIATTN_POSITIONS_I32 = 1,
+  // int64 positions.
+  TRIATTN_POSITIONS_I64 = 2,
+} triattn_positions;
+
 // Opaque compressor: policy, model RoPE and statistics (and the device of its context).
 typedef struct triattn_compressor triattn_compressor;
 
@@ -237,6 +248,9 @@ typedef struct {
   size_t num_blocks;
   // Paged: entries of the sequence's block-table row (>= ceil(len / block_size)).
   size_t max_blocks;
+  // Positions compacted alongside the rows: a `triattn_positions` value (0, none, when
+  // zero-initialised); `[sets, len]` at `triattn_cache_pointers::positions`.
+  uint32_t positions;
 } triattn_round_shape;
 
 // What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
@@ -287,6 +301,12 @@ typedef struct {
   // (distinct blocks; its entries are read at every run, so the engine may append blocks
   // between rounds). NULL for a contiguous cache.
   const int32_t *block_table;
+  // With `triattn_round_shape::positions`: the device address of the positions `[sets, len]`
+  // (the position each slot holds, per keep set), rewritten in place to the kept slots'
+  // positions when the round compacts in place; else NULL.
+  void *positions;
+  // Out of place with positions: the device address of the kept positions `[sets, kept]`.
+  void *positions_out;
 } triattn_cache_pointers;
 
 #ifdef __cplusplus

@@ -211,6 +211,7 @@ impl Compressor {
                 values: RowStrides { head_stride: cap * dv, row_stride: dv },
             },
             compaction: Compaction::InPlace(CompactMode::OrderPreserving),
+            positions: None,
         };
         let plan = RoundPlan::new(&self.scorer, config, shape)?;
         let mut k: Vec<&mut [T]> = cache.k.iter_mut().map(Vec::as_mut_slice).collect();

@@ -273,6 +273,7 @@ fn run_device<T: Element>(
             value_dim: d,
             layout: CacheLayout::Contiguous { keys: strides, values: strides },
             compaction: Compaction::KeepSetsOnly,
+            positions: None,
         },
     )?;
     let (out, times) = device_round(backend, &plan, DeviceCache::Keys(&tensors), round_start)?;

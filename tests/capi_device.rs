@@ -196,6 +196,7 @@ mod plans {
                 value_dim: d,
                 layout: CacheLayout::Contiguous { keys: strides, values: strides },
                 compaction,
+                positions: None,
             });
             let w = want.layout();
             assert_eq!(got.workspace_bytes, want.workspace_bytes(), "case {i}");
@@ -306,6 +307,8 @@ mod plans {
             keys_out: ptr::null(),
             values_out: ptr::null(),
             block_table: ptr::null(),
+            positions: ptr::null_mut(),
+            positions_out: ptr::null_mut(),
         };
         let round_start = 0x2000usize as *const i64;
         // SAFETY: the calls refuse before touching any of the (fake) device addresses.
@@ -394,6 +397,8 @@ fn c_abi_device_round_matches_cpu() {
         keys_out: ptr::null(),
         values_out: ptr::null(),
         block_table: ptr::null(),
+        positions: ptr::null_mut(),
+        positions_out: ptr::null_mut(),
     };
     // SAFETY: device buffers of the plan's shape on this context, alive to the end of the test.
     let s = unsafe { triattn_plan_bind(p, &cache, ws, cu_stream) };

@@ -84,6 +84,7 @@ fn cuda_rounds_match_cpu_and_replay_as_graphs() {
                 value_dim: d,
                 layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
                 compaction: Compaction::KeepSetsOnly,
+                positions: None,
             };
             // Scores and keep sets over three rounds of one captured graph.
             let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
@@ -162,6 +163,7 @@ fn cuda_round_stage_times() {
             value_dim: d,
             layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
             compaction: Compaction::InPlace(mode),
+            positions: None,
         };
         let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
         let key_bytes = plan.key_bytes();
@@ -247,6 +249,7 @@ fn cuda_paged_round_matches_cpu() {
         value_dim: d,
         layout: CacheLayout::Paged { block_size: bs, order: triattn::cuda::PageOrder::Nhd, num_blocks, max_blocks },
         compaction: Compaction::KeepSetsOnly,
+        positions: None,
     };
     let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
     let cache = CacheAddresses {

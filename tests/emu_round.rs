@@ -112,6 +112,7 @@ fn check<T: Element>(case: &Case, mode: CompactMode, seed: u64) {
         value_dim: dv,
         layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, dv) },
         compaction: Compaction::InPlace(mode),
+        positions: None,
     };
     let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
     assert_eq!(plan.outcome(), want.outcome, "{}", case.name);
@@ -192,6 +193,7 @@ fn one_plan_serves_rounds_with_different_round_starts() {
         value_dim: d,
         layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
         compaction: Compaction::KeepSetsOnly,
+        positions: None,
     };
     let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
     let tensors: Vec<&[f32]> = keys.iter().map(Vec::as_slice).collect();
@@ -248,19 +250,23 @@ fn the_run_path_allocates_nothing() {
                 value_dim: 64,
                 layout: CacheLayout::Contiguous { keys: strides(case.n, 64), values: strides(case.n, 64) },
                 compaction,
+                positions: Some(triattn::cuda::PositionType::I64),
             };
             let plan = RoundPlan::new(&scorer, &case.config, shape).unwrap();
-            let _ = plan.workspace_image(&CacheAddresses {
+            let cache = CacheAddresses {
                 keys: vec![16; 2],
                 values: vec![32; 2],
                 keys_out: vec![48; 2],
                 values_out: vec![64; 2],
-                block_table: 0,
-            });
+                positions: 80,
+                positions_out: 96,
+                ..Default::default()
+            };
+            let _ = plan.workspace_image(&cache);
             let mut rec = Recorder { stages: [None; 8], count: 0 };
             let before = allocations();
             // SAFETY: the recorder launches nothing; the addresses are never dereferenced.
-            let at = RoundAddresses { workspace: 1 << 20, round_start: 1 << 12, block_table: 0 };
+            let at = RoundAddresses::bound(1 << 20, 1 << 12, &cache);
             unsafe { plan.run(&mut rec, &at) }.unwrap();
             let after = allocations();
             assert_eq!(after - before, 0, "{}: run allocated", case.name);
@@ -284,6 +290,7 @@ fn plans_refuse_bad_shapes_by_name() {
         value_dim: 64,
         layout: CacheLayout::Contiguous { keys: strides(128, 64), values: strides(128, 64) },
         compaction: Compaction::InPlace(CompactMode::HoleFilling),
+        positions: None,
     };
     let err = |s: RoundShape| RoundPlan::new(&scorer, &config, s).unwrap_err().to_string();
     assert!(err(RoundShape { len: 0, ..good }).contains("slots"));
@@ -318,6 +325,7 @@ fn long_rounds_take_the_multi_block_select() {
             value_dim: d,
             layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
             compaction: Compaction::KeepSetsOnly,
+            positions: None,
         };
         let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
         let select_launches = plan.variants().iter().filter(|v| v.op() == "select").count();
@@ -377,6 +385,7 @@ fn paged_rounds_match_the_cpu_backend() {
             value_dim: d,
             layout: CacheLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
             compaction: Compaction::InPlace(mode),
+            positions: None,
         };
         let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
         let got = {
@@ -492,6 +501,7 @@ fn random_rounds_match_the_cpu_backend() {
                 value_dim: d,
                 layout: CacheLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
                 compaction: Compaction::InPlace(mode),
+                positions: None,
             };
             let plan = match RoundPlan::new(&scorer, &config, shape) {
                 Ok(p) => p,
@@ -541,6 +551,7 @@ fn random_rounds_match_the_cpu_backend() {
                 value_dim: d,
                 layout: CacheLayout::Contiguous { keys: st, values: st },
                 compaction: Compaction::InPlace(mode),
+                positions: None,
             };
             let plan = RoundPlan::new(&scorer, &config, shape).unwrap_or_else(|e| panic!("{what}: refused: {e}"));
             let got = {
@@ -574,4 +585,85 @@ fn random_rounds_match_the_cpu_backend() {
     }
     assert_eq!(ran, 60);
     assert!(compressed[0] >= 5 && compressed[1] >= 3, "too few evicting rounds drawn: {compressed:?}");
+}
+
+/// Positions `[sets, N]` compacted with the rows (i32 and i64, in place in both modes and out of
+/// place): each kept slot carries the position of the slot it came from.
+#[test]
+fn positions_follow_their_rows() {
+    use triattn::cuda::PositionType;
+    let (l, hkv, d, n) = (2, 2, 64, 140);
+    let scorer = Scorer::new(model(l, 8, hkv, d), random_stats(l, 8, d, 31), None).unwrap();
+    for (mode_name, config) in [
+        ("per-head", CompressionConfig { budget: 96, ..CompressionConfig::preset(Preset::Paper) }),
+        (
+            "per-layer-per-head",
+            CompressionConfig {
+                budget: 100,
+                mode: SelectionMode::PerLayerPerHead,
+                window: 16,
+                ..CompressionConfig::preset(Preset::Vllm)
+            },
+        ),
+    ] {
+        let sets = config.mode.num_sets(l, hkv);
+        for (ty, compaction) in [
+            (PositionType::I64, Compaction::InPlace(CompactMode::OrderPreserving)),
+            (PositionType::I32, Compaction::InPlace(CompactMode::HoleFilling)),
+            (PositionType::I64, Compaction::OutOfPlace { keys: strides(100, d), values: strides(100, d) }),
+        ] {
+            let keys: Vec<Vec<f32>> = (0..l).map(|i| random_keys::<f32>(hkv * n * d, d, 60 + i as u64)).collect();
+            let mut k = keys.clone();
+            let mut v = keys.clone();
+            let mut k_out = vec![vec![0f32; hkv * 100 * d]; l];
+            let mut v_out = k_out.clone();
+            let original: Vec<i64> = (0..sets * n).map(|i| 10_000 + 7 * i as i64).collect();
+            let mut pos64 = original.clone();
+            let mut pos32: Vec<i32> = original.iter().map(|&p| p as i32).collect();
+            let mut pos_out = vec![-1i64; sets * 100];
+            let shape = RoundShape {
+                dtype: triattn::DType::F32,
+                len: n,
+                prefix_len: 12,
+                value_dim: d,
+                layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
+                compaction,
+                positions: Some(ty),
+            };
+            let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
+            let out_of_place = matches!(compaction, Compaction::OutOfPlace { .. });
+            let cache = CacheAddresses {
+                keys: k.iter_mut().map(|x| x.as_mut_ptr() as u64).collect(),
+                values: v.iter_mut().map(|x| x.as_mut_ptr() as u64).collect(),
+                keys_out: if out_of_place { k_out.iter_mut().map(|x| x.as_mut_ptr() as u64).collect() } else { vec![] },
+                values_out: if out_of_place {
+                    v_out.iter_mut().map(|x| x.as_mut_ptr() as u64).collect()
+                } else {
+                    vec![]
+                },
+                positions: match ty {
+                    PositionType::I64 => pos64.as_mut_ptr() as u64,
+                    PositionType::I32 => pos32.as_mut_ptr() as u64,
+                },
+                positions_out: if out_of_place { pos_out.as_mut_ptr() as u64 } else { 0 },
+                ..Default::default()
+            };
+            // SAFETY: every buffer above holds the planned shape and outlives the call.
+            let got = unsafe { triattn::emu::round_raw(&plan, &cache, 4000) }.unwrap();
+            let kept = plan.kept();
+            let what = format!("{mode_name} {ty:?} {compaction:?}");
+            for set in 0..sets {
+                let from = if out_of_place { &got.outputs.keep[set] } else { &got.outputs.slot_map[set] };
+                for i in 0..kept {
+                    let want = original[set * n + from[i] as usize];
+                    let have = match (out_of_place, ty) {
+                        (true, _) => pos_out[set * kept + i],
+                        (false, PositionType::I64) => pos64[set * n + i],
+                        (false, PositionType::I32) => pos32[set * n + i] as i64,
+                    };
+                    assert_eq!(have, want, "{what}: set {set} slot {i}");
+                }
+            }
+        }
+    }
 }

@@ -99,7 +99,7 @@ impl CudaBackend {
 /// A planned round bound to a cache, with its own workspace and `round_start` slot.
 pub struct DeviceRound {
     plan: RoundPlan,
-    block_table: u64,
+    bound: CacheAddresses,
     workspace: CudaSlice<u8>,
     round_start: CudaSlice<i64>,
 }
@@ -137,7 +137,7 @@ impl DeviceRound {
             ));
         }
         drop(_guard);
-        Ok(Self { plan, block_table: cache.block_table, workspace, round_start })
+        Ok(Self { plan, bound: cache.clone(), workspace, round_start })
     }
 
     /// The plan.
@@ -172,7 +172,7 @@ impl DeviceRound {
         // SAFETY: the workspace and slot are this round's (sized, aligned and initialised in
         // `new`); the guards live until the launches are queued; the cache is the caller's
         // contract.
-        let at = RoundAddresses { workspace: ws, round_start: rs, block_table: self.block_table };
+        let at = RoundAddresses::bound(ws, rs, &self.bound);
         unsafe { backend.run_round(&self.plan, &at, stream.cu_stream()) }
     }
 
@@ -188,7 +188,7 @@ impl DeviceRound {
         let (ws, _w) = self.workspace.device_ptr_mut(stream);
         let (rs, _r) = self.round_start.device_ptr(stream);
         // SAFETY: as in `run`.
-        let at = RoundAddresses { workspace: ws, round_start: rs, block_table: self.block_table };
+        let at = RoundAddresses::bound(ws, rs, &self.bound);
         unsafe { self.plan.run(launcher, &at) }
     }
 
@@ -423,7 +423,7 @@ impl CudaDevice {
             values: v_dev.iter().map(addr).collect(),
             keys_out: k_out.iter().map(addr).collect(),
             values_out: v_out.iter().map(addr).collect(),
-            block_table: 0,
+            ..Default::default()
         };
         let out = self.run_host(plan, &cache, round_start)?;
         self.download("copy the compacted rows back", keys_out, &k_out)?;

@@ -27,7 +27,9 @@ use crate::round::Scorer;
 use crate::score::{geometric_offsets, OffsetAggregation, TrigTerm};
 use crate::variant::{CompactMode, Variant};
 
-use super::compact::{CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, RowStrides};
+use super::compact::{
+    CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
+};
 use super::normalize::{NormalizeAddresses, NormalizeSpec};
 use super::params::RowPartial;
 use super::reduce::{ReduceAddresses, ReduceSpec};
@@ -92,6 +94,11 @@ pub struct RoundShape {
     pub layout: CacheLayout,
     /// What happens after selection.
     pub compaction: Compaction,
+    /// Positions kept alongside the rows, if the caller tracks them on the device: `[sets, N]`
+    /// (the position each slot holds, per keep set) at [`CacheAddresses::positions`], rewritten
+    /// in place to the kept slots' positions, or written to `[sets, kept]` at
+    /// [`CacheAddresses::positions_out`] out of place. Only read when the round compacts.
+    pub positions: Option<PositionType>,
 }
 
 impl RoundShape {
@@ -114,7 +121,13 @@ impl RoundShape {
                 values: RowStrides { head_stride: capacity * value_dim, row_stride: value_dim },
             },
             compaction: Compaction::KeepSetsOnly,
+            positions: None,
         }
+    }
+
+    /// The same shape with positions of `ty` compacted alongside the rows.
+    pub fn with_positions(self, ty: PositionType) -> Self {
+        RoundShape { positions: Some(ty), ..self }
     }
 
     /// The same shape with `compaction`.
@@ -185,6 +198,23 @@ pub struct RoundAddresses {
     pub round_start: u64,
     /// The sequence's block-table row (paged caches), else 0.
     pub block_table: u64,
+    /// Positions `[sets, N]` (a shape with positions that compacts), else 0.
+    pub positions: u64,
+    /// Kept positions `[sets, kept]` out of place, else 0.
+    pub positions_out: u64,
+}
+
+impl RoundAddresses {
+    /// The run addresses of a workspace bound to `cache`.
+    pub fn bound(workspace: u64, round_start: u64, cache: &CacheAddresses) -> Self {
+        RoundAddresses {
+            workspace,
+            round_start,
+            block_table: cache.block_table,
+            positions: cache.positions,
+            positions_out: cache.positions_out,
+        }
+    }
 }
 
 /// A byte range of the workspace.
@@ -302,6 +332,10 @@ pub struct CacheAddresses {
     /// The sequence's block-table row `i32[max_blocks]` (paged caches), else 0. Its address is
     /// passed to every run; its entries are read on the device at run time.
     pub block_table: u64,
+    /// Positions `[sets, N]` (a shape with positions), else 0.
+    pub positions: u64,
+    /// Out of place: the kept positions `[sets, kept]`, else 0.
+    pub positions_out: u64,
 }
 
 /// The outputs a run leaves in its workspace, read back on the host.
@@ -535,7 +569,7 @@ impl RoundPlan {
             key_dim: d,
             value_dim: shape.value_dim,
             layout,
-            positions: None,
+            positions: shape.positions,
         };
         let in_place_layout = match shape.layout {
             CacheLayout::Contiguous { keys, values } => {
@@ -817,6 +851,16 @@ impl RoundPlan {
     /// slots. Nothing else touches the workspace or the cache until the launches have run.
     pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, at: &RoundAddresses) -> Result<()> {
         let (workspace, round_start) = (at.workspace, at.round_start);
+        if let (Some(_), Some(spec)) = (self.shape.positions, &self.compact) {
+            let out_of_place = spec.shape().target == CompactTarget::OutOfPlace;
+            if at.positions == 0 || (out_of_place && at.positions_out == 0) {
+                return Err(Error::invalid_argument(
+                    "positions address",
+                    if out_of_place { "non-null positions and positions_out" } else { "non-null positions" },
+                    "null",
+                ));
+            }
+        }
         let paged = matches!(self.shape.layout, CacheLayout::Paged { .. });
         if paged != (at.block_table != 0) {
             return Err(Error::invalid_argument(
@@ -891,8 +935,8 @@ impl RoundPlan {
                 set_index: w.set_index.at(workspace),
                 block_table: at.block_table,
                 slot_map: w.slot_map.at(workspace),
-                pos_src: 0,
-                pos_dst: 0,
+                pos_src: at.positions,
+                pos_dst: if spec.shape().target == CompactTarget::InPlace { at.positions } else { at.positions_out },
             });
             unsafe { launcher.launch(Stage::Compact, spec.variant(), &p, spec.grid(), 0)? };
         }

@@ -34,7 +34,9 @@ pub use compact::{
 };
 pub use normalize::normalize;
 pub use reduce::reduce;
-pub use round::{round_in_place, round_keys, round_out_of_place, round_paged, EmuLauncher, EmuRound, StageTimings};
+pub use round::{
+    round_in_place, round_keys, round_out_of_place, round_paged, round_raw, EmuLauncher, EmuRound, StageTimings,
+};
 pub use select::{launch_select, select, select_rows};
 
 extern "C" {

@@ -55,13 +55,18 @@ pub struct EmuRound {
     pub timings: StageTimings,
 }
 
-/// Run `plan` over the cache at `cache` with a fresh host workspace.
+/// Run `plan` over the cache at `cache` (host addresses: tensors or pools, the block table, the
+/// positions) with a fresh host workspace: the raw entry the safe wrappers below check for.
+///
+/// # Errors
+/// `InvalidArgument` for `round_start < N` or addresses the plan refuses; `Driver` if the SIMT
+/// layer fails.
 ///
 /// # Safety
 /// The addresses in `cache` are host tensors that hold the planned shape (and destinations that
-/// hold `kept` slots, out of place, disjoint from the source); nothing else accesses them during
-/// the call.
-unsafe fn run_host(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<EmuRound> {
+/// hold `kept` slots, out of place, disjoint from the source; a paged plan's block table and
+/// positions of the planned type and size); nothing else accesses them during the call.
+pub unsafe fn round_raw(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<EmuRound> {
     let n = plan.shape().len;
     if round_start < n as u64 {
         return Err(Error::invalid_argument("round_start", format!(">= the {n} cached slots"), round_start));
@@ -82,11 +87,7 @@ unsafe fn run_host(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -
     let mut launcher = EmuLauncher::default();
     // SAFETY: the workspace is aligned, sized and initialised as `run` requires; the cache is
     // the caller's contract; `start` outlives the synchronous launches.
-    let at = RoundAddresses {
-        workspace: ws.as_mut_ptr() as u64,
-        round_start: start.as_ptr() as u64,
-        block_table: cache.block_table,
-    };
+    let at = RoundAddresses::bound(ws.as_mut_ptr() as u64, start.as_ptr() as u64, cache);
     unsafe { plan.run(&mut launcher, &at)? };
     Ok(EmuRound { outputs: plan.read_outputs(ws)?, timings: launcher.timings })
 }
@@ -110,7 +111,7 @@ pub fn round_keys<T: Element>(plan: &RoundPlan, keys: &[&[T]], round_start: u64)
     check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
     let cache = CacheAddresses { keys: keys.iter().map(|k| k.as_ptr() as u64).collect(), ..Default::default() };
     // SAFETY: every key tensor holds the planned rows (checked); no values are read.
-    unsafe { run_host(plan, &cache, round_start) }
+    unsafe { round_raw(plan, &cache, round_start) }
 }
 
 /// Run a round and compact K and V in place (a plan with [`Compaction::InPlace`]).
@@ -136,7 +137,7 @@ pub fn round_in_place<T: Element>(
         ..Default::default()
     };
     // SAFETY: K and V hold the planned rows (checked) and are borrowed exclusively.
-    unsafe { run_host(plan, &cache, round_start) }
+    unsafe { round_raw(plan, &cache, round_start) }
 }
 
 /// Run a round and copy the kept rows into `keys_out` / `values_out` (a plan with
@@ -167,11 +168,11 @@ pub fn round_out_of_place<T: Element>(
         values: values.iter().map(|v| v.as_ptr() as u64).collect(),
         keys_out: keys_out.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
         values_out: values_out.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
-        block_table: 0,
+        ..Default::default()
     };
     // SAFETY: sources and destinations hold the planned rows (checked); the destinations are
     // exclusive borrows, so they do not overlap the shared sources.
-    unsafe { run_host(plan, &cache, round_start) }
+    unsafe { round_raw(plan, &cache, round_start) }
 }
 
 fn contiguous(plan: &RoundPlan) -> Result<()> {
@@ -218,5 +219,5 @@ pub fn round_paged<T: Element>(
     };
     // SAFETY: the pools hold every block (checked), the block table names distinct in-range
     // blocks covering N slots (checked); the pools are borrowed exclusively.
-    unsafe { run_host(plan, &cache, round_start) }
+    unsafe { round_raw(plan, &cache, round_start) }
 }

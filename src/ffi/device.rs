@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::policy::RoundOutcome;
 
 use super::{non_null, triattn_compaction, triattn_compressor, triattn_dtype, triattn_outcome};
-use super::{triattn_cache_pointers, triattn_layout, triattn_plan_info, triattn_round_shape};
+use super::{triattn_cache_pointers, triattn_layout, triattn_plan_info, triattn_positions, triattn_round_shape};
 
 /// The CUDA device of a context, compressor or plan (none for the CPU backend, and always none
 /// in a build without the `cuda` feature).
@@ -42,9 +42,10 @@ pub(super) fn open_cuda(ordinal: u32) -> Result<Device> {
 /// A validated round plan and the device of the compressor it was made from.
 pub(super) struct Plan {
     plan: crate::cuda::RoundPlan,
-    /// The block-table row bound by `triattn_plan_bind` (paged plans), else 0.
+    /// The cache bound by `triattn_plan_bind` (its block table and positions travel with every
+    /// run).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    block_table: u64,
+    bound: crate::cuda::CacheAddresses,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: Device,
 }
@@ -111,7 +112,7 @@ fn validate_shape(
 
 /// Plan a round of `c` over caches of shape `s` (host-only).
 pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Result<Plan> {
-    use crate::cuda::{CacheLayout, Compaction, PageOrder, RoundPlan, RoundShape, RowStrides};
+    use crate::cuda::{CacheLayout, Compaction, PageOrder, PositionType, RoundPlan, RoundShape, RowStrides};
     use crate::variant::CompactMode;
     let (dtype, compaction, layout) = validate_shape(s, c.scorer.model.head_dim)?;
     let st = |head_stride, row_stride| RowStrides { head_stride, row_stride };
@@ -141,9 +142,14 @@ pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Re
                 values: st(s.dst_value_head_stride, s.dst_value_row_stride),
             },
         },
+        positions: match triattn_positions::from_c("shape.positions", s.positions)? {
+            triattn_positions::None => None,
+            triattn_positions::I32 => Some(PositionType::I32),
+            triattn_positions::I64 => Some(PositionType::I64),
+        },
     };
     let plan = RoundPlan::new(&c.scorer, &c.config, shape).map_err(|e| e.context("triattn_plan_create"))?;
-    Ok(Plan { plan, block_table: 0, device: c.device.clone() })
+    Ok(Plan { plan, bound: Default::default(), device: c.device.clone() })
 }
 
 /// The sizes and output offsets of `p`.
@@ -237,7 +243,6 @@ pub(super) unsafe fn bind(
         use crate::cuda::{CacheAddresses, Compaction, Stage};
         let gpu = gpu_of(p, "triattn_plan_bind")?;
         let plan = &p.plan;
-        let block_table = cache.block_table as u64;
         let layers = plan.dims().0;
         let needs_values = plan.stages().contains(&Stage::Compact);
         let out_of_place = matches!(plan.shape().compaction, Compaction::OutOfPlace { .. });
@@ -259,6 +264,8 @@ pub(super) unsafe fn bind(
             keys_out: table("cache.keys_out", cache.keys_out, out_of_place, "the round compacts out of place")?,
             values_out: table("cache.values_out", cache.values_out, out_of_place, "the round compacts out of place")?,
             block_table: cache.block_table as u64,
+            positions: cache.positions as u64,
+            positions_out: cache.positions_out as u64,
         };
         let paged = plan.contiguous_strides().is_none();
         if paged == cache.block_table.is_null() {
@@ -285,7 +292,7 @@ pub(super) unsafe fn bind(
         // SAFETY: as above.
         unsafe { cudarc::driver::result::stream::synchronize(stream) }
             .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))?;
-        p.block_table = block_table;
+        p.bound = addresses;
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
@@ -319,8 +326,7 @@ pub(super) unsafe fn run(
         }
         // SAFETY: the caller's contract (a workspace bound by `triattn_plan_bind` to a live cache
         // of the planned shape, a device int64 >= len, a stream of this device's context).
-        let at =
-            crate::cuda::RoundAddresses { workspace: ws, round_start: round_start as u64, block_table: p.block_table };
+        let at = crate::cuda::RoundAddresses::bound(ws, round_start as u64, &p.bound);
         unsafe { gpu.run_round(&p.plan, &at, stream as cudarc::driver::sys::CUstream) }
     }
     #[cfg(not(feature = "cuda"))]

@@ -361,6 +361,33 @@ impl triattn_compaction {
     }
 }
 
+/// Element type of the positions a device round compacts alongside the rows
+/// (`triattn_round_shape::positions`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum triattn_positions {
+    /// No positions.
+    None = 0,
+    /// int32 positions.
+    I32 = 1,
+    /// int64 positions.
+    I64 = 2,
+}
+
+impl triattn_positions {
+    pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_POSITIONS_NONE", Self::None),
+                (1, "TRIATTN_POSITIONS_I32", Self::I32),
+                (2, "TRIATTN_POSITIONS_I64", Self::I64),
+            ],
+        )
+    }
+}
+
 /// How a device round's cache is laid out (`triattn_round_shape::layout`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -431,6 +458,9 @@ pub struct triattn_round_shape {
     pub num_blocks: usize,
     /// Paged: entries of the sequence's block-table row (>= ceil(len / block_size)).
     pub max_blocks: usize,
+    /// Positions compacted alongside the rows: a `triattn_positions` value (0, none, when
+    /// zero-initialised); `[sets, len]` at `triattn_cache_pointers::positions`.
+    pub positions: u32,
 }
 
 /// What a plan needs and where a run leaves its outputs: byte offsets from the workspace base,
@@ -485,4 +515,10 @@ pub struct triattn_cache_pointers {
     /// (distinct blocks; its entries are read at every run, so the engine may append blocks
     /// between rounds). NULL for a contiguous cache.
     pub block_table: *const i32,
+    /// With `triattn_round_shape::positions`: the device address of the positions `[sets, len]`
+    /// (the position each slot holds, per keep set), rewritten in place to the kept slots'
+    /// positions when the round compacts in place; else NULL.
+    pub positions: *mut std::ffi::c_void,
+    /// Out of place with positions: the device address of the kept positions `[sets, kept]`.
+    pub positions_out: *mut std::ffi::c_void,
 }

@@ -271,6 +271,7 @@ fn compress_device<T: Element>(
         value_dim: dv,
         layout: CacheLayout::Contiguous { keys: strides(d, n), values: strides(dv, n) },
         compaction: Compaction::KeepSetsOnly,
+        positions: None,
     };
     let kept = RoundPlan::new(scorer, config, shape)?.kept();
     shape.compaction = Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) };
