@@ -12,7 +12,10 @@
 //! **reduce** over query heads and layers ([`cpu::reduce`]), **select** the kept slots with a
 //! deterministic top-k ([`cpu::select`]), **compact** K and V ([`cpu::compact`]).
 //! [`Compressor`] owns the policy ([`policy`]: presets `paper` and `vllm`, triggers, budgets,
-//! protection) and per-sequence state.
+//! protection) and per-sequence state, and runs its rounds on any [`Backend`] with the same calls:
+//! the CPU, or every stage on the kernels (`emu`, or a GPU with feature `cuda`). Engines with
+//! device-resident caches plan a round once per shape ([`cuda::RoundPlan`]: workspace sizing,
+//! contiguous or paged caches) and then only launch on their stream.
 //!
 //! | module | what |
 //! |---|---|
@@ -24,7 +27,8 @@
 //! | [`batch`] | rounds over many sequences with their own budgets in one call |
 //! | [`io`] | validated safetensors reading, atomic writing |
 //! | [`ffi`] | the C ABI (`include/triattn.h`) |
-//! | `variant`, `cuda`, `emu` | the kernel variant table, the CUDA backend (feature `cuda`), the kernels run on the CPU (feature `emu`) |
+//! | [`cuda`] | kernel params and launch specs, round plans (every build); the GPU runtime and [`cuda::RoundPlan`] runs on a stream (feature `cuda`) |
+//! | `variant`, `emu` | the kernel variant table; the kernels run on the CPU by a SIMT layer (feature `emu`) |
 //!
 //! ## Example
 //!

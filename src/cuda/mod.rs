@@ -2,7 +2,7 @@
 //! specs, and (feature `cuda`) the runtime that loads the embedded fatbin and launches on a
 //! caller's stream.
 //!
-//! The params, specs and round plans are host code shared with the emu backend ([`crate::emu`]),
+//! The params, specs and round plans are host code shared with the emu backend (`crate::emu`),
 //! which runs the same kernel sources on the CPU through the same launch description, so they
 //! exist in every build (an engine can plan a round and size its workspace anywhere); only
 //! `runtime` and `device_round` need the `cuda` feature.
