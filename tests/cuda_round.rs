@@ -47,7 +47,8 @@ impl Cache {
 #[test]
 fn cuda_rounds_match_cpu_and_replay_as_graphs() {
     let Some(gpu) = gpu_or_skip("cuda_rounds_match_cpu_and_replay_as_graphs") else { return };
-    let stream = gpu.context().default_stream();
+    // Graph capture needs a stream of its own (the legacy default stream cannot be captured).
+    let stream = gpu.context().new_stream().unwrap();
     let (l, h, hkv, d, n) = (4, 32, 8, 128, 1152);
     let scorer = Scorer::new(model(l, h, hkv, d), random_stats(l, h, d, 11), None).unwrap();
     let paper = CompressionConfig { budget: 1024, ..CompressionConfig::preset(Preset::Paper) };
@@ -179,7 +180,7 @@ fn cuda_round_stage_times() {
         for _ in 0..reps {
             let mut timed = TimedLauncher::new(&gpu, &stream);
             // SAFETY: as above.
-            unsafe { round.run_with(&mut timed, &stream) }.unwrap();
+            unsafe { round.run_with(&mut timed) }.unwrap();
             stream.synchronize().unwrap();
             for (stage, ms) in timed.stage_ms().unwrap() {
                 *total.entry(stage).or_default() += ms;

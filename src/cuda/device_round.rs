@@ -102,6 +102,9 @@ pub struct DeviceRound {
     bound: CacheAddresses,
     workspace: CudaSlice<u8>,
     round_start: CudaSlice<i64>,
+    /// `workspace` and `round_start` as raw addresses, taken once: a run (possibly inside a
+    /// graph capture) only launches, with no cudarc event bookkeeping on its stream.
+    addresses: (u64, u64),
 }
 
 impl std::fmt::Debug for DeviceRound {
@@ -129,15 +132,17 @@ impl DeviceRound {
             stream.alloc_zeros::<u8>(plan.workspace_bytes().max(1)).map_err(|e| driver("workspace allocation", e))?;
         stream.memcpy_htod(&image, &mut workspace).map_err(|e| driver("workspace constants", e))?;
         let round_start = stream.alloc_zeros::<i64>(1).map_err(|e| driver("round_start allocation", e))?;
-        let (base, _guard) = workspace.device_ptr(stream);
+        let base = workspace.device_ptr(stream).0;
         if base % WORKSPACE_ALIGN as u64 != 0 {
             return Err(Error::new(
                 ErrorKind::Driver,
                 format!("workspace at {base:#x} is not {WORKSPACE_ALIGN}-byte aligned"),
             ));
         }
-        drop(_guard);
-        Ok(Self { plan, bound: cache.clone(), workspace, round_start })
+        let slot = round_start.device_ptr(stream).0;
+        // The constants must be on the device before any run reads them.
+        stream.synchronize().map_err(|e| driver("workspace constants", e))?;
+        Ok(Self { plan, bound: cache.clone(), workspace, round_start, addresses: (base, slot) })
     }
 
     /// The plan.
@@ -165,14 +170,12 @@ impl DeviceRound {
     ///
     /// # Safety
     /// The cache bound in [`Self::new`] is still alive, holds the planned shape, and nothing else
-    /// accesses it until the round has run.
+    /// accesses it until the round has run; `stream` is the stream this round was created on (or
+    /// ordered after it: the workspace carries no cudarc event bookkeeping across streams).
     pub unsafe fn run(&mut self, backend: &CudaBackend, stream: &Arc<CudaStream>) -> Result<()> {
-        let (ws, _w) = self.workspace.device_ptr_mut(stream);
-        let (rs, _r) = self.round_start.device_ptr(stream);
-        // SAFETY: the workspace and slot are this round's (sized, aligned and initialised in
-        // `new`); the guards live until the launches are queued; the cache is the caller's
-        // contract.
-        let at = RoundAddresses::bound(ws, rs, &self.bound);
+        let at = RoundAddresses::bound(self.addresses.0, self.addresses.1, &self.bound);
+        // SAFETY: the workspace and slot are this round's, alive as long as `self` (sized,
+        // aligned and initialised in `new`); the cache is the caller's contract.
         unsafe { backend.run_round(&self.plan, &at, stream.cu_stream()) }
     }
 
@@ -183,12 +186,10 @@ impl DeviceRound {
     /// What the launcher reports.
     ///
     /// # Safety
-    /// As [`Self::run`]; `launcher` launches on `stream`'s device.
-    pub unsafe fn run_with<L: Launcher>(&mut self, launcher: &mut L, stream: &Arc<CudaStream>) -> Result<()> {
-        let (ws, _w) = self.workspace.device_ptr_mut(stream);
-        let (rs, _r) = self.round_start.device_ptr(stream);
+    /// As [`Self::run`]; `launcher` launches on this round's device and stream.
+    pub unsafe fn run_with<L: Launcher>(&mut self, launcher: &mut L) -> Result<()> {
+        let at = RoundAddresses::bound(self.addresses.0, self.addresses.1, &self.bound);
         // SAFETY: as in `run`.
-        let at = RoundAddresses::bound(ws, rs, &self.bound);
         unsafe { self.plan.run(launcher, &at) }
     }
 
@@ -327,7 +328,7 @@ impl CudaDevice {
         let mut timed = TimedLauncher::new(&self.backend, &self.stream);
         // SAFETY: the cache buffers belong to the caller of `run_host` and outlive the round,
         // which `read_outputs` synchronises.
-        unsafe { round.run_with(&mut timed, &self.stream)? };
+        unsafe { round.run_with(&mut timed)? };
         let outputs = round.read_outputs(&self.stream)?;
         Ok(HostRound { outputs, stage_ms: timed.stage_ms()? })
     }
