@@ -389,7 +389,8 @@ triattn_status triattn_compressor_round_due(const triattn_compressor *c,
                                             size_t scheduled,
                                             int32_t *due);
 
-// Run one round over host key buffers (CPU backend) and write the keep sets.
+// Run one round over host key buffers and write the keep sets: on the CPU for a compressor of a
+// CPU context; every stage on the GPU (keys copied there and back) for one of a CUDA context.
 //
 // `args.keys[l]` points to layer `l`'s keys, `[Hkv, n, head_dim]` contiguous, of `args.dtype`.
 // On success `args.keep` holds `num_keep_sets` rows of `*kept` ascending slot indices (row

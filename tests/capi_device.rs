@@ -434,6 +434,26 @@ fn c_abi_device_round_matches_cpu() {
     for (i, &slot) in keep[0].iter().enumerate() {
         assert_eq!(&k0[i * d..(i + 1) * d], &keys[0][slot as usize * d..(slot as usize + 1) * d], "row {i}");
     }
+    // A host round on the CUDA compressor: every stage on the GPU, the same keep sets.
+    let host_keys: Vec<*const std::ffi::c_void> = keys.iter().map(|k| k.as_ptr().cast()).collect();
+    let mut host_keep = vec![-1i32; want.keep.len() * BUDGET];
+    let args = triattn_host_round {
+        dtype: triattn_dtype::Bf16 as u32,
+        keys: host_keys.as_ptr(),
+        n: N,
+        round_start: round_start as u64,
+        prefix_len: PROMPT,
+        keep: host_keep.as_mut_ptr(),
+        keep_row_stride: BUDGET,
+        score: ptr::null_mut(),
+    };
+    let (mut kept, mut outcome) = (0usize, triattn_outcome::WithinBudget);
+    // SAFETY: host buffers of the compressor's shape, alive for the call.
+    let s = unsafe { triattn_round_host(c, &args, &mut kept, &mut outcome) };
+    assert_eq!(s, triattn_status::Ok, "{}", last_error());
+    let host_sets: Vec<Vec<u32>> =
+        host_keep.chunks(BUDGET).map(|r| r[..kept].iter().map(|&x| x as u32).collect()).collect();
+    assert_eq!(host_sets, want.keep, "triattn_round_host on a CUDA context");
     // SAFETY: live handles, destroyed once (the round has finished).
     unsafe {
         triattn_plan_destroy(p);

@@ -14,7 +14,18 @@ use super::{triattn_cache_pointers, triattn_layout, triattn_plan_info, triattn_p
 #[derive(Clone, Default)]
 pub(super) struct Device {
     #[cfg(feature = "cuda")]
-    gpu: Option<std::sync::Arc<crate::cuda::CudaBackend>>,
+    gpu: Option<std::sync::Arc<crate::cuda::CudaDevice>>,
+}
+
+impl Device {
+    /// The backend host rounds of this device run on.
+    pub(super) fn round_backend(&self) -> crate::round::Backend {
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = &self.gpu {
+            return crate::round::Backend::Cuda(dev.clone());
+        }
+        crate::round::Backend::Cpu
+    }
 }
 
 /// The error of a call that needs the `cuda` feature in a build without it.
@@ -29,8 +40,8 @@ fn no_cuda_feature(what: &str) -> Error {
 pub(super) fn open_cuda(ordinal: u32) -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        let backend = crate::cuda::CudaBackend::probe(ordinal as usize)?;
-        Ok(Device { gpu: Some(std::sync::Arc::new(backend)) })
+        let device = crate::cuda::CudaDevice::open(ordinal as usize)?;
+        Ok(Device { gpu: Some(std::sync::Arc::new(device)) })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -181,7 +192,7 @@ pub(super) fn plan_info(p: &Plan) -> triattn_plan_info {
 /// The GPU a plan runs on, or why it has none.
 #[cfg(feature = "cuda")]
 fn gpu_of<'a>(p: &'a Plan, what: &str) -> Result<&'a crate::cuda::CudaBackend> {
-    p.device.gpu.as_deref().ok_or_else(|| {
+    p.device.gpu.as_deref().map(crate::cuda::CudaDevice::backend).ok_or_else(|| {
         Error::new(
             crate::error::ErrorKind::NoDevice,
             format!(

@@ -5,7 +5,8 @@
 //! calling thread is read with [`triattn_last_error`]. Handles are opaque; each `*_create` has a
 //! matching `*_destroy` that accepts null.
 //!
-//! Two kinds of round: on host buffers with the CPU backend ([`triattn_round_host`]), and on
+//! Two kinds of round: on host buffers ([`triattn_round_host`]: the CPU, or the GPU of a CUDA
+//! context with the keys copied there and back), and on
 //! device pointers on the caller's CUDA stream ([`triattn_plan_create`], [`triattn_plan_bind`],
 //! [`triattn_plan_run`]): the engine owns the workspace, the cache and the stream, and a run only
 //! launches kernels (no allocation, copy or synchronisation), so it can be captured in a CUDA
@@ -26,7 +27,7 @@ use crate::cache::LayerView;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::ModelConfig;
 use crate::policy::{CompressionConfig, RoundOutcome};
-use crate::round::{run_cpu, Scorer};
+use crate::round::{self, Scorer};
 use crate::stats::Stats;
 use crate::DType;
 
@@ -129,7 +130,6 @@ pub unsafe extern "C" fn triattn_config_default(preset: u32, out: *mut triattn_c
 
 /// Opaque library context: the backend rounds run on (and, for CUDA, the device).
 pub struct triattn_context {
-    backend: triattn_backend,
     device: device::Device,
 }
 
@@ -150,7 +150,7 @@ pub unsafe extern "C" fn triattn_context_create(backend: u32, out: *mut *mut tri
             triattn_backend::Cpu => device::Device::default(),
             triattn_backend::Cuda => device::open_cuda(0)?,
         };
-        let ctx = Box::into_raw(Box::new(triattn_context { backend, device }));
+        let ctx = Box::into_raw(Box::new(triattn_context { device }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(ctx) };
         Ok(())
@@ -173,7 +173,7 @@ pub unsafe extern "C" fn triattn_context_create_cuda(
     boundary(|| {
         non_null("out", out)?;
         let device = device::open_cuda(device_ordinal)?;
-        let ctx = Box::into_raw(Box::new(triattn_context { backend: triattn_backend::Cuda, device }));
+        let ctx = Box::into_raw(Box::new(triattn_context { device }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(ctx) };
         Ok(())
@@ -194,7 +194,6 @@ pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
 
 /// Opaque compressor: policy, model RoPE and statistics (and the device of its context).
 pub struct triattn_compressor {
-    backend: triattn_backend,
     device: device::Device,
     config: CompressionConfig,
     scorer: Scorer,
@@ -218,9 +217,8 @@ pub unsafe extern "C" fn triattn_compressor_create(
         non_null("config", config)?;
         non_null("out", out)?;
         // SAFETY: the pointers were checked non-null; the caller guarantees what they point to.
-        let (backend, device, model_path, stats_path, config) = unsafe {
+        let (device, model_path, stats_path, config) = unsafe {
             (
-                (*ctx).backend,
                 (*ctx).device.clone(),
                 path_arg("model_config_path", model_config_path)?,
                 path_arg("stats_path", stats_path)?,
@@ -232,7 +230,7 @@ pub unsafe extern "C" fn triattn_compressor_create(
         let model = ModelConfig::from_file(&model_path)?;
         let stats = Stats::load(&stats_path)?;
         let scorer = Scorer::new(model, stats, None).map_err(|e| e.context(format!("{stats_path} vs {model_path}")))?;
-        let handle = Box::into_raw(Box::new(triattn_compressor { backend, device, config, scorer }));
+        let handle = Box::into_raw(Box::new(triattn_compressor { device, config, scorer }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
         Ok(())
@@ -301,7 +299,8 @@ pub unsafe extern "C" fn triattn_compressor_round_due(
     })
 }
 
-/// Run one round over host key buffers (CPU backend) and write the keep sets.
+/// Run one round over host key buffers and write the keep sets: on the CPU for a compressor of a
+/// CPU context; every stage on the GPU (keys copied there and back) for one of a CUDA context.
 ///
 /// `args.keys[l]` points to layer `l`'s keys, `[Hkv, n, head_dim]` contiguous, of `args.dtype`.
 /// On success `args.keep` holds `num_keep_sets` rows of `*kept` ascending slot indices (row
@@ -339,9 +338,7 @@ pub unsafe extern "C" fn triattn_round_host(
 /// # Safety
 /// As [`triattn_round_host`].
 unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(usize, triattn_outcome)> {
-    if c.backend != triattn_backend::Cpu {
-        return Err(Error::unsupported("triattn_round_host: expected a compressor of a CPU context"));
-    }
+    let backend = c.device.round_backend();
     let m = &c.scorer.model;
     non_null("args.keys", a.keys)?;
     non_null("args.keep", a.keep)?;
@@ -379,15 +376,30 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
     }
     let (hkv, n, d) = (m.num_kv_heads, a.n, m.head_dim);
     let result = match dtype {
-        DType::F32 => {
-            run_cpu(&c.config, &c.scorer, &views::<f32>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
-        }
-        DType::F16 => {
-            run_cpu(&c.config, &c.scorer, &views::<half::f16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
-        }
-        DType::Bf16 => {
-            run_cpu(&c.config, &c.scorer, &views::<half::bf16>(ptrs, elems, hkv, n, d)?, a.round_start, a.prefix_len)?
-        }
+        DType::F32 => round::run(
+            &c.config,
+            &c.scorer,
+            &views::<f32>(ptrs, elems, hkv, n, d)?,
+            a.round_start,
+            a.prefix_len,
+            backend.clone(),
+        )?,
+        DType::F16 => round::run(
+            &c.config,
+            &c.scorer,
+            &views::<half::f16>(ptrs, elems, hkv, n, d)?,
+            a.round_start,
+            a.prefix_len,
+            backend.clone(),
+        )?,
+        DType::Bf16 => round::run(
+            &c.config,
+            &c.scorer,
+            &views::<half::bf16>(ptrs, elems, hkv, n, d)?,
+            a.round_start,
+            a.prefix_len,
+            backend.clone(),
+        )?,
     };
     let kept = result.keep[0].len();
     // SAFETY: `keep` has `sets * keep_row_stride` writable i32 (caller contract).
