@@ -268,26 +268,30 @@ typedef struct {
   size_t sets;
   // Slots per keep set: the budget when the round evicts, else `len`.
   size_t kept;
-  // Offset of the keep sets: int32 `[sets, kept]`, ascending slot indices.
+  // Sequences of the round (1, or `num_seqs` of `triattn_plan_create_batch`); every output
+  // below holds them one after another.
+  size_t num_seqs;
+  // Offset of the keep sets: int32 `[num_seqs, sets, kept]`, ascending slot indices.
   size_t keep_offset;
   // Bytes of the keep sets (`sets * kept * 4`).
   size_t keep_bytes;
-  // Offset of the ranked scores: float `[sets, len]` (protected slots +inf).
+  // Offset of the ranked scores: float `[num_seqs, sets, len]` (protected slots +inf).
   size_t score_offset;
   // Bytes of the ranked scores.
   size_t score_bytes;
-  // Offset of the raw scores: float `[num_layers, num_heads, len]`.
+  // Offset of the raw scores: float `[num_seqs, num_layers, num_heads, len]`.
   size_t raw_offset;
   // Bytes of the raw scores.
   size_t raw_bytes;
-  // Offset of the slot map: int32 `[sets, kept]`, the original slot each slot holds after a
+  // Offset of the slot map: int32 `[num_seqs, sets, kept]`, the original slot each slot holds after a
   // compaction.
   size_t slot_map_offset;
   // Bytes of the slot map (0 when the round does not compact).
   size_t slot_map_bytes;
 } triattn_plan_info;
 
-// Host arrays of `num_layers` device addresses each: the cache a plan's workspace is bound to.
+// Host arrays of `num_layers` device addresses each (`num_seqs * num_layers`, sequence-major, for a
+// contiguous batch plan): the cache a plan's workspace is bound to.
 typedef struct {
   // K tensor of each layer (always required).
   void *const *keys;
@@ -419,10 +423,9 @@ triattn_status triattn_compact_host(void *rows,
 
 // Plan a device round of compressor `c` over caches of `shape` (host-only: no device work).
 //
-// Every field of `shape` is checked on entry (errors name it, with expected vs got). Needs a
-// library built with the `cuda` feature (or `emu`, for planning on the host only); otherwise
-// `TRIATTN_STATUS_UNSUPPORTED`. A plan of a compressor from a CPU context can be planned and
-// inspected but not bound or run.
+// Every field of `shape` is checked on entry (errors name it, with expected vs got). Planning
+// works in every build; binding and running need the `cuda` feature and a compressor of a CUDA
+// context (a plan of a CPU context can be planned and inspected but not bound or run).
 //
 // # Safety
 // `c` is a live compressor; `shape` points to a `triattn_round_shape`; `out` points to writable
@@ -430,6 +433,25 @@ triattn_status triattn_compact_host(void *rows,
 triattn_status triattn_plan_create(const triattn_compressor *c,
                                    const triattn_round_shape *shape,
                                    triattn_plan **out);
+
+// Plan one device round for `num_seqs` sequences that share `shape` (slots, strides or pools,
+// compaction) but each have their own prompt length (`prefix_lens[s]`, replacing
+// `shape->prefix_len`) and round_start: one launch per stage for the whole batch.
+//
+// Binding then takes `num_seqs * num_layers` addresses per table (sequence-major; a paged cache:
+// its `num_layers` pools and a block table `int32[num_seqs, max_blocks]` of blocks distinct
+// across the batch), a run reads `int64 round_start[num_seqs]`, and the outputs of sequence `s`
+// sit at the info's offsets plus `s` times the per-sequence bytes (`keep_bytes / num_seqs`, ...).
+// A sequence whose protected prompt reaches the budget is refused (plan it alone: it is
+// skipped).
+//
+// # Safety
+// As `triattn_plan_create`; `prefix_lens` points to `num_seqs` readable values.
+triattn_status triattn_plan_create_batch(const triattn_compressor *c,
+                                         const triattn_round_shape *shape,
+                                         const size_t *prefix_lens,
+                                         size_t num_seqs,
+                                         triattn_plan **out);
 
 // The workspace a plan needs and where a run leaves its outputs (byte offsets in the workspace).
 //
@@ -461,7 +483,8 @@ triattn_status triattn_plan_bind(triattn_plan *plan,
 // Launch one round on `stream`: nothing but kernel launches (no allocation, no copy, no
 // synchronisation), so it can be captured in a CUDA graph and replayed.
 //
-// `round_start_device` is the device address of one int64, the tokens seen so far (>= len),
+// `round_start_device` is the device address of one int64 per sequence (a batch plan: `num_seqs`
+// of them), the tokens seen so far (>= len),
 // read by the kernels when they run: write it in stream order (e.g. cudaMemcpyAsync) before
 // each launch or replay. The keep sets, scores and slot map land at the offsets of
 // `triattn_plan_info`; with an in-place or out-of-place compaction K and V are moved too.

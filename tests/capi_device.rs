@@ -232,6 +232,61 @@ mod plans {
         }
     }
 
+    /// A batch plan through the C ABI: its info says how many sequences, and sizes equal
+    /// `RoundPlan::new_batch`'s; a batch member whose prompt reaches the budget is refused by name.
+    #[test]
+    fn batch_plans_through_the_c_abi() {
+        let ctx = cpu_context();
+        let c = compressor(ctx);
+        let d = 128;
+        let prefixes = [0usize, PROMPT, 40];
+        let mut p = ptr::null_mut();
+        // SAFETY: live compressor, readable shape and prefixes, writable handle.
+        let s = unsafe { triattn_plan_create_batch(c, &shape(d), prefixes.as_ptr(), prefixes.len(), &mut p) };
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        let got = info(p);
+        assert_eq!(got.num_seqs, 3);
+        let st = RowStrides { head_stride: N * d, row_stride: d };
+        let want = {
+            let root = data_dir();
+            let scorer = Scorer::new(
+                ModelConfig::from_file(root.join("qwen3_8b.config.json")).unwrap(),
+                Stats::load(root.join("qwen3_8b.safetensors")).unwrap(),
+                None,
+            )
+            .unwrap();
+            let config =
+                CompressionConfig { budget: BUDGET, divide_length: 64, ..CompressionConfig::preset(Preset::Paper) };
+            let shape = RoundShape {
+                dtype: triattn::DType::Bf16,
+                len: N,
+                prefix_len: 0,
+                value_dim: d,
+                layout: CacheLayout::Contiguous { keys: st, values: st },
+                compaction: Compaction::InPlace(CompactMode::OrderPreserving),
+                positions: None,
+            };
+            RoundPlan::new_batch(&scorer, &config, shape, &prefixes).unwrap()
+        };
+        assert_eq!(got.workspace_bytes, want.workspace_bytes());
+        assert_eq!((got.keep_offset, got.keep_bytes), (want.layout().keep.offset, want.layout().keep.bytes));
+        // SAFETY: live plan, destroyed once.
+        unsafe { triattn_plan_destroy(p) };
+        let big = [0usize, N];
+        let mut p = ptr::null_mut();
+        // SAFETY: as above.
+        let s = unsafe { triattn_plan_create_batch(c, &shape(d), big.as_ptr(), big.len(), &mut p) };
+        let msg = last_error();
+        assert_eq!(s, triattn_status::InvalidArgument, "{msg}");
+        assert!(msg.contains("sequence 1"), "{msg}");
+        assert!(p.is_null());
+        // SAFETY: live handles, destroyed once.
+        unsafe {
+            triattn_compressor_destroy(c);
+            triattn_context_destroy(ctx);
+        }
+    }
+
     #[test]
     fn bad_shapes_name_the_field() {
         let ctx = cpu_context();

@@ -47,6 +47,7 @@ fn cuda_compact_in_place_matches_cpu_bit_exact() {
             value_dim: dv,
             layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
             positions: Some(PositionType::I64),
+            num_seqs: 1,
         })
         .unwrap();
         let keep: Vec<i32> = (0..hkv).flat_map(|_| random_keep_set(&mut rng, n, k)).collect();

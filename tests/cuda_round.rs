@@ -269,3 +269,40 @@ fn cuda_paged_round_matches_cpu() {
     assert_eq!(got.keep, want.keep, "paged keep sets");
     println!("parity round paged NHD: keep exact");
 }
+
+/// A batch of three sequences in one plan on the GPU (one launch per stage): each sequence's keep
+/// sets equal its own CPU round.
+#[test]
+fn cuda_batched_round_matches_each_sequence() {
+    let Some(gpu) = gpu_or_skip("cuda_batched_round_matches_each_sequence") else { return };
+    let stream = gpu.context().default_stream();
+    let (l, h, hkv, d, n) = (4, 32, 8, 128, 1152);
+    let scorer = Scorer::new(model(l, h, hkv, d), random_stats(l, h, d, 31), None).unwrap();
+    let config = CompressionConfig { budget: 1024, ..CompressionConfig::preset(Preset::Paper) };
+    let prefixes = [0usize, 40, 300];
+    let starts = [n as u64, 9_000, 70_000];
+    let keys: Vec<Vec<bf16>> = (0..3 * l).map(|i| random_keys(hkv * n * d, d, 1200 + i as u64)).collect();
+    let cache = Cache::upload(&stream, &keys, &keys);
+    let shape = RoundShape {
+        dtype: triattn::DType::Bf16,
+        len: n,
+        prefix_len: 0,
+        value_dim: d,
+        layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
+        compaction: Compaction::InPlace(CompactMode::HoleFilling),
+        positions: None,
+    };
+    let plan = RoundPlan::new_batch(&scorer, &config, shape, &prefixes).unwrap();
+    let mut round = DeviceRound::new(&gpu, &stream, plan, &cache.addresses(&stream)).unwrap();
+    round.set_round_starts(&stream, &starts).unwrap();
+    // SAFETY: the cache lives to the end of the test.
+    unsafe { round.run(&gpu, &stream) }.unwrap();
+    let got = round.read_batch_outputs(&stream).unwrap();
+    for seq in 0..3 {
+        let views: Vec<LayerView<'_, bf16>> =
+            keys[seq * l..(seq + 1) * l].iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+        let want = run_cpu(&config, &scorer, &views, starts[seq], prefixes[seq]).unwrap();
+        assert_eq!(got[seq].keep, want.keep, "sequence {seq}");
+    }
+    println!("parity round batch of 3 (one launch per stage): keep exact");
+}

@@ -45,7 +45,16 @@ fn every_select_variant_matches_the_cpu() {
         for (rows, len, prefix, window_start, budget) in
             [(8, 1, 0, 1, 1), (64, 2176, 64, 2048, 2048), (3, 16384, 0, 16384, 5000), (2, 131072, 1000, 130000, 4096)]
         {
-            let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: len, keep_stride: budget };
+            let shape = SelectShape {
+                rows,
+                len,
+                prefix,
+                window_start,
+                budget,
+                score_stride: len,
+                keep_stride: budget,
+                rows_per_seq: 0,
+            };
             let spec = SelectSpec::with_variant(shape, v).unwrap();
             let host: Vec<f32> = (0..rows).flat_map(|r| row(r as u64 * 7919 + len as u64, len)).collect();
             let scores = stream.clone_htod(&host).unwrap();
@@ -53,7 +62,7 @@ fn every_select_variant_matches_the_cpu() {
             {
                 let (s, _s) = scores.device_ptr(&stream);
                 let (k, _k) = keep.device_ptr_mut(&stream);
-                let at = SelectAddresses { scores: s, keep: k, scratch: 0 };
+                let at = SelectAddresses { scores: s, keep: k, scratch: 0, prefixes: 0 };
                 // SAFETY: both buffers are device memory of this context with the spec's lengths,
                 // alive until the copy below synchronises the stream.
                 unsafe { gpu.launch_select_raw(&spec, &at, stream.cu_stream()) }.unwrap();
@@ -81,7 +90,16 @@ fn multi_block_select_matches_the_cpu() {
         (2, 131_072, 1000, 130_000, 4096),
         (1, 131_072, 131_072, 131_072, 131_072),
     ] {
-        let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: len, keep_stride: budget };
+        let shape = SelectShape {
+            rows,
+            len,
+            prefix,
+            window_start,
+            budget,
+            score_stride: len,
+            keep_stride: budget,
+            rows_per_seq: 0,
+        };
         let spec = SelectSpec::new(shape).unwrap();
         assert!(spec.is_multi_block());
         let host: Vec<f32> = (0..rows).flat_map(|r| row(r as u64 * 104_729 + len as u64, len)).collect();
@@ -95,7 +113,7 @@ fn multi_block_select_matches_the_cpu() {
                 let (s, _s) = scores.device_ptr(&stream);
                 let (k, _k) = keep.device_ptr_mut(&stream);
                 let (x, _x) = scratch.device_ptr_mut(&stream);
-                let at = SelectAddresses { scores: s, keep: k, scratch: x };
+                let at = SelectAddresses { scores: s, keep: k, scratch: x, prefixes: 0 };
                 // SAFETY: the three buffers are device memory of this context with the spec's
                 // lengths, alive until the copy below synchronises the stream.
                 unsafe { gpu.launch_select_raw(&spec, &at, stream.cu_stream()) }.unwrap();
@@ -133,6 +151,9 @@ fn reduce_matches_the_cpu_bit_for_bit() {
                 group,
                 prefix: 17,
                 window_start: n - 128,
+                num_seqs: 1,
+                z_seq_stride: 0,
+                out_seq_stride: 0,
             };
             let dz = stream.clone_htod(&z).unwrap();
             let mut out = stream.alloc_zeros::<f32>(spec.out_len()).unwrap();
@@ -141,8 +162,10 @@ fn reduce_matches_the_cpu_bit_for_bit() {
                 let (op, _o) = out.device_ptr_mut(&stream);
                 // SAFETY: device buffers of this context with the spec's lengths, alive until the
                 // copy below synchronises the stream.
-                unsafe { gpu.launch_reduce_raw(&spec, &ReduceAddresses { z: zp, out: op }, stream.cu_stream()) }
-                    .unwrap();
+                unsafe {
+                    gpu.launch_reduce_raw(&spec, &ReduceAddresses { z: zp, out: op, prefixes: 0 }, stream.cu_stream())
+                }
+                .unwrap();
             }
             let got = stream.clone_dtoh(&out).unwrap();
             let mut want = reduce(&dense, heads, kv, n, mode, group);

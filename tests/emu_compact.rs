@@ -113,6 +113,7 @@ fn spec(c: &Case, mode: CompactMode, target: CompactTarget, num_sets: usize) -> 
         value_dim: c.dv,
         layout: CompactLayout::Contiguous { k, v, k_dst, v_dst },
         positions: c.positions,
+        num_seqs: 1,
     })
     .unwrap()
 }
@@ -304,6 +305,7 @@ fn compact_paged_matches_cpu_bit_exact() {
                 value_dim: dv,
                 layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks: num_blocks },
                 positions: None,
+                num_seqs: 1,
             })
             .unwrap();
             let mut kbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * d * eb)).collect();
@@ -412,6 +414,258 @@ fn gather_kv_matches_gather_rows() {
                 );
             }
             assert!(out == &want, "layer {l}");
+        }
+    }
+}
+
+/// CPU reference of one sequence's in-place compaction of contiguous `[Hkv, N, dim]` buffers.
+fn cpu_in_place_seq(c: &Case, mode: CompactMode, k: &mut [Vec<u8>], v: &mut [Vec<u8>], keep: &[i32], index: &[i32]) {
+    let (ks, vs) = (strides(c, c.d, c.n), strides(c, c.dv, c.n));
+    for l in 0..c.layers {
+        for g in 0..c.hkv {
+            let set = index[l * c.hkv + g] as usize;
+            let ks_u: Vec<u32> = keep[set * c.k..(set + 1) * c.k].iter().map(|&s| s as u32).collect();
+            for (buf, st, dim) in [(&mut k[l], ks, c.d), (&mut v[l], vs, c.dv)] {
+                let (rs, row) = (st.row_stride * c.eb, dim * c.eb);
+                let start = g * st.head_stride * c.eb;
+                let rows = &mut buf[start..start + (c.n - 1) * rs + row];
+                match mode {
+                    CompactMode::OrderPreserving => compact_in_place(rows, rs, row, &ks_u).unwrap(),
+                    CompactMode::HoleFilling => {
+                        hole_fill_in_place(rows, rs, row, &ks_u).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// S = 3 sequences in one launch, in place (both modes) and out of place, contiguous: each
+/// sequence equals its own CPU compaction, slot maps and positions included.
+#[test]
+fn compact_batched_sequences_match_cpu_per_sequence() {
+    let seqs = 3;
+    for c in [cases()[0], cases()[5], cases()[6], cases()[9]] {
+        let (num_sets, index) = set_index(c.sets, c.layers, c.hkv);
+        for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+            let mut rng = Rng(c.seed * 99 + mode as u64);
+            let keep: Vec<i32> = (0..seqs * num_sets).flat_map(|_| keep_set(&mut rng, c.n, c.k, c.keep)).collect();
+            let base = spec(&c, mode, CompactTarget::InPlace, num_sets);
+            let sp = CompactSpec::new(CompactShape { num_seqs: seqs, ..*base.shape() }).unwrap();
+            assert_eq!(sp.grid().2, seqs as u32);
+            assert_eq!((sp.keep_seq_stride(), sp.pos_seq_stride()), (num_sets * c.k, num_sets * c.n));
+            let (ks, vs) = (strides(&c, c.d, c.n), strides(&c, c.dv, c.n));
+            let mut k: Vec<Vec<u8>> =
+                (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(ks, c.hkv, c.n, c.d, c.eb))).collect();
+            let mut v: Vec<Vec<u8>> =
+                (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(vs, c.hkv, c.n, c.dv, c.eb))).collect();
+            let pos64: Vec<i64> = (0..seqs * num_sets * c.n).map(|_| rng.next_u64() as i64).collect();
+            let (mut k_ref, mut v_ref) = (k.clone(), v.clone());
+            let per = num_sets * c.k;
+            for s in 0..seqs {
+                let ls = s * c.layers..(s + 1) * c.layers;
+                cpu_in_place_seq(
+                    &c,
+                    mode,
+                    &mut k_ref[ls.clone()],
+                    &mut v_ref[ls],
+                    &keep[s * per..(s + 1) * per],
+                    &index,
+                );
+            }
+            let map_ref: Vec<i32> = keep.chunks(c.k).flat_map(|s| slot_map(mode, s)).collect();
+            let mut map = vec![-7i32; seqs * per];
+            let mut p64 = pos64.clone();
+            let mut p32: Vec<i32> = pos64.iter().map(|&p| p as i32).collect();
+            let positions = match c.positions {
+                Some(PositionType::I64) => Some(Positions::I64(&mut p64)),
+                Some(PositionType::I32) => Some(Positions::I32(&mut p32)),
+                None => None,
+            };
+            {
+                let mut kk: Vec<&mut [u8]> = k.iter_mut().map(|b| &mut b[..]).collect();
+                let mut vv: Vec<&mut [u8]> = v.iter_mut().map(|b| &mut b[..]).collect();
+                let sets = KeepSets { keep: &keep, set_index: &index, block_table: None };
+                emu::compact_in_place(&sp, &mut kk, &mut vv, &sets, Some(&mut map), positions).unwrap();
+            }
+            let what = format!("{c:?} {mode:?} batched in place");
+            assert!(k == k_ref, "{what}: K differs");
+            assert!(v == v_ref, "{what}: V differs");
+            assert_eq!(map, map_ref, "{what}: slot map");
+            for s in 0..seqs {
+                for set in 0..num_sets {
+                    for i in 0..c.n {
+                        let at = (s * num_sets + set) * c.n + i;
+                        let row = s * num_sets + set;
+                        let want = if i < c.k { pos64[row * c.n + map_ref[row * c.k + i] as usize] } else { pos64[at] };
+                        match c.positions {
+                            Some(PositionType::I64) => assert_eq!(p64[at], want, "{what}: position"),
+                            Some(PositionType::I32) => assert_eq!(p32[at], want as i32, "{what}: position"),
+                            None => {}
+                        }
+                    }
+                }
+            }
+        }
+
+        // Out of place, order-preserving.
+        let mut rng = Rng(c.seed * 101);
+        let keep: Vec<i32> = (0..seqs * num_sets).flat_map(|_| keep_set(&mut rng, c.n, c.k, c.keep)).collect();
+        let base = spec(&c, CompactMode::OrderPreserving, CompactTarget::OutOfPlace, num_sets);
+        let sp = CompactSpec::new(CompactShape { num_seqs: seqs, ..*base.shape() }).unwrap();
+        assert_eq!(sp.pos_seq_stride(), num_sets * c.k);
+        let (ks, vs) = (strides(&c, c.d, c.n), strides(&c, c.dv, c.n));
+        let (kd, vd) = (strides(&c, c.d, c.k), strides(&c, c.dv, c.k));
+        let k: Vec<Vec<u8>> = (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(ks, c.hkv, c.n, c.d, c.eb))).collect();
+        let v: Vec<Vec<u8>> = (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(vs, c.hkv, c.n, c.dv, c.eb))).collect();
+        let mut k_out: Vec<Vec<u8>> =
+            (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(kd, c.hkv, c.k, c.d, c.eb))).collect();
+        let mut v_out: Vec<Vec<u8>> =
+            (0..seqs * c.layers).map(|_| rng.bytes(buffer_len(vd, c.hkv, c.k, c.dv, c.eb))).collect();
+        let (mut k_ref, mut v_ref) = (k_out.clone(), v_out.clone());
+        let per = num_sets * c.k;
+        for s in 0..seqs {
+            for l in 0..c.layers {
+                let b = s * c.layers + l;
+                for g in 0..c.hkv {
+                    let set = index[l * c.hkv + g] as usize;
+                    let ks_u: Vec<u32> =
+                        keep[s * per + set * c.k..s * per + (set + 1) * c.k].iter().map(|&x| x as u32).collect();
+                    for (src, dst, st, dt, dim) in
+                        [(&k[b], &mut k_ref[b], ks, kd, c.d), (&v[b], &mut v_ref[b], vs, vd, c.dv)]
+                    {
+                        let (rs, row) = (st.row_stride * c.eb, dim * c.eb);
+                        let start = g * st.head_stride * c.eb;
+                        let mut dense = vec![0u8; c.k * row];
+                        gather_rows(&src[start..start + (c.n - 1) * rs + row], rs, row, &ks_u, &mut dense);
+                        for i in 0..c.k {
+                            let o = (g * dt.head_stride + i * dt.row_stride) * c.eb;
+                            dst[o..o + row].copy_from_slice(&dense[i * row..(i + 1) * row]);
+                        }
+                    }
+                }
+            }
+        }
+        let pos64: Vec<i64> = (0..seqs * num_sets * c.n).map(|_| rng.next_u64() as i64).collect();
+        let pos32: Vec<i32> = pos64.iter().map(|&p| p as i32).collect();
+        let mut out64 = vec![-1i64; seqs * per];
+        let mut out32 = vec![-1i32; seqs * per];
+        let mut map = vec![-7i32; seqs * per];
+        let positions = match c.positions {
+            Some(PositionType::I64) => Some((PositionsRef::I64(&pos64), Positions::I64(&mut out64))),
+            Some(PositionType::I32) => Some((PositionsRef::I32(&pos32), Positions::I32(&mut out32))),
+            None => None,
+        };
+        {
+            let kk: Vec<&[u8]> = k.iter().map(|b| &b[..]).collect();
+            let vv: Vec<&[u8]> = v.iter().map(|b| &b[..]).collect();
+            let mut ko: Vec<&mut [u8]> = k_out.iter_mut().map(|b| &mut b[..]).collect();
+            let mut vo: Vec<&mut [u8]> = v_out.iter_mut().map(|b| &mut b[..]).collect();
+            let sets = KeepSets { keep: &keep, set_index: &index, block_table: None };
+            let extras = CompactExtras { slot_map: Some(&mut map), positions };
+            emu::compact_into(&sp, &kk, &vv, &mut ko, &mut vo, &sets, extras).unwrap();
+        }
+        let what = format!("{c:?} batched out of place");
+        assert!(k_out == k_ref, "{what}: K differs");
+        assert!(v_out == v_ref, "{what}: V differs");
+        assert_eq!(map, keep, "{what}: slot map");
+        for row in 0..seqs * num_sets {
+            for i in 0..c.k {
+                let want = pos64[row * c.n + keep[row * c.k + i] as usize];
+                match c.positions {
+                    Some(PositionType::I64) => assert_eq!(out64[row * c.k + i], want, "{what}"),
+                    Some(PositionType::I32) => assert_eq!(out32[row * c.k + i], want as i32, "{what}"),
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// S = 3 paged sequences sharing the pools (distinct blocks per sequence) in one launch.
+#[test]
+fn compact_batched_paged_matches_cpu_per_sequence() {
+    let (seqs, layers, hkv, d, dv) = (3, 2, 3, 64, 32);
+    for (i, (order, bs, n, k, eb)) in
+        [(PageOrder::Nhd, 16, 100, 37, 2), (PageOrder::Hnd, 32, 64, 40, 4)].into_iter().enumerate()
+    {
+        for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+            let mut rng = Rng(i as u64 * 57 + mode as u64);
+            let (num_sets, index) = set_index(SetKind::PerHead, layers, hkv);
+            let keep: Vec<i32> =
+                (0..seqs * num_sets).flat_map(|_| keep_set(&mut rng, n, k, KeepKind::Random)).collect();
+            let max_blocks = n.div_ceil(bs) + 1;
+            let num_blocks = seqs * max_blocks + 2;
+            let mut pool: Vec<i32> = (0..num_blocks as i32).collect();
+            for j in (1..num_blocks).rev() {
+                let r = rng.below(j + 1);
+                pool.swap(j, r);
+            }
+            let table: Vec<i32> = pool[..seqs * max_blocks].to_vec();
+            let sp = CompactSpec::new(CompactShape {
+                mode,
+                target: CompactTarget::InPlace,
+                elem_bytes: eb,
+                num_layers: layers,
+                num_kv_heads: hkv,
+                num_sets,
+                num_slots: n,
+                keep_len: k,
+                key_dim: d,
+                value_dim: dv,
+                layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
+                positions: None,
+                num_seqs: seqs,
+            })
+            .unwrap();
+            let mut kbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * d * eb)).collect();
+            let mut vbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * dv * eb)).collect();
+            let (mut k_ref, mut v_ref) = (kbuf.clone(), vbuf.clone());
+            let per = num_sets * k;
+            for s in 0..seqs {
+                let tab = &table[s * max_blocks..(s + 1) * max_blocks];
+                for l in 0..layers {
+                    for g in 0..hkv {
+                        let set = index[l * hkv + g] as usize;
+                        let ks: Vec<u32> =
+                            keep[s * per + set * k..s * per + (set + 1) * k].iter().map(|&x| x as u32).collect();
+                        let moves: Vec<(u32, u32)> = match mode {
+                            CompactMode::OrderPreserving => {
+                                ks.iter().enumerate().map(|(i, &x)| (x, i as u32)).collect()
+                            }
+                            CompactMode::HoleFilling => hole_filling_plan(&ks).0,
+                        };
+                        for (buf, dim) in [(&mut k_ref[l], d), (&mut v_ref[l], dv)] {
+                            let row = dim * eb;
+                            let at = |slot: u32| {
+                                let (blk, r) = (tab[slot as usize / bs] as usize, slot as usize % bs);
+                                let within = match order {
+                                    PageOrder::Nhd => (r * hkv + g) * dim,
+                                    PageOrder::Hnd => (g * bs + r) * dim,
+                                };
+                                (blk * bs * hkv * dim + within) * eb
+                            };
+                            for &(from, to) in &moves {
+                                if from != to {
+                                    buf.copy_within(at(from)..at(from) + row, at(to));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut map = vec![0i32; seqs * per];
+            {
+                let mut kk: Vec<&mut [u8]> = kbuf.iter_mut().map(|b| &mut b[..]).collect();
+                let mut vv: Vec<&mut [u8]> = vbuf.iter_mut().map(|b| &mut b[..]).collect();
+                let sets = KeepSets { keep: &keep, set_index: &index, block_table: Some(&table) };
+                emu::compact_in_place(&sp, &mut kk, &mut vv, &sets, Some(&mut map), None).unwrap();
+            }
+            let what = format!("batched paged {order:?} bs {bs} n {n} k {k} {mode:?}");
+            assert!(kbuf == k_ref, "{what}: K differs");
+            assert!(vbuf == v_ref, "{what}: V differs");
+            let map_ref: Vec<i32> = keep.chunks(k).flat_map(|s| slot_map(mode, s)).collect();
+            assert_eq!(map, map_ref, "{what}: slot map");
         }
     }
 }

@@ -276,6 +276,25 @@ fn the_run_path_allocates_nothing() {
             assert_eq!(ids, plan.variants().iter().map(|v| v.id.0).collect::<Vec<_>>());
         }
     }
+    // A batch of four sequences: still launches only.
+    let config = CompressionConfig { budget: 96, ..CompressionConfig::preset(Preset::Paper) };
+    let shape = RoundShape {
+        dtype: triattn::DType::Bf16,
+        len: 128,
+        prefix_len: 0,
+        value_dim: 64,
+        layout: CacheLayout::Contiguous { keys: strides(128, 64), values: strides(128, 64) },
+        compaction: Compaction::InPlace(CompactMode::HoleFilling),
+        positions: None,
+    };
+    let plan = RoundPlan::new_batch(&scorer, &config, shape, &[0, 3, 9, 27]).unwrap();
+    let mut rec = Recorder { stages: [None; 8], count: 0 };
+    let at = RoundAddresses { workspace: 1 << 20, round_start: 1 << 12, ..Default::default() };
+    let before = allocations();
+    // SAFETY: the recorder launches nothing; the addresses are never dereferenced.
+    unsafe { plan.run(&mut rec, &at) }.unwrap();
+    assert_eq!(allocations() - before, 0, "a batched run allocated");
+    assert_eq!(rec.count, plan.stages().len());
 }
 
 #[test]
@@ -662,6 +681,179 @@ fn positions_follow_their_rows() {
                         (false, PositionType::I32) => pos32[set * n + i] as i64,
                     };
                     assert_eq!(have, want, "{what}: set {set} slot {i}");
+                }
+            }
+        }
+    }
+}
+
+/// One plan, one launch per stage, for three sequences with their own prompts and round starts:
+/// each sequence's keep sets, scores and compacted rows equal its own CPU round.
+#[test]
+fn batched_rounds_match_each_sequence_alone() {
+    let (l, hkv, d, n) = (2, 2, 64, 160);
+    let scorer = Scorer::new(model(l, 8, hkv, d), random_stats(l, 8, d, 41), None).unwrap();
+    for (config, mode) in [
+        (CompressionConfig { budget: 120, ..CompressionConfig::preset(Preset::Paper) }, CompactMode::OrderPreserving),
+        (
+            CompressionConfig {
+                budget: 100,
+                window: 12,
+                mode: SelectionMode::PerLayerPerHead,
+                score: triattn::score::ScoreConfig {
+                    aggregation: OffsetAggregation::Max,
+                    ..CompressionConfig::default().score
+                },
+                ..CompressionConfig::preset(Preset::Paper)
+            },
+            CompactMode::HoleFilling,
+        ),
+        (
+            CompressionConfig {
+                budget: 90,
+                window: 16,
+                mode: SelectionMode::Union,
+                ..CompressionConfig::preset(Preset::Vllm)
+            },
+            CompactMode::HoleFilling,
+        ),
+    ] {
+        let prefixes = [0usize, 17, 60];
+        let starts = [n as u64, 5_000, 123_456];
+        let keys: Vec<Vec<bf16>> = (0..3 * l).map(|i| random_keys(hkv * n * d, d, 700 + i as u64)).collect();
+        let values: Vec<Vec<bf16>> = (0..3 * l).map(|i| random_keys(hkv * n * d, d, 800 + i as u64)).collect();
+        let shape = RoundShape {
+            dtype: triattn::DType::Bf16,
+            len: n,
+            prefix_len: 0,
+            value_dim: d,
+            layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
+            compaction: Compaction::InPlace(mode),
+            positions: None,
+        };
+        let plan = RoundPlan::new_batch(&scorer, &config, shape, &prefixes).unwrap();
+        assert_eq!(plan.num_seqs(), 3);
+        let mut k = keys.clone();
+        let mut v = values.clone();
+        let got = {
+            let mut kr: Vec<&mut [bf16]> = k.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut vr: Vec<&mut [bf16]> = v.iter_mut().map(Vec::as_mut_slice).collect();
+            triattn::emu::round_in_place_batch(&plan, &mut kr, &mut vr, &starts).unwrap()
+        };
+        for seq in 0..3 {
+            let views: Vec<LayerView<'_, bf16>> = keys[seq * l..(seq + 1) * l]
+                .iter()
+                .map(|t| LayerView::contiguous("k", t, hkv, n, d).unwrap())
+                .collect();
+            let want = run_cpu(&config, &scorer, &views, starts[seq], prefixes[seq]).unwrap();
+            let out = &got.outputs[seq];
+            let what = format!("{:?} sequence {seq}", config.mode);
+            assert_eq!(want.outcome, plan.outcome(), "{what}");
+            assert_eq!(out.keep, want.keep, "{what}: keep sets");
+            for (a, b) in out.score.iter().zip(&want.score) {
+                assert!(a == b || ((a - b) as f64).abs() <= 2e-5 * (1.0 + b.abs() as f64), "{what}: score {a} vs {b}");
+            }
+            for layer in 0..l {
+                for g in 0..hkv {
+                    let map = &out.slot_map[config.mode.set_index(layer, g, hkv)];
+                    for (i, &src) in map.iter().enumerate() {
+                        let src = src as usize;
+                        let t = seq * l + layer;
+                        assert!(
+                            k[t][(g * n + i) * d..(g * n + i + 1) * d]
+                                == keys[t][(g * n + src) * d..(g * n + src + 1) * d],
+                            "{what}: K row {i}"
+                        );
+                        assert!(
+                            v[t][(g * n + i) * d..(g * n + i + 1) * d]
+                                == values[t][(g * n + src) * d..(g * n + src + 1) * d],
+                            "{what}: V row {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A batch member whose protected prompt reaches the budget is refused by name.
+    let config = CompressionConfig { budget: 50, ..CompressionConfig::preset(Preset::Paper) };
+    let shape = RoundShape {
+        dtype: triattn::DType::Bf16,
+        len: n,
+        prefix_len: 0,
+        value_dim: d,
+        layout: CacheLayout::Contiguous { keys: strides(n, d), values: strides(n, d) },
+        compaction: Compaction::KeepSetsOnly,
+        positions: None,
+    };
+    let e = RoundPlan::new_batch(&scorer, &config, shape, &[3, 70]).unwrap_err().to_string();
+    assert!(e.contains("sequence 1"), "{e}");
+}
+
+/// A paged batch: two sequences sharing the layers' pools, each with its own block-table row
+/// (distinct blocks across the batch), compacted in place in one launch per stage.
+#[test]
+fn paged_batches_match_each_sequence_alone() {
+    use triattn::cuda::PageOrder;
+    let (l, hkv, d, n, bs) = (2, 2, 64, 100, 16);
+    let scorer = Scorer::new(model(l, 8, hkv, d), random_stats(l, 8, d, 43), None).unwrap();
+    let config = CompressionConfig { budget: 70, ..CompressionConfig::preset(Preset::Paper) };
+    let (num_blocks, max_blocks) = (20, 8);
+    let table: Vec<i32> = vec![3, 9, 0, 14, 7, 1, 18, 12, /* seq 1 */ 5, 2, 16, 8, 11, 19, 4, 6];
+    let keys: Vec<Vec<bf16>> = (0..2 * l).map(|i| random_keys(hkv * n * d, d, 900 + i as u64)).collect();
+    let at = |seq: usize, slot: usize, g: usize| {
+        ((table[seq * max_blocks + slot / bs] as usize * bs + slot % bs) * hkv + g) * d
+    };
+    let mut pools: Vec<Vec<bf16>> = (0..l)
+        .map(|layer| {
+            let mut p = vec![bf16::from_f32(-3.0); num_blocks * bs * hkv * d];
+            for seq in 0..2 {
+                let dense = &keys[seq * l + layer];
+                for g in 0..hkv {
+                    for s in 0..n {
+                        p[at(seq, s, g)..at(seq, s, g) + d]
+                            .copy_from_slice(&dense[(g * n + s) * d..(g * n + s + 1) * d]);
+                    }
+                }
+            }
+            p
+        })
+        .collect();
+    let mut vpools = pools.clone();
+    let shape = RoundShape {
+        dtype: triattn::DType::Bf16,
+        len: n,
+        prefix_len: 0,
+        value_dim: d,
+        layout: CacheLayout::Paged { block_size: bs, order: PageOrder::Nhd, num_blocks, max_blocks },
+        compaction: Compaction::InPlace(CompactMode::HoleFilling),
+        positions: None,
+    };
+    let prefixes = [5usize, 30];
+    let starts = [500u64, 8000];
+    let plan = RoundPlan::new_batch(&scorer, &config, shape, &prefixes).unwrap();
+    let cache = CacheAddresses {
+        keys: pools.iter_mut().map(|p| p.as_mut_ptr() as u64).collect(),
+        values: vpools.iter_mut().map(|p| p.as_mut_ptr() as u64).collect(),
+        block_table: table.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the pools hold every block, the table names distinct blocks, all alive for the call.
+    let got = unsafe { triattn::emu::round_raw_batch(&plan, &cache, &starts) }.unwrap();
+    for seq in 0..2 {
+        let views: Vec<LayerView<'_, bf16>> =
+            keys[seq * l..(seq + 1) * l].iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+        let want = run_cpu(&config, &scorer, &views, starts[seq], prefixes[seq]).unwrap();
+        assert_eq!(got.outputs[seq].keep, want.keep, "sequence {seq}");
+        for layer in 0..l {
+            for g in 0..hkv {
+                let map = &got.outputs[seq].slot_map[config.mode.set_index(layer, g, hkv)];
+                for (i, &src) in map.iter().enumerate() {
+                    let dense = &keys[seq * l + layer];
+                    assert!(
+                        pools[layer][at(seq, i, g)..at(seq, i, g) + d]
+                            == dense[(g * n + src as usize) * d..(g * n + src as usize + 1) * d],
+                        "sequence {seq} layer {layer} head {g} row {i}"
+                    );
                 }
             }
         }

@@ -119,7 +119,8 @@ fn check_path(
         expected.push(want);
     }
     let keep_stride = budget + 1;
-    let shape = SelectShape { rows, len, prefix, window_start, budget, score_stride: stride, keep_stride };
+    let shape =
+        SelectShape { rows, len, prefix, window_start, budget, score_stride: stride, keep_stride, rows_per_seq: 0 };
     let spec = match path {
         Path::Single(variant) => SelectSpec::with_variant(shape, variant).unwrap(),
         Path::Multi => SelectSpec::multi_block(shape).unwrap(),
@@ -183,6 +184,7 @@ fn protection_matches_the_cpu() {
                         budget: 0,
                         score_stride: len,
                         keep_stride: len,
+                        rows_per_seq: 0,
                     };
                     let protected = shape.protected();
                     let mut budgets = vec![protected, protected + 1, (protected + len) / 2, len - 1, len];
@@ -205,9 +207,17 @@ fn random_shapes_match_the_cpu() {
             let len = 1 + rng.below(3000);
             let prefix = if rng.below(2) == 0 { 0 } else { rng.below(len + 1) };
             let window_start = if rng.below(2) == 0 { len } else { len - rng.below(len / 4 + 1) };
-            let protected =
-                SelectShape { rows: 1, len, prefix, window_start, budget: 0, score_stride: len, keep_stride: 0 }
-                    .protected();
+            let protected = SelectShape {
+                rows: 1,
+                len,
+                prefix,
+                window_start,
+                budget: 0,
+                score_stride: len,
+                keep_stride: 0,
+                rows_per_seq: 0,
+            }
+            .protected();
             let budget = protected + rng.below(len - protected + 1);
             let values = [Values::Random, Values::Ties, Values::Special][rng.below(3)];
             if budget >= 1 {
@@ -246,8 +256,16 @@ fn multi_block_edge_shapes_match_the_cpu() {
     for values in [Values::Random, Values::Ties, Values::Special, Values::Constant] {
         for len in [1, 2, 300, 2047, 2048, 2049, 5000] {
             for (prefix, window_start) in [(0, len), (len / 4, len - len / 5), (len / 2, len / 3)] {
-                let shape =
-                    SelectShape { rows: 1, len, prefix, window_start, budget: 0, score_stride: len, keep_stride: len };
+                let shape = SelectShape {
+                    rows: 1,
+                    len,
+                    prefix,
+                    window_start,
+                    budget: 0,
+                    score_stride: len,
+                    keep_stride: len,
+                    rows_per_seq: 0,
+                };
                 let protected = shape.protected();
                 let mut budgets = vec![protected, protected + 1, (protected + len) / 2, len - 1, len];
                 budgets.retain(|&k| k >= protected && k <= len && k >= 1);
@@ -291,8 +309,16 @@ fn multi_block_is_deterministic() {
 
 #[test]
 fn path_choice_by_length() {
-    let shape =
-        |len| SelectShape { rows: 3, len, prefix: 0, window_start: len, budget: 1, score_stride: len, keep_stride: 1 };
+    let shape = |len| SelectShape {
+        rows: 3,
+        len,
+        prefix: 0,
+        window_start: len,
+        budget: 1,
+        score_stride: len,
+        keep_stride: 1,
+        rows_per_seq: 0,
+    };
     let single = SelectSpec::new(shape(SELECT_SINGLE_MAX_LEN)).unwrap();
     assert!(!single.is_multi_block());
     assert_eq!(single.scratch_bytes(), 0);
@@ -304,4 +330,81 @@ fn path_choice_by_length() {
     assert_eq!(launches.iter().flatten().count(), launches.len());
     assert!(launches.iter().flatten().all(|l| matches!(l.0.kernel, Kernel::SelectPass { .. })));
     assert_eq!(launches[0].unwrap().0, multi.variant());
+}
+
+/// Rows of several sequences with their own prefixes in one select, single-block (every variant)
+/// and multi-block: each row equals `select_row` with its sequence's prefix.
+#[test]
+fn batched_prefixes_match_the_cpu_per_row() {
+    let mut rng = Rng(77);
+    let (seqs, sets) = (3, 4);
+    let rows = seqs * sets;
+    let mut paths: Vec<Path> = select_variants().into_iter().map(Path::Single).collect();
+    paths.push(Path::Multi);
+    for path in paths {
+        for len in [1usize, 37, 300, 5000] {
+            for values in [Values::Random, Values::Ties, Values::Special] {
+                let window_start = len - len / 6;
+                let prefixes: Vec<i32> = [0, len / 3, len / 9 + 1].iter().map(|&p| p.min(len) as i32).collect();
+                let max_protected =
+                    prefixes.iter().map(|&p| p as usize + len - window_start.max(p as usize)).max().unwrap();
+                let mut budgets = vec![max_protected, (max_protected + len) / 2, len];
+                budgets.retain(|&k| k >= 1);
+                budgets.dedup();
+                for budget in budgets {
+                    let stride = len + 2;
+                    let mut scores = vec![f32::NAN; rows * stride];
+                    let mut expected = Vec::new();
+                    for r in 0..rows {
+                        let x = row(&mut rng, len, values);
+                        scores[r * stride..r * stride + len].copy_from_slice(&x);
+                        let prefix = prefixes[r / sets] as usize;
+                        expected.push(select_row(&x, |s| s < prefix || s >= window_start, budget));
+                    }
+                    let keep_stride = budget + 1;
+                    let shape = SelectShape {
+                        rows,
+                        len,
+                        prefix: 0,
+                        window_start,
+                        budget,
+                        score_stride: stride,
+                        keep_stride,
+                        rows_per_seq: sets,
+                    };
+                    let spec = match path {
+                        Path::Single(v) => SelectSpec::with_variant(shape, v).unwrap(),
+                        Path::Multi => SelectSpec::multi_block(shape).unwrap(),
+                        Path::Auto => SelectSpec::new(shape).unwrap(),
+                    };
+                    let mut keep = vec![-7i32; rows * keep_stride];
+                    emu::select_batch(&spec, &scores, Some(&prefixes), &mut keep).unwrap();
+                    for (r, want) in expected.iter().enumerate() {
+                        let got: Vec<u32> =
+                            keep[r * keep_stride..r * keep_stride + budget].iter().map(|&s| s as u32).collect();
+                        assert_eq!(&got, want, "{path:?} row {r}: N {len} P {prefixes:?} K {budget} {values:?}");
+                        assert_eq!(keep[r * keep_stride + budget], -7, "{path:?} wrote past the budget");
+                    }
+                }
+            }
+        }
+    }
+    // Host checks of the emu entry: one prefix per sequence, each leaving <= budget protected.
+    let shape = SelectShape {
+        rows: 6,
+        len: 10,
+        prefix: 0,
+        window_start: 10,
+        budget: 4,
+        score_stride: 10,
+        keep_stride: 4,
+        rows_per_seq: 2,
+    };
+    let spec = SelectSpec::new(shape).unwrap();
+    let scores = vec![0.5f32; 60];
+    let mut keep = vec![0i32; 24];
+    assert!(emu::select_batch(&spec, &scores, Some(&[0, 4, 2]), &mut keep).is_ok());
+    assert!(emu::select_batch(&spec, &scores, Some(&[0, 5, 2]), &mut keep).is_err());
+    assert!(emu::select_batch(&spec, &scores, Some(&[0, 4]), &mut keep).is_err());
+    assert!(SelectSpec::new(SelectShape { rows_per_seq: 4, ..shape }).is_err());
 }

@@ -103,8 +103,14 @@ struct tri_select_params {
   uint32_t* scratch;            // multi-block: per row select_scratch_words(num_chunks) words; else null
   int32_t num_chunks;           // multi-block: chunks per row (gridDim.y); else 0
   int32_t chunk_len;            // multi-block: slots per chunk, a multiple of the block; else 0
+  // Batched rounds: row r protects slots < prefixes[r / rows_per_seq] (i32 [rows / rows_per_seq]);
+  // null: `prefix` for every row. len, window_start and budget stay shared.
+  const int32_t* prefixes;
+  int32_t rows_per_seq;         // rows per sequence when prefixes is set; else 0
+  int32_t pad3;
 };
-static_assert(sizeof(tri_select_params) == 72, "keep in sync with SelectParams");
+static_assert(sizeof(tri_select_params) == 88, "keep in sync with SelectParams");
+static_assert(offsetof(tri_select_params, prefixes) == 72, "keep in sync with SelectParams");
 static_assert(offsetof(tri_select_params, score_stride) == 16, "keep in sync with SelectParams");
 static_assert(offsetof(tri_select_params, num_rows) == 32, "keep in sync with SelectParams");
 static_assert(offsetof(tri_select_params, pass) == 52, "keep in sync with SelectParams");
@@ -128,7 +134,7 @@ struct tri_compact_tensor {
 };
 static_assert(sizeof(tri_compact_tensor) == 64, "keep in sync with CompactTensor");
 
-// triattn_compact_*: compaction of K and V of all layers and KV heads of one sequence.
+// triattn_compact_*: compaction of K and V of all layers and KV heads of S sequences.
 struct tri_compact_params {
   tri_compact_tensor k;
   tri_compact_tensor v;
@@ -147,10 +153,19 @@ struct tri_compact_params {
   int32_t rows_per_tile;        // R: rows (order) or movers (hole) per block tile
   int32_t block_size;           // slots per block; 0 = contiguous
   int32_t pos_bytes;            // 4 (i32) or 8 (i64)
+  // Batched rounds: sequence s = blockIdx.z (num_seqs of one shape) uses table entries
+  // [s * L + l] of k/v src/dst, keep and slot_map at s * keep_seq_stride, pos_src at
+  // s * num_sets * num_slots, pos_dst at s * pos_seq_stride, block-table row at
+  // s * block_table_stride.
+  int32_t num_seqs;             // S (gridDim.z), >= 1
+  int32_t block_table_stride;   // entries per block-table row (paged); else 0
+  int64_t keep_seq_stride;      // elements between sequences' keep sets and slot maps
+  int64_t pos_seq_stride;       // elements between sequences' position outputs
 };
-static_assert(sizeof(tri_compact_params) == 216, "keep in sync with CompactParams");
+static_assert(sizeof(tri_compact_params) == 240, "keep in sync with CompactParams");
 static_assert(offsetof(tri_compact_params, keep) == 128, "keep in sync with CompactParams");
 static_assert(offsetof(tri_compact_params, num_layers) == 184, "keep in sync with CompactParams");
+static_assert(offsetof(tri_compact_params, num_seqs) == 216, "keep in sync with CompactParams");
 
 // triattn_calibrate_*: one layer's pre-RoPE queries added to the f64 calibration sums.
 struct tri_calibrate_params {
@@ -173,7 +188,7 @@ static_assert(offsetof(tri_calibrate_params, num_heads) == 48, "keep in sync wit
 #define TRI_REDUCE_PER_LAYER_PER_HEAD 1
 #define TRI_REDUCE_UNION 2
 
-// triattn_reduce_*: per-(layer, head) rows of one sequence to the rows selection ranks.
+// triattn_reduce_*: per-(layer, head) rows of S sequences to the rows selection ranks.
 struct tri_reduce_params {
   const float* z;               // (l, h, n) at l * layer_stride + h * head_stride + n
   float* out;                   // out: (set, n) at set * out_stride + n
@@ -188,8 +203,16 @@ struct tri_reduce_params {
   int32_t group_mean;           // per layer per head: 1 mean over the group, 0 max
   int32_t prefix;               // slots < prefix get +inf
   int32_t window_start;         // slots >= window_start get +inf
+  // Batched rounds: sequence s = blockIdx.z reads z at s * z_seq_stride, writes out at
+  // s * out_seq_stride, protects slots < prefixes[s] (null: `prefix`); window_start is shared.
+  const int32_t* prefixes;      // i32 [num_seqs], or null
+  int64_t z_seq_stride;         // elements
+  int64_t out_seq_stride;       // elements
+  int32_t num_seqs;             // S (gridDim.z), >= 1
+  int32_t pad2;
 };
-static_assert(sizeof(tri_reduce_params) == 72, "keep in sync with ReduceParams");
+static_assert(sizeof(tri_reduce_params) == 104, "keep in sync with ReduceParams");
+static_assert(offsetof(tri_reduce_params, prefixes) == 72, "keep in sync with ReduceParams");
 static_assert(offsetof(tri_reduce_params, layer_stride) == 16, "keep in sync with ReduceParams");
 static_assert(offsetof(tri_reduce_params, num_layers) == 40, "keep in sync with ReduceParams");
 

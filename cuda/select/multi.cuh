@@ -51,7 +51,7 @@ TRI_DEVICE SelectRow select_row_view(const tri_select_params& p, int row) {
   r.state = p.scratch + (int64_t)row * select_scratch_words(p.num_chunks);
   r.hist = r.state + 4;
   r.counts = r.hist + (int64_t)p.num_chunks * SELECT_RADIX;
-  r.lo = p.prefix;
+  r.lo = select_row_prefix(p, row);
   r.hi = p.window_start > r.lo ? p.window_start : r.lo;
   r.kc = p.budget - (p.len - (r.hi - r.lo));
   return r;

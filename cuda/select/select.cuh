@@ -2,7 +2,8 @@
 //
 // Computes:  for every row r < num_rows of scores (f32, row r at r * score_stride, N = len
 //            slots), the K = budget kept slots, ascending, into keep[r * keep_stride + i]:
-//            every protected slot (n < prefix or n >= window_start) plus the best
+//            every protected slot (n < prefix or n >= window_start; prefix =
+//            prefixes[r / rows_per_seq] when prefixes is set) plus the best
 //            K - protected candidates (the other slots). Order: the larger score wins; equal
 //            scores (-0 == +0) -> the lower slot; NaN below every number (-inf included), NaNs
 //            among themselves by slot. src/cpu/select.rs select_row is the specification.
@@ -23,7 +24,8 @@
 //            in every pass, so any row length fits.
 // Shared memory: static, (256 + 2 * NT / 32 + 3) words: 1.1 KiB at NT = 256, 1.2 KiB at 512.
 // Host guarantees (SelectSpec): 1 <= len, 0 <= prefix <= len, 0 <= window_start <= len,
-//            protected count <= budget <= len, score_stride >= len, keep_stride >= budget.
+//            protected count <= budget <= len (for every row's own prefix when prefixes is set;
+//            then rows_per_seq >= 1), score_stride >= len, keep_stride >= budget.
 // Knobs:     NT (a multiple of 32, at most 1024).
 #pragma once
 #include "../common/arch.cuh"
@@ -40,6 +42,11 @@ TRI_DEVICE uint32_t select_key(float x) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
   if (u == 0x80000000u) u = 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The protected prefix of row `row`: per sequence (prefixes[row / rows_per_seq]) or shared.
+TRI_DEVICE int select_row_prefix(const tri_select_params& p, int row) {
+  return p.prefixes != nullptr ? p.prefixes[row / p.rows_per_seq] : p.prefix;
 }
 
 // Slots per thread whose keys stay in registers: rows up to NT * SELECT_ITEMS slots are read from
@@ -134,7 +141,7 @@ TRI_DEVICE void select_topk(const tri_select_params& p) {
   const float* scores = p.scores + (int64_t)blockIdx.x * p.score_stride;
   int32_t* keep = p.keep + (int64_t)blockIdx.x * p.keep_stride;
   // Candidates are the slots [lo, hi); the rest is protected.
-  const int lo = p.prefix, hi = p.window_start > lo ? p.window_start : lo;
+  const int lo = select_row_prefix(p, blockIdx.x), hi = p.window_start > lo ? p.window_start : lo;
   const int kc = p.budget - (n - (hi - lo));  // candidates to keep, 0 <= kc <= hi - lo
 
   // Short rows: thread t keeps the keys of slots t + j * NT in registers (one global read).

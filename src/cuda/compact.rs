@@ -1,7 +1,11 @@
 //! The `compact` op's launch description: [`CompactSpec`] (validated shapes, the variant, the
 //! grid) and, with feature `cuda`, the launcher on a caller's stream.
 //!
-//! Physical eviction after selection, for all layers and KV heads of one sequence in one launch:
+//! Physical eviction after selection, for all layers and KV heads of [`CompactShape::num_seqs`]
+//! sequences of one shape in one launch (grid z = sequence; tables hold `S * L` bases, sequence
+//! `s` at `s * L`; keep sets, slot maps and positions stacked per sequence, see
+//! [`CompactSpec::keep_seq_stride`] and [`CompactSpec::pos_seq_stride`]; paged: one block-table
+//! row of `max_blocks` entries per sequence, blocks distinct across all sequences):
 //! each `(layer, KV head)` names a keep set (`set_index`, so per-head, per-layer-per-head and
 //! union selections all fit), and K and V rows move as byte copies (any dtype; K and V rows may
 //! differ in size).
@@ -81,7 +85,8 @@ pub enum CompactLayout {
         v_dst: RowStrides,
     },
     /// Per layer one K and one V block pool (destination pools share the layout), one
-    /// block-table row `i32[max_blocks]` of distinct blocks for the sequence.
+    /// block-table row `i32[max_blocks]` of distinct blocks per sequence (rows `max_blocks`
+    /// apart; blocks distinct across the sequences of one launch).
     Paged {
         /// Slots per block, 16 to 256.
         block_size: usize,
@@ -121,6 +126,8 @@ pub struct CompactShape {
     pub layout: CompactLayout,
     /// Positions compacted alongside, if any.
     pub positions: Option<PositionType>,
+    /// Sequences S of this shape in one launch (the grid's z), `1..=65535`.
+    pub num_seqs: usize,
 }
 
 /// A validated compaction launch.
@@ -135,25 +142,26 @@ pub struct CompactSpec {
 /// under emu); 0 for an absent optional buffer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompactAddresses {
-    /// `u64 [L]` K source bases (tensors or pools).
+    /// `u64 [S * L]` K source bases (tensors or pools), sequence `s` at `s * L`.
     pub k_src: u64,
-    /// `u64 [L]` K destination bases (the same table in place).
+    /// `u64 [S * L]` K destination bases (the same table in place).
     pub k_dst: u64,
-    /// `u64 [L]` V source bases.
+    /// `u64 [S * L]` V source bases.
     pub v_src: u64,
-    /// `u64 [L]` V destination bases.
+    /// `u64 [S * L]` V destination bases.
     pub v_dst: u64,
-    /// `i32 [sets, K]` ascending slots.
+    /// `i32 [S, sets, K]` ascending slots.
     pub keep: u64,
-    /// `i32 [L * Hkv]` set of each (layer, KV head), each `< sets`.
+    /// `i32 [L * Hkv]` set of each (layer, KV head), each `< sets`, shared by the sequences.
     pub set_index: u64,
-    /// `i32 [max_blocks]` (paged), else 0.
+    /// `i32 [S, max_blocks]` (paged), else 0.
     pub block_table: u64,
-    /// `i32 [sets, K]` out, or 0.
+    /// `i32 [S, sets, K]` out, or 0.
     pub slot_map: u64,
-    /// Positions `[sets, N]`, or 0.
+    /// Positions `[S, sets, N]`, or 0.
     pub pos_src: u64,
-    /// Positions out: `[sets, K]` out of place, `[sets, N]` in place (then equal to `pos_src`).
+    /// Positions out: `[S, sets, K]` out of place, `[S, sets, N]` in place (then equal to
+    /// `pos_src`).
     pub pos_dst: u64,
 }
 
@@ -179,6 +187,7 @@ impl CompactSpec {
         ensure(s.num_layers >= 1, "layers", ">= 1", s.num_layers)?;
         ensure(s.num_kv_heads >= 1, "KV heads", ">= 1", s.num_kv_heads)?;
         ensure(s.num_sets >= 1, "keep sets", ">= 1", s.num_sets)?;
+        ensure(s.num_seqs >= 1 && s.num_seqs <= 65535, "sequences", "1..=65535", s.num_seqs)?;
         let blocks_y = s.num_layers.saturating_mul(s.num_kv_heads).saturating_add(s.num_sets);
         ensure(blocks_y <= 65535, "layers x KV heads + keep sets", "<= 65535", blocks_y)?;
         ensure(s.num_slots >= 1 && s.num_slots <= i32_max, "slots", format!("1..={i32_max}"), s.num_slots)?;
@@ -271,7 +280,7 @@ impl CompactSpec {
         }
     }
 
-    /// Launch grid `(row tiles, L * Hkv + sets, 1)`; one tile column when order-preserving in
+    /// Launch grid `(row tiles, L * Hkv + sets, S)`; one tile column when order-preserving in
     /// place (see the module docs).
     pub fn grid(&self) -> (u32, u32, u32) {
         let s = &self.shape;
@@ -279,7 +288,7 @@ impl CompactSpec {
             (CompactMode::OrderPreserving, CompactTarget::InPlace) => 1,
             _ => self.max_moves().div_ceil(self.rows_per_tile).max(1),
         };
-        (tiles as u32, (s.num_layers * s.num_kv_heads + s.num_sets) as u32, 1)
+        (tiles as u32, (s.num_layers * s.num_kv_heads + s.num_sets) as u32, s.num_seqs as u32)
     }
 
     /// Threads per block.
@@ -287,19 +296,35 @@ impl CompactSpec {
         self.variant.threads() as u32
     }
 
-    /// Entries of the keep sets and of the slot map: `sets * K`.
+    /// Entries of the keep sets and of the slot map, all sequences: `S * sets * K`.
     pub fn keep_entries(&self) -> usize {
+        self.shape.num_seqs * self.keep_seq_stride()
+    }
+
+    /// Entries between sequences' keep sets and slot maps: `sets * K`.
+    pub fn keep_seq_stride(&self) -> usize {
         self.shape.num_sets * self.shape.keep_len
     }
 
-    /// Entries of the source positions `[sets, N]`.
+    /// Entries of the source positions `[S, sets, N]`.
     pub fn positions_len(&self) -> usize {
-        self.shape.num_sets * self.shape.num_slots
+        self.shape.num_seqs * self.shape.num_sets * self.shape.num_slots
     }
 
-    /// Entries of the position output: `[sets, K]` out of place, `[sets, N]` in place.
-    pub fn positions_out_len(&self) -> usize {
+    /// Entries between sequences' position outputs: `sets * N` in place, `sets * K` out of place
+    /// (source positions are always `sets * N` apart).
+    pub fn pos_seq_stride(&self) -> usize {
         self.shape.num_sets * self.pos_dst_stride()
+    }
+
+    /// Entries of the position output: `[S, sets, K]` out of place, `[S, sets, N]` in place.
+    pub fn positions_out_len(&self) -> usize {
+        self.shape.num_seqs * self.pos_seq_stride()
+    }
+
+    /// Entries of the K and V base tables: `S * L`.
+    pub fn table_len(&self) -> usize {
+        self.shape.num_seqs * self.shape.num_layers
     }
 
     fn pos_dst_stride(&self) -> usize {
@@ -331,8 +356,9 @@ impl CompactSpec {
         }
     }
 
-    /// Bytes of each layer's K (`value = false`) or V buffer that the launch may touch: the
-    /// tensor up to its last row (contiguous) or the whole pool (paged).
+    /// Bytes of each layer's K (`value = false`) or V buffer (each of the `S * L` table
+    /// entries) that the launch may touch: the tensor up to its last row (contiguous) or the
+    /// whole pool (paged).
     pub fn layer_bytes(&self, value: bool, destination: bool) -> usize {
         let s = &self.shape;
         let dim = if value { s.value_dim } else { s.key_dim };
@@ -368,9 +394,9 @@ impl CompactSpec {
                 pad: 0,
             }
         };
-        let block_size = match s.layout {
-            CompactLayout::Contiguous { .. } => 0,
-            CompactLayout::Paged { block_size, .. } => block_size,
+        let (block_size, block_table_stride) = match s.layout {
+            CompactLayout::Contiguous { .. } => (0, 0),
+            CompactLayout::Paged { block_size, max_blocks, .. } => (block_size, max_blocks),
         };
         CompactParams {
             k: tensor(false, at.k_src, at.k_dst),
@@ -390,6 +416,10 @@ impl CompactSpec {
             rows_per_tile: self.rows_per_tile as i32,
             block_size: block_size as i32,
             pos_bytes: s.positions.map_or(8, PositionType::size) as i32,
+            num_seqs: s.num_seqs as i32,
+            block_table_stride: block_table_stride as i32,
+            keep_seq_stride: self.keep_seq_stride() as i64,
+            pos_seq_stride: self.pos_seq_stride() as i64,
         }
     }
 }
@@ -404,7 +434,7 @@ impl super::runtime::CudaBackend {
     ///
     /// # Safety
     /// Every address in `at` is device memory of this context with the length [`CompactSpec`]
-    /// documents (tables of `L` bases, each buffer at least [`CompactSpec::layer_bytes`], keep
+    /// documents (tables of `S * L` bases, each buffer at least [`CompactSpec::layer_bytes`], keep
     /// sets strictly ascending in `[0, N)`, set indices `< sets`, a block-table row of distinct
     /// in-range blocks); the destination does not overlap the source out of place; `stream`
     /// belongs to this context; the buffers stay alive until the kernel has run.
@@ -440,6 +470,7 @@ mod tests {
             value_dim: 128,
             layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
             positions: Some(PositionType::I64),
+            num_seqs: 1,
         }
     }
 

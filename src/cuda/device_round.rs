@@ -131,7 +131,8 @@ impl DeviceRound {
         let mut workspace =
             stream.alloc_zeros::<u8>(plan.workspace_bytes().max(1)).map_err(|e| driver("workspace allocation", e))?;
         stream.memcpy_htod(&image, &mut workspace).map_err(|e| driver("workspace constants", e))?;
-        let round_start = stream.alloc_zeros::<i64>(1).map_err(|e| driver("round_start allocation", e))?;
+        let round_start =
+            stream.alloc_zeros::<i64>(plan.num_seqs()).map_err(|e| driver("round_start allocation", e))?;
         let base = workspace.device_ptr(stream).0;
         if base % WORKSPACE_ALIGN as u64 != 0 {
             return Err(Error::new(
@@ -156,11 +157,29 @@ impl DeviceRound {
     /// # Errors
     /// `InvalidArgument` for `round_start < N`; `Driver` for a failed copy.
     pub fn set_round_start(&mut self, stream: &Arc<CudaStream>, round_start: u64) -> Result<()> {
+        self.set_round_starts(stream, &[round_start])
+    }
+
+    /// Write every sequence's next `round_start` (a batch plan; see [`Self::set_round_start`]).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` without one value per sequence; as [`Self::set_round_start`].
+    pub fn set_round_starts(&mut self, stream: &Arc<CudaStream>, round_starts: &[u64]) -> Result<()> {
         let n = self.plan.shape().len;
-        if round_start < n as u64 || round_start > i64::MAX as u64 {
-            return Err(Error::invalid_argument("round_start", format!("{n}..=2^63-1"), round_start));
+        if round_starts.len() != self.plan.num_seqs() {
+            return Err(Error::shape("round_start values", self.plan.num_seqs(), round_starts.len()));
         }
-        stream.memcpy_htod(&[round_start as i64], &mut self.round_start).map_err(|e| driver("round_start copy", e))
+        let values = round_starts
+            .iter()
+            .map(|&r| {
+                if r < n as u64 || r > i64::MAX as u64 {
+                    Err(Error::invalid_argument("round_start", format!("{n}..=2^63-1"), r))
+                } else {
+                    Ok(r as i64)
+                }
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        stream.memcpy_htod(&values, &mut self.round_start).map_err(|e| driver("round_start copy", e))
     }
 
     /// Launch the round on `stream`: launches only.
@@ -200,6 +219,15 @@ impl DeviceRound {
     pub fn read_outputs(&self, stream: &Arc<CudaStream>) -> Result<RoundOutputs> {
         let host = stream.clone_dtoh(&self.workspace).map_err(|e| driver("workspace read-back", e))?;
         self.plan.read_outputs(&host)
+    }
+
+    /// Copy the outputs of every sequence of a batch plan back (synchronises `stream`).
+    ///
+    /// # Errors
+    /// `Driver` for a failed copy.
+    pub fn read_batch_outputs(&self, stream: &Arc<CudaStream>) -> Result<Vec<RoundOutputs>> {
+        let host = stream.clone_dtoh(&self.workspace).map_err(|e| driver("workspace read-back", e))?;
+        (0..self.plan.num_seqs()).map(|seq| self.plan.read_outputs_of(&host, seq)).collect()
     }
 }
 

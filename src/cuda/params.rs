@@ -180,8 +180,15 @@ pub struct SelectParams {
     pub num_chunks: i32,
     /// multi-block: slots per chunk; 0 otherwise
     pub chunk_len: i32,
+    /// i32 `[rows / rows_per_seq]` per-sequence prefixes, or 0 (`prefix` for every row)
+    pub prefixes: u64,
+    /// rows per sequence when `prefixes` is set; 0 otherwise
+    pub rows_per_seq: i32,
+    /// padding
+    pub pad3: i32,
 }
-const _: () = assert!(std::mem::size_of::<SelectParams>() == 72);
+const _: () = assert!(std::mem::size_of::<SelectParams>() == 88);
+const _: () = assert!(std::mem::offset_of!(SelectParams, prefixes) == 72);
 const _: () = assert!(std::mem::offset_of!(SelectParams, score_stride) == 16);
 const _: () = assert!(std::mem::offset_of!(SelectParams, num_rows) == 32);
 const _: () = assert!(std::mem::offset_of!(SelectParams, pass) == 52);
@@ -225,8 +232,19 @@ pub struct ReduceParams {
     pub prefix: i32,
     /// slots from it on get +inf
     pub window_start: i32,
+    /// i32 `[num_seqs]` per-sequence prefixes, or 0 (`prefix` for every sequence)
+    pub prefixes: u64,
+    /// elements between sequences of z
+    pub z_seq_stride: i64,
+    /// elements between sequences of out
+    pub out_seq_stride: i64,
+    /// sequences S (the grid's z), >= 1
+    pub num_seqs: i32,
+    /// padding
+    pub pad2: i32,
 }
-const _: () = assert!(std::mem::size_of::<ReduceParams>() == 72);
+const _: () = assert!(std::mem::size_of::<ReduceParams>() == 104);
+const _: () = assert!(std::mem::offset_of!(ReduceParams, prefixes) == 72);
 const _: () = assert!(std::mem::offset_of!(ReduceParams, layer_stride) == 16);
 const _: () = assert!(std::mem::offset_of!(ReduceParams, num_layers) == 40);
 
@@ -347,8 +365,17 @@ pub struct CompactParams {
     pub block_size: i32,
     /// 4 (i32) or 8 (i64)
     pub pos_bytes: i32,
+    /// sequences S (the grid's z), >= 1; tables hold `S * L` bases, sequence `s` at `s * L`
+    pub num_seqs: i32,
+    /// entries per block-table row (paged; sequence `s` at `s * block_table_stride`); else 0
+    pub block_table_stride: i32,
+    /// elements between sequences' keep sets and slot maps
+    pub keep_seq_stride: i64,
+    /// elements between sequences' position outputs (`pos_src` at `s * sets * N`)
+    pub pos_seq_stride: i64,
 }
-const _: () = assert!(std::mem::size_of::<CompactParams>() == 216);
+const _: () = assert!(std::mem::size_of::<CompactParams>() == 240);
+const _: () = assert!(std::mem::offset_of!(CompactParams, num_seqs) == 216);
 const _: () = assert!(std::mem::offset_of!(CompactParams, keep) == 128);
 const _: () = assert!(std::mem::offset_of!(CompactParams, num_layers) == 184);
 

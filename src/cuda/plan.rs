@@ -248,17 +248,18 @@ pub struct WorkspaceLayout {
     pub q_abs_mean: Region,
     /// f64 `[F]` RoPE frequencies.
     pub omega: Region,
-    /// i32 `[4]`: the slot count N, the first and one-past-last z-score candidate, 0.
+    /// i32 `[4, S]`: per sequence the slot count N, the first and one-past-last z-score
+    /// candidate, the protected prompt.
     pub lengths: Region,
     /// i32 `[L * Hkv]` keep set of each (layer, KV head).
     pub set_index: Region,
-    /// u64 `[L]` K bases.
+    /// u64 `[S * L]` K bases, sequence-major (paged: the `L` pools, repeated per sequence).
     pub key_table: Region,
-    /// u64 `[L]` V bases.
+    /// u64 `[S * L]` V bases.
     pub value_table: Region,
-    /// u64 `[L]` destination K bases (out of place; the K table otherwise).
+    /// u64 `[S * L]` destination K bases (out of place; the K table otherwise).
     pub key_out_table: Region,
-    /// u64 `[L]` destination V bases.
+    /// u64 `[S * L]` destination V bases.
     pub value_out_table: Region,
     /// End of the constants.
     pub constants_bytes: usize,
@@ -266,19 +267,19 @@ pub struct WorkspaceLayout {
     pub weights: Region,
     /// f32 `[L, H, F]`.
     pub norm: Region,
-    /// f32 `[L, H, N]` raw scores.
+    /// f32 `[S, L, H, N]` raw scores.
     pub raw: Region,
     /// RowPartial `[L, H, tiles]`.
     pub partials: Region,
-    /// f32 `[L, H, N]` z-scores (empty without normalisation: reduce reads `raw`).
+    /// f32 `[S, L, H, N]` z-scores (empty without normalisation: reduce reads `raw`).
     pub z: Region,
-    /// f32 `[sets, N]` the scores selection ranks (protected slots `+inf`).
+    /// f32 `[S, sets, N]` the scores selection ranks (protected slots `+inf`).
     pub score: Region,
-    /// i32 `[sets, K]` kept slots, ascending (K = the budget, or N when nothing is evicted).
+    /// i32 `[S, sets, K]` kept slots, ascending (K = the budget, or N when nothing is evicted).
     pub keep: Region,
     /// Scratch of the multi-block select (empty for rows of the single-block path).
     pub select_scratch: Region,
-    /// i32 `[sets, K]` original slot held by each slot after compaction (empty without one).
+    /// i32 `[S, sets, K]` original slot held by each slot after compaction (empty without one).
     pub slot_map: Region,
     /// Total bytes.
     pub total_bytes: usize,
@@ -300,6 +301,8 @@ impl Allocator {
 #[derive(Clone, Debug)]
 pub struct RoundPlan {
     shape: RoundShape,
+    prefix_lens: Vec<usize>,
+    seqs: usize,
     num_layers: usize,
     num_heads: usize,
     num_kv_heads: usize,
@@ -395,8 +398,11 @@ pub(crate) fn check_layers<T: crate::dtype::Element>(
         LayerTensors::KeysOut => ("destination k", plan.head_dim),
         LayerTensors::ValuesOut => ("destination v", s.value_dim),
     };
-    if lens.len() != plan.num_layers {
-        return Err(Error::shape(format!("{what} layers"), plan.num_layers, lens.len()));
+    let count = plan.table_len();
+    if lens.len() != count {
+        let expected =
+            if count == plan.num_layers { format!("{count}") } else { format!("{count} (sequences x layers)") };
+        return Err(Error::shape(format!("{what} tensors"), expected, lens.len()));
     }
     let hkv = plan.num_kv_heads;
     let rows = |slots: usize, st: RowStrides| (hkv - 1) * st.head_stride + (slots - 1) * st.row_stride + dim;
@@ -418,24 +424,29 @@ pub(crate) fn check_layers<T: crate::dtype::Element>(
     Ok(())
 }
 
-/// Check a paged plan's block-table row: entries covering N slots, distinct, inside the pool.
+/// Check a paged plan's block table `i32[S, max_blocks]`: each sequence's entries cover N slots,
+/// inside the pool, and no block is used twice in the batch.
 #[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(dead_code))]
 pub(crate) fn check_block_table(plan: &RoundPlan, table: &[i32]) -> Result<()> {
     let CacheLayout::Paged { block_size, num_blocks, max_blocks, .. } = plan.shape.layout else {
         return Err(Error::invalid_argument("block table", "none (contiguous cache)", "a block table"));
     };
-    if table.len() < max_blocks {
-        return Err(Error::shape("block table", format!("{max_blocks} entries"), table.len()));
+    let rows = plan.seqs;
+    if table.len() < rows * max_blocks {
+        return Err(Error::shape(
+            "block table",
+            format!("{} entries ([{rows}, {max_blocks}])", rows * max_blocks),
+            table.len(),
+        ));
     }
     let used = plan.shape.len.div_ceil(block_size);
     let mut seen = vec![false; num_blocks];
-    for (i, &b) in table[..used].iter().enumerate() {
-        if b < 0 || b as usize >= num_blocks || std::mem::replace(&mut seen[b as usize], true) {
-            return Err(Error::invalid_argument(
-                format!("block table [{i}]"),
-                format!("a distinct block in 0..{num_blocks}"),
-                b,
-            ));
+    for seq in 0..rows {
+        for (i, &b) in table[seq * max_blocks..seq * max_blocks + used].iter().enumerate() {
+            if b < 0 || b as usize >= num_blocks || std::mem::replace(&mut seen[b as usize], true) {
+                let at = if rows == 1 { format!("block table [{i}]") } else { format!("block table [{seq}, {i}]") };
+                return Err(Error::invalid_argument(at, format!("a distinct block in 0..{num_blocks}"), b));
+            }
         }
     }
     Ok(())
@@ -456,29 +467,68 @@ impl RoundPlan {
     /// `InvalidArgument` for a bad configuration or a shape a stage refuses (naming the field);
     /// `Unsupported` for a head_dim or dtype with no compiled kernel.
     pub fn new(scorer: &Scorer, config: &CompressionConfig, shape: RoundShape) -> Result<Self> {
+        Self::new_batch(scorer, config, shape, &[shape.prefix_len])
+    }
+
+    /// Plan one round for many sequences that share `shape` (slots N, budget, layout,
+    /// compaction) but each have their own prompt length (`prefix_lens[s]`, which replaces
+    /// `shape.prefix_len`) and `round_start`: one launch per stage for all of them. Tables hold
+    /// `S * L` addresses, sequence-major (a paged cache: its `L` pools, and a block table
+    /// `i32[S, max_blocks]` of blocks distinct across the batch); `round_start` is `i64[S]`; the
+    /// outputs of sequence `s` are at [`Self::read_outputs_of`].
+    ///
+    /// # Errors
+    /// As [`Self::new`]; `InvalidArgument` for no sequence, more than 65535, or (with more than
+    /// one) a sequence whose protected slots reach the budget (plan it alone: it is skipped).
+    pub fn new_batch(
+        scorer: &Scorer,
+        config: &CompressionConfig,
+        shape: RoundShape,
+        prefix_lens: &[usize],
+    ) -> Result<Self> {
         config.validate()?;
+        let seqs = prefix_lens.len();
+        if seqs == 0 || seqs > 65535 {
+            return Err(Error::invalid_argument("sequences of a round", "1..=65535", seqs));
+        }
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
         let n = shape.len;
         if n == 0 {
             return Err(Error::invalid_argument("round slots", ">= 1", 0));
         }
-        if shape.prefix_len > n {
-            return Err(Error::invalid_argument("prefix_len", format!("<= the {n} cached slots"), shape.prefix_len));
+        for (seq, &p) in prefix_lens.iter().enumerate() {
+            if p > n {
+                let what = if seqs == 1 { "prefix_len".to_string() } else { format!("prefix_len of sequence {seq}") };
+                return Err(Error::invalid_argument(what, format!("<= the {n} cached slots"), p));
+            }
         }
         if n > i32::MAX as usize {
             return Err(Error::invalid_argument("round slots", "<= 2^31-1", n));
         }
         let sets = config.mode.num_sets(l, hkv);
-        let protection = config.protection(n, shape.prefix_len);
-        let protected = protection.count();
+        let protections: Vec<_> = prefix_lens.iter().map(|&p| config.protection(n, p)).collect();
+        let protection = protections[0];
+        let most_protected = protections.iter().map(|p| p.count()).max().unwrap_or(0);
         let (outcome, kept) = if n <= config.budget {
             (RoundOutcome::WithinBudget, n)
-        } else if protected >= config.budget {
+        } else if most_protected >= config.budget {
+            if seqs > 1 {
+                let seq = protections.iter().position(|p| p.count() >= config.budget).unwrap_or(0);
+                return Err(Error::invalid_argument(
+                    format!("prefix_len of sequence {seq}"),
+                    format!("fewer protected slots than the budget {} (plan a skipped sequence alone)", config.budget),
+                    prefix_lens[seq],
+                ));
+            }
+            let protected = protection.count();
             (RoundOutcome::Skipped(SkipReason::ProtectedReachBudget { protected, budget: config.budget }), n)
         } else {
             (RoundOutcome::Compressed { kept: config.budget, evicted: n - config.budget }, config.budget)
         };
+        // One sequence keeps the scalar guards (the single-round path, bit for bit); a batch
+        // reads each sequence's prompt from the workspace.
+        let batched = seqs > 1;
 
         let offsets = geometric_offsets(config.score.offset_max_length)?.len();
         let vectors = match (config.score.trig, config.score.aggregation) {
@@ -490,7 +540,7 @@ impl RoundPlan {
             num_layers: l,
             num_heads: h,
             head_dim: d,
-            num_seqs: 1,
+            num_seqs: seqs,
             num_offsets: offsets,
             vectors,
             style: scorer.style,
@@ -504,7 +554,7 @@ impl RoundPlan {
             num_layers: l,
             num_heads: h,
             num_kv_heads: hkv,
-            num_seqs: 1,
+            num_seqs: seqs,
             max_len: n,
             vectors,
             aggregation: if vectors > 1 { OffsetAggregation::Max } else { OffsetAggregation::Mean },
@@ -517,13 +567,13 @@ impl RoundPlan {
                     KeyLayout::Paged { block_size, order, num_blocks, max_blocks }
                 }
             },
-            weights: WeightsScope::Shared,
+            weights: if batched { WeightsScope::PerSequence } else { WeightsScope::Shared },
         })?;
         let normalize = match config.zscore() {
             None => None,
             Some(flavour) => {
                 let spec = NormalizeSpec {
-                    rows: l * h,
+                    rows: seqs * l * h,
                     len: n,
                     num_tiles: score.num_tiles(),
                     raw_stride: n,
@@ -544,18 +594,22 @@ impl RoundPlan {
             out_stride: n,
             mode: config.mode,
             group: config.group_aggregation,
-            prefix: protection.prefix,
+            prefix: if batched { 0 } else { protection.prefix },
             window_start: protection.window_start,
+            num_seqs: seqs,
+            z_seq_stride: l * h * n,
+            out_seq_stride: sets * n,
         };
         reduce.validate()?;
         let select = SelectSpec::new(SelectShape {
-            rows: sets,
+            rows: seqs * sets,
             len: n,
-            prefix: protection.prefix,
+            prefix: if batched { 0 } else { protection.prefix },
             window_start: protection.window_start,
             budget: kept,
             score_stride: n,
             keep_stride: kept,
+            rows_per_seq: if batched { sets } else { 0 },
         })?;
         let compact_shape = |mode, target, layout| CompactShape {
             mode,
@@ -570,6 +624,7 @@ impl RoundPlan {
             value_dim: shape.value_dim,
             layout,
             positions: shape.positions,
+            num_seqs: seqs,
         };
         let in_place_layout = match shape.layout {
             CacheLayout::Contiguous { keys, values } => {
@@ -606,12 +661,12 @@ impl RoundPlan {
             q_mean_imag: a.take(stats_bytes),
             q_abs_mean: a.take(stats_bytes),
             omega: a.take(f * 8),
-            lengths: a.take(16),
+            lengths: a.take(16 * seqs),
             set_index: a.take(l * hkv * 4),
-            key_table: a.take(l * 8),
-            value_table: a.take(l * 8),
-            key_out_table: a.take(l * 8),
-            value_out_table: a.take(l * 8),
+            key_table: a.take(seqs * l * 8),
+            value_table: a.take(seqs * l * 8),
+            key_out_table: a.take(seqs * l * 8),
+            value_out_table: a.take(seqs * l * 8),
             ..Default::default()
         };
         layout.constants_bytes = a.next;
@@ -620,11 +675,11 @@ impl RoundPlan {
         layout.norm = a.take(stats_bytes);
         layout.raw = a.take(score.raw_len() * 4);
         layout.partials = a.take(score.partials_len() * std::mem::size_of::<RowPartial>());
-        layout.z = a.take(if normalize.is_some() { l * h * n * 4 } else { 0 });
-        layout.score = a.take(sets * n * 4);
-        layout.keep = a.take(sets * kept * 4);
+        layout.z = a.take(if normalize.is_some() { seqs * l * h * n * 4 } else { 0 });
+        layout.score = a.take(seqs * sets * n * 4);
+        layout.keep = a.take(seqs * sets * kept * 4);
         layout.select_scratch = a.take(select.scratch_bytes());
-        layout.slot_map = a.take(if compact.is_some() { sets * kept * 4 } else { 0 });
+        layout.slot_map = a.take(if compact.is_some() { seqs * sets * kept * 4 } else { 0 });
         layout.total_bytes = a.next;
 
         let stats = &scorer.stats;
@@ -647,12 +702,18 @@ impl RoundPlan {
         push_bytes(&mut constants, layout.q_abs_mean, &f32_bytes(&stats.q_abs_mean));
         let omega: Vec<u8> = scorer.omega.iter().flat_map(|x| x.to_le_bytes()).collect();
         push_bytes(&mut constants, layout.omega, &omega);
-        let (stat_start, stat_end) = match config.preset {
-            Preset::Paper => (protection.prefix, protection.window_start.max(protection.prefix)),
+        // i32 [S] each: slots, first and one-past-last z-score candidate, protected prompt.
+        let candidates = |p: &crate::policy::Protection| match config.preset {
+            Preset::Paper => (p.prefix, p.window_start.max(p.prefix)),
             Preset::Vllm => (0, n),
         };
-        let lengths: Vec<u8> =
-            [n as i32, stat_start as i32, stat_end as i32, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let lengths: Vec<u8> = std::iter::repeat(n as i32)
+            .take(seqs)
+            .chain(protections.iter().map(|p| candidates(p).0 as i32))
+            .chain(protections.iter().map(|p| candidates(p).1 as i32))
+            .chain(protections.iter().map(|p| p.prefix as i32))
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         push_bytes(&mut constants, layout.lengths, &lengths);
         let set_index: Vec<u8> = (0..l)
             .flat_map(|layer| (0..hkv).map(move |g| config.mode.set_index(layer, g, hkv) as i32))
@@ -661,7 +722,9 @@ impl RoundPlan {
         push_bytes(&mut constants, layout.set_index, &set_index);
 
         Ok(Self {
-            shape,
+            shape: RoundShape { prefix_len: prefix_lens[0], ..shape },
+            prefix_lens: prefix_lens.to_vec(),
+            seqs,
             num_layers: l,
             num_heads: h,
             num_kv_heads: hkv,
@@ -780,7 +843,8 @@ impl RoundPlan {
     /// `ShapeMismatch` when a table does not have one address per layer (destination tables only
     /// out of place).
     pub fn workspace_image(&self, cache: &CacheAddresses) -> Result<Vec<u8>> {
-        let l = self.num_layers;
+        let full = self.seqs * self.num_layers;
+        let count = self.table_len();
         let out_of_place = matches!(self.shape.compaction, Compaction::OutOfPlace { .. });
         let tables: [(&str, &Vec<u64>, bool); 4] = [
             ("K layer addresses", &cache.keys, true),
@@ -789,19 +853,20 @@ impl RoundPlan {
             ("destination V layer addresses", &cache.values_out, out_of_place),
         ];
         for (what, t, needed) in tables {
-            if needed && t.len() != l {
-                return Err(Error::shape(what, l, t.len()));
+            if needed && t.len() != count {
+                return Err(Error::shape(what, count, t.len()));
             }
             if let Some(i) = t.iter().position(|&a| a == 0).filter(|_| needed) {
                 return Err(Error::invalid_argument(format!("{what} [{i}]"), "a non-null address", 0));
             }
         }
         let mut image = self.constants.clone();
+        // `S * L` entries, sequence-major; a paged cache's `L` pools are repeated per sequence.
         let table = |t: &Vec<u64>| -> Vec<u8> {
-            if t.len() == l {
-                t.iter().flat_map(|a| a.to_le_bytes()).collect()
+            if t.len() == count {
+                t.iter().cycle().take(full).flat_map(|a| a.to_le_bytes()).collect()
             } else {
-                vec![0u8; l * 8]
+                vec![0u8; full * 8]
             }
         };
         let (k_out, v_out) =
@@ -813,22 +878,58 @@ impl RoundPlan {
         Ok(image)
     }
 
-    /// Read the outputs of a finished run from a host copy of the workspace (at least
-    /// [`Self::workspace_bytes`] long).
+    /// Sequences of the round.
+    pub fn num_seqs(&self) -> usize {
+        self.seqs
+    }
+
+    /// Each sequence's prompt length (protected under the `paper` preset).
+    pub fn prefix_lens(&self) -> &[usize] {
+        &self.prefix_lens
+    }
+
+    /// Entries of each address table a cache binds: `S * L` (one tensor per sequence and
+    /// layer), or `L` pools for a paged cache.
+    pub fn table_len(&self) -> usize {
+        match self.shape.layout {
+            CacheLayout::Contiguous { .. } => self.seqs * self.num_layers,
+            CacheLayout::Paged { .. } => self.num_layers,
+        }
+    }
+
+    /// Read the outputs of a finished one-sequence run from a host copy of the workspace (at
+    /// least [`Self::workspace_bytes`] long).
     ///
     /// # Errors
-    /// `ShapeMismatch` for a shorter buffer.
+    /// `ShapeMismatch` for a shorter buffer; `InvalidArgument` for a batch (use
+    /// [`Self::read_outputs_of`]).
     pub fn read_outputs(&self, workspace: &[u8]) -> Result<RoundOutputs> {
+        if self.seqs != 1 {
+            return Err(Error::invalid_argument("read_outputs", "a one-sequence plan (read_outputs_of)", self.seqs));
+        }
+        self.read_outputs_of(workspace, 0)
+    }
+
+    /// Read sequence `seq`'s outputs of a finished run from a host copy of the workspace.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` for a shorter buffer; `InvalidArgument` for `seq >= S`.
+    pub fn read_outputs_of(&self, workspace: &[u8], seq: usize) -> Result<RoundOutputs> {
         if workspace.len() < self.layout.total_bytes {
             return Err(Error::shape("workspace copy", format!("{} bytes", self.layout.total_bytes), workspace.len()));
         }
-        let (w, n, h) = (&self.layout, self.shape.len, self.num_heads);
+        if seq >= self.seqs {
+            return Err(Error::invalid_argument("sequence", format!("< {}", self.seqs), seq));
+        }
+        let (w, n, h, l) = (&self.layout, self.shape.len, self.num_heads, self.num_layers);
+        let raw0 = w.raw.offset + seq * l * h * n * 4;
+        let sets_bytes = self.sets * self.kept * 4;
         Ok(RoundOutputs {
-            raw: (0..self.num_layers).map(|l| read_f32(workspace, w.raw.offset + l * h * n * 4, h * n)).collect(),
-            score: read_f32(workspace, w.score.offset, self.sets * n),
-            keep: read_sets(workspace, w.keep.offset, self.sets, self.kept),
+            raw: (0..l).map(|layer| read_f32(workspace, raw0 + layer * h * n * 4, h * n)).collect(),
+            score: read_f32(workspace, w.score.offset + seq * self.sets * n * 4, self.sets * n),
+            keep: read_sets(workspace, w.keep.offset + seq * sets_bytes, self.sets, self.kept),
             slot_map: if w.slot_map.bytes > 0 {
-                read_sets(workspace, w.slot_map.offset, self.sets, self.kept)
+                read_sets(workspace, w.slot_map.offset + seq * sets_bytes, self.sets, self.kept)
             } else {
                 Vec::new()
             },
@@ -871,6 +972,8 @@ impl RoundPlan {
         }
         let w = &self.layout;
         let lengths = w.lengths.at(workspace);
+        let per_seq = 4 * self.seqs as u64; // bytes of one i32 [S] array of `lengths`
+        let prefixes = if self.seqs > 1 { lengths + 3 * per_seq } else { 0 };
         let trig = self.trig.params(&TrigAddresses {
             q_mean_real: w.q_mean_real.at(workspace),
             q_mean_imag: w.q_mean_imag.at(workspace),
@@ -889,8 +992,8 @@ impl RoundPlan {
             norm: w.norm.at(workspace),
             block_table: at.block_table,
             seq_lens: lengths,
-            stat_start: lengths + 4,
-            stat_end: lengths + 8,
+            stat_start: lengths + per_seq,
+            stat_end: lengths + 2 * per_seq,
             raw: w.raw.at(workspace),
             partials: w.partials.at(workspace),
         });
@@ -915,12 +1018,13 @@ impl RoundPlan {
             }
             None => w.raw.at(workspace),
         };
-        let reduce = self.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace) });
+        let reduce = self.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace), prefixes });
         unsafe { launcher.launch(Stage::Reduce, self.reduce.variant(), &reduce, self.reduce.grid(), 0)? };
         let select = SelectAddresses {
             scores: w.score.at(workspace),
             keep: w.keep.at(workspace),
             scratch: w.select_scratch.at(workspace),
+            prefixes,
         };
         for (variant, params, grid) in self.select.launches(&select).iter().flatten() {
             unsafe { launcher.launch(Stage::Select, *variant, params, *grid, 0)? };

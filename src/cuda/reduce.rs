@@ -1,9 +1,10 @@
 //! The `reduce` op's host side: [`ReduceSpec`] (validated shape) and, with the `cuda` feature,
 //! its launcher on a caller's stream.
 //!
-//! One launch reduces one sequence's per-(layer, head) rows `z` to the rows selection ranks,
-//! exactly [`crate::cpu::reduce::reduce`] followed by the round's `+inf` guards on protected
-//! slots (`slot < prefix` or `slot >= window_start`).
+//! One launch reduces the per-(layer, head) rows `z` of `num_seqs` sequences of one shape to the
+//! rows selection ranks, per sequence exactly [`crate::cpu::reduce::reduce`] followed by the
+//! round's `+inf` guards on protected slots (`slot < prefix` or `slot >= window_start`; the
+//! prefix per sequence from [`ReduceAddresses::prefixes`] when given).
 
 use crate::error::{Error, Result};
 use crate::policy::{GroupAggregation, SelectionMode};
@@ -32,10 +33,19 @@ pub struct ReduceSpec {
     pub mode: SelectionMode,
     /// Per-layer-per-head: max or mean over the group (per-head mode always takes the max).
     pub group: GroupAggregation,
-    /// Slots below it get `+inf` (`0..=len`).
+    /// Slots below it get `+inf` (`0..=len`), for every sequence unless
+    /// [`ReduceAddresses::prefixes`] gives one per sequence.
     pub prefix: usize,
-    /// Slots from it on get `+inf` (`0..=len`; `len` for no window).
+    /// Slots from it on get `+inf` (`0..=len`; `len` for no window), shared by every sequence.
     pub window_start: usize,
+    /// Sequences S of this shape in one launch (the grid's z), `1..=65535`.
+    pub num_seqs: usize,
+    /// Elements between sequences of `z` (unused when `num_seqs == 1`); `>=` one sequence's
+    /// extent otherwise.
+    pub z_seq_stride: usize,
+    /// Elements between sequences of the output (unused when `num_seqs == 1`); `>=` one
+    /// sequence's `(sets - 1) * out_stride + len` otherwise, so sequences do not overlap.
+    pub out_seq_stride: usize,
 }
 
 /// Addresses of a `reduce` launch.
@@ -45,6 +55,9 @@ pub struct ReduceAddresses {
     pub z: u64,
     /// `f32 [out_len]` out.
     pub out: u64,
+    /// `i32 [num_seqs]` per-sequence protected prefixes, or 0 (`prefix` for every sequence).
+    /// Host guarantee (not checked on the device): every entry in `0..=len`.
+    pub prefixes: u64,
 }
 
 fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
@@ -88,6 +101,17 @@ impl ReduceSpec {
         ensure(self.prefix <= self.len, "reduce prefix", format!("0..={}", self.len), self.prefix)?;
         ensure(self.window_start <= self.len, "reduce window start", format!("0..={}", self.len), self.window_start)?;
         ensure(self.sets() <= 65535, "reduce rows (layers x KV heads)", "<= 65535", self.sets())?;
+        ensure(self.num_seqs >= 1 && self.num_seqs <= 65535, "reduce sequences", "1..=65535", self.num_seqs)?;
+        if self.num_seqs > 1 {
+            let (z_one, out_one) = (self.seq_z_len(), self.seq_out_len());
+            ensure(self.z_seq_stride >= z_one, "reduce z sequence stride", format!(">= {z_one}"), self.z_seq_stride)?;
+            ensure(
+                self.out_seq_stride >= out_one,
+                "reduce out sequence stride",
+                format!(">= {out_one}"),
+                self.out_seq_stride,
+            )?;
+        }
         Ok(())
     }
 
@@ -101,19 +125,30 @@ impl ReduceSpec {
         variant::reduce_variant()
     }
 
-    /// Launch grid `(ceil(N / threads), sets)`.
+    /// Launch grid `(ceil(N / threads), sets, num_seqs)`.
     pub fn grid(&self) -> (u32, u32, u32) {
-        (self.len.div_ceil(self.variant().threads()) as u32, self.sets() as u32, 1)
+        (self.len.div_ceil(self.variant().threads()) as u32, self.sets() as u32, self.num_seqs as u32)
     }
 
-    /// f32 elements `z` must hold.
-    pub fn z_len(&self) -> usize {
+    /// f32 elements of one sequence's `z`.
+    fn seq_z_len(&self) -> usize {
         (self.num_layers - 1) * self.layer_stride + (self.num_heads - 1) * self.head_stride + self.len
     }
 
-    /// f32 elements the output must hold.
-    pub fn out_len(&self) -> usize {
+    /// f32 elements of one sequence's output.
+    fn seq_out_len(&self) -> usize {
         (self.sets() - 1) * self.out_stride + self.len
+    }
+
+    /// f32 elements `z` must hold: `(num_seqs - 1) * z_seq_stride` + one sequence's extent.
+    pub fn z_len(&self) -> usize {
+        (self.num_seqs - 1) * self.z_seq_stride + self.seq_z_len()
+    }
+
+    /// f32 elements the output must hold: `(num_seqs - 1) * out_seq_stride` + one sequence's
+    /// `(sets - 1) * out_stride + len`.
+    pub fn out_len(&self) -> usize {
+        (self.num_seqs - 1) * self.out_seq_stride + self.seq_out_len()
     }
 
     /// The params struct for `at` (call [`Self::validate`] first).
@@ -136,6 +171,11 @@ impl ReduceSpec {
             group_mean: i32::from(self.group == GroupAggregation::Mean),
             prefix: self.prefix as i32,
             window_start: self.window_start as i32,
+            prefixes: at.prefixes,
+            z_seq_stride: self.z_seq_stride as i64,
+            out_seq_stride: self.out_seq_stride as i64,
+            num_seqs: self.num_seqs as i32,
+            pad2: 0,
         }
     }
 }
@@ -149,8 +189,8 @@ impl super::runtime::CudaBackend {
     /// `Driver` for a failed load or launch.
     ///
     /// # Safety
-    /// `at.z` is device memory of this context holding [`ReduceSpec::z_len`] f32, `at.out` holds
-    /// [`ReduceSpec::out_len`] f32 that nothing else accesses until the kernel has run; `stream`
+    /// `at.z` is device memory of this context holding [`ReduceSpec::z_len`] f32, `at.prefixes`
+    /// is 0 or holds `num_seqs` i32 in `0..=len`, `at.out` holds [`ReduceSpec::out_len`] f32 that nothing else accesses until the kernel has run; `stream`
     /// belongs to this context.
     pub unsafe fn launch_reduce_raw(
         &self,

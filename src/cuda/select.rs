@@ -12,6 +12,13 @@
 //! of [`SELECT_MULTI_LAUNCHES`] kernels over chunks of [`SELECT_CHUNK_LEN`] slots
 //! (cuda/select/multi.cuh), which needs [`SelectSpec::scratch_bytes`] of device scratch.
 //! [`SelectSpec::launches`] lists the launches of either path, in order.
+//!
+//! Batched rounds: rows of several sequences of one shape (same `len`, `window_start`, `budget`)
+//! run in one launch with a protected prefix per sequence: [`SelectShape::rows_per_seq`] rows
+//! per sequence and [`SelectAddresses::prefixes`] (`i32`, one per sequence); row `r` protects
+//! the slots below `prefixes[r / rows_per_seq]`. Host guarantee (the device does not check it,
+//! the round plan does): every such prefix is in `0..=len` and leaves at most `budget` protected
+//! slots.
 
 use crate::error::{Error, Result};
 use crate::variant::{self, Kernel, SelectPhase, Variant};
@@ -47,7 +54,8 @@ pub struct SelectShape {
     pub rows: usize,
     /// Slots per row N, `1..=SELECT_MAX_LEN`.
     pub len: usize,
-    /// Slots below it are protected (`0..=len`).
+    /// Slots below it are protected (`0..=len`), in every row unless `rows_per_seq` and
+    /// [`SelectAddresses::prefixes`] give one per sequence.
     pub prefix: usize,
     /// Slots from it on are protected (`0..=len`; `len` for no window).
     pub window_start: usize,
@@ -57,6 +65,9 @@ pub struct SelectShape {
     pub score_stride: usize,
     /// Elements between rows of the output, `>= budget`.
     pub keep_stride: usize,
+    /// Rows per sequence when [`SelectAddresses::prefixes`] gives a prefix per sequence (a
+    /// divisor of `rows`); 0: no per-sequence prefixes (`prefix` for every row).
+    pub rows_per_seq: usize,
 }
 
 impl SelectShape {
@@ -86,6 +97,10 @@ pub struct SelectAddresses {
     /// Scratch of [`SelectSpec::scratch_bytes`] (4-byte aligned; no initial contents needed,
     /// nothing else may use it until the launches have run); unused (0) on the single-block path.
     pub scratch: u64,
+    /// `i32 [rows / rows_per_seq]` per-sequence prefixes, or 0 (`prefix` for every row); ignored
+    /// when [`SelectShape::rows_per_seq`] is 0. Host guarantee: every entry in `0..=len` with at
+    /// most `budget` protected slots.
+    pub prefixes: u64,
 }
 
 fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
@@ -150,6 +165,12 @@ impl SelectSpec {
         )?;
         ensure(s.score_stride >= s.len, "select score stride", format!(">= {}", s.len), s.score_stride)?;
         ensure(s.keep_stride >= s.budget, "select keep stride", format!(">= {}", s.budget), s.keep_stride)?;
+        ensure(
+            s.rows_per_seq == 0 || s.rows % s.rows_per_seq == 0,
+            "select rows per sequence",
+            format!("0 or a divisor of the {} rows", s.rows),
+            s.rows_per_seq,
+        )?;
         ensure(
             (s.rows - 1)
                 .checked_mul(s.score_stride)
@@ -227,6 +248,9 @@ impl SelectSpec {
             scratch: if self.is_multi_block() { at.scratch } else { 0 },
             num_chunks: self.chunks as i32,
             chunk_len: if self.is_multi_block() { SELECT_CHUNK_LEN as i32 } else { 0 },
+            prefixes: if s.rows_per_seq > 0 { at.prefixes } else { 0 },
+            rows_per_seq: s.rows_per_seq as i32,
+            pad3: 0,
         }
     }
 
@@ -280,7 +304,8 @@ impl super::runtime::CudaBackend {
     /// # Safety
     /// `at.scores` is device memory of this context holding [`SelectSpec::scores_len`] f32,
     /// `at.keep` holds [`SelectSpec::keep_len`] i32 that nothing else accesses until the kernels
-    /// have run; for the multi-block path ([`SelectSpec::scratch_bytes`] > 0) `at.scratch` is
+    /// have run; with `rows_per_seq > 0`, `at.prefixes` is 0 or holds `rows / rows_per_seq` i32
+    /// each in `0..=len` with at most `budget` protected slots; for the multi-block path ([`SelectSpec::scratch_bytes`] > 0) `at.scratch` is
     /// device memory of this context of that many bytes, 4-byte aligned, contents irrelevant,
     /// that nothing else accesses until the kernels have run; `stream` belongs to this context
     /// (or is null, the legacy default stream).
@@ -304,7 +329,16 @@ mod tests {
     use super::*;
 
     fn shape(len: usize, prefix: usize, window_start: usize, budget: usize) -> SelectShape {
-        SelectShape { rows: 2, len, prefix, window_start, budget, score_stride: len, keep_stride: budget }
+        SelectShape {
+            rows: 2,
+            len,
+            prefix,
+            window_start,
+            budget,
+            score_stride: len,
+            keep_stride: budget,
+            rows_per_seq: 0,
+        }
     }
 
     #[test]
@@ -336,7 +370,7 @@ mod tests {
         let spec = SelectSpec::new(shape(len, 0, len, 100)).unwrap();
         let chunks = len.div_ceil(SELECT_CHUNK_LEN);
         assert_eq!(spec.scratch_bytes(), 2 * (4 + chunks * 258) * 4);
-        let at = SelectAddresses { scores: 16, keep: 32, scratch: 64 };
+        let at = SelectAddresses { scores: 16, keep: 32, scratch: 64, prefixes: 0 };
         let launches = spec.launches(&at);
         let phases: Vec<SelectPhase> = launches
             .iter()

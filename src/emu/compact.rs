@@ -8,11 +8,12 @@ use crate::error::{Error, Result};
 /// The keep sets of a compaction and where each (layer, KV head) finds its own.
 #[derive(Clone, Copy, Debug)]
 pub struct KeepSets<'a> {
-    /// `[sets, K]`, each row strictly ascending in `[0, N)`.
+    /// `[S, sets, K]`, each row strictly ascending in `[0, N)`.
     pub keep: &'a [i32],
     /// `[L * Hkv]`: the set of `(l, g)` at `l * Hkv + g`.
     pub set_index: &'a [i32],
-    /// The sequence's block-table row (paged caches).
+    /// The block-table rows of the S sequences, `max_blocks` entries apart (paged caches);
+    /// blocks distinct across all sequences.
     pub block_table: Option<&'a [i32]>,
 }
 
@@ -96,31 +97,57 @@ fn check_sets(spec: &CompactSpec, sets: &KeepSets<'_>) -> Result<()> {
     if let Some(&bad) = sets.set_index.iter().find(|&&i| i < 0 || i as usize >= s.num_sets) {
         return Err(Error::invalid_argument("set index entry", format!("0..{}", s.num_sets), bad));
     }
-    if let CompactLayout::Paged { block_size, num_blocks, .. } = s.layout {
+    if let CompactLayout::Paged { block_size, num_blocks, max_blocks, .. } = s.layout {
         let table =
             sets.block_table.ok_or_else(|| Error::invalid_argument("block table", "present (paged cache)", "none"))?;
         let used = n.div_ceil(block_size);
-        if table.len() < used {
-            return Err(Error::shape("block table", format!("at least {used} entries"), table.len()));
+        let need = (s.num_seqs - 1) * max_blocks + used;
+        if table.len() < need {
+            return Err(Error::shape("block table", format!("at least {need} entries"), table.len()));
         }
         let mut seen = vec![false; num_blocks];
-        for (b, &blk) in table[..used].iter().enumerate() {
-            if blk < 0 || blk as usize >= num_blocks || std::mem::replace(&mut seen[blk as usize], true) {
-                return Err(Error::invalid_argument(
-                    format!("block table [{b}]"),
-                    format!("distinct blocks in 0..{num_blocks}"),
-                    blk,
-                ));
+        for seq in 0..s.num_seqs {
+            let row = &table[seq * max_blocks..seq * max_blocks + used];
+            for (b, &blk) in row.iter().enumerate() {
+                if blk < 0 || blk as usize >= num_blocks || std::mem::replace(&mut seen[blk as usize], true) {
+                    return Err(Error::invalid_argument(
+                        format!("block table [{}]", seq * max_blocks + b),
+                        format!("distinct blocks in 0..{num_blocks}"),
+                        blk,
+                    ));
+                }
             }
         }
     }
     Ok(())
 }
 
-fn check_layers(spec: &CompactSpec, what: &str, value: bool, destination: bool, lens: &[usize]) -> Result<()> {
+/// Buffers per tensor the emu entries take: `S * L` tensors (contiguous, sequence `s` at
+/// `s * L`) or `L` pools shared by the sequences (paged).
+fn buffers(spec: &CompactSpec) -> usize {
     let s = spec.shape();
-    if lens.len() != s.num_layers {
-        return Err(Error::shape(what, format!("{} layers", s.num_layers), lens.len()));
+    match s.layout {
+        CompactLayout::Contiguous { .. } => s.num_seqs * s.num_layers,
+        CompactLayout::Paged { .. } => s.num_layers,
+    }
+}
+
+/// The `S * L` base table of `bases` (paged: the `L` pools repeated per sequence).
+fn base_table(spec: &CompactSpec, bases: Vec<u64>) -> Vec<u64> {
+    match spec.shape().layout {
+        CompactLayout::Contiguous { .. } => bases,
+        CompactLayout::Paged { .. } => bases.repeat(spec.shape().num_seqs),
+    }
+}
+
+fn check_layers(spec: &CompactSpec, what: &str, value: bool, destination: bool, lens: &[usize]) -> Result<()> {
+    let want = buffers(spec);
+    if lens.len() != want {
+        return Err(Error::shape(
+            what,
+            format!("{want} buffers (sequences x layers, or layers when paged)"),
+            lens.len(),
+        ));
     }
     let need = spec.layer_bytes(value, destination);
     for (l, &len) in lens.iter().enumerate() {
@@ -155,6 +182,8 @@ fn sets_addresses(sets: &KeepSets<'_>, slot_map: Option<&mut [i32]>) -> CompactA
 /// Compact K and V in place (order-preserving or hole-filling, per `spec`), per layer one byte
 /// buffer each (a `[Hkv, N, D]` tensor or a block pool); optionally write the slot map
 /// `[sets, K]` and rewrite positions `[sets, N]` (the first K of each set become the kept ones).
+/// With `spec.shape().num_seqs = S > 1`: `S * L` tensors (sequence `s` at `s * L`) or the `L`
+/// shared pools, keep sets, slot map and positions stacked per sequence, S block-table rows.
 ///
 /// # Errors
 /// `InvalidArgument` for an out-of-place spec, an unsorted keep set, a bad set index or block
@@ -187,8 +216,8 @@ pub fn compact_in_place(
         }
         None => 0,
     };
-    let k_table: Vec<u64> = k.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
-    let v_table: Vec<u64> = v.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
+    let k_table = base_table(spec, k.iter_mut().map(|b| b.as_mut_ptr() as u64).collect());
+    let v_table = base_table(spec, v.iter_mut().map(|b| b.as_mut_ptr() as u64).collect());
     let at = CompactAddresses {
         k_src: k_table.as_ptr() as u64,
         k_dst: k_table.as_ptr() as u64,
@@ -245,10 +274,10 @@ pub fn compact_into(
         }
         None => (0, 0),
     };
-    let table = |bufs: &[&[u8]]| bufs.iter().map(|b| b.as_ptr() as u64).collect::<Vec<u64>>();
+    let table = |bufs: &[&[u8]]| base_table(spec, bufs.iter().map(|b| b.as_ptr() as u64).collect());
     let (k_src, v_src) = (table(k), table(v));
-    let k_dst: Vec<u64> = k_out.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
-    let v_dst: Vec<u64> = v_out.iter_mut().map(|b| b.as_mut_ptr() as u64).collect();
+    let k_dst = base_table(spec, k_out.iter_mut().map(|b| b.as_mut_ptr() as u64).collect());
+    let v_dst = base_table(spec, v_out.iter_mut().map(|b| b.as_mut_ptr() as u64).collect());
     let at = CompactAddresses {
         k_src: k_src.as_ptr() as u64,
         k_dst: k_dst.as_ptr() as u64,
@@ -322,6 +351,7 @@ pub fn gather_kv(
             v_dst: dense(dv, kept),
         },
         positions: None,
+        num_seqs: 1,
     })?;
     for (what, bufs, dim) in [("keys", k, d), ("values", v, dv)] {
         if let Some((l, b)) = bufs.iter().enumerate().find(|(_, b)| b.len() != hkv * n * dim * elem_bytes) {

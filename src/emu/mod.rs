@@ -33,11 +33,12 @@ pub use compact::{
     PositionsRef,
 };
 pub use normalize::normalize;
-pub use reduce::reduce;
+pub use reduce::{reduce, reduce_batch};
 pub use round::{
-    round_in_place, round_keys, round_out_of_place, round_paged, round_raw, EmuLauncher, EmuRound, StageTimings,
+    round_in_place, round_in_place_batch, round_keys, round_out_of_place, round_paged, round_raw, round_raw_batch,
+    EmuBatch, EmuLauncher, EmuRound, StageTimings,
 };
-pub use select::{launch_select, select, select_rows};
+pub use select::{launch_select, select, select_batch, select_rows};
 
 extern "C" {
     fn triattn_emu_variant_count() -> u32;

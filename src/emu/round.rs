@@ -67,12 +67,41 @@ pub struct EmuRound {
 /// hold `kept` slots, out of place, disjoint from the source; a paged plan's block table and
 /// positions of the planned type and size); nothing else accesses them during the call.
 pub unsafe fn round_raw(plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<EmuRound> {
+    // SAFETY: forwarded.
+    let mut batch = unsafe { round_raw_batch(plan, cache, &[round_start])? };
+    Ok(EmuRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
+}
+
+/// What an emu round of a batch plan computed, per sequence, and how long each stage took.
+#[derive(Clone, Debug)]
+pub struct EmuBatch {
+    /// The outputs of each sequence.
+    pub outputs: Vec<RoundOutputs>,
+    /// Time per stage (the whole batch).
+    pub timings: StageTimings,
+}
+
+/// [`round_raw`] for a batch plan: one `round_start` per sequence.
+///
+/// # Errors
+/// As [`round_raw`]; `ShapeMismatch` when `round_starts` does not have one entry per sequence.
+///
+/// # Safety
+/// As [`round_raw`], for every sequence's tensors.
+pub unsafe fn round_raw_batch(plan: &RoundPlan, cache: &CacheAddresses, round_starts: &[u64]) -> Result<EmuBatch> {
     let n = plan.shape().len;
-    if round_start < n as u64 {
-        return Err(Error::invalid_argument("round_start", format!(">= the {n} cached slots"), round_start));
+    if round_starts.len() != plan.num_seqs() {
+        return Err(Error::shape("round_start values", plan.num_seqs(), round_starts.len()));
     }
-    let round_start =
-        i64::try_from(round_start).map_err(|_| Error::invalid_argument("round_start", "<= 2^63-1", round_start))?;
+    let starts = round_starts
+        .iter()
+        .map(|&r| {
+            if r < n as u64 {
+                return Err(Error::invalid_argument("round_start", format!(">= the {n} cached slots"), r));
+            }
+            i64::try_from(r).map_err(|_| Error::invalid_argument("round_start", "<= 2^63-1", r))
+        })
+        .collect::<Result<Vec<i64>>>()?;
     let image = plan.workspace_image(cache)?;
     // A u128 buffer over-allocated by one alignment unit, so the base can be aligned.
     let words = plan.workspace_bytes().div_ceil(16) + WORKSPACE_ALIGN / 16;
@@ -83,13 +112,40 @@ pub unsafe fn round_raw(plan: &RoundPlan, cache: &CacheAddresses, round_start: u
     // no invalid bit patterns and the view ends with the borrow of `buffer`.
     let ws: &mut [u8] = unsafe { std::slice::from_raw_parts_mut((raw_base + skip) as *mut u8, plan.workspace_bytes()) };
     ws[..image.len()].copy_from_slice(&image);
-    let start = [round_start];
     let mut launcher = EmuLauncher::default();
+    let at = RoundAddresses::bound(ws.as_mut_ptr() as u64, starts.as_ptr() as u64, cache);
     // SAFETY: the workspace is aligned, sized and initialised as `run` requires; the cache is
-    // the caller's contract; `start` outlives the synchronous launches.
-    let at = RoundAddresses::bound(ws.as_mut_ptr() as u64, start.as_ptr() as u64, cache);
+    // the caller's contract; `starts` outlives the synchronous launches.
     unsafe { plan.run(&mut launcher, &at)? };
-    Ok(EmuRound { outputs: plan.read_outputs(ws)?, timings: launcher.timings })
+    let outputs = (0..plan.num_seqs()).map(|seq| plan.read_outputs_of(ws, seq)).collect::<Result<_>>()?;
+    Ok(EmuBatch { outputs, timings: launcher.timings })
+}
+
+/// Run a batch plan over contiguous K and V (`S * L` tensors, sequence-major), compacting them in
+/// place; one `round_start` per sequence.
+///
+/// # Errors
+/// As [`round_in_place`].
+pub fn round_in_place_batch<T: Element>(
+    plan: &RoundPlan,
+    keys: &mut [&mut [T]],
+    values: &mut [&mut [T]],
+    round_starts: &[u64],
+) -> Result<EmuBatch> {
+    let s = plan.shape();
+    if !matches!(s.compaction, Compaction::InPlace(_)) {
+        return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
+    }
+    contiguous(plan)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
+    check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
+    let cache = CacheAddresses {
+        keys: keys.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
+        values: values.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
+        ..Default::default()
+    };
+    // SAFETY: K and V hold the planned rows of every sequence (checked), borrowed exclusively.
+    unsafe { round_raw_batch(plan, &cache, round_starts) }
 }
 
 /// Run a round that ends with keep sets (a plan with [`Compaction::KeepSetsOnly`]) over the keys

@@ -33,6 +33,34 @@ pub unsafe fn launch_select(spec: &SelectSpec, at: &SelectAddresses) -> Result<(
 /// `ShapeMismatch` when a buffer is shorter than the spec needs; `Driver` if the SIMT layer
 /// reports a divergent barrier.
 pub fn select(spec: &SelectSpec, scores: &[f32], keep: &mut [i32]) -> Result<()> {
+    select_batch(spec, scores, None, keep)
+}
+
+/// [`select`] with a protected prefix per sequence: `prefixes[r / rows_per_seq]` for row `r`
+/// (`spec.shape().rows_per_seq` must be set). Each prefix must lie in `0..=len` and leave at
+/// most `budget` protected slots (checked here).
+///
+/// # Errors
+/// As [`select`]; `ShapeMismatch` for a prefix list that is not one per sequence,
+/// `InvalidArgument` for a prefix out of range or with too many protected slots.
+pub fn select_batch(spec: &SelectSpec, scores: &[f32], prefixes: Option<&[i32]>, keep: &mut [i32]) -> Result<()> {
+    let s = spec.shape();
+    if let Some(p) = prefixes {
+        let seqs = s.rows.checked_div(s.rows_per_seq).unwrap_or(0);
+        if p.len() != seqs || seqs == 0 {
+            return Err(Error::shape("select prefixes", format!("{seqs} (rows / rows_per_seq)"), p.len()));
+        }
+        for &x in p {
+            let ok = x >= 0 && x as usize <= s.len && SelectShape { prefix: x as usize, ..*s }.protected() <= s.budget;
+            if !ok {
+                return Err(Error::invalid_argument(
+                    "select prefix",
+                    format!("0..={} with at most {} protected slots", s.len, s.budget),
+                    x,
+                ));
+            }
+        }
+    }
     if scores.len() < spec.scores_len() {
         return Err(Error::shape("select scores", format!("at least {} f32", spec.scores_len()), scores.len()));
     }
@@ -45,6 +73,7 @@ pub fn select(spec: &SelectSpec, scores: &[f32], keep: &mut [i32]) -> Result<()>
         scores: scores.as_ptr() as u64,
         keep: keep.as_mut_ptr() as u64,
         scratch: if scratch.is_empty() { 0 } else { scratch.as_mut_ptr() as u64 },
+        prefixes: prefixes.map_or(0, |p| p.as_ptr() as u64),
     };
     // SAFETY: all lengths checked or sized above; the borrows outlive the synchronous launches
     // and `keep` and `scratch` are borrowed exclusively.
@@ -76,6 +105,7 @@ pub fn select_rows(
         budget,
         score_stride: len,
         keep_stride: budget.max(1),
+        rows_per_seq: 0,
     })?;
     let mut keep = vec![-1i32; spec.keep_len()];
     select(&spec, scores, &mut keep)?;

@@ -122,7 +122,11 @@ fn validate_shape(
 }
 
 /// Plan a round of `c` over caches of shape `s` (host-only).
-pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Result<Plan> {
+pub(super) fn create_plan(
+    c: &triattn_compressor,
+    s: &triattn_round_shape,
+    prefix_lens: Option<&[usize]>,
+) -> Result<Plan> {
     use crate::cuda::{CacheLayout, Compaction, PageOrder, PositionType, RoundPlan, RoundShape, RowStrides};
     use crate::variant::CompactMode;
     let (dtype, compaction, layout) = validate_shape(s, c.scorer.model.head_dim)?;
@@ -159,7 +163,12 @@ pub(super) fn create_plan(c: &triattn_compressor, s: &triattn_round_shape) -> Re
             triattn_positions::I64 => Some(PositionType::I64),
         },
     };
-    let plan = RoundPlan::new(&c.scorer, &c.config, shape).map_err(|e| e.context("triattn_plan_create"))?;
+    let plan = match prefix_lens {
+        None => RoundPlan::new(&c.scorer, &c.config, shape).map_err(|e| e.context("triattn_plan_create"))?,
+        Some(p) => {
+            RoundPlan::new_batch(&c.scorer, &c.config, shape, p).map_err(|e| e.context("triattn_plan_create_batch"))?
+        }
+    };
     Ok(Plan { plan, bound: Default::default(), device: c.device.clone() })
 }
 
@@ -178,6 +187,7 @@ pub(super) fn plan_info(p: &Plan) -> triattn_plan_info {
         },
         sets: plan.sets(),
         kept: plan.kept(),
+        num_seqs: plan.num_seqs(),
         keep_offset: w.keep.offset,
         keep_bytes: w.keep.bytes,
         score_offset: w.score.offset,
@@ -254,7 +264,8 @@ pub(super) unsafe fn bind(
         use crate::cuda::{CacheAddresses, Compaction, Stage};
         let gpu = gpu_of(p, "triattn_plan_bind")?;
         let plan = &p.plan;
-        let layers = plan.dims().0;
+        // `S * L` tensors, sequence-major (a paged cache: its `L` pools).
+        let layers = plan.table_len();
         let needs_values = plan.stages().contains(&Stage::Compact);
         let out_of_place = matches!(plan.shape().compaction, Compaction::OutOfPlace { .. });
         let table = |what: &str, ptr: *const *mut std::ffi::c_void, needed: bool, why: &str| -> Result<Vec<u64>> {

@@ -475,10 +475,9 @@ pub struct triattn_plan {
 
 /// Plan a device round of compressor `c` over caches of `shape` (host-only: no device work).
 ///
-/// Every field of `shape` is checked on entry (errors name it, with expected vs got). Needs a
-/// library built with the `cuda` feature (or `emu`, for planning on the host only); otherwise
-/// `TRIATTN_STATUS_UNSUPPORTED`. A plan of a compressor from a CPU context can be planned and
-/// inspected but not bound or run.
+/// Every field of `shape` is checked on entry (errors name it, with expected vs got). Planning
+/// works in every build; binding and running need the `cuda` feature and a compressor of a CUDA
+/// context (a plan of a CPU context can be planned and inspected but not bound or run).
 ///
 /// # Safety
 /// `c` is a live compressor; `shape` points to a `triattn_round_shape`; `out` points to writable
@@ -495,7 +494,47 @@ pub unsafe extern "C" fn triattn_plan_create(
         non_null("out", out)?;
         // SAFETY: checked non-null; live handle and readable shape (caller contract).
         let (c, shape) = unsafe { (&*c, &*shape) };
-        let plan = device::create_plan(c, shape)?;
+        let plan = device::create_plan(c, shape, None)?;
+        let handle = Box::into_raw(Box::new(triattn_plan { inner: plan }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Plan one device round for `num_seqs` sequences that share `shape` (slots, strides or pools,
+/// compaction) but each have their own prompt length (`prefix_lens[s]`, replacing
+/// `shape->prefix_len`) and round_start: one launch per stage for the whole batch.
+///
+/// Binding then takes `num_seqs * num_layers` addresses per table (sequence-major; a paged cache:
+/// its `num_layers` pools and a block table `int32[num_seqs, max_blocks]` of blocks distinct
+/// across the batch), a run reads `int64 round_start[num_seqs]`, and the outputs of sequence `s`
+/// sit at the info's offsets plus `s` times the per-sequence bytes (`keep_bytes / num_seqs`, ...).
+/// A sequence whose protected prompt reaches the budget is refused (plan it alone: it is
+/// skipped).
+///
+/// # Safety
+/// As `triattn_plan_create`; `prefix_lens` points to `num_seqs` readable values.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_plan_create_batch(
+    c: *const triattn_compressor,
+    shape: *const triattn_round_shape,
+    prefix_lens: *const usize,
+    num_seqs: usize,
+    out: *mut *mut triattn_plan,
+) -> triattn_status {
+    boundary(|| {
+        non_null("compressor", c)?;
+        non_null("shape", shape)?;
+        non_null("prefix_lens", prefix_lens)?;
+        non_null("out", out)?;
+        if num_seqs == 0 || num_seqs > 65535 {
+            return Err(Error::invalid_argument("num_seqs", "1..=65535", num_seqs));
+        }
+        // SAFETY: checked non-null; live handle, readable shape and `num_seqs` prefix lengths
+        // (caller contract).
+        let (c, shape, prefixes) = unsafe { (&*c, &*shape, std::slice::from_raw_parts(prefix_lens, num_seqs)) };
+        let plan = device::create_plan(c, shape, Some(prefixes))?;
         let handle = Box::into_raw(Box::new(triattn_plan { inner: plan }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
@@ -555,7 +594,8 @@ pub unsafe extern "C" fn triattn_plan_bind(
 /// Launch one round on `stream`: nothing but kernel launches (no allocation, no copy, no
 /// synchronisation), so it can be captured in a CUDA graph and replayed.
 ///
-/// `round_start_device` is the device address of one int64, the tokens seen so far (>= len),
+/// `round_start_device` is the device address of one int64 per sequence (a batch plan: `num_seqs`
+/// of them), the tokens seen so far (>= len),
 /// read by the kernels when they run: write it in stream order (e.g. cudaMemcpyAsync) before
 /// each launch or replay. The keep sets, scores and slot map land at the offsets of
 /// `triattn_plan_info`; with an in-place or out-of-place compaction K and V are moved too.

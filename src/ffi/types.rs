@@ -480,26 +480,30 @@ pub struct triattn_plan_info {
     pub sets: usize,
     /// Slots per keep set: the budget when the round evicts, else `len`.
     pub kept: usize,
-    /// Offset of the keep sets: int32 `[sets, kept]`, ascending slot indices.
+    /// Sequences of the round (1, or `num_seqs` of `triattn_plan_create_batch`); every output
+    /// below holds them one after another.
+    pub num_seqs: usize,
+    /// Offset of the keep sets: int32 `[num_seqs, sets, kept]`, ascending slot indices.
     pub keep_offset: usize,
     /// Bytes of the keep sets (`sets * kept * 4`).
     pub keep_bytes: usize,
-    /// Offset of the ranked scores: float `[sets, len]` (protected slots +inf).
+    /// Offset of the ranked scores: float `[num_seqs, sets, len]` (protected slots +inf).
     pub score_offset: usize,
     /// Bytes of the ranked scores.
     pub score_bytes: usize,
-    /// Offset of the raw scores: float `[num_layers, num_heads, len]`.
+    /// Offset of the raw scores: float `[num_seqs, num_layers, num_heads, len]`.
     pub raw_offset: usize,
     /// Bytes of the raw scores.
     pub raw_bytes: usize,
-    /// Offset of the slot map: int32 `[sets, kept]`, the original slot each slot holds after a
+    /// Offset of the slot map: int32 `[num_seqs, sets, kept]`, the original slot each slot holds after a
     /// compaction.
     pub slot_map_offset: usize,
     /// Bytes of the slot map (0 when the round does not compact).
     pub slot_map_bytes: usize,
 }
 
-/// Host arrays of `num_layers` device addresses each: the cache a plan's workspace is bound to.
+/// Host arrays of `num_layers` device addresses each (`num_seqs * num_layers`, sequence-major, for a
+/// contiguous batch plan): the cache a plan's workspace is bound to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_cache_pointers {
