@@ -9,8 +9,11 @@
 //!
 //! The contract: each item's result (scores, keep sets, outcome, compacted cache, positions) is
 //! bit-identical to [`Compressor::compress`] on that sequence alone by a compressor whose
-//! configuration is [`Compressor::config_with`] the item's budget and window. Sequences run in
-//! parallel on rayon's pool (each round also uses the pool internally; work-stealing nests).
+//! configuration is [`Compressor::config_with`] the item's budget and window. On the CPU,
+//! sequences run in parallel on rayon's pool (each round also uses the pool internally;
+//! work-stealing nests); on a kernel backend the items that evict and share a shape (slots,
+//! capacity, budget, window) run as one batch plan — one launch per stage for all of them — and
+//! the others one by one.
 //!
 //! Every item is validated before any cache is touched: a bad budget or window, a cache that
 //! does not fit the model or disagrees with its state fails the whole call, with an error naming
@@ -172,16 +175,97 @@ impl Compressor {
         &self,
         work: Vec<(usize, (&mut BatchItem<'_, T>, CompressionConfig))>,
     ) -> Result<Vec<RoundReport>> {
-        let one = |(i, (item, config)): (usize, (&mut BatchItem<'_, T>, CompressionConfig))| {
-            self.compress_with(&config, item.cache, item.seq).map_err(|e| e.context(format!("batch item {i}")))
-        };
-        // CPU rounds run in parallel; kernel backends take the rounds one after another (each
-        // round already fills the device, or the SIMT layer's threads).
-        let results: Vec<Result<RoundReport>> = if self.backend().is_cpu() {
-            work.into_par_iter().map(one).collect()
-        } else {
-            work.into_iter().map(one).collect()
-        };
+        if !self.backend().is_cpu() {
+            return self.run_batch_on_device(work);
+        }
+        let results: Vec<Result<RoundReport>> = work
+            .into_par_iter()
+            .map(|(i, (item, config))| {
+                self.compress_with(&config, item.cache, item.seq).map_err(|e| e.context(format!("batch item {i}")))
+            })
+            .collect();
         results.into_iter().collect()
+    }
+
+    /// On a kernel backend: the items that evict and share a shape (slots, capacity, budget,
+    /// window) go through one batch plan — one launch per stage for all of them; the others run
+    /// one by one.
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    fn run_batch_on_device<T: Element>(
+        &self,
+        mut work: Vec<(usize, (&mut BatchItem<'_, T>, CompressionConfig))>,
+    ) -> Result<Vec<RoundReport>> {
+        use std::collections::BTreeMap;
+
+        use crate::cuda::{Compaction, RoundPlan, RoundShape};
+        use crate::variant::CompactMode;
+
+        let mut reports: Vec<Option<RoundReport>> = (0..work.len()).map(|_| None).collect();
+        // Group the evicting items by shape; the rest (and groups of one) run alone.
+        let mut groups: BTreeMap<(usize, usize, usize, usize), Vec<usize>> = BTreeMap::new();
+        for (at, (_, (item, config))) in work.iter().enumerate() {
+            let n = item.cache.len;
+            let evicts = n > config.budget && config.protection(n, item.seq.prompt_slots()).count() < config.budget;
+            if evicts {
+                groups.entry((n, item.cache.capacity, config.budget, config.window)).or_default().push(at);
+            }
+        }
+        let batched: Vec<Vec<usize>> = groups.into_values().filter(|g| g.len() > 1).collect();
+        for members in &batched {
+            let (first_i, (first, config)) = &work[members[0]];
+            let (n, cap) = (first.cache.len, first.cache.capacity);
+            let m = &self.scorer().model;
+            let shape = RoundShape::dense(T::DTYPE, n, 0, m.head_dim, first.cache.value_dim, cap)
+                .with_compaction(Compaction::InPlace(CompactMode::OrderPreserving));
+            let prefixes: Vec<usize> = members.iter().map(|&at| work[at].1 .0.seq.prompt_slots()).collect();
+            let starts: Vec<u64> = members.iter().map(|&at| work[at].1 .0.seq.round_start).collect();
+            let config = *config;
+            let plan = RoundPlan::new_batch(self.scorer(), &config, shape, &prefixes)
+                .map_err(|e| e.context(format!("batch item {first_i}")))?;
+            let (outputs, (times, compact)) = {
+                let mut keys: Vec<&mut [T]> = Vec::new();
+                let mut values: Vec<&mut [T]> = Vec::new();
+                let mut chosen: Vec<&mut (usize, (&mut BatchItem<'_, T>, CompressionConfig))> =
+                    work.iter_mut().enumerate().filter(|(at, _)| members.contains(at)).map(|(_, w)| w).collect();
+                for w in chosen.iter_mut() {
+                    let cache = &mut *w.1 .0.cache;
+                    keys.extend(cache.k.iter_mut().map(Vec::as_mut_slice));
+                    values.extend(cache.v.iter_mut().map(Vec::as_mut_slice));
+                }
+                crate::round::device_round_batch(self.backend(), &plan, &mut keys, &mut values, &starts)
+                    .map_err(|e| e.context(format!("batch items {members:?}")))?
+            };
+            for (&at, out) in members.iter().zip(outputs) {
+                let item = &mut work[at].1 .0;
+                let result = crate::round::RoundResult::from_outputs(&plan, out, times);
+                if let crate::policy::RoundOutcome::Compressed { kept, .. } = result.outcome {
+                    let (layers, kv_heads) = (item.cache.num_layers, item.cache.num_kv_heads);
+                    crate::compressor::update_positions(&config, layers, kv_heads, &result.keep, item.seq);
+                    item.cache.len = kept;
+                }
+                reports[at] = Some(RoundReport { round: result, compact });
+            }
+        }
+        for (at, (i, (item, config))) in work.into_iter().enumerate() {
+            if reports[at].is_none() {
+                let report = self
+                    .compress_with(&config, item.cache, item.seq)
+                    .map_err(|e| e.context(format!("batch item {i}")))?;
+                reports[at] = Some(report);
+            }
+        }
+        Ok(reports.into_iter().map(|r| r.expect("every item has a report")).collect())
+    }
+
+    #[cfg(not(any(feature = "emu", feature = "cuda")))]
+    fn run_batch_on_device<T: Element>(
+        &self,
+        work: Vec<(usize, (&mut BatchItem<'_, T>, CompressionConfig))>,
+    ) -> Result<Vec<RoundReport>> {
+        work.into_iter()
+            .map(|(i, (item, config))| {
+                self.compress_with(&config, item.cache, item.seq).map_err(|e| e.context(format!("batch item {i}")))
+            })
+            .collect()
     }
 }

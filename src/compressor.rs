@@ -238,7 +238,7 @@ impl Compressor {
 }
 
 /// Each (layer, KV head) keeps the positions of its kept slots.
-fn update_positions(
+pub(crate) fn update_positions(
     config: &CompressionConfig,
     layers: usize,
     kv_heads: usize,

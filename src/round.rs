@@ -334,6 +334,47 @@ pub(crate) fn device_round<T: Element>(
     }
 }
 
+/// Run a batch plan (one shape, many sequences) on `backend`, compacting host K and V (`S * L`
+/// tensors, sequence-major) in place: the outputs of every sequence, the batch's stage times and
+/// its compaction time.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub(crate) fn device_round_batch<T: Element>(
+    backend: &Backend,
+    plan: &crate::cuda::RoundPlan,
+    keys: &mut [&mut [T]],
+    values: &mut [&mut [T]],
+    round_starts: &[u64],
+) -> Result<(Vec<crate::cuda::RoundOutputs>, (StageTimes, Duration))> {
+    use crate::cuda::Stage;
+    let times_of = |get: &dyn Fn(Stage) -> Duration| {
+        let times = StageTimes {
+            score: get(Stage::Weights) + get(Stage::Score),
+            normalize: get(Stage::Normalize),
+            reduce: get(Stage::Reduce),
+            select: get(Stage::Select),
+        };
+        (times, get(Stage::Compact))
+    };
+    match backend {
+        Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let out = crate::emu::round_in_place_batch(plan, keys, values, round_starts)?;
+            let t = out.timings;
+            Ok((out.outputs, times_of(&|s| t.get(s))))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            let out = dev.round_in_place_batch(plan, keys, values, round_starts)?;
+            let ms = out.stage_ms;
+            let get = move |s: Stage| {
+                Duration::from_secs_f64(ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum::<f64>())
+            };
+            Ok((out.outputs, times_of(&get)))
+        }
+    }
+}
+
 impl RoundResult {
     /// The result of a device round from its outputs.
     #[cfg(any(feature = "emu", feature = "cuda"))]

@@ -570,3 +570,54 @@ fn batch_on_cuda_matches_cpu() {
     let dev = std::sync::Arc::new(triattn::cuda::CudaDevice::open(0).unwrap());
     batch_on_backend_matches_cpu::<bf16>(43, model(2, 8, 2, 64), paper(96, 32), triattn::Backend::Cuda(dev));
 }
+
+/// Sequences that share a shape (slots, capacity, budget, window) go through one batch plan on a
+/// kernel backend — one launch per stage — with results bit-identical to running each alone on
+/// that backend, and keep sets equal to the CPU backend's.
+#[cfg(feature = "emu")]
+#[test]
+fn same_shape_items_share_one_batch_plan_on_emu() {
+    let m = model(2, 8, 2, 64);
+    let mut rng = Rng(77);
+    let sc = scorer(&mut rng, &m);
+    let config = paper(96, 32);
+    let cpu = Compressor::new(config, sc).unwrap();
+    let emu = cpu.clone().with_backend(triattn::Backend::Emu);
+    let mut seqs: Vec<Seq<bf16>> = [0usize, 5, 20, 33]
+        .iter()
+        .map(|&prompt| {
+            let mut s = Seq::<bf16>::new(&m, 16, 200, prompt, None);
+            for _ in 0..150 {
+                s.push(&mut rng);
+            }
+            s
+        })
+        .collect();
+    seqs.push({
+        // A different length: runs alone.
+        let mut s = Seq::<bf16>::new(&m, 16, 200, 3, None);
+        for _ in 0..140 {
+            s.push(&mut rng);
+        }
+        s
+    });
+    let run = |comp: &Compressor, batch: bool| {
+        let mut mine = seqs.clone();
+        let reports = if batch {
+            let mut items: Vec<_> = mine.iter_mut().map(Seq::item).collect();
+            comp.compress_batch(&mut items).unwrap()
+        } else {
+            mine.iter_mut().map(|s| comp.compress(&mut s.cache, &mut s.state).unwrap()).collect()
+        };
+        (mine, reports)
+    };
+    let (emu_batch, emu_batch_reports) = run(&emu, true);
+    let (emu_alone, emu_alone_reports) = run(&emu, false);
+    let (cpu_alone, cpu_reports) = run(&cpu, false);
+    for i in 0..seqs.len() {
+        assert_same_report(&format!("item {i}: batched vs alone on emu"), &emu_batch_reports[i], &emu_alone_reports[i]);
+        assert_same_seq(&format!("item {i}: batched vs alone on emu"), &emu_batch[i], &emu_alone[i]);
+        assert_eq!(emu_batch_reports[i].round.keep, cpu_reports[i].round.keep, "item {i}: keep sets vs the CPU");
+        assert_same_seq(&format!("item {i}: emu vs cpu"), &emu_batch[i], &cpu_alone[i]);
+    }
+}

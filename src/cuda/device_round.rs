@@ -305,6 +305,15 @@ pub struct HostRound {
     pub stage_ms: Vec<(Stage, f32)>,
 }
 
+/// What a batch round over host buffers on the GPU computed: one output per sequence.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    /// The outputs of each sequence.
+    pub outputs: Vec<RoundOutputs>,
+    /// Milliseconds per launched stage (the whole batch).
+    pub stage_ms: Vec<(Stage, f32)>,
+}
+
 impl CudaDevice {
     /// Open device `ordinal` and its default stream.
     ///
@@ -344,6 +353,11 @@ impl CudaDevice {
     }
 
     fn run_host(&self, plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<HostRound> {
+        let mut batch = self.run_host_batch(plan, cache, &[round_start])?;
+        Ok(HostRound { outputs: batch.outputs.swap_remove(0), stage_ms: batch.stage_ms })
+    }
+
+    fn run_host_batch(&self, plan: &RoundPlan, cache: &CacheAddresses, round_starts: &[u64]) -> Result<HostBatch> {
         if plan.contiguous_strides().is_none() {
             return Err(Error::invalid_argument(
                 "plan layout",
@@ -352,13 +366,48 @@ impl CudaDevice {
             ));
         }
         let mut round = DeviceRound::new(&self.backend, &self.stream, plan.clone(), cache)?;
-        round.set_round_start(&self.stream, round_start)?;
+        round.set_round_starts(&self.stream, round_starts)?;
         let mut timed = TimedLauncher::new(&self.backend, &self.stream);
-        // SAFETY: the cache buffers belong to the caller of `run_host` and outlive the round,
-        // which `read_outputs` synchronises.
+        // SAFETY: the cache buffers belong to the caller and outlive the round, which
+        // `read_batch_outputs` synchronises.
         unsafe { round.run_with(&mut timed)? };
-        let outputs = round.read_outputs(&self.stream)?;
-        Ok(HostRound { outputs, stage_ms: timed.stage_ms()? })
+        let outputs = round.read_batch_outputs(&self.stream)?;
+        Ok(HostBatch { outputs, stage_ms: timed.stage_ms()? })
+    }
+
+    /// Run a batch plan (see [`RoundPlan::new_batch`]) compacting host K and V in place: `S * L`
+    /// tensors each, sequence-major, one `round_start` per sequence.
+    ///
+    /// # Errors
+    /// As [`Self::round_in_place`]; `ShapeMismatch` without one `round_start` per sequence.
+    pub fn round_in_place_batch<T: crate::dtype::Element>(
+        &self,
+        plan: &RoundPlan,
+        keys: &mut [&mut [T]],
+        values: &mut [&mut [T]],
+        round_starts: &[u64],
+    ) -> Result<HostBatch> {
+        if !matches!(plan.shape().compaction, super::plan::Compaction::InPlace(_)) {
+            return Err(Error::invalid_argument(
+                "plan compaction",
+                "InPlace",
+                format!("{:?}", plan.shape().compaction),
+            ));
+        }
+        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
+        check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
+        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
+        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
+        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
+        let cache = CacheAddresses {
+            keys: k_dev.iter().map(addr).collect(),
+            values: v_dev.iter().map(addr).collect(),
+            ..Default::default()
+        };
+        let out = self.run_host_batch(plan, &cache, round_starts)?;
+        self.download("copy the cache back", keys, &k_dev)?;
+        self.download("copy the cache back", values, &v_dev)?;
+        Ok(out)
     }
 
     /// Run a round of a keep-sets-only plan over host keys (copied to the device).

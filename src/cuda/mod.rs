@@ -25,7 +25,7 @@ pub use compact::{
     CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
 };
 #[cfg(feature = "cuda")]
-pub use device_round::{CudaDevice, DeviceRound, HostRound, StreamLauncher, TimedLauncher};
+pub use device_round::{CudaDevice, DeviceRound, HostBatch, HostRound, StreamLauncher, TimedLauncher};
 pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
