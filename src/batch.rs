@@ -222,7 +222,7 @@ impl Compressor {
             let config = *config;
             let plan = RoundPlan::new_batch(self.scorer(), &config, shape, &prefixes)
                 .map_err(|e| e.context(format!("batch item {first_i}")))?;
-            let (outputs, (times, compact)) = {
+            let (outputs, timings) = {
                 let mut keys: Vec<&mut [T]> = Vec::new();
                 let mut values: Vec<&mut [T]> = Vec::new();
                 let mut chosen: Vec<&mut (usize, (&mut BatchItem<'_, T>, CompressionConfig))> =
@@ -237,13 +237,14 @@ impl Compressor {
             };
             for (&at, out) in members.iter().zip(outputs) {
                 let item = &mut work[at].1 .0;
-                let result = crate::round::RoundResult::from_outputs(&plan, out, times);
+                let result =
+                    crate::round::RoundResult::from_outputs(&plan, out, crate::round::StageTimes::of(&timings));
                 if let crate::policy::RoundOutcome::Compressed { kept, .. } = result.outcome {
                     let (layers, kv_heads) = (item.cache.num_layers, item.cache.num_kv_heads);
                     crate::compressor::update_positions(&config, layers, kv_heads, &result.keep, item.seq);
                     item.cache.len = kept;
                 }
-                reports[at] = Some(RoundReport { round: result, compact });
+                reports[at] = Some(RoundReport { round: result, compact: timings.get(crate::cuda::Stage::Compact) });
             }
         }
         for (at, (i, (item, config))) in work.into_iter().enumerate() {

@@ -276,8 +276,8 @@ fn run_device<T: Element>(
             positions: None,
         },
     )?;
-    let (out, times) = device_round(backend, &plan, DeviceCache::Keys(&tensors), round_start)?;
-    Ok(RoundResult::from_outputs(&plan, out, times.0))
+    let (out, timings) = device_round(backend, &plan, DeviceCache::Keys(&tensors), round_start)?;
+    Ok(RoundResult::from_outputs(&plan, out, StageTimes::of(&timings)))
 }
 
 /// Host tensors a device round reads (and compacts).
@@ -289,54 +289,32 @@ pub(crate) enum DeviceCache<'a, 'b, T> {
     InPlace(&'a mut [&'b mut [T]], &'a mut [&'b mut [T]]),
 }
 
-/// Run `plan` on `backend` over host tensors; the outputs, the stage times and the compaction
-/// time.
+/// Run `plan` on `backend` over host tensors; the outputs and the time of each stage.
 #[cfg(any(feature = "emu", feature = "cuda"))]
 pub(crate) fn device_round<T: Element>(
     backend: &Backend,
     plan: &crate::cuda::RoundPlan,
     cache: DeviceCache<'_, '_, T>,
     round_start: u64,
-) -> Result<(crate::cuda::RoundOutputs, (StageTimes, Duration))> {
-    use crate::cuda::Stage;
-    let times_of = |get: &dyn Fn(Stage) -> Duration| {
-        let times = StageTimes {
-            score: get(Stage::Weights) + get(Stage::Score),
-            normalize: get(Stage::Normalize),
-            reduce: get(Stage::Reduce),
-            select: get(Stage::Select),
-        };
-        (times, get(Stage::Compact))
+) -> Result<(crate::cuda::RoundOutputs, crate::cuda::StageTimings)> {
+    let keys = match cache {
+        DeviceCache::InPlace(k, v) => {
+            let (mut outputs, timings) = device_round_batch(backend, plan, k, v, &[round_start])?;
+            return Ok((outputs.swap_remove(0), timings));
+        }
+        DeviceCache::Keys(k) => k,
     };
     match backend {
         Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
         #[cfg(feature = "emu")]
-        Backend::Emu => {
-            let out = match cache {
-                DeviceCache::Keys(k) => crate::emu::round_keys(plan, k, round_start)?,
-                DeviceCache::InPlace(k, v) => crate::emu::round_in_place(plan, k, v, round_start)?,
-            };
-            let t = out.timings;
-            Ok((out.outputs, times_of(&|s| t.get(s))))
-        }
+        Backend::Emu => crate::emu::round_keys(plan, keys, round_start).map(|o| (o.outputs, o.timings)),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(dev) => {
-            let out = match cache {
-                DeviceCache::Keys(k) => dev.round_keys(plan, k, round_start)?,
-                DeviceCache::InPlace(k, v) => dev.round_in_place(plan, k, v, round_start)?,
-            };
-            let ms = out.stage_ms;
-            let get = move |s: Stage| {
-                Duration::from_secs_f64(ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum::<f64>())
-            };
-            Ok((out.outputs, times_of(&get)))
-        }
+        Backend::Cuda(dev) => dev.round_keys(plan, keys, round_start).map(|o| (o.outputs, o.timings)),
     }
 }
 
 /// Run a batch plan (one shape, many sequences) on `backend`, compacting host K and V (`S * L`
-/// tensors, sequence-major) in place: the outputs of every sequence, the batch's stage times and
-/// its compaction time.
+/// tensors, sequence-major) in place: the outputs of every sequence and the batch's stage times.
 #[cfg(any(feature = "emu", feature = "cuda"))]
 pub(crate) fn device_round_batch<T: Element>(
     backend: &Backend,
@@ -344,33 +322,30 @@ pub(crate) fn device_round_batch<T: Element>(
     keys: &mut [&mut [T]],
     values: &mut [&mut [T]],
     round_starts: &[u64],
-) -> Result<(Vec<crate::cuda::RoundOutputs>, (StageTimes, Duration))> {
-    use crate::cuda::Stage;
-    let times_of = |get: &dyn Fn(Stage) -> Duration| {
-        let times = StageTimes {
-            score: get(Stage::Weights) + get(Stage::Score),
-            normalize: get(Stage::Normalize),
-            reduce: get(Stage::Reduce),
-            select: get(Stage::Select),
-        };
-        (times, get(Stage::Compact))
-    };
+) -> Result<(Vec<crate::cuda::RoundOutputs>, crate::cuda::StageTimings)> {
     match backend {
         Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
         #[cfg(feature = "emu")]
         Backend::Emu => {
-            let out = crate::emu::round_in_place_batch(plan, keys, values, round_starts)?;
-            let t = out.timings;
-            Ok((out.outputs, times_of(&|s| t.get(s))))
+            crate::emu::round_in_place_batch(plan, keys, values, round_starts).map(|o| (o.outputs, o.timings))
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda(dev) => {
-            let out = dev.round_in_place_batch(plan, keys, values, round_starts)?;
-            let ms = out.stage_ms;
-            let get = move |s: Stage| {
-                Duration::from_secs_f64(ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum::<f64>())
-            };
-            Ok((out.outputs, times_of(&get)))
+            dev.round_in_place_batch(plan, keys, values, round_starts).map(|o| (o.outputs, o.timings))
+        }
+    }
+}
+
+impl StageTimes {
+    /// The stage times of a device round (its weights launch counted as scoring; compaction is
+    /// reported apart, as [`crate::cuda::StageTimings::get`] of `Stage::Compact`).
+    pub fn of(t: &crate::cuda::StageTimings) -> Self {
+        use crate::cuda::Stage;
+        StageTimes {
+            score: t.get(Stage::Weights) + t.get(Stage::Score),
+            normalize: t.get(Stage::Normalize),
+            reduce: t.get(Stage::Reduce),
+            select: t.get(Stage::Select),
         }
     }
 }

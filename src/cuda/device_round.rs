@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::variant::Variant;
 
 use super::plan::{
-    check_layers, CacheAddresses, Launcher, LayerTensors, RoundAddresses, RoundOutputs, RoundPlan, Stage,
+    check_layers, CacheAddresses, Launcher, LayerTensors, RoundAddresses, RoundOutputs, RoundPlan, Stage, StageTimings,
     WORKSPACE_ALIGN,
 };
 use super::runtime::CudaBackend;
@@ -245,19 +245,16 @@ impl<'a> TimedLauncher<'a> {
         Self { inner: StreamLauncher::new(backend, stream.cu_stream()), stream, marks: Vec::new() }
     }
 
-    /// Milliseconds per stage (summed over its launches); synchronises on the last event.
+    /// Time per stage (summed over its launches, CUDA event time); synchronises on the events.
     ///
     /// # Errors
     /// `Driver` for a failed event query.
-    pub fn stage_ms(&self) -> Result<Vec<(Stage, f32)>> {
-        let mut out: Vec<(Stage, f32)> = Vec::new();
+    pub fn timings(&self) -> Result<StageTimings> {
+        let mut out = StageTimings::default();
         for (stage, start, end) in &self.marks {
             end.synchronize().map_err(|e| driver("event", e))?;
             let ms = start.elapsed_ms(end).map_err(|e| driver("event time", e))?;
-            match out.iter_mut().find(|(s, _)| s == stage) {
-                Some((_, t)) => *t += ms,
-                None => out.push((*stage, ms)),
-            }
+            out.add(*stage, std::time::Duration::from_secs_f64(f64::from(ms) / 1e3));
         }
         Ok(out)
     }
@@ -301,8 +298,8 @@ impl std::fmt::Debug for CudaDevice {
 pub struct HostRound {
     /// The outputs.
     pub outputs: RoundOutputs,
-    /// Milliseconds per launched stage (CUDA events).
-    pub stage_ms: Vec<(Stage, f32)>,
+    /// Time per stage (CUDA events).
+    pub timings: StageTimings,
 }
 
 /// What a batch round over host buffers on the GPU computed: one output per sequence.
@@ -310,8 +307,8 @@ pub struct HostRound {
 pub struct HostBatch {
     /// The outputs of each sequence.
     pub outputs: Vec<RoundOutputs>,
-    /// Milliseconds per launched stage (the whole batch).
-    pub stage_ms: Vec<(Stage, f32)>,
+    /// Time per stage (CUDA events; the whole batch).
+    pub timings: StageTimings,
 }
 
 impl CudaDevice {
@@ -354,7 +351,7 @@ impl CudaDevice {
 
     fn run_host(&self, plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<HostRound> {
         let mut batch = self.run_host_batch(plan, cache, &[round_start])?;
-        Ok(HostRound { outputs: batch.outputs.swap_remove(0), stage_ms: batch.stage_ms })
+        Ok(HostRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
     }
 
     fn run_host_batch(&self, plan: &RoundPlan, cache: &CacheAddresses, round_starts: &[u64]) -> Result<HostBatch> {
@@ -372,7 +369,7 @@ impl CudaDevice {
         // `read_batch_outputs` synchronises.
         unsafe { round.run_with(&mut timed)? };
         let outputs = round.read_batch_outputs(&self.stream)?;
-        Ok(HostBatch { outputs, stage_ms: timed.stage_ms()? })
+        Ok(HostBatch { outputs, timings: timed.timings()? })
     }
 
     /// Run a batch plan (see [`RoundPlan::new_batch`]) compacting host K and V in place: `S * L`
@@ -444,24 +441,8 @@ impl CudaDevice {
         values: &mut [&mut [T]],
         round_start: u64,
     ) -> Result<HostRound> {
-        let s = plan.shape();
-        if !matches!(s.compaction, super::plan::Compaction::InPlace(_)) {
-            return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
-        }
-        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
-        check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
-        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
-        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
-        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
-        let cache = CacheAddresses {
-            keys: k_dev.iter().map(addr).collect(),
-            values: v_dev.iter().map(addr).collect(),
-            ..Default::default()
-        };
-        let out = self.run_host(plan, &cache, round_start)?;
-        self.download("copy the cache back", keys, &k_dev)?;
-        self.download("copy the cache back", values, &v_dev)?;
-        Ok(out)
+        let mut batch = self.round_in_place_batch(plan, keys, values, &[round_start])?;
+        Ok(HostRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
     }
 
     /// Run a round of an out-of-place plan over host K and V, writing the kept rows to

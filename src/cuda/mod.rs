@@ -31,7 +31,7 @@ pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
 pub use plan::{
     CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs, RoundPlan, RoundShape,
-    Stage, WorkspaceLayout, WORKSPACE_ALIGN,
+    Stage, StageTimings, WorkspaceLayout, WORKSPACE_ALIGN,
 };
 pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]

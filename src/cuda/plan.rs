@@ -171,6 +171,23 @@ impl Stage {
     }
 }
 
+/// Time spent in each stage of a round, indexed like [`Stage::ALL`] (wall time under emu, CUDA
+/// event time on the GPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageTimings(pub [std::time::Duration; 6]);
+
+impl StageTimings {
+    /// Time of `stage`.
+    pub fn get(&self, stage: Stage) -> std::time::Duration {
+        self.0[stage as usize]
+    }
+
+    /// Add `time` to `stage`.
+    pub fn add(&mut self, stage: Stage, time: std::time::Duration) {
+        self.0[stage as usize] += time;
+    }
+}
+
 /// Launches kernels of the variant table on one backend (the GPU on a stream, or emu).
 pub trait Launcher {
     /// Launch `variant` with `params` over `grid` with `dynamic_smem` bytes of dynamic shared

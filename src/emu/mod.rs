@@ -36,7 +36,7 @@ pub use normalize::normalize;
 pub use reduce::{reduce, reduce_batch};
 pub use round::{
     round_in_place, round_in_place_batch, round_keys, round_out_of_place, round_paged, round_raw, round_raw_batch,
-    EmuBatch, EmuLauncher, EmuRound, StageTimings,
+    EmuBatch, EmuLauncher, EmuRound,
 };
 pub use select::{launch_select, select, select_batch, select_rows};
 

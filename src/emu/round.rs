@@ -1,26 +1,15 @@
 //! Whole rounds on the emu backend: a [`RoundPlan`] run by the SIMT layer over host memory, the
 //! same launches a GPU run makes, with the workspace in a host buffer.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::cuda::plan::{
     check_block_table, check_layers, CacheAddresses, Compaction, Launcher, LayerTensors, RoundAddresses, RoundOutputs,
-    RoundPlan, Stage, WORKSPACE_ALIGN,
+    RoundPlan, Stage, StageTimings, WORKSPACE_ALIGN,
 };
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::variant::Variant;
-
-/// Wall time of each stage of an emu round, indexed like [`Stage::ALL`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StageTimings(pub [Duration; 6]);
-
-impl StageTimings {
-    /// Time of `stage`.
-    pub fn get(&self, stage: Stage) -> Duration {
-        self.0[stage as usize]
-    }
-}
 
 /// Runs launches synchronously on the SIMT layer, timing each stage.
 #[derive(Debug, Default)]
@@ -41,7 +30,7 @@ impl Launcher for EmuLauncher {
         let t = Instant::now();
         // SAFETY: forwarded from the caller (the plan's run contract).
         let r = unsafe { super::launch(variant, params, grid, dynamic_smem) };
-        self.timings.0[stage as usize] += t.elapsed();
+        self.timings.add(stage, t.elapsed());
         r
     }
 }
@@ -180,20 +169,8 @@ pub fn round_in_place<T: Element>(
     values: &mut [&mut [T]],
     round_start: u64,
 ) -> Result<EmuRound> {
-    let s = plan.shape();
-    if !matches!(s.compaction, Compaction::InPlace(_)) {
-        return Err(Error::invalid_argument("plan compaction", "InPlace", format!("{:?}", s.compaction)));
-    }
-    contiguous(plan)?;
-    check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
-    check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
-    let cache = CacheAddresses {
-        keys: keys.iter_mut().map(|k| k.as_mut_ptr() as u64).collect(),
-        values: values.iter_mut().map(|v| v.as_mut_ptr() as u64).collect(),
-        ..Default::default()
-    };
-    // SAFETY: K and V hold the planned rows (checked) and are borrowed exclusively.
-    unsafe { round_raw(plan, &cache, round_start) }
+    let mut batch = round_in_place_batch(plan, keys, values, &[round_start])?;
+    Ok(EmuRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
 }
 
 /// Run a round and copy the kept rows into `keys_out` / `values_out` (a plan with

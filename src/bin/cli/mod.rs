@@ -290,34 +290,31 @@ fn compress_device<T: Element>(
             #[cfg(feature = "emu")]
             Backend::Emu => {
                 let out = triattn::emu::round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
-                let t = out.timings;
-                (out.outputs, Stage::ALL.map(|s| t.get(s)))
+                (out.outputs, out.timings)
             }
             #[cfg(feature = "cuda")]
             Backend::Cuda(dev) => {
                 let out = dev.round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
-                let ms = |s: Stage| out.stage_ms.iter().filter(|(x, _)| *x == s).map(|(_, t)| *t as f64 / 1e3).sum();
-                (out.outputs, Stage::ALL.map(|s| std::time::Duration::from_secs_f64(ms(s))))
+                (out.outputs, out.timings)
             }
             other => return Err(Error::invalid_argument("backend", "emu or cuda", other.name())),
         }
     };
-    let (outputs, t) = out;
-    let get = |s: Stage| t[s as usize];
-    let times = round::StageTimes {
-        score: get(Stage::Weights) + get(Stage::Score),
-        normalize: get(Stage::Normalize),
-        reduce: get(Stage::Reduce),
-        select: get(Stage::Select),
+    let (outputs, timings) = out;
+    let result = RoundResult {
+        n,
+        raw: outputs.raw,
+        score: outputs.score,
+        keep: outputs.keep,
+        outcome: plan.outcome(),
+        times: round::StageTimes::of(&timings),
     };
-    let result =
-        RoundResult { n, raw: outputs.raw, score: outputs.score, keep: outputs.keep, outcome: plan.outcome(), times };
     let encode = |rows: Vec<Vec<T>>| rows.iter().map(|x| T::encode_le(x)).collect();
     Ok(Compressed {
         result,
         k: encode(k_out),
         v: encode(v_out),
-        compact: get(Stage::Compact),
+        compact: timings.get(Stage::Compact),
         kernels: plan.stage_kernels(),
     })
 }
