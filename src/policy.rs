@@ -196,6 +196,20 @@ impl CompressionConfig {
         Protection { n, prefix, window_start: n - self.window.min(n) }
     }
 
+    /// What a round over `n` slots whose first `prefix_len` are the prompt does: the shape alone
+    /// decides (within budget, skipped because the protected slots reach the budget, or
+    /// compressed to the budget).
+    pub fn outcome(&self, n: usize, prefix_len: usize) -> RoundOutcome {
+        let protected = self.protection(n, prefix_len).count();
+        if n <= self.budget {
+            RoundOutcome::WithinBudget
+        } else if protected >= self.budget {
+            RoundOutcome::Skipped(SkipReason::ProtectedReachBudget { protected, budget: self.budget })
+        } else {
+            RoundOutcome::Compressed { kept: self.budget, evicted: n - self.budget }
+        }
+    }
+
     /// Whether a round is due for a cache of `cache_len` slots.
     ///
     /// `paper`: evaluated after a forward, with the new token already cached:
@@ -279,6 +293,17 @@ pub enum RoundOutcome {
     Skipped(SkipReason),
 }
 
+impl RoundOutcome {
+    /// Slots each keep set holds after the round over `n` slots: the budget when it compressed,
+    /// else every slot.
+    pub fn kept(&self, n: usize) -> usize {
+        match *self {
+            RoundOutcome::Compressed { kept, .. } => kept,
+            RoundOutcome::WithinBudget | RoundOutcome::Skipped(_) => n,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +324,21 @@ mod tests {
         assert!(!paper.round_due(109, 1) && paper.round_due(110, 1));
         let vllm = CompressionConfig { budget: 100, divide_length: 10, ..CompressionConfig::preset(Preset::Vllm) };
         assert!(vllm.round_due(109, 1) && !vllm.round_due(108, 1));
+    }
+
+    #[test]
+    fn outcome_is_fixed_by_the_shape() {
+        let c = CompressionConfig { budget: 100, ..Default::default() };
+        assert_eq!(c.outcome(100, 0), RoundOutcome::WithinBudget);
+        assert_eq!(c.outcome(130, 10), RoundOutcome::Compressed { kept: 100, evicted: 30 });
+        let skipped = c.outcome(130, 100);
+        assert_eq!(skipped, RoundOutcome::Skipped(SkipReason::ProtectedReachBudget { protected: 100, budget: 100 }));
+        assert_eq!((skipped.kept(130), c.outcome(130, 10).kept(130), c.outcome(60, 0).kept(60)), (130, 100, 60));
+        let vllm = CompressionConfig { budget: 100, window: 16, ..CompressionConfig::preset(Preset::Vllm) };
+        assert!(
+            matches!(vllm.outcome(130, 120), RoundOutcome::Compressed { .. }),
+            "vllm leaves the prompt unprotected"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::cpu;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, PairingStyle};
-use crate::policy::{CompressionConfig, Preset, RoundOutcome, SkipReason};
+use crate::policy::{CompressionConfig, Preset, RoundOutcome};
 use crate::score::{RoundWeights, ScoreConfig};
 use crate::stats::Stats;
 
@@ -211,19 +211,13 @@ pub fn run<T: Element>(
 
     let t = Instant::now();
     let sets = config.mode.num_sets(layers, kv_heads);
-    let protected = protection.count();
-    let all: Vec<u32> = (0..n as u32).collect();
-    let (keep, outcome) = if n <= config.budget {
-        (vec![all; sets], RoundOutcome::WithinBudget)
-    } else if protected >= config.budget {
-        let reason = SkipReason::ProtectedReachBudget { protected, budget: config.budget };
-        (vec![all; sets], RoundOutcome::Skipped(reason))
-    } else {
-        let keep: Vec<Vec<u32>> = score
+    let outcome = config.outcome(n, prefix_len);
+    let keep: Vec<Vec<u32>> = match outcome {
+        RoundOutcome::Compressed { kept, .. } => score
             .chunks(n)
-            .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), config.budget))
-            .collect();
-        (keep, RoundOutcome::Compressed { kept: config.budget, evicted: n - config.budget })
+            .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), kept))
+            .collect(),
+        RoundOutcome::WithinBudget | RoundOutcome::Skipped(_) => vec![(0..n as u32).collect(); sets],
     };
     times.select = t.elapsed();
 

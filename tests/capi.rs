@@ -1,74 +1,154 @@
-//! The C examples compiled against the header and the static library: examples/c/round.c is
-//! also run (CPU backend); examples/c/device_round.c (the device-pointer flow) is compiled and
-//! linked only, as running it needs a GPU.
+//! The C examples compiled against `include/triattn.h` and linked against both the static and
+//! the shared library, then run: `examples/c/round.c` (CPU backend: a round, a skipped round
+//! whose keep rows need `n` slots, versioned structs, errors) and `examples/c/device_round.c`
+//! (plans, one binding per sequence, runs, positions; on the emu backend when this build has
+//! the `emu` feature, else compiled and linked only, as running it needs a GPU).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-/// Build the staticlib (default features) and return its path.
-fn staticlib() -> PathBuf {
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Which library a C program links.
+#[derive(Clone, Copy, Debug)]
+enum Linkage {
+    Static,
+    Shared,
+}
+
+/// The folder holding `libtriattn.a` and `libtriattn.so` of this very build: `cargo test`
+/// compiles the library unit once, with every crate type of `Cargo.toml`, into `deps/` next to
+/// the CLI it builds (a cdylib's outputs carry no hash), so the C programs link exactly the
+/// library the Rust tests link — no second cargo build.
+fn library_dir() -> PathBuf {
+    let deps = PathBuf::from(env!("CARGO_BIN_EXE_triattn")).parent().unwrap().join("deps");
+    for lib in ["libtriattn.a", "libtriattn.so"] {
+        assert!(deps.join(lib).is_file(), "{} missing: the crate must build it (crate-type)", deps.join(lib).display());
+    }
+    deps
+}
+
+/// Compile `example` against the header and the library; returns the executable.
+fn build(example: &str, linkage: Linkage, extra_args: &[&str], out: &Path) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    // `cargo test` builds the library as an rlib only; build the staticlib into the same target
-    // folder (the profile folder that holds the test binaries).
-    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_triattn")).parent().unwrap().to_path_buf();
-    let target_dir = bin_dir.parent().unwrap();
-    let o = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--lib", "--quiet"])
-        .env("CARGO_TARGET_DIR", target_dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "cargo build --lib failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let lib = bin_dir.join("libtriattn.a");
-    assert!(lib.exists(), "{} missing: the crate must build its staticlib", lib.display());
-    lib
+    let lib_dir = library_dir();
+    let exe = out.join(format!("{}-{linkage:?}", example.trim_end_matches(".c")));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut cmd = Command::new(&cc);
+    cmd.arg(root.join("examples/c").join(example))
+        .args(["-std=c11", "-D_ISOC11_SOURCE", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .args(extra_args);
+    match linkage {
+        Linkage::Static => {
+            cmd.arg(lib_dir.join("libtriattn.a"));
+            if cfg!(feature = "emu") {
+                cmd.arg("-lstdc++");
+            }
+        }
+        Linkage::Shared => {
+            cmd.arg("-L").arg(&lib_dir).arg("-ltriattn").arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+        }
+    }
+    let o = cmd.args(["-lpthread", "-ldl", "-lm", "-o"]).arg(&exe).output().expect("a C compiler (cc) is needed");
+    assert!(o.status.success(), "compiling {example} ({linkage:?}) failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    if let Linkage::Shared = linkage {
+        let o = Command::new("ldd").arg(&exe).output();
+        if let Ok(o) = o {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(text.contains("libtriattn.so"), "{example} does not load libtriattn.so:\n{text}");
+        }
+    }
+    exe
+}
+
+fn run(exe: &Path, model: &Path, stats: &Path) -> Output {
+    Command::new(exe).arg(model).arg(stats).output().unwrap()
+}
+
+/// The shipped Qwen3-8B config and statistics.
+fn qwen3() -> (PathBuf, PathBuf) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    (root.join("data/qwen3_8b.config.json"), root.join("data/qwen3_8b.safetensors"))
+}
+
+/// A small model (2 layers, 8 heads, 2 KV heads, head_dim 64) and random statistics in `dir`:
+/// the emu backend runs the kernels on the CPU, far slower than a GPU.
+fn small_model(dir: &Path) -> (PathBuf, PathBuf) {
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2,"head_dim":64,"rope_theta":1000000.0}"#,
+    )
+    .unwrap();
+    let stats = dir.join("stats.safetensors");
+    common::random_stats(2, 8, 64, 3).save(&stats).unwrap();
+    (config, stats)
 }
 
 #[test]
-fn c_device_example_compiles_and_links() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let lib = staticlib();
+fn c_example_runs_against_the_static_and_the_shared_library() {
     let dir = tempfile::tempdir().unwrap();
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let o = Command::new(&cc)
-        .arg(root.join("examples/c/device_round.c"))
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root.join("include"))
-        .arg(&lib)
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(dir.path().join("device_round"))
-        .output()
-        .expect("a C compiler (cc) is needed for this test");
-    assert!(o.status.success(), "compiling the device C example failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    for linkage in [Linkage::Static, Linkage::Shared] {
+        let (model, stats) = qwen3();
+        let o = run(&build("round.c", linkage, &[], dir.path()), &model, &stats);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "round.c ({linkage:?}) failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains("kept 256 of 320 slots per set"), "{stdout}");
+        assert!(stdout.contains("outcome 2, kept 320"), "the skipped round keeps every slot: {stdout}");
+        assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+    }
 }
 
+/// The device flow: on the emu backend (feature `emu`) it runs — two sequences bound to one
+/// plan, each run compacting its own cache and positions; without it, it is compiled and linked.
 #[test]
-fn c_example_builds_and_runs() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let lib = staticlib();
+fn c_device_example_runs_on_emu_against_both_libraries() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("round");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let o = Command::new(&cc)
-        .arg(root.join("examples/c/round.c"))
-        .arg("-std=c11")
-        .arg("-Wall")
-        .arg("-Werror")
-        .arg("-I")
-        .arg(root.join("include"))
-        .arg(&lib)
-        .args(["-lpthread", "-ldl", "-lm", "-o"])
-        .arg(&exe)
-        .output()
-        .expect("a C compiler (cc) is needed for this test");
-    assert!(o.status.success(), "compiling the C example failed:\n{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(&exe)
-        .arg(root.join("data/qwen3_8b.config.json"))
-        .arg(root.join("data/qwen3_8b.safetensors"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "C example failed:\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout.contains("kept 256 of 320 slots per set"), "{stdout}");
-    assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+    let (model, stats) = small_model(dir.path());
+    for linkage in [Linkage::Static, Linkage::Shared] {
+        let exe = build("device_round.c", linkage, &[], dir.path());
+        if !cfg!(feature = "emu") {
+            eprintln!("SKIP running device_round.c: this build has no emu feature (compiled and linked only)");
+            continue;
+        }
+        let o = run(&exe, &model, &stats);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "device_round.c ({linkage:?}) failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for s in ["sequence 1: kept 256 of 320", "sequence 2: kept 256 of 320", "misaligned K base -> status 1"] {
+            assert!(stdout.contains(s), "{linkage:?}: {s:?} missing:\n{stdout}");
+        }
+        assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+    }
+}
+
+/// The CUDA-runtime flavour of the device example (cudaMalloc'd memory, a cudaStream_t) compiles
+/// and links against both libraries and cudart; running it needs a GPU (`scripts/gpu-check.sh`).
+#[cfg(feature = "cuda")]
+#[test]
+fn c_device_example_compiles_for_the_cuda_runtime() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let pinned = std::env::var_os("TRIATTN_CUDA_DIR").map(PathBuf::from).unwrap_or_else(|| root.join(".cuda"));
+    let homes = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
+        .chain([pinned.join("pypi/nvidia/cu13")]);
+    let Some(home) = homes.into_iter().find(|h| h.join("include/cuda_runtime.h").is_file()) else {
+        panic!("cuda_runtime.h not found under CUDA_HOME, CUDA_PATH or {} (scripts/setup-cuda.sh)", pinned.display())
+    };
+    let cudart = ["lib64/libcudart.so", "lib/libcudart.so", "lib/libcudart.so.13"]
+        .iter()
+        .map(|l| home.join(l))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("libcudart not found under {}", home.display()));
+    let dir = tempfile::tempdir().unwrap();
+    for linkage in [Linkage::Static, Linkage::Shared] {
+        let include = format!("-I{}", home.join("include").display());
+        let cudart = cudart.display().to_string();
+        build("device_round.c", linkage, &["-DTRIATTN_EXAMPLE_CUDA_RUNTIME", &include, &cudart], dir.path());
+    }
 }

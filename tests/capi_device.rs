@@ -1,12 +1,14 @@
-//! The device-pointer round of the C ABI (`triattn_context_create_cuda`, `triattn_plan_*`),
-//! called from Rust through the `extern "C"` functions.
+//! The device-pointer round of the C ABI (`triattn_context_create_cuda`, `triattn_plan_*`,
+//! `triattn_binding_*`), called from Rust through the `extern "C"` functions.
 //!
-//! Every build: CUDA contexts refuse cleanly without the `cuda` feature or a GPU. With `emu` or
-//! `cuda` (the plan API is available): plans and their workspace layout match [`RoundPlan`], bad
-//! shapes are refused naming the field, and binding or running without a GPU returns a status,
-//! never a panic. With `cuda` and a GPU: a round through the C ABI on device buffers keeps the
-//! same slots as the CPU backend (skips loudly without a GPU; fails when
-//! `TRIATTN_REQUIRE_GPU=1`).
+//! Every build: CUDA contexts refuse cleanly without the `cuda` feature or a GPU; plans and
+//! their workspace layout match [`RoundPlan`], bad shapes are refused naming the field, a plan
+//! of a CPU context is refused at bind time with a status, never a panic. With `emu`: the whole
+//! device flow (plan, one binding per sequence, runs) over host memory on the emu backend —
+//! two paged sequences with positions bound to one plan each keep their own slots, rows and
+//! positions, equal to the CPU backend's; misaligned or missing addresses are refused by name.
+//! With `cuda` and a GPU: a round through the C ABI on device buffers keeps the same slots as
+//! the CPU backend (skips loudly without a GPU; fails when `TRIATTN_REQUIRE_GPU=1`).
 
 mod common;
 
@@ -70,6 +72,7 @@ fn compressor(ctx: *const triattn_context) -> *mut triattn_compressor {
 /// `[Hkv, N, D]` bf16 keys and values, compacted in place order-preserving.
 fn shape(d: usize) -> triattn_round_shape {
     triattn_round_shape {
+        struct_size: std::mem::size_of::<triattn_round_shape>() as u32,
         dtype: triattn_dtype::Bf16 as u32,
         len: N,
         prefix_len: PROMPT,
@@ -81,6 +84,15 @@ fn shape(d: usize) -> triattn_round_shape {
         compaction: triattn_compaction::InPlaceOrderPreserving as u32,
         ..Default::default()
     }
+}
+
+fn info(p: *const triattn_plan) -> triattn_plan_info {
+    // SAFETY: every field of the info is an integer or a C enum whose 0 is a value.
+    let mut out: triattn_plan_info = unsafe { std::mem::zeroed() };
+    out.struct_size = std::mem::size_of::<triattn_plan_info>() as u32;
+    // SAFETY: live plan, writable output with its size set.
+    assert_eq!(unsafe { triattn_plan_get_info(p, &mut out) }, triattn_status::Ok, "{}", last_error());
+    out
 }
 
 fn plan_create(c: *const triattn_compressor, s: &triattn_round_shape) -> (triattn_status, *mut triattn_plan) {
@@ -134,14 +146,6 @@ mod plans {
         let config =
             CompressionConfig { budget: BUDGET, divide_length: 64, ..CompressionConfig::preset(Preset::Paper) };
         RoundPlan::new(&scorer, &config, shape).unwrap()
-    }
-
-    fn info(p: *const triattn_plan) -> triattn_plan_info {
-        let mut out = std::mem::MaybeUninit::uninit();
-        // SAFETY: live plan, writable output.
-        assert_eq!(unsafe { triattn_plan_get_info(p, out.as_mut_ptr()) }, triattn_status::Ok, "{}", last_error());
-        // SAFETY: written on success.
-        unsafe { out.assume_init() }
     }
 
     #[test]
@@ -346,55 +350,438 @@ mod plans {
         }
     }
 
-    /// A plan of a CPU context (the only kind on a machine without a GPU) can be inspected but
-    /// not bound or run: a status and a message, never a panic.
+    /// A plan of a CPU context can be inspected but not bound: a status and a message, never a
+    /// panic; null handles and outputs are refused by name.
     #[test]
-    fn bind_and_run_without_a_gpu_refuse_cleanly() {
+    fn bind_of_a_cpu_plan_refuses_cleanly() {
         let ctx = cpu_context();
         let c = compressor(ctx);
         let (s, p) = plan_create(c, &shape(128));
         assert_eq!(s, triattn_status::Ok, "{}", last_error());
         let fake = 0x1000usize as *mut std::ffi::c_void;
         let keys = [fake; 36];
-        let cache = triattn_cache_pointers {
-            keys: keys.as_ptr(),
-            values: keys.as_ptr(),
-            keys_out: ptr::null(),
-            values_out: ptr::null(),
-            block_table: ptr::null(),
-            positions: ptr::null_mut(),
-            positions_out: ptr::null_mut(),
-        };
-        let round_start = 0x2000usize as *const i64;
-        // SAFETY: the calls refuse before touching any of the (fake) device addresses.
-        let (bind, bind_msg) = (unsafe { triattn_plan_bind(p, &cache, fake, ptr::null_mut()) }, last_error());
-        // SAFETY: as above.
-        let (run, run_msg) = (unsafe { triattn_plan_run(p, fake, round_start, ptr::null_mut()) }, last_error());
-        for (what, s, msg) in [("triattn_plan_bind", bind, bind_msg), ("triattn_plan_run", run, run_msg)] {
-            assert!(msg.contains(what), "{what}: {msg}");
-            if cfg!(feature = "cuda") {
-                assert_eq!(s, triattn_status::NoDevice, "{what}: {msg}");
-                assert!(msg.contains("TRIATTN_BACKEND_CUDA"), "{what}: {msg}");
-            } else {
-                assert_eq!(s, triattn_status::Unsupported, "{what}: {msg}");
-                assert!(msg.contains("without the cuda feature"), "{what}: {msg}");
+        let cache = triattn_cache_pointers { keys: keys.as_ptr(), values: keys.as_ptr(), ..Default::default() };
+        let mut b = ptr::null_mut();
+        // SAFETY: the call refuses before touching any of the (fake) device addresses.
+        let s = unsafe { triattn_plan_bind(p, &cache, fake, ptr::null_mut(), &mut b) };
+        let msg = last_error();
+        assert_eq!(s, triattn_status::NoDevice, "{msg}");
+        assert!(msg.contains("triattn_plan_bind") && msg.contains("TRIATTN_BACKEND_CPU"), "{msg}");
+        assert!(b.is_null());
+        // SAFETY: null pointers are checked.
+        unsafe {
+            assert_eq!(
+                triattn_plan_bind(ptr::null(), &cache, fake, ptr::null_mut(), &mut b),
+                triattn_status::InvalidArgument
+            );
+            assert_eq!(
+                triattn_plan_bind(p, &cache, fake, ptr::null_mut(), ptr::null_mut()),
+                triattn_status::InvalidArgument
+            );
+            assert!(last_error().contains("out"));
+            assert_eq!(
+                triattn_binding_run(ptr::null(), 0x2000usize as *const i64, ptr::null_mut()),
+                triattn_status::InvalidArgument
+            );
+            assert!(last_error().contains("binding"));
+            assert_eq!(triattn_plan_get_info(p, ptr::null_mut()), triattn_status::InvalidArgument);
+        }
+        // A struct of another size is refused by name (a header of another version).
+        let mut wrong = info(p);
+        wrong.struct_size -= 8;
+        // SAFETY: live plan, writable output.
+        assert_eq!(unsafe { triattn_plan_get_info(p, &mut wrong) }, triattn_status::InvalidArgument);
+        let msg = last_error();
+        assert!(msg.contains("out.struct_size") && msg.contains("sizeof(triattn_plan_info)"), "{msg}");
+        let (s, _) = plan_create(c, &triattn_round_shape { struct_size: 8, ..shape(128) });
+        assert_eq!(s, triattn_status::InvalidArgument);
+        assert!(last_error().contains("shape.struct_size"), "{}", last_error());
+        // SAFETY: live handles, destroyed once; null is ignored.
+        unsafe {
+            triattn_binding_destroy(ptr::null_mut());
+            triattn_plan_destroy(p);
+            triattn_compressor_destroy(c);
+            triattn_context_destroy(ctx);
+        }
+    }
+}
+
+/// The device flow on the emu backend: host memory stands in for device memory, so the C ABI's
+/// own plan / bind / run path runs here, in every CI run.
+#[cfg(feature = "emu")]
+mod emu {
+    use super::*;
+    use half::bf16;
+    use triattn::round::{run_cpu, Scorer};
+    use triattn::{CompressionConfig, LayerView, Preset};
+
+    const L: usize = 2;
+    const H: usize = 8;
+    const HKV: usize = 2;
+    const D: usize = 64;
+    const LEN: usize = 128;
+    const KEEP: usize = 96;
+    const BLOCK: usize = 16;
+    const BLOCKS: usize = 20;
+    const MAX_BLOCKS: usize = 9;
+
+    /// 256-byte aligned host memory, poisoned (0xff) like the raw device memory an engine hands in.
+    struct Aligned {
+        ptr: *mut u8,
+        layout: std::alloc::Layout,
+    }
+
+    impl Aligned {
+        fn new(bytes: usize) -> Self {
+            let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256).unwrap();
+            // SAFETY: non-zero size.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            assert!(!ptr.is_null());
+            // SAFETY: `bytes` writable bytes.
+            unsafe { ptr.write_bytes(0xff, layout.size()) };
+            Self { ptr, layout }
+        }
+        fn of<T: Copy>(values: &[T]) -> Self {
+            let bytes = std::mem::size_of_val(values);
+            let a = Self::new(bytes);
+            // SAFETY: both hold `bytes` bytes; distinct allocations.
+            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), a.ptr, bytes) };
+            a
+        }
+        fn addr(&self) -> *mut std::ffi::c_void {
+            self.ptr.cast()
+        }
+        fn read<T: Copy>(&self, offset: usize, count: usize) -> Vec<T> {
+            assert!(offset + count * std::mem::size_of::<T>() <= self.layout.size());
+            // SAFETY: in bounds (checked), aligned for T at these offsets, initialised.
+            unsafe { std::slice::from_raw_parts(self.ptr.add(offset).cast::<T>(), count).to_vec() }
+        }
+    }
+
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout in `new`.
+            unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+        }
+    }
+
+    /// A small model and random statistics written to `dir`: (config path, stats path, scorer).
+    fn small_model(dir: &std::path::Path) -> (CString, CString, Scorer) {
+        let cfg = dir.join("config.json");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"num_hidden_layers":{L},"num_attention_heads":{H},"num_key_value_heads":{HKV},"head_dim":{D},"rope_theta":1000000.0}}"#
+            ),
+        )
+        .unwrap();
+        let stats = common::random_stats(L, H, D, 77);
+        let stats_path = dir.join("stats.safetensors");
+        stats.save(&stats_path).unwrap();
+        let scorer = Scorer::new(common::model(L, H, HKV, D), stats, None).unwrap();
+        let c = |p: std::path::PathBuf| CString::new(p.to_str().unwrap()).unwrap();
+        (c(cfg), c(stats_path), scorer)
+    }
+
+    fn emu_compressor(
+        config: &triattn_config,
+        model: &CString,
+        stats: &CString,
+    ) -> (*mut triattn_context, *mut triattn_compressor) {
+        let mut ctx = ptr::null_mut();
+        // SAFETY: writable handle.
+        let s = unsafe { triattn_context_create(triattn_backend::Emu as u32, &mut ctx) };
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        let mut c = ptr::null_mut();
+        // SAFETY: live context, NUL-terminated paths, readable config, writable handle.
+        let s = unsafe { triattn_compressor_create(ctx, model.as_ptr(), stats.as_ptr(), config, &mut c) };
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        (ctx, c)
+    }
+
+    fn config() -> (triattn_config, CompressionConfig) {
+        let rust = CompressionConfig { budget: KEEP, divide_length: 32, ..CompressionConfig::preset(Preset::Paper) };
+        let mut cfg = std::mem::MaybeUninit::<triattn_config>::uninit();
+        // SAFETY: writable config.
+        assert_eq!(unsafe { triattn_config_default(0, cfg.as_mut_ptr()) }, triattn_status::Ok);
+        // SAFETY: initialised by the call above.
+        let mut cfg = unsafe { cfg.assume_init() };
+        cfg.budget = KEEP;
+        cfg.divide_length = 32;
+        (cfg, rust)
+    }
+
+    fn paged_shape() -> triattn_round_shape {
+        triattn_round_shape {
+            dtype: triattn_dtype::Bf16 as u32,
+            len: LEN,
+            prefix_len: 8,
+            value_dim: D,
+            compaction: triattn_compaction::InPlaceOrderPreserving as u32,
+            layout: triattn_layout::PagedNhd as u32,
+            block_size: BLOCK,
+            num_blocks: BLOCKS,
+            max_blocks: MAX_BLOCKS,
+            positions: triattn_positions::I64 as u32,
+            ..Default::default()
+        }
+    }
+
+    /// Row `slot` of KV head `g` in an NHD pool `[blocks, BLOCK, HKV, D]` under `table`.
+    fn pool_row(table: &[i32], g: usize, slot: usize) -> usize {
+        ((table[slot / BLOCK] as usize * BLOCK + slot % BLOCK) * HKV + g) * D
+    }
+
+    /// Two sequences of one paged shape bound to one plan (each its own workspace, block-table
+    /// row and positions), run in the reverse order of binding after the plan handle is gone:
+    /// each keeps the CPU backend's slots, its own rows move inside its own blocks, its own
+    /// positions follow them, and the other sequence's blocks are untouched.
+    #[test]
+    fn two_sequences_bound_to_one_plan_keep_their_own_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model_path, stats_path, scorer) = small_model(dir.path());
+        let (cfg, rust_config) = config();
+        let (ctx, c) = emu_compressor(&cfg, &model_path, &stats_path);
+        let (s, p) = plan_create(c, &paged_shape());
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        let info = info(p);
+        assert_eq!((info.outcome, info.sets, info.kept), (triattn_outcome::Compressed, HKV, KEEP));
+
+        // Shared pools, one per layer for K and V; sequence 0 holds blocks 11, 2, 17, ...,
+        // sequence 1 others, interleaved, none shared.
+        let tables: [Vec<i32>; 2] = [vec![11, 2, 17, 5, 0, 13, 8, 19, -1], vec![3, 14, 6, 1, 16, 9, 12, 4, -1]];
+        let mut rng = common::Rng(5);
+        let pool_elems = BLOCKS * BLOCK * HKV * D;
+        let k_host: Vec<Vec<bf16>> =
+            (0..L).map(|_| (0..pool_elems).map(|_| bf16::from_f32(rng.unit() * 3.0)).collect()).collect();
+        let v_host: Vec<Vec<bf16>> =
+            (0..L).map(|_| (0..pool_elems).map(|_| bf16::from_f32(rng.unit())).collect()).collect();
+        let k_pools: Vec<Aligned> = k_host.iter().map(|k| Aligned::of(k)).collect();
+        let v_pools: Vec<Aligned> = v_host.iter().map(|v| Aligned::of(v)).collect();
+        let k_ptrs: Vec<_> = k_pools.iter().map(Aligned::addr).collect();
+        let v_ptrs: Vec<_> = v_pools.iter().map(Aligned::addr).collect();
+        let positions: [Vec<i64>; 2] =
+            [0, 1].map(|seq| (0..HKV * LEN).map(|i| 10_000 * (seq as i64 + 1) + (i % LEN) as i64).collect());
+        let pos_dev: Vec<Aligned> = positions.iter().map(|p| Aligned::of(p)).collect();
+        let table_dev: Vec<Aligned> = tables.iter().map(|t| Aligned::of(t)).collect();
+        let workspaces: Vec<Aligned> = (0..2).map(|_| Aligned::new(info.workspace_bytes)).collect();
+        let round_starts = [Aligned::of(&[4000i64]), Aligned::of(&[9000i64])];
+
+        let mut bindings = [ptr::null_mut(); 2];
+        for seq in 0..2 {
+            let cache = triattn_cache_pointers {
+                keys: k_ptrs.as_ptr(),
+                values: v_ptrs.as_ptr(),
+                block_table: table_dev[seq].addr().cast(),
+                positions: pos_dev[seq].addr(),
+                ..Default::default()
+            };
+            // SAFETY: host memory of the planned shape (emu), alive to the end of the test.
+            let s =
+                unsafe { triattn_plan_bind(p, &cache, workspaces[seq].addr(), ptr::null_mut(), &mut bindings[seq]) };
+            assert_eq!(s, triattn_status::Ok, "bind {seq}: {}", last_error());
+        }
+        // SAFETY: live plan, destroyed once; the bindings keep what they need.
+        unsafe { triattn_plan_destroy(p) };
+        for seq in [1, 0] {
+            // SAFETY: a live binding; its cache, workspace and round_start are alive.
+            let s = unsafe { triattn_binding_run(bindings[seq], round_starts[seq].addr().cast(), ptr::null_mut()) };
+            assert_eq!(s, triattn_status::Ok, "run {seq}: {}", last_error());
+        }
+
+        let k_after: Vec<Vec<bf16>> = k_pools.iter().map(|k| k.read(0, pool_elems)).collect();
+        for seq in 0..2 {
+            let table = &tables[seq];
+            // The sequence's keys as a dense [HKV, LEN, D] tensor per layer, for the CPU backend.
+            let dense: Vec<Vec<bf16>> = (0..L)
+                .map(|l| {
+                    (0..HKV)
+                        .flat_map(|g| (0..LEN).flat_map(move |n| (0..D).map(move |i| (g, n, i))))
+                        .map(|(g, n, i)| k_host[l][pool_row(table, g, n) + i])
+                        .collect()
+                })
+                .collect();
+            let views: Vec<_> = dense.iter().map(|k| LayerView::contiguous("k", k, HKV, LEN, D).unwrap()).collect();
+            let start = [4000u64, 9000][seq];
+            let want = run_cpu(&rust_config, &scorer, &views, start, 8).unwrap();
+            let keep: Vec<Vec<u32>> = workspaces[seq]
+                .read::<i32>(info.keep_offset, HKV * KEEP)
+                .chunks(KEEP)
+                .map(|r| r.iter().map(|&x| x as u32).collect())
+                .collect();
+            assert_eq!(keep, want.keep, "sequence {seq}: keep sets through the C ABI on emu vs the CPU backend");
+            for l in 0..L {
+                for g in 0..HKV {
+                    for (i, &slot) in keep[g].iter().enumerate() {
+                        let got = &k_after[l][pool_row(table, g, i)..pool_row(table, g, i) + D];
+                        let was = &k_host[l][pool_row(table, g, slot as usize)..pool_row(table, g, slot as usize) + D];
+                        assert_eq!(got, was, "sequence {seq} layer {l} head {g} row {i}");
+                    }
+                }
+            }
+            let pos: Vec<i64> = pos_dev[seq].read(0, HKV * LEN);
+            for g in 0..HKV {
+                for (i, &slot) in keep[g].iter().enumerate() {
+                    assert_eq!(pos[g * LEN + i], positions[seq][g * LEN + slot as usize], "sequence {seq} positions");
+                }
             }
         }
-        // Null handles are refused before anything else.
-        // SAFETY: null pointers are checked.
-        assert_eq!(
-            unsafe { triattn_plan_bind(ptr::null_mut(), &cache, fake, ptr::null_mut()) },
-            triattn_status::InvalidArgument
-        );
-        // SAFETY: null pointers are checked.
-        assert_eq!(
-            unsafe { triattn_plan_run(ptr::null(), fake, round_start, ptr::null_mut()) },
-            triattn_status::InvalidArgument
-        );
-        // SAFETY: null pointers are checked.
-        assert_eq!(unsafe { triattn_plan_get_info(p, ptr::null_mut()) }, triattn_status::InvalidArgument);
+        // The spare blocks (in neither table) are untouched.
+        for l in 0..L {
+            for b in [7, 10, 15, 18] {
+                let range = b * BLOCK * HKV * D..(b + 1) * BLOCK * HKV * D;
+                assert_eq!(&k_after[l][range.clone()], &k_host[l][range], "layer {l} spare block {b}");
+            }
+        }
         // SAFETY: live handles, destroyed once.
         unsafe {
+            triattn_binding_destroy(bindings[0]);
+            triattn_binding_destroy(bindings[1]);
+            triattn_compressor_destroy(c);
+            triattn_context_destroy(ctx);
+        }
+    }
+
+    /// Every address a binding or a run reads is checked before anything is written: misaligned
+    /// K/V bases (16 bytes), positions (their type), block table (4), workspace (256),
+    /// round_start (8), and missing tables, each refused by name.
+    #[test]
+    fn misaligned_and_missing_addresses_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model_path, stats_path, _) = small_model(dir.path());
+        let (cfg, _) = config();
+        let (ctx, c) = emu_compressor(&cfg, &model_path, &stats_path);
+        let (s, p) = plan_create(c, &paged_shape());
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        let info = info(p);
+        let pool = Aligned::new(BLOCKS * BLOCK * HKV * D * 2 + 64);
+        let table = Aligned::of(&[0i32, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let positions = Aligned::new(HKV * LEN * 8 + 64);
+        let workspace = Aligned::new(info.workspace_bytes + 512);
+        let base = |a: &Aligned, off: usize| a.ptr.wrapping_add(off).cast::<std::ffi::c_void>();
+        let good_k = [base(&pool, 0); L];
+        let bad_k = [base(&pool, 0), base(&pool, 8)];
+        let cases: Vec<(&str, triattn_cache_pointers, *mut std::ffi::c_void)> = vec![
+            (
+                "K layer addresses [1]",
+                triattn_cache_pointers {
+                    keys: bad_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "V layer addresses [1]",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: bad_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "positions address",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    positions: base(&positions, 4),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "block table address",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    block_table: base(&table, 2).cast(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "workspace",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                base(&workspace, 128),
+            ),
+            (
+                "cache.values",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "cache.block_table",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    positions: positions.addr(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+            (
+                "positions address",
+                triattn_cache_pointers {
+                    keys: good_k.as_ptr(),
+                    values: good_k.as_ptr(),
+                    block_table: table.addr().cast(),
+                    ..Default::default()
+                },
+                workspace.addr(),
+            ),
+        ];
+        let untouched = workspace.read::<u8>(0, info.workspace_bytes);
+        for (what, cache, ws) in cases {
+            let mut b = ptr::null_mut();
+            // SAFETY: host memory large enough for the plan; the call refuses before writing.
+            let s = unsafe { triattn_plan_bind(p, &cache, ws, ptr::null_mut(), &mut b) };
+            let msg = last_error();
+            assert_eq!(s, triattn_status::InvalidArgument, "{what}: {msg}");
+            assert!(msg.contains(what) && msg.contains("expected"), "{what}: {msg}");
+            assert!(b.is_null(), "{what}: no binding on failure");
+            assert!(workspace.read::<u8>(0, info.workspace_bytes) == untouched, "{what}: nothing written");
+        }
+        // A good binding, then a misaligned round_start at run time.
+        let cache = triattn_cache_pointers {
+            keys: good_k.as_ptr(),
+            values: good_k.as_ptr(),
+            block_table: table.addr().cast(),
+            positions: positions.addr(),
+            ..Default::default()
+        };
+        let mut b = ptr::null_mut();
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { triattn_plan_bind(p, &cache, workspace.addr(), ptr::null_mut(), &mut b) },
+            triattn_status::Ok
+        );
+        let rs = Aligned::of(&[5000i64, 5000]);
+        // SAFETY: the run refuses the misaligned address before any launch.
+        let s = unsafe { triattn_binding_run(b, base(&rs, 4).cast(), ptr::null_mut()) };
+        let msg = last_error();
+        assert_eq!(s, triattn_status::InvalidArgument, "{msg}");
+        assert!(msg.contains("round_start") && msg.contains("aligned to 8"), "{msg}");
+        // SAFETY: live handles, destroyed once.
+        unsafe {
+            triattn_binding_destroy(b);
             triattn_plan_destroy(p);
             triattn_compressor_destroy(c);
             triattn_context_destroy(ctx);
@@ -423,11 +810,7 @@ fn c_abi_device_round_matches_cpu() {
     let (l, hkv, d) = (36, 8, 128);
     let (s, p) = plan_create(c, &shape(d));
     assert_eq!(s, triattn_status::Ok, "{}", last_error());
-    let mut info = std::mem::MaybeUninit::uninit();
-    // SAFETY: live plan, writable output.
-    assert_eq!(unsafe { triattn_plan_get_info(p, info.as_mut_ptr()) }, triattn_status::Ok);
-    // SAFETY: written on success.
-    let info = unsafe { info.assume_init() };
+    let info = info(p);
     assert_eq!(info.outcome, triattn_outcome::Compressed);
 
     // The engine's side: device memory and a stream of the same (primary) context.
@@ -446,20 +829,13 @@ fn c_abi_device_round_matches_cpu() {
     let ws = addr(workspace.device_ptr(&stream).0);
     let rs = rs_dev.device_ptr(&stream).0 as usize as *const i64;
     let cu_stream = stream.cu_stream() as *mut std::ffi::c_void;
-    let cache = triattn_cache_pointers {
-        keys: k_ptrs.as_ptr(),
-        values: v_ptrs.as_ptr(),
-        keys_out: ptr::null(),
-        values_out: ptr::null(),
-        block_table: ptr::null(),
-        positions: ptr::null_mut(),
-        positions_out: ptr::null_mut(),
-    };
+    let cache = triattn_cache_pointers { keys: k_ptrs.as_ptr(), values: v_ptrs.as_ptr(), ..Default::default() };
+    let mut binding = ptr::null_mut();
     // SAFETY: device buffers of the plan's shape on this context, alive to the end of the test.
-    let s = unsafe { triattn_plan_bind(p, &cache, ws, cu_stream) };
+    let s = unsafe { triattn_plan_bind(p, &cache, ws, cu_stream, &mut binding) };
     assert_eq!(s, triattn_status::Ok, "{}", last_error());
     // SAFETY: as above; the workspace was bound to this cache.
-    let s = unsafe { triattn_plan_run(p, ws, rs, cu_stream) };
+    let s = unsafe { triattn_binding_run(binding, rs, cu_stream) };
     assert_eq!(s, triattn_status::Ok, "{}", last_error());
     stream.synchronize().unwrap();
     let host = stream.clone_dtoh(&workspace).unwrap();
@@ -493,6 +869,7 @@ fn c_abi_device_round_matches_cpu() {
     let host_keys: Vec<*const std::ffi::c_void> = keys.iter().map(|k| k.as_ptr().cast()).collect();
     let mut host_keep = vec![-1i32; want.keep.len() * BUDGET];
     let args = triattn_host_round {
+        struct_size: std::mem::size_of::<triattn_host_round>() as u32,
         dtype: triattn_dtype::Bf16 as u32,
         keys: host_keys.as_ptr(),
         n: N,
@@ -511,6 +888,7 @@ fn c_abi_device_round_matches_cpu() {
     assert_eq!(host_sets, want.keep, "triattn_round_host on a CUDA context");
     // SAFETY: live handles, destroyed once (the round has finished).
     unsafe {
+        triattn_binding_destroy(binding);
         triattn_plan_destroy(p);
         triattn_compressor_destroy(c);
         triattn_context_destroy(ctx);

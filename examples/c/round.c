@@ -43,7 +43,7 @@ int main(int argc, char **argv) {
 
   triattn_compressor *comp = NULL;
   if (check(triattn_compressor_create(ctx, argv[1], argv[2], &cfg, &comp), "compressor_create")) return 1;
-  triattn_shape shape;
+  triattn_shape shape = {.struct_size = sizeof shape};
   if (check(triattn_compressor_shape(comp, &shape), "compressor_shape")) return 1;
   printf("model: %zu layers, %zu heads, %zu kv heads, head_dim %zu, %zu keep sets\n", shape.num_layers,
          shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.num_keep_sets);
@@ -61,6 +61,7 @@ int main(int argc, char **argv) {
   }
   int32_t *keep = malloc(shape.num_keep_sets * BUDGET * sizeof(int32_t));
   triattn_host_round args = {
+      .struct_size = sizeof args,
       .dtype = TRIATTN_DTYPE_F32,
       .keys = (const void *const *)keys,
       .n = N,
@@ -97,6 +98,45 @@ int main(int argc, char **argv) {
     return 1;
   }
   printf("compacted layer 0 head 0 to %zu rows\n", kept);
+
+  /* A round whose protected slots reach the budget (a prompt of 300 > BUDGET slots, protected
+   * under the paper preset) is skipped and keeps every slot: its keep rows hold N slots, so a
+   * stride of BUDGET is refused by name before anything is written, and a stride of N works. */
+  int32_t *all = malloc(shape.num_keep_sets * N * sizeof(int32_t));
+  for (size_t i = 0; i < shape.num_keep_sets * N; ++i) all[i] = -1;
+  triattn_host_round long_prompt = args;
+  long_prompt.prefix_len = 300;
+  long_prompt.keep = all;
+  triattn_status st = triattn_round_host(comp, &long_prompt, &kept, &outcome);
+  char why[512];
+  triattn_last_error(why, sizeof why);
+  printf("skipped round, row stride %d -> status %d: %s\n", BUDGET, (int)st, why);
+  if (st != TRIATTN_STATUS_INVALID_ARGUMENT || strstr(why, "keep_row_stride") == NULL) return 1;
+  for (size_t i = 0; i < shape.num_keep_sets * N; ++i)
+    if (all[i] != -1) {
+      fprintf(stderr, "a refused round wrote keep[%zu]\n", i);
+      return 1;
+    }
+  long_prompt.keep_row_stride = N;
+  if (check(triattn_round_host(comp, &long_prompt, &kept, &outcome), "round_host (long prompt)")) return 1;
+  triattn_last_error(why, sizeof why);
+  printf("skipped round, row stride %d -> outcome %d, kept %zu: %s\n", N, (int)outcome, kept, why);
+  if (outcome != TRIATTN_OUTCOME_SKIPPED_PROTECTED_REACH_BUDGET || kept != N) return 1;
+  for (size_t s = 0; s < shape.num_keep_sets; ++s)
+    for (int i = 0; i < N; ++i)
+      if (all[s * N + i] != i) {
+        fprintf(stderr, "skipped round: set %zu slot %d holds %d\n", s, i, all[s * N + i]);
+        return 1;
+      }
+  free(all);
+
+  /* A struct of another size (a header of another version) is refused by name. */
+  triattn_host_round old = args;
+  old.struct_size = sizeof args - 8;
+  st = triattn_round_host(comp, &old, &kept, &outcome);
+  triattn_last_error(why, sizeof why);
+  printf("struct_size %u -> status %d: %s\n", old.struct_size, (int)st, why);
+  if (st != TRIATTN_STATUS_INVALID_ARGUMENT || strstr(why, "args.struct_size") == NULL) return 1;
 
   /* Errors come back as a status plus a message naming the field. */
   cfg.budget = 0;

@@ -30,8 +30,8 @@ pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
 pub use plan::{
-    CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs, RoundPlan, RoundShape,
-    Stage, StageTimings, WorkspaceLayout, WORKSPACE_ALIGN,
+    check_workspace_address, CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs,
+    RoundPlan, RoundShape, Stage, StageTimings, WorkspaceLayout, ROW_ALIGN, WORKSPACE_ALIGN,
 };
 pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]

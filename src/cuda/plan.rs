@@ -22,7 +22,7 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::policy::{CompressionConfig, Preset, RoundOutcome, SkipReason};
+use crate::policy::{CompressionConfig, Preset, RoundOutcome};
 use crate::round::Scorer;
 use crate::score::{geometric_offsets, OffsetAggregation, TrigTerm};
 use crate::variant::{CompactMode, Variant};
@@ -253,6 +253,33 @@ impl Region {
 /// Alignment of every region and of the workspace base the caller provides.
 pub const WORKSPACE_ALIGN: usize = 256;
 
+/// Alignment the kernels need of every K/V base: rows move in 16-byte vectors.
+pub const ROW_ALIGN: usize = 16;
+
+/// Refuse an address that is not a multiple of `align` (the kernels' vector or element width;
+/// a misaligned access is a sticky fault on a GPU, so it is refused here by name).
+fn check_aligned(what: impl std::fmt::Display, address: u64, align: usize) -> Result<()> {
+    if address % align as u64 != 0 {
+        return Err(Error::invalid_argument(
+            what,
+            format!("an address aligned to {align} bytes"),
+            format!("{address:#x}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Check a workspace base: non-null and aligned to [`WORKSPACE_ALIGN`].
+///
+/// # Errors
+/// `InvalidArgument` naming the workspace.
+pub fn check_workspace_address(workspace: u64) -> Result<()> {
+    if workspace == 0 {
+        return Err(Error::invalid_argument("workspace", "a non-null address", "0x0"));
+    }
+    check_aligned("workspace", workspace, WORKSPACE_ALIGN)
+}
+
 /// Where everything lives in a round's workspace. The constants come first
 /// (`0..constants_bytes`), then scratch and outputs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -477,76 +504,66 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-impl RoundPlan {
-    /// Plan a round of `config` over a cache of `shape` for `scorer`'s model and statistics.
-    ///
-    /// # Errors
-    /// `InvalidArgument` for a bad configuration or a shape a stage refuses (naming the field);
-    /// `Unsupported` for a head_dim or dtype with no compiled kernel.
-    pub fn new(scorer: &Scorer, config: &CompressionConfig, shape: RoundShape) -> Result<Self> {
-        Self::new_batch(scorer, config, shape, &[shape.prefix_len])
+/// The outcome of a round over `n` slots for every sequence of a batch, and each sequence's
+/// protected slots: a batch compresses (or stays within budget) as a whole, so a member whose
+/// protected slots reach the budget is refused (planned alone, it is skipped).
+fn batch_outcome(
+    config: &CompressionConfig,
+    n: usize,
+    prefix_lens: &[usize],
+) -> Result<(RoundOutcome, Vec<crate::policy::Protection>)> {
+    let seqs = prefix_lens.len();
+    if seqs == 0 || seqs > 65535 {
+        return Err(Error::invalid_argument("sequences of a round", "1..=65535", seqs));
     }
+    if n == 0 || n > i32::MAX as usize {
+        return Err(Error::invalid_argument("round slots", "1..=2^31-1", n));
+    }
+    let name = |seq: usize| if seqs == 1 { "prefix_len".to_string() } else { format!("prefix_len of sequence {seq}") };
+    for (seq, &p) in prefix_lens.iter().enumerate() {
+        if p > n {
+            return Err(Error::invalid_argument(name(seq), format!("<= the {n} cached slots"), p));
+        }
+    }
+    let outcomes: Vec<RoundOutcome> = prefix_lens.iter().map(|&p| config.outcome(n, p)).collect();
+    if seqs > 1 {
+        if let Some(seq) = outcomes.iter().position(|o| matches!(o, RoundOutcome::Skipped(_))) {
+            return Err(Error::invalid_argument(
+                name(seq),
+                format!("fewer protected slots than the budget {} (plan a skipped sequence alone)", config.budget),
+                prefix_lens[seq],
+            ));
+        }
+    }
+    Ok((outcomes[0], prefix_lens.iter().map(|&p| config.protection(n, p)).collect()))
+}
 
-    /// Plan one round for many sequences that share `shape` (slots N, budget, layout,
-    /// compaction) but each have their own prompt length (`prefix_lens[s]`, which replaces
-    /// `shape.prefix_len`) and `round_start`: one launch per stage for all of them. Tables hold
-    /// `S * L` addresses, sequence-major (a paged cache: its `L` pools, and a block table
-    /// `i32[S, max_blocks]` of blocks distinct across the batch); `round_start` is `i64[S]`; the
-    /// outputs of sequence `s` are at [`Self::read_outputs_of`].
-    ///
-    /// # Errors
-    /// As [`Self::new`]; `InvalidArgument` for no sequence, more than 65535, or (with more than
-    /// one) a sequence whose protected slots reach the budget (plan it alone: it is skipped).
-    pub fn new_batch(
+/// Every stage's validated launch description.
+struct StageSpecs {
+    trig: TrigSpec,
+    score: ScoreSpec,
+    normalize: Option<NormalizeSpec>,
+    reduce: ReduceSpec,
+    select: SelectSpec,
+    compact: Option<CompactSpec>,
+}
+
+impl StageSpecs {
+    /// The specs of a round of `seqs` sequences over `shape` keeping `kept` slots per set
+    /// (`protection`: the first sequence's, whose scalar guards a one-sequence plan keeps; a
+    /// batch reads each sequence's prompt from the workspace).
+    fn new(
         scorer: &Scorer,
         config: &CompressionConfig,
-        shape: RoundShape,
-        prefix_lens: &[usize],
+        shape: &RoundShape,
+        seqs: usize,
+        protection: crate::policy::Protection,
+        kept: usize,
     ) -> Result<Self> {
-        config.validate()?;
-        let seqs = prefix_lens.len();
-        if seqs == 0 || seqs > 65535 {
-            return Err(Error::invalid_argument("sequences of a round", "1..=65535", seqs));
-        }
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
-        let n = shape.len;
-        if n == 0 {
-            return Err(Error::invalid_argument("round slots", ">= 1", 0));
-        }
-        for (seq, &p) in prefix_lens.iter().enumerate() {
-            if p > n {
-                let what = if seqs == 1 { "prefix_len".to_string() } else { format!("prefix_len of sequence {seq}") };
-                return Err(Error::invalid_argument(what, format!("<= the {n} cached slots"), p));
-            }
-        }
-        if n > i32::MAX as usize {
-            return Err(Error::invalid_argument("round slots", "<= 2^31-1", n));
-        }
-        let sets = config.mode.num_sets(l, hkv);
-        let protections: Vec<_> = prefix_lens.iter().map(|&p| config.protection(n, p)).collect();
-        let protection = protections[0];
-        let most_protected = protections.iter().map(|p| p.count()).max().unwrap_or(0);
-        let (outcome, kept) = if n <= config.budget {
-            (RoundOutcome::WithinBudget, n)
-        } else if most_protected >= config.budget {
-            if seqs > 1 {
-                let seq = protections.iter().position(|p| p.count() >= config.budget).unwrap_or(0);
-                return Err(Error::invalid_argument(
-                    format!("prefix_len of sequence {seq}"),
-                    format!("fewer protected slots than the budget {} (plan a skipped sequence alone)", config.budget),
-                    prefix_lens[seq],
-                ));
-            }
-            let protected = protection.count();
-            (RoundOutcome::Skipped(SkipReason::ProtectedReachBudget { protected, budget: config.budget }), n)
-        } else {
-            (RoundOutcome::Compressed { kept: config.budget, evicted: n - config.budget }, config.budget)
-        };
-        // One sequence keeps the scalar guards (the single-round path, bit for bit); a batch
-        // reads each sequence's prompt from the workspace.
+        let (n, sets) = (shape.len, config.mode.num_sets(l, hkv));
         let batched = seqs > 1;
-
         let offsets = geometric_offsets(config.score.offset_max_length)?.len();
         let vectors = match (config.score.trig, config.score.aggregation) {
             (TrigTerm::Excluded, _) => 0,
@@ -628,6 +645,21 @@ impl RoundPlan {
             keep_stride: kept,
             rows_per_seq: if batched { sets } else { 0 },
         })?;
+        let compact = Self::compact(shape, l, hkv, d, sets, seqs, kept)?;
+        Ok(Self { trig, score, normalize, reduce, select, compact })
+    }
+
+    /// The compaction of the round, if it moves rows.
+    fn compact(
+        shape: &RoundShape,
+        l: usize,
+        hkv: usize,
+        d: usize,
+        sets: usize,
+        seqs: usize,
+        kept: usize,
+    ) -> Result<Option<CompactSpec>> {
+        let n = shape.len;
         let compact_shape = |mode, target, layout| CompactShape {
             mode,
             target,
@@ -643,19 +675,19 @@ impl RoundPlan {
             positions: shape.positions,
             num_seqs: seqs,
         };
-        let in_place_layout = match shape.layout {
-            CacheLayout::Contiguous { keys, values } => {
-                CompactLayout::Contiguous { k: keys, v: values, k_dst: keys, v_dst: values }
-            }
-            CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
-                CompactLayout::Paged { block_size, order, num_blocks, max_blocks }
-            }
-        };
-        let compact = match shape.compaction {
+        Ok(match shape.compaction {
             Compaction::KeepSetsOnly => None,
             Compaction::InPlace(_) if kept == n => None,
             Compaction::InPlace(mode) => {
-                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, in_place_layout))?)
+                let layout = match shape.layout {
+                    CacheLayout::Contiguous { keys, values } => {
+                        CompactLayout::Contiguous { k: keys, v: values, k_dst: keys, v_dst: values }
+                    }
+                    CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
+                        CompactLayout::Paged { block_size, order, num_blocks, max_blocks }
+                    }
+                };
+                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, layout))?)
             }
             Compaction::OutOfPlace { keys: k_dst, values: v_dst } => {
                 let CacheLayout::Contiguous { keys, values } = shape.layout else {
@@ -668,9 +700,16 @@ impl RoundPlan {
                 let layout = CompactLayout::Contiguous { k: keys, v: values, k_dst, v_dst };
                 Some(CompactSpec::new(compact_shape(CompactMode::OrderPreserving, CompactTarget::OutOfPlace, layout))?)
             }
-        };
+        })
+    }
+}
 
-        let f = d / 2;
+impl WorkspaceLayout {
+    /// The regions of a round of `stages`: constants first, then scratch and outputs.
+    fn new(stages: &StageSpecs, scorer: &Scorer, shape: &RoundShape, seqs: usize, sets: usize, kept: usize) -> Self {
+        let m = &scorer.model;
+        let (l, h, hkv, f) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim / 2);
+        let n = shape.len;
         let stats_bytes = l * h * f * 4;
         let mut a = Allocator { next: 0 };
         let mut layout = WorkspaceLayout {
@@ -687,57 +726,109 @@ impl RoundPlan {
             ..Default::default()
         };
         layout.constants_bytes = a.next;
-        let weight_elem = if vectors > 1 { 2 } else { 4 };
-        layout.weights = a.take(trig.weights_len() * weight_elem);
+        let weight_elem = if stages.trig.vectors > 1 { 2 } else { 4 };
+        layout.weights = a.take(stages.trig.weights_len() * weight_elem);
         layout.norm = a.take(stats_bytes);
-        layout.raw = a.take(score.raw_len() * 4);
-        layout.partials = a.take(score.partials_len() * std::mem::size_of::<RowPartial>());
-        layout.z = a.take(if normalize.is_some() { seqs * l * h * n * 4 } else { 0 });
+        layout.raw = a.take(stages.score.raw_len() * 4);
+        layout.partials = a.take(stages.score.partials_len() * std::mem::size_of::<RowPartial>());
+        layout.z = a.take(if stages.normalize.is_some() { seqs * l * h * n * 4 } else { 0 });
         layout.score = a.take(seqs * sets * n * 4);
         layout.keep = a.take(seqs * sets * kept * 4);
-        layout.select_scratch = a.take(select.scratch_bytes());
-        layout.slot_map = a.take(if compact.is_some() { seqs * sets * kept * 4 } else { 0 });
+        layout.select_scratch = a.take(stages.select.scratch_bytes());
+        layout.slot_map = a.take(if stages.compact.is_some() { seqs * sets * kept * 4 } else { 0 });
         layout.total_bytes = a.next;
+        layout
+    }
+}
 
-        let stats = &scorer.stats;
-        let want = l * h * f;
-        for (name, t) in [
-            ("q_mean_real", &stats.q_mean_real),
-            ("q_mean_imag", &stats.q_mean_imag),
-            ("q_abs_mean", &stats.q_abs_mean),
-        ] {
-            if t.len() != want {
-                return Err(Error::shape(name, format!("{want} values [L, H, F]"), t.len()));
-            }
+/// The host image of the constants every run reads (statistics, frequencies, per-sequence
+/// lengths and candidate ranges, keep-set indices); the address tables stay zero until a cache
+/// is bound ([`RoundPlan::workspace_image`]).
+fn constants_image(
+    scorer: &Scorer,
+    config: &CompressionConfig,
+    layout: &WorkspaceLayout,
+    protections: &[crate::policy::Protection],
+    n: usize,
+) -> Result<Vec<u8>> {
+    let m = &scorer.model;
+    let (l, h, hkv, f) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim / 2);
+    let stats = &scorer.stats;
+    let want = l * h * f;
+    for (name, t) in
+        [("q_mean_real", &stats.q_mean_real), ("q_mean_imag", &stats.q_mean_imag), ("q_abs_mean", &stats.q_abs_mean)]
+    {
+        if t.len() != want {
+            return Err(Error::shape(name, format!("{want} values [L, H, F]"), t.len()));
         }
-        if scorer.omega.len() != f {
-            return Err(Error::shape("omega", format!("{f} frequencies (head_dim / 2)"), scorer.omega.len()));
-        }
-        let mut constants = vec![0u8; layout.constants_bytes];
-        push_bytes(&mut constants, layout.q_mean_real, &f32_bytes(&stats.q_mean_real));
-        push_bytes(&mut constants, layout.q_mean_imag, &f32_bytes(&stats.q_mean_imag));
-        push_bytes(&mut constants, layout.q_abs_mean, &f32_bytes(&stats.q_abs_mean));
-        let omega: Vec<u8> = scorer.omega.iter().flat_map(|x| x.to_le_bytes()).collect();
-        push_bytes(&mut constants, layout.omega, &omega);
-        // i32 [S] each: slots, first and one-past-last z-score candidate, protected prompt.
-        let candidates = |p: &crate::policy::Protection| match config.preset {
-            Preset::Paper => (p.prefix, p.window_start.max(p.prefix)),
-            Preset::Vllm => (0, n),
-        };
-        let lengths: Vec<u8> = std::iter::repeat(n as i32)
-            .take(seqs)
-            .chain(protections.iter().map(|p| candidates(p).0 as i32))
-            .chain(protections.iter().map(|p| candidates(p).1 as i32))
-            .chain(protections.iter().map(|p| p.prefix as i32))
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        push_bytes(&mut constants, layout.lengths, &lengths);
-        let set_index: Vec<u8> = (0..l)
-            .flat_map(|layer| (0..hkv).map(move |g| config.mode.set_index(layer, g, hkv) as i32))
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        push_bytes(&mut constants, layout.set_index, &set_index);
+    }
+    if scorer.omega.len() != f {
+        return Err(Error::shape("omega", format!("{f} frequencies (head_dim / 2)"), scorer.omega.len()));
+    }
+    let mut constants = vec![0u8; layout.constants_bytes];
+    push_bytes(&mut constants, layout.q_mean_real, &f32_bytes(&stats.q_mean_real));
+    push_bytes(&mut constants, layout.q_mean_imag, &f32_bytes(&stats.q_mean_imag));
+    push_bytes(&mut constants, layout.q_abs_mean, &f32_bytes(&stats.q_abs_mean));
+    let omega: Vec<u8> = scorer.omega.iter().flat_map(|x| x.to_le_bytes()).collect();
+    push_bytes(&mut constants, layout.omega, &omega);
+    // i32 [S] each: slots, first and one-past-last z-score candidate, protected prompt.
+    let candidates = |p: &crate::policy::Protection| match config.preset {
+        Preset::Paper => (p.prefix, p.window_start.max(p.prefix)),
+        Preset::Vllm => (0, n),
+    };
+    let lengths: Vec<u8> = std::iter::repeat(n as i32)
+        .take(protections.len())
+        .chain(protections.iter().map(|p| candidates(p).0 as i32))
+        .chain(protections.iter().map(|p| candidates(p).1 as i32))
+        .chain(protections.iter().map(|p| p.prefix as i32))
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    push_bytes(&mut constants, layout.lengths, &lengths);
+    let set_index: Vec<u8> = (0..l)
+        .flat_map(|layer| (0..hkv).map(move |g| config.mode.set_index(layer, g, hkv) as i32))
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    push_bytes(&mut constants, layout.set_index, &set_index);
+    Ok(constants)
+}
 
+impl RoundPlan {
+    /// Plan a round of `config` over a cache of `shape` for `scorer`'s model and statistics.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad configuration or a shape a stage refuses (naming the field);
+    /// `Unsupported` for a head_dim or dtype with no compiled kernel.
+    pub fn new(scorer: &Scorer, config: &CompressionConfig, shape: RoundShape) -> Result<Self> {
+        Self::new_batch(scorer, config, shape, &[shape.prefix_len])
+    }
+
+    /// Plan one round for many sequences that share `shape` (slots N, budget, layout,
+    /// compaction) but each have their own prompt length (`prefix_lens[s]`, which replaces
+    /// `shape.prefix_len`) and `round_start`: one launch per stage for all of them. Tables hold
+    /// `S * L` addresses, sequence-major (a paged cache: its `L` pools, and a block table
+    /// `i32[S, max_blocks]` of blocks distinct across the batch); `round_start` is `i64[S]`; the
+    /// outputs of sequence `s` are at [`Self::read_outputs_of`].
+    ///
+    /// # Errors
+    /// As [`Self::new`]; `InvalidArgument` for no sequence, more than 65535, or (with more than
+    /// one) a sequence whose protected slots reach the budget (plan it alone: it is skipped).
+    pub fn new_batch(
+        scorer: &Scorer,
+        config: &CompressionConfig,
+        shape: RoundShape,
+        prefix_lens: &[usize],
+    ) -> Result<Self> {
+        config.validate()?;
+        let m = &scorer.model;
+        let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
+        let (outcome, protections) = batch_outcome(config, shape.len, prefix_lens)?;
+        let seqs = prefix_lens.len();
+        let sets = config.mode.num_sets(l, hkv);
+        let kept = outcome.kept(shape.len);
+        let stages = StageSpecs::new(scorer, config, &shape, seqs, protections[0], kept)?;
+        let layout = WorkspaceLayout::new(&stages, scorer, &shape, seqs, sets, kept);
+        let constants = constants_image(scorer, config, &layout, &protections, shape.len)?;
+        let StageSpecs { trig, score, normalize, reduce, select, compact } = stages;
         Ok(Self {
             shape: RoundShape { prefix_len: prefix_lens[0], ..shape },
             prefix_lens: prefix_lens.to_vec(),
@@ -870,13 +961,20 @@ impl RoundPlan {
             ("destination V layer addresses", &cache.values_out, out_of_place),
         ];
         for (what, t, needed) in tables {
-            if needed && t.len() != count {
+            if !needed {
+                continue;
+            }
+            if t.len() != count {
                 return Err(Error::shape(what, count, t.len()));
             }
-            if let Some(i) = t.iter().position(|&a| a == 0).filter(|_| needed) {
+            if let Some(i) = t.iter().position(|&a| a == 0) {
                 return Err(Error::invalid_argument(format!("{what} [{i}]"), "a non-null address", 0));
             }
+            for (i, &a) in t.iter().enumerate() {
+                check_aligned(format!("{what} [{i}]"), a, ROW_ALIGN)?;
+            }
         }
+        self.check_run_addresses(cache.block_table, cache.positions, cache.positions_out)?;
         let mut image = self.constants.clone();
         // `S * L` entries, sequence-major; a paged cache's `L` pools are repeated per sequence.
         let table = |t: &Vec<u64>| -> Vec<u8> {
@@ -893,6 +991,34 @@ impl RoundPlan {
         push_bytes(&mut image, self.layout.key_out_table, &table(k_out));
         push_bytes(&mut image, self.layout.value_out_table, &table(v_out));
         Ok(image)
+    }
+
+    /// Check the addresses a run reads besides the workspace: the block table (present and
+    /// 4-byte aligned exactly when paged) and the positions (present and aligned to their type
+    /// when the plan compacts them).
+    fn check_run_addresses(&self, block_table: u64, positions: u64, positions_out: u64) -> Result<()> {
+        let paged = matches!(self.shape.layout, CacheLayout::Paged { .. });
+        if paged != (block_table != 0) {
+            return Err(Error::invalid_argument(
+                "block table address",
+                if paged { "non-null (paged cache)" } else { "null (contiguous cache)" },
+                format!("{block_table:#x}"),
+            ));
+        }
+        check_aligned("block table address", block_table, 4)?;
+        if let (Some(ty), Some(spec)) = (self.shape.positions, &self.compact) {
+            let out_of_place = spec.shape().target == CompactTarget::OutOfPlace;
+            if positions == 0 || (out_of_place && positions_out == 0) {
+                return Err(Error::invalid_argument(
+                    "positions address",
+                    if out_of_place { "non-null positions and positions_out" } else { "non-null positions" },
+                    "null",
+                ));
+            }
+            check_aligned("positions address", positions, ty.size())?;
+            check_aligned("positions_out address", positions_out, ty.size())?;
+        }
+        Ok(())
     }
 
     /// Sequences of the round.
@@ -969,24 +1095,12 @@ impl RoundPlan {
     /// slots. Nothing else touches the workspace or the cache until the launches have run.
     pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, at: &RoundAddresses) -> Result<()> {
         let (workspace, round_start) = (at.workspace, at.round_start);
-        if let (Some(_), Some(spec)) = (self.shape.positions, &self.compact) {
-            let out_of_place = spec.shape().target == CompactTarget::OutOfPlace;
-            if at.positions == 0 || (out_of_place && at.positions_out == 0) {
-                return Err(Error::invalid_argument(
-                    "positions address",
-                    if out_of_place { "non-null positions and positions_out" } else { "non-null positions" },
-                    "null",
-                ));
-            }
+        check_workspace_address(workspace)?;
+        if round_start == 0 {
+            return Err(Error::invalid_argument("round_start address", "a non-null address", "0x0"));
         }
-        let paged = matches!(self.shape.layout, CacheLayout::Paged { .. });
-        if paged != (at.block_table != 0) {
-            return Err(Error::invalid_argument(
-                "block table address",
-                if paged { "non-null (paged cache)" } else { "null (contiguous cache)" },
-                format!("{:#x}", at.block_table),
-            ));
-        }
+        check_aligned("round_start address", round_start, 8)?;
+        self.check_run_addresses(at.block_table, at.positions, at.positions_out)?;
         let w = &self.layout;
         let lengths = w.lengths.at(workspace);
         let per_seq = 4 * self.seqs as u64; // bytes of one i32 [S] array of `lengths`

@@ -1,64 +1,66 @@
-//! The device half of the C ABI behind the `extern "C"` shells in `mod.rs`: CUDA contexts
-//! (feature `cuda`), round plans (host-only; they need [`crate::cuda`], i.e. feature `emu` or
-//! `cuda`), and binding and launching a plan on device pointers and a caller's stream
-//! (feature `cuda`). Everything here returns a [`Result`]; the shells turn it into a status.
+//! The device half of the C ABI behind the `extern "C"` shells in `mod.rs`: contexts on a
+//! kernel backend (a CUDA device, feature `cuda`; the SIMT layer, feature `emu`), round plans
+//! (host-only; they need [`crate::cuda`]'s planning, present in every build), and bindings —
+//! a workspace bound to one cache — that launch on a caller's stream. Everything here returns a
+//! [`Result`]; the shells turn it into a status.
 
-use crate::error::{Error, Result};
+use std::sync::Arc;
+
+use crate::cuda::{CacheAddresses, Compaction, RoundAddresses, RoundPlan, Stage};
+use crate::error::{Error, ErrorKind, Result};
 use crate::policy::RoundOutcome;
+use crate::round::Backend;
 
 use super::{non_null, triattn_compaction, triattn_compressor, triattn_dtype, triattn_outcome};
 use super::{triattn_cache_pointers, triattn_layout, triattn_plan_info, triattn_positions, triattn_round_shape};
 
-/// The CUDA device of a context, compressor or plan (none for the CPU backend, and always none
-/// in a build without the `cuda` feature).
-#[derive(Clone, Default)]
-pub(super) struct Device {
-    #[cfg(feature = "cuda")]
-    gpu: Option<std::sync::Arc<crate::cuda::CudaDevice>>,
-}
-
-impl Device {
-    /// The backend host rounds of this device run on.
-    pub(super) fn round_backend(&self) -> crate::round::Backend {
-        #[cfg(feature = "cuda")]
-        if let Some(dev) = &self.gpu {
-            return crate::round::Backend::Cuda(dev.clone());
-        }
-        crate::round::Backend::Cpu
-    }
-}
-
-/// The error of a call that needs the `cuda` feature in a build without it.
-#[cfg(not(feature = "cuda"))]
-fn no_cuda_feature(what: &str) -> Error {
+/// The error of a call that needs a feature this build lacks.
+#[cfg_attr(all(feature = "cuda", feature = "emu"), allow(dead_code))]
+fn missing_feature(what: &str, feature: &str) -> Error {
     Error::unsupported(format!(
-        "{what}: this library was built without the cuda feature (rebuild triattn with `--features cuda`)"
+        "{what}: this library was built without the {feature} feature (rebuild triattn with `--features {feature}`)"
     ))
 }
 
 /// Open CUDA device `ordinal` (its primary context).
-pub(super) fn open_cuda(ordinal: u32) -> Result<Device> {
+pub(super) fn open_cuda(ordinal: u32) -> Result<Backend> {
     #[cfg(feature = "cuda")]
     {
         let device = crate::cuda::CudaDevice::open(ordinal as usize)?;
-        Ok(Device { gpu: Some(std::sync::Arc::new(device)) })
+        Ok(Backend::Cuda(Arc::new(device)))
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = ordinal;
-        Err(no_cuda_feature("TRIATTN_BACKEND_CUDA"))
+        Err(missing_feature("TRIATTN_BACKEND_CUDA", "cuda"))
     }
 }
 
-/// A validated round plan and the device of the compressor it was made from.
+/// The SIMT layer (kernels on the CPU, host addresses for device addresses).
+pub(super) fn open_emu() -> Result<Backend> {
+    #[cfg(feature = "emu")]
+    {
+        Ok(Backend::Emu)
+    }
+    #[cfg(not(feature = "emu"))]
+    {
+        Err(missing_feature("TRIATTN_BACKEND_EMU", "emu"))
+    }
+}
+
+/// A validated round plan and the backend of the compressor it was made from. Shared (`Arc`)
+/// by the plan handle and every binding made from it, so either may be destroyed first.
 pub(super) struct Plan {
-    plan: crate::cuda::RoundPlan,
-    /// The cache bound by `triattn_plan_bind` (its block table and positions travel with every
-    /// run).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    bound: crate::cuda::CacheAddresses,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    device: Device,
+    plan: RoundPlan,
+    backend: Backend,
+}
+
+/// A workspace bound to one cache: the plan, the workspace base and the cache's addresses (its
+/// block-table row and positions travel with every run of this binding, never another's).
+pub(super) struct Binding {
+    plan: Arc<Plan>,
+    workspace: u64,
+    cache: CacheAddresses,
 }
 
 /// Check the fields of `s` for a model of `head_dim`, each error naming the field.
@@ -126,8 +128,8 @@ pub(super) fn create_plan(
     c: &triattn_compressor,
     s: &triattn_round_shape,
     prefix_lens: Option<&[usize]>,
-) -> Result<Plan> {
-    use crate::cuda::{CacheLayout, Compaction, PageOrder, PositionType, RoundPlan, RoundShape, RowStrides};
+) -> Result<Arc<Plan>> {
+    use crate::cuda::{CacheLayout, PageOrder, PositionType, RoundShape, RowStrides};
     use crate::variant::CompactMode;
     let (dtype, compaction, layout) = validate_shape(s, c.scorer.model.head_dim)?;
     let st = |head_stride, row_stride| RowStrides { head_stride, row_stride };
@@ -169,7 +171,7 @@ pub(super) fn create_plan(
             RoundPlan::new_batch(&c.scorer, &c.config, shape, p).map_err(|e| e.context("triattn_plan_create_batch"))?
         }
     };
-    Ok(Plan { plan, bound: Default::default(), device: c.device.clone() })
+    Ok(Arc::new(Plan { plan, backend: c.device.clone() }))
 }
 
 /// The sizes and output offsets of `p`.
@@ -177,6 +179,7 @@ pub(super) fn plan_info(p: &Plan) -> triattn_plan_info {
     let plan = &p.plan;
     let w = plan.layout();
     triattn_plan_info {
+        struct_size: std::mem::size_of::<triattn_plan_info>() as u32,
         workspace_bytes: plan.workspace_bytes(),
         workspace_alignment: crate::cuda::WORKSPACE_ALIGN,
         constants_bytes: w.constants_bytes,
@@ -199,161 +202,154 @@ pub(super) fn plan_info(p: &Plan) -> triattn_plan_info {
     }
 }
 
-/// The GPU a plan runs on, or why it has none.
-#[cfg(feature = "cuda")]
-fn gpu_of<'a>(p: &'a Plan, what: &str) -> Result<&'a crate::cuda::CudaBackend> {
-    p.device.gpu.as_deref().map(crate::cuda::CudaDevice::backend).ok_or_else(|| {
-        Error::new(
-            crate::error::ErrorKind::NoDevice,
-            format!(
-                "{what}: plan: expected a plan of a compressor from a TRIATTN_BACKEND_CUDA context (device rounds \
-                 run on a CUDA device), got one from a TRIATTN_BACKEND_CPU context"
-            ),
-        )
-    })
+/// The refusal of a plan of a CPU context: device rounds run on a kernel backend.
+fn cpu_plan(what: &str) -> Error {
+    Error::new(
+        ErrorKind::NoDevice,
+        format!(
+            "{what}: plan: expected a plan of a compressor from a TRIATTN_BACKEND_CUDA (or TRIATTN_BACKEND_EMU) \
+             context (device rounds run on the kernels), got one from a TRIATTN_BACKEND_CPU context"
+        ),
+    )
 }
 
 #[cfg(feature = "cuda")]
 fn driver(what: &str, e: cudarc::driver::DriverError) -> Error {
-    Error::new(crate::error::ErrorKind::Driver, format!("{what}: {e}")).with_source(e)
+    Error::new(ErrorKind::Driver, format!("{what}: {e}")).with_source(e)
 }
 
-fn check_workspace(workspace: *mut std::ffi::c_void) -> Result<u64> {
-    non_null("workspace", workspace)?;
-    let align = 256u64;
-    let addr = workspace as u64;
-    if addr % align != 0 {
-        return Err(Error::invalid_argument(
-            "workspace",
-            format!("a device address aligned to {align} bytes"),
-            format!("{addr:#x}"),
-        ));
-    }
-    Ok(addr)
-}
-
-/// Read one host array of `layers` device addresses; `None` when `ptr` is null.
+/// Read one host array of `count` device addresses; `None` when `ptr` is null.
 ///
 /// # Safety
-/// `ptr` is null or points to `layers` readable pointers.
-unsafe fn address_table(what: &str, ptr: *const *mut std::ffi::c_void, layers: usize) -> Result<Option<Vec<u64>>> {
+/// `ptr` is null or points to `count` readable pointers.
+unsafe fn address_table(what: &str, ptr: *const *mut std::ffi::c_void, count: usize) -> Result<Option<Vec<u64>>> {
     if ptr.is_null() {
         return Ok(None);
     }
-    // SAFETY: non-null; `layers` entries (caller contract).
-    let t = unsafe { std::slice::from_raw_parts(ptr, layers) };
+    // SAFETY: non-null; `count` entries (caller contract).
+    let t = unsafe { std::slice::from_raw_parts(ptr, count) };
     if let Some(i) = t.iter().position(|p| p.is_null()) {
         return Err(Error::invalid_argument(format!("{what}[{i}]"), "a non-null device address", "NULL"));
     }
     Ok(Some(t.iter().map(|&p| p as u64).collect()))
 }
 
-/// Copy `p`'s constants for the cache at `cache` into `workspace` on `stream`, load its kernels,
-/// and wait for the copy.
+/// The addresses of `cache` that `plan` reads, each table checked for presence and length.
+///
+/// # Safety
+/// As `triattn_plan_bind` (the arrays in `cache` hold `table_len` readable entries where
+/// non-null).
+unsafe fn cache_addresses(plan: &RoundPlan, cache: &triattn_cache_pointers) -> Result<CacheAddresses> {
+    let count = plan.table_len();
+    let needs_values = plan.stages().contains(&Stage::Compact);
+    let out_of_place = matches!(plan.shape().compaction, Compaction::OutOfPlace { .. });
+    let table = |what: &str, ptr: *const *mut std::ffi::c_void, needed: bool, why: &str| -> Result<Vec<u64>> {
+        if !needed {
+            return Ok(Vec::new());
+        }
+        // SAFETY: forwarded caller contract (`count` entries when non-null).
+        match unsafe { address_table(what, ptr, count)? } {
+            Some(t) => Ok(t),
+            None => Err(Error::invalid_argument(what, format!("an array of {count} device addresses ({why})"), "NULL")),
+        }
+    };
+    let paged = plan.contiguous_strides().is_none();
+    if paged == cache.block_table.is_null() {
+        return Err(Error::invalid_argument(
+            "cache.block_table",
+            if paged {
+                "the device address of the sequence's block-table row (paged cache)"
+            } else {
+                "NULL (contiguous cache)"
+            },
+            format!("{:#x}", cache.block_table as u64),
+        ));
+    }
+    Ok(CacheAddresses {
+        keys: table("cache.keys", cache.keys, true, "one K tensor per layer")?,
+        values: table("cache.values", cache.values, needs_values, "the round compacts V")?,
+        keys_out: table("cache.keys_out", cache.keys_out, out_of_place, "the round compacts out of place")?,
+        values_out: table("cache.values_out", cache.values_out, out_of_place, "the round compacts out of place")?,
+        block_table: cache.block_table as u64,
+        positions: cache.positions as u64,
+        positions_out: cache.positions_out as u64,
+    })
+}
+
+/// Bind `workspace` to the cache at `cache`: check every address, write the plan's constants
+/// for that cache into the workspace (on `stream`, waiting for the copy) and load the kernels.
 ///
 /// # Safety
 /// As `triattn_plan_bind`.
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(unused_variables, unreachable_code))]
 pub(super) unsafe fn bind(
-    p: &mut Plan,
+    plan: &Arc<Plan>,
     cache: &triattn_cache_pointers,
     workspace: *mut std::ffi::c_void,
     stream: *mut std::ffi::c_void,
-) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        use crate::cuda::{CacheAddresses, Compaction, Stage};
-        let gpu = gpu_of(p, "triattn_plan_bind")?;
-        let plan = &p.plan;
-        // `S * L` tensors, sequence-major (a paged cache: its `L` pools).
-        let layers = plan.table_len();
-        let needs_values = plan.stages().contains(&Stage::Compact);
-        let out_of_place = matches!(plan.shape().compaction, Compaction::OutOfPlace { .. });
-        let table = |what: &str, ptr: *const *mut std::ffi::c_void, needed: bool, why: &str| -> Result<Vec<u64>> {
-            if !needed {
-                return Ok(Vec::new());
-            }
-            // SAFETY: forwarded caller contract (`layers` entries when non-null).
-            match unsafe { address_table(what, ptr, layers)? } {
-                Some(t) => Ok(t),
-                None => {
-                    Err(Error::invalid_argument(what, format!("an array of {layers} device addresses ({why})"), "NULL"))
-                }
-            }
-        };
-        let addresses = CacheAddresses {
-            keys: table("cache.keys", cache.keys, true, "one K tensor per layer")?,
-            values: table("cache.values", cache.values, needs_values, "the round compacts V")?,
-            keys_out: table("cache.keys_out", cache.keys_out, out_of_place, "the round compacts out of place")?,
-            values_out: table("cache.values_out", cache.values_out, out_of_place, "the round compacts out of place")?,
-            block_table: cache.block_table as u64,
-            positions: cache.positions as u64,
-            positions_out: cache.positions_out as u64,
-        };
-        let paged = plan.contiguous_strides().is_none();
-        if paged == cache.block_table.is_null() {
-            return Err(Error::invalid_argument(
-                "cache.block_table",
-                if paged {
-                    "the device address of the sequence's block-table row (paged cache)"
-                } else {
-                    "NULL (contiguous cache)"
-                },
-                format!("{:#x}", cache.block_table as u64),
-            ));
+) -> Result<Binding> {
+    if plan.backend.is_cpu() {
+        return Err(cpu_plan("triattn_plan_bind"));
+    }
+    non_null("workspace", workspace)?;
+    // SAFETY: forwarded caller contract.
+    let addresses = unsafe { cache_addresses(&plan.plan, cache)? };
+    let ws = workspace as u64;
+    crate::cuda::check_workspace_address(ws)?;
+    let image = plan.plan.workspace_image(&addresses).map_err(|e| e.context("triattn_plan_bind"))?;
+    match &plan.backend {
+        Backend::Cpu => return Err(cpu_plan("triattn_plan_bind")),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let _ = stream;
+            // SAFETY: `workspace` is host memory of at least `workspace_bytes >= image.len()`
+            // bytes that nothing else accesses during the call (the emu contract of
+            // `triattn_plan_bind`); the image is a separate allocation.
+            unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), workspace.cast::<u8>(), image.len()) };
         }
-        let ws = check_workspace(workspace)?;
-        let image = plan.workspace_image(&addresses).map_err(|e| e.context("triattn_plan_bind"))?;
-        gpu.prepare_round(plan)?;
-        gpu.context().bind_to_thread().map_err(|e| driver("triattn_plan_bind: bind the CUDA context", e))?;
-        let stream = stream as cudarc::driver::sys::CUstream;
-        // SAFETY: `ws` is device memory of this context of at least `workspace_bytes` >=
-        // `image.len()` bytes and `stream` a stream of it (caller contract); the host image
-        // outlives the copy because the stream is synchronised before it is dropped.
-        unsafe { cudarc::driver::result::memcpy_htod_async(ws, &image, stream) }
-            .map_err(|e| driver("triattn_plan_bind: copy the workspace constants", e))?;
-        // SAFETY: as above.
-        unsafe { cudarc::driver::result::stream::synchronize(stream) }
-            .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))?;
-        p.bound = addresses;
-        Ok(())
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            let gpu = dev.backend();
+            gpu.prepare_round(&plan.plan)?;
+            let stream = stream as cudarc::driver::sys::CUstream;
+            gpu.context().bind_to_thread().map_err(|e| driver("triattn_plan_bind: bind the CUDA context", e))?;
+            // SAFETY: `ws` is device memory of this context of at least `workspace_bytes` >=
+            // `image.len()` bytes and `stream` a stream of it (caller contract); the host image
+            // outlives the copy because the stream is synchronised before it is dropped.
+            unsafe { cudarc::driver::result::memcpy_htod_async(ws, &image, stream) }
+                .map_err(|e| driver("triattn_plan_bind: copy the workspace constants", e))?;
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::stream::synchronize(stream) }
+                .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))?;
+        }
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (p, cache, workspace, stream, address_table, check_workspace);
-        Err(no_cuda_feature("triattn_plan_bind"))
-    }
+    Ok(Binding { plan: plan.clone(), workspace: ws, cache: addresses })
 }
 
-/// Launch `p` on `stream`: launches only.
+/// Launch the round of binding `b` on `stream`: launches only.
 ///
 /// # Safety
-/// As `triattn_plan_run`.
-pub(super) unsafe fn run(
-    p: &Plan,
-    workspace: *mut std::ffi::c_void,
-    round_start: *const i64,
-    stream: *mut std::ffi::c_void,
-) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        let gpu = gpu_of(p, "triattn_plan_run")?;
-        let ws = check_workspace(workspace)?;
-        non_null("round_start_device", round_start)?;
-        if round_start as u64 % 8 != 0 {
-            return Err(Error::invalid_argument(
-                "round_start_device",
-                "a device address aligned to 8 bytes",
-                format!("{:#x}", round_start as u64),
-            ));
+/// As `triattn_binding_run`.
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(unused_variables))]
+pub(super) unsafe fn run(b: &Binding, round_start: *const i64, stream: *mut std::ffi::c_void) -> Result<()> {
+    non_null("round_start_device", round_start)?;
+    let at = RoundAddresses::bound(b.workspace, round_start as u64, &b.cache);
+    match &b.plan.backend {
+        Backend::Cpu => Err(cpu_plan("triattn_binding_run")),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let _ = stream;
+            let mut launcher = crate::emu::EmuLauncher::default();
+            // SAFETY: the caller's contract: the workspace was bound to a live cache of the
+            // planned shape (host memory under emu), `round_start` is a readable i64 >= len.
+            unsafe { b.plan.plan.run(&mut launcher, &at) }.map_err(|e| e.context("triattn_binding_run"))
         }
-        // SAFETY: the caller's contract (a workspace bound by `triattn_plan_bind` to a live cache
-        // of the planned shape, a device int64 >= len, a stream of this device's context).
-        let at = crate::cuda::RoundAddresses::bound(ws, round_start as u64, &p.bound);
-        unsafe { gpu.run_round(&p.plan, &at, stream as cudarc::driver::sys::CUstream) }
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (p, workspace, round_start, stream);
-        Err(no_cuda_feature("triattn_plan_run"))
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            // SAFETY: the caller's contract (a workspace bound to a live cache of the planned
+            // shape, a device int64 >= len, a stream of this device's context).
+            unsafe { dev.backend().run_round(&b.plan.plan, &at, stream as cudarc::driver::sys::CUstream) }
+                .map_err(|e| e.context("triattn_binding_run"))
+        }
     }
 }

@@ -3,15 +3,20 @@
 //! Every function returns a [`triattn_status`], checks its pointers, runs inside a panic
 //! boundary and writes its outputs only on success. The message of the last failure on the
 //! calling thread is read with [`triattn_last_error`]. Handles are opaque; each `*_create` has a
-//! matching `*_destroy` that accepts null.
+//! matching `*_destroy` that accepts null. Structs the caller fills or receives start with
+//! `struct_size` (set it to `sizeof` the struct): a library refuses a struct of another size by
+//! name, so the ABI can grow. The header's preamble (`cbindgen.toml`) states the thread-safety
+//! rules of every handle.
 //!
 //! Two kinds of round: on host buffers ([`triattn_round_host`]: the CPU, or the GPU of a CUDA
-//! context with the keys copied there and back), and on
-//! device pointers on the caller's CUDA stream ([`triattn_plan_create`], [`triattn_plan_bind`],
-//! [`triattn_plan_run`]): the engine owns the workspace, the cache and the stream, and a run only
-//! launches kernels (no allocation, copy or synchronisation), so it can be captured in a CUDA
-//! graph. Streams travel as `void*` (a `CUstream` / `cudaStream_t`), so the header needs no CUDA
-//! header.
+//! context with the keys copied there and back), and on device pointers on the caller's CUDA
+//! stream: a plan ([`triattn_plan_create`]) once per cache shape, a binding
+//! ([`triattn_plan_bind`]) per workspace and cache, then [`triattn_binding_run`] per round. The
+//! engine owns the workspace, the cache and the stream, and a run only launches kernels (no
+//! allocation, copy or synchronisation), so it can be captured in a CUDA graph. Streams travel
+//! as `void*` (a `CUstream` / `cudaStream_t`), so the header needs no CUDA header. An emu
+//! context (`TRIATTN_BACKEND_EMU`, feature `emu`) runs the same plan, bind and run calls with
+//! the kernels on the CPU over host memory.
 #![allow(non_camel_case_types)]
 
 mod device;
@@ -27,7 +32,7 @@ use crate::cache::LayerView;
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::ModelConfig;
 use crate::policy::{CompressionConfig, RoundOutcome};
-use crate::round::{self, Scorer};
+use crate::round::{self, Backend, Scorer};
 use crate::stats::Stats;
 use crate::DType;
 
@@ -128,16 +133,20 @@ pub unsafe extern "C" fn triattn_config_default(preset: u32, out: *mut triattn_c
     })
 }
 
-/// Opaque library context: the backend rounds run on (and, for CUDA, the device).
+/// Opaque library context: the backend rounds run on (and, for CUDA, the device). Immutable
+/// after creation: may be shared by threads.
 pub struct triattn_context {
-    device: device::Device,
+    device: Backend,
 }
 
-/// Create a context for `backend` (a `triattn_backend` value): `TRIATTN_BACKEND_CPU`, or
-/// `TRIATTN_BACKEND_CUDA` for CUDA device 0 (as `triattn_context_create_cuda(0, out)`).
+/// Create a context for `backend` (a `triattn_backend` value): `TRIATTN_BACKEND_CPU`,
+/// `TRIATTN_BACKEND_CUDA` for CUDA device 0 (as `triattn_context_create_cuda(0, out)`), or
+/// `TRIATTN_BACKEND_EMU` (the kernels on the CPU; host addresses where device rounds take device
+/// addresses).
 ///
 /// A CUDA context needs a library built with the `cuda` feature (else
-/// `TRIATTN_STATUS_UNSUPPORTED`) and a driver and device (else `TRIATTN_STATUS_NO_DEVICE`).
+/// `TRIATTN_STATUS_UNSUPPORTED`) and a driver and device (else `TRIATTN_STATUS_NO_DEVICE`); an
+/// emu context a library built with the `emu` feature (else `TRIATTN_STATUS_UNSUPPORTED`).
 ///
 /// # Safety
 /// `out` is null (an error) or points to writable storage for a handle.
@@ -147,8 +156,9 @@ pub unsafe extern "C" fn triattn_context_create(backend: u32, out: *mut *mut tri
         non_null("out", out)?;
         let backend = triattn_backend::from_c("backend", backend)?;
         let device = match backend {
-            triattn_backend::Cpu => device::Device::default(),
+            triattn_backend::Cpu => Backend::Cpu,
             triattn_backend::Cuda => device::open_cuda(0)?,
+            triattn_backend::Emu => device::open_emu()?,
         };
         let ctx = Box::into_raw(Box::new(triattn_context { device }));
         // SAFETY: non-null (checked) and writable (caller contract).
@@ -183,7 +193,8 @@ pub unsafe extern "C" fn triattn_context_create_cuda(
 /// Destroy a context (null is ignored).
 ///
 /// # Safety
-/// `ctx` is null or a handle from `triattn_context_create` not yet destroyed.
+/// `ctx` is null or a handle from `triattn_context_create` not yet destroyed, and no call with it
+/// is in progress on another thread. Compressors made from it stay valid.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
     if !ctx.is_null() {
@@ -192,9 +203,11 @@ pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
     }
 }
 
-/// Opaque compressor: policy, model RoPE and statistics (and the device of its context).
+/// Opaque compressor: policy, model RoPE and statistics (and the backend of its context).
+/// Immutable after creation: may be shared by threads (host rounds and plans from several
+/// threads at once).
 pub struct triattn_compressor {
-    device: device::Device,
+    device: Backend,
     config: CompressionConfig,
     scorer: Scorer,
 }
@@ -222,7 +235,7 @@ pub unsafe extern "C" fn triattn_compressor_create(
                 (*ctx).device.clone(),
                 path_arg("model_config_path", model_config_path)?,
                 path_arg("stats_path", stats_path)?,
-                &*config,
+                read_versioned("config", config)?,
             )
         };
         let config = config.to_rust()?;
@@ -240,7 +253,8 @@ pub unsafe extern "C" fn triattn_compressor_create(
 /// Destroy a compressor (null is ignored).
 ///
 /// # Safety
-/// `c` is null or a handle from `triattn_compressor_create` not yet destroyed.
+/// `c` is null or a handle from `triattn_compressor_create` not yet destroyed, and no call with
+/// it is in progress on another thread. Plans made from it stay valid.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_compressor_destroy(c: *mut triattn_compressor) {
     if !c.is_null() {
@@ -266,15 +280,15 @@ pub unsafe extern "C" fn triattn_compressor_shape(
         let c = unsafe { &*c };
         let m = &c.scorer.model;
         let shape = triattn_shape {
+            struct_size: std::mem::size_of::<triattn_shape>() as u32,
             num_layers: m.num_layers,
             num_heads: m.num_heads,
             num_kv_heads: m.num_kv_heads,
             head_dim: m.head_dim,
             num_keep_sets: c.config.mode.num_sets(m.num_layers, m.num_kv_heads),
         };
-        // SAFETY: checked non-null; writable (caller contract).
-        unsafe { out.write(shape) };
-        Ok(())
+        // SAFETY: checked non-null; writable, `struct_size` set (caller contract).
+        unsafe { write_versioned("out", out, shape) }
     })
 }
 
@@ -300,12 +314,17 @@ pub unsafe extern "C" fn triattn_compressor_round_due(
 }
 
 /// Run one round over host key buffers and write the keep sets: on the CPU for a compressor of a
-/// CPU context; every stage on the GPU (keys copied there and back) for one of a CUDA context.
+/// CPU context; every stage on the kernels (keys copied to the GPU and back, or run by the emu
+/// layer) for one of a CUDA or emu context.
 ///
 /// `args.keys[l]` points to layer `l`'s keys, `[Hkv, n, head_dim]` contiguous, of `args.dtype`.
 /// On success `args.keep` holds `num_keep_sets` rows of `*kept` ascending slot indices (row
-/// stride `args.keep_row_stride`, at least `min(budget, n)`), `args.score` (if not null)
-/// `num_keep_sets x n` reduced scores, and `*outcome` what happened.
+/// stride `args.keep_row_stride`), `args.score` (if not null) `num_keep_sets x n` reduced scores,
+/// and `*outcome` what happened. `*kept` is `budget` when the round compresses, and `n` (every
+/// slot) when it does not evict: within budget, or skipped because the protected slots (prompt
+/// and window) reach the budget — so `keep_row_stride` must be at least `budget` when the round
+/// compresses and at least `n` otherwise (`n` always suffices); a shorter stride is refused
+/// before anything is written.
 ///
 /// # Safety
 /// `c` is a live compressor; every pointer in `args` is valid for the sizes above; `kept` and
@@ -323,9 +342,9 @@ pub unsafe extern "C" fn triattn_round_host(
         non_null("kept", kept)?;
         non_null("outcome", outcome)?;
         // SAFETY: checked non-null; live handle and readable args (caller contract).
-        let (c, a) = unsafe { (&*c, &*args) };
+        let (c, a) = unsafe { (&*c, read_versioned("args", args)?) };
         // SAFETY: forwarded caller contract on the buffers in `a`.
-        let (result_kept, result_outcome) = unsafe { round_host(c, a)? };
+        let (result_kept, result_outcome) = unsafe { round_host(c, &a)? };
         // SAFETY: checked non-null; writable (caller contract).
         unsafe {
             kept.write(result_kept);
@@ -338,18 +357,23 @@ pub unsafe extern "C" fn triattn_round_host(
 /// # Safety
 /// As [`triattn_round_host`].
 unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(usize, triattn_outcome)> {
-    let backend = c.device.round_backend();
+    let backend = c.device.clone();
     let m = &c.scorer.model;
     non_null("args.keys", a.keys)?;
     non_null("args.keep", a.keep)?;
     let sets = c.config.mode.num_sets(m.num_layers, m.num_kv_heads);
-    let need = c.config.budget.min(a.n);
+    // The shape fixes how many slots each set keeps: the budget, or all n when nothing is evicted.
+    let outcome = c.config.outcome(a.n, a.prefix_len.min(a.n));
+    let need = outcome.kept(a.n);
     if a.keep_row_stride < need {
-        return Err(Error::invalid_argument(
-            "args.keep_row_stride",
-            format!(">= {need} (min(budget, n))"),
-            a.keep_row_stride,
-        ));
+        let why = match outcome {
+            RoundOutcome::Compressed { .. } => "the budget: the round compresses",
+            RoundOutcome::WithinBudget => "n: the cache is within budget, every slot is kept",
+            RoundOutcome::Skipped(_) => {
+                "n: the protected slots reach the budget, the round is skipped and keeps every slot"
+            }
+        };
+        return Err(Error::invalid_argument("args.keep_row_stride", format!(">= {need} ({why})"), a.keep_row_stride));
     }
     let elems = m.num_kv_heads * a.n * m.head_dim;
     // SAFETY: `keys` holds `num_layers` pointers (caller contract).
@@ -398,15 +422,21 @@ unsafe fn round_host(c: &triattn_compressor, a: &triattn_host_round) -> Result<(
             &views::<half::bf16>(ptrs, elems, hkv, n, d)?,
             a.round_start,
             a.prefix_len,
-            backend.clone(),
+            backend,
         )?,
     };
-    let kept = result.keep[0].len();
-    // SAFETY: `keep` has `sets * keep_row_stride` writable i32 (caller contract).
+    let kept = result.outcome.kept(a.n);
+    // An invariant of every backend (a panic here is caught at the boundary and reported as a bug).
+    assert!(
+        result.keep.len() == sets && result.keep.iter().all(|set| set.len() == kept) && kept <= a.keep_row_stride,
+        "a round of {sets} sets of {kept} slots returned other sets"
+    );
+    // SAFETY: `keep` has `sets * keep_row_stride` writable i32 (caller contract); every set holds
+    // `kept <= keep_row_stride` slots (checked), so each row's writes stay inside it.
     let keep_out = unsafe { std::slice::from_raw_parts_mut(a.keep, sets * a.keep_row_stride) };
-    for (s, set) in result.keep.iter().enumerate() {
-        for (i, &slot) in set.iter().enumerate() {
-            keep_out[s * a.keep_row_stride + i] = slot as i32;
+    for (row, set) in keep_out.chunks_mut(a.keep_row_stride).zip(&result.keep) {
+        for (dst, &slot) in row.iter_mut().zip(set) {
+            *dst = slot as i32;
         }
     }
     if !a.score.is_null() {
@@ -468,16 +498,27 @@ pub unsafe extern "C" fn triattn_compact_host(
 
 /// Opaque round plan: one compressor's round over caches of one shape, validated on the host,
 /// with its workspace layout. One plan serves every round of that shape (in the steady state of a
-/// decode, every round of a sequence); several workspaces may be bound to one plan.
+/// decode, every round of a sequence) and any number of bindings (one per workspace and cache).
+/// Immutable after creation: may be shared by threads.
 pub struct triattn_plan {
-    inner: device::Plan,
+    inner: std::sync::Arc<device::Plan>,
+}
+
+/// Opaque binding: a plan's workspace bound to one cache (its layer addresses, block-table row
+/// and positions). Each run of a binding reads and writes its workspace and cache: runs of one
+/// binding (or of bindings that share a workspace or a cache) must be ordered by the caller (the
+/// same stream, or events); bindings of distinct workspaces and caches run concurrently. The
+/// handle itself may be used from any thread.
+pub struct triattn_binding {
+    inner: device::Binding,
 }
 
 /// Plan a device round of compressor `c` over caches of `shape` (host-only: no device work).
 ///
 /// Every field of `shape` is checked on entry (errors name it, with expected vs got). Planning
-/// works in every build; binding and running need the `cuda` feature and a compressor of a CUDA
-/// context (a plan of a CPU context can be planned and inspected but not bound or run).
+/// works in every build; binding and running need a compressor of a CUDA context (feature
+/// `cuda`) or an emu context (feature `emu`): a plan of a CPU context can be planned and
+/// inspected but not bound.
 ///
 /// # Safety
 /// `c` is a live compressor; `shape` points to a `triattn_round_shape`; `out` points to writable
@@ -493,8 +534,8 @@ pub unsafe extern "C" fn triattn_plan_create(
         non_null("shape", shape)?;
         non_null("out", out)?;
         // SAFETY: checked non-null; live handle and readable shape (caller contract).
-        let (c, shape) = unsafe { (&*c, &*shape) };
-        let plan = device::create_plan(c, shape, None)?;
+        let (c, shape) = unsafe { (&*c, read_versioned("shape", shape)?) };
+        let plan = device::create_plan(c, &shape, None)?;
         let handle = Box::into_raw(Box::new(triattn_plan { inner: plan }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
@@ -506,7 +547,7 @@ pub unsafe extern "C" fn triattn_plan_create(
 /// compaction) but each have their own prompt length (`prefix_lens[s]`, replacing
 /// `shape->prefix_len`) and round_start: one launch per stage for the whole batch.
 ///
-/// Binding then takes `num_seqs * num_layers` addresses per table (sequence-major; a paged cache:
+/// A binding then takes `num_seqs * num_layers` addresses per table (sequence-major; a paged cache:
 /// its `num_layers` pools and a block table `int32[num_seqs, max_blocks]` of blocks distinct
 /// across the batch), a run reads `int64 round_start[num_seqs]`, and the outputs of sequence `s`
 /// sit at the info's offsets plus `s` times the per-sequence bytes (`keep_bytes / num_seqs`, ...).
@@ -533,8 +574,9 @@ pub unsafe extern "C" fn triattn_plan_create_batch(
         }
         // SAFETY: checked non-null; live handle, readable shape and `num_seqs` prefix lengths
         // (caller contract).
-        let (c, shape, prefixes) = unsafe { (&*c, &*shape, std::slice::from_raw_parts(prefix_lens, num_seqs)) };
-        let plan = device::create_plan(c, shape, Some(prefixes))?;
+        let (c, shape, prefixes) =
+            unsafe { (&*c, read_versioned("shape", shape)?, std::slice::from_raw_parts(prefix_lens, num_seqs)) };
+        let plan = device::create_plan(c, &shape, Some(prefixes))?;
         let handle = Box::into_raw(Box::new(triattn_plan { inner: plan }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
@@ -545,7 +587,8 @@ pub unsafe extern "C" fn triattn_plan_create_batch(
 /// The workspace a plan needs and where a run leaves its outputs (byte offsets in the workspace).
 ///
 /// # Safety
-/// `plan` is a live plan; `out` points to a writable `triattn_plan_info`.
+/// `plan` is a live plan; `out` points to a writable `triattn_plan_info` whose `struct_size` is
+/// set.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_plan_get_info(
     plan: *const triattn_plan,
@@ -555,75 +598,103 @@ pub unsafe extern "C" fn triattn_plan_get_info(
         non_null("plan", plan)?;
         non_null("out", out)?;
         // SAFETY: checked non-null; live handle and writable output (caller contract).
-        unsafe { out.write(device::plan_info(&(*plan).inner)) };
-        Ok(())
+        unsafe { write_versioned("out", out, device::plan_info(&(*plan).inner)) }
     })
 }
 
-/// Bind `workspace` to the cache at `cache`: load the plan's kernels, copy the per-cache
-/// constants (statistics, frequencies, the per-layer K/V address tables) into the first
+/// Bind `workspace` to the cache at `cache` and return the binding in `*out`: check every
+/// address (non-null where required, K/V bases 16-byte aligned, the block table 4-byte and
+/// positions aligned to their type, the workspace to 256), load the plan's kernels, copy the
+/// per-cache constants (statistics, frequencies, the K/V address tables) into the first
 /// `constants_bytes` of `workspace` on `stream`, and synchronise `stream` before returning.
 ///
 /// A setup step, not part of the captured round: call it once per workspace, again only when
-/// the cache moves (new layer addresses), and never while `stream` is being captured. The
-/// workspace is the caller's device memory of `workspace_bytes`, aligned to 256 (cudaMalloc's
-/// alignment); the library never allocates it.
+/// the cache moves (new layer addresses), and never while `stream` is being captured. Bind one
+/// workspace per sequence (or per batch): each binding carries its own cache, block-table row
+/// and positions, and a run of one binding never touches another's. The workspace is the
+/// caller's device memory of `workspace_bytes`, aligned to 256 (cudaMalloc's alignment); the
+/// library never allocates it. The binding keeps the plan alive: the plan handle may be
+/// destroyed first.
 ///
 /// # Safety
-/// `plan` is a live plan of a CUDA context; the arrays in `cache` hold `num_layers` device
-/// addresses each where required (`keys` always, `values` when the round compacts, the `*_out`
-/// arrays out of place; a paged plan's `block_table` the sequence's block-table row on the
-/// device, which every later run of this plan reads); `workspace` is device memory of that
-/// context of at least `workspace_bytes`; `stream` is NULL (the legacy default stream) or a
-/// stream of that context.
+/// `plan` is a live plan of a CUDA or emu context; `cache` points to a `triattn_cache_pointers`
+/// whose arrays hold `num_layers` device addresses each where required (`keys` always, `values`
+/// when the round compacts, the `*_out` arrays out of place; a paged plan's `block_table` the
+/// sequence's block-table row on the device, which every run of this binding reads);
+/// `workspace` is device memory of that context of at least `workspace_bytes`; `stream` is NULL
+/// (the legacy default stream) or a stream of that context (ignored under emu, where every
+/// address is host memory); `out` points to writable storage for a handle.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_plan_bind(
-    plan: *mut triattn_plan,
+    plan: *const triattn_plan,
     cache: *const triattn_cache_pointers,
     workspace: *mut std::ffi::c_void,
     stream: *mut std::ffi::c_void,
+    out: *mut *mut triattn_binding,
 ) -> triattn_status {
     boundary(|| {
         non_null("plan", plan)?;
         non_null("cache", cache)?;
+        non_null("out", out)?;
         // SAFETY: checked non-null; live handle and readable pointers (caller contract).
-        unsafe { device::bind(&mut (*plan).inner, &*cache, workspace, stream) }
+        let binding = unsafe {
+            let cache = read_versioned("cache", cache)?;
+            device::bind(&(*plan).inner, &cache, workspace, stream)?
+        };
+        let handle = Box::into_raw(Box::new(triattn_binding { inner: binding }));
+        // SAFETY: non-null (checked) and writable (caller contract).
+        unsafe { out.write(handle) };
+        Ok(())
     })
 }
 
-/// Launch one round on `stream`: nothing but kernel launches (no allocation, no copy, no
-/// synchronisation), so it can be captured in a CUDA graph and replayed.
+/// Launch one round of `binding` on `stream`: nothing but kernel launches (no allocation, no
+/// copy, no synchronisation), so it can be captured in a CUDA graph and replayed.
 ///
 /// `round_start_device` is the device address of one int64 per sequence (a batch plan: `num_seqs`
-/// of them), the tokens seen so far (>= len),
-/// read by the kernels when they run: write it in stream order (e.g. cudaMemcpyAsync) before
-/// each launch or replay. The keep sets, scores and slot map land at the offsets of
-/// `triattn_plan_info`; with an in-place or out-of-place compaction K and V are moved too.
+/// of them, 8-byte aligned), the tokens seen so far (>= len), read by the kernels when they run:
+/// write it in stream order (e.g. cudaMemcpyAsync) before each launch or replay. The keep sets,
+/// scores and slot map land in the binding's workspace at the offsets of `triattn_plan_info`;
+/// with an in-place or out-of-place compaction K and V are moved too.
 ///
 /// # Safety
-/// `workspace` was bound by `triattn_plan_bind` of this plan to a cache that is still alive and
-/// holds `len` slots at the planned strides (out of place: destinations of `kept` slots, not
-/// overlapping the source); `stream` is NULL or a stream of the plan's device context; nothing
-/// else touches the workspace or the cache until the round has run.
+/// `binding` is a live binding whose cache is still alive and holds `len` slots at the planned
+/// strides (out of place: destinations of `kept` slots, not overlapping the source); `stream`
+/// is NULL or a stream of the plan's device context; nothing else touches the workspace or the
+/// cache until the round has run.
 #[no_mangle]
-pub unsafe extern "C" fn triattn_plan_run(
-    plan: *const triattn_plan,
-    workspace: *mut std::ffi::c_void,
+pub unsafe extern "C" fn triattn_binding_run(
+    binding: *const triattn_binding,
     round_start_device: *const i64,
     stream: *mut std::ffi::c_void,
 ) -> triattn_status {
     boundary(|| {
-        non_null("plan", plan)?;
+        non_null("binding", binding)?;
         // SAFETY: checked non-null; live handle; the rest is the caller's contract.
-        unsafe { device::run(&(*plan).inner, workspace, round_start_device, stream) }
+        unsafe { device::run(&(*binding).inner, round_start_device, stream) }
     })
 }
 
-/// Destroy a plan (null is ignored). Work already queued with it may still be running: the
-/// plan holds nothing the device reads.
+/// Destroy a binding (null is ignored). Work already queued with it may still be running: the
+/// binding holds nothing the device reads (the workspace and cache are the caller's).
 ///
 /// # Safety
-/// `plan` is null or a handle from `triattn_plan_create` not yet destroyed.
+/// `binding` is null or a handle from `triattn_plan_bind` not yet destroyed, and no call with it
+/// is in progress on another thread.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_binding_destroy(binding: *mut triattn_binding) {
+    if !binding.is_null() {
+        // SAFETY: created by Box::into_raw in triattn_plan_bind, destroyed once.
+        drop(unsafe { Box::from_raw(binding) });
+    }
+}
+
+/// Destroy a plan (null is ignored). Bindings made from it stay valid; work already queued
+/// with it may still be running: the plan holds nothing the device reads.
+///
+/// # Safety
+/// `plan` is null or a handle from `triattn_plan_create` not yet destroyed, and no call with it
+/// is in progress on another thread.
 #[no_mangle]
 pub unsafe extern "C" fn triattn_plan_destroy(plan: *mut triattn_plan) {
     if !plan.is_null() {

@@ -8,7 +8,7 @@ use crate::DType;
 /// Major version.
 pub const TRIATTN_VERSION_MAJOR: u32 = 0;
 /// Minor version.
-pub const TRIATTN_VERSION_MINOR: u32 = 1;
+pub const TRIATTN_VERSION_MINOR: u32 = 2;
 /// Patch version.
 pub const TRIATTN_VERSION_PATCH: u32 = 0;
 
@@ -48,6 +48,11 @@ pub enum triattn_backend {
     Cpu = 0,
     /// A CUDA device.
     Cuda = 1,
+    /// The CUDA kernels run on the CPU by the library's SIMT layer (a build with the `emu`
+    /// feature): device rounds take host addresses where a GPU takes device addresses, streams
+    /// are ignored and every call runs synchronously. Slow; for testing an engine's integration
+    /// (plans, bindings, workspaces, paged caches) on a machine without a GPU.
+    Emu = 2,
 }
 
 /// Semantics preset.
@@ -70,7 +75,15 @@ fn decode<T: Copy>(what: &str, v: u32, values: &[(u32, &str, T)]) -> Result<T> {
 
 impl triattn_backend {
     pub(crate) fn from_c(what: &str, v: u32) -> Result<Self> {
-        decode(what, v, &[(0, "TRIATTN_BACKEND_CPU", Self::Cpu), (1, "TRIATTN_BACKEND_CUDA", Self::Cuda)])
+        decode(
+            what,
+            v,
+            &[
+                (0, "TRIATTN_BACKEND_CPU", Self::Cpu),
+                (1, "TRIATTN_BACKEND_CUDA", Self::Cuda),
+                (2, "TRIATTN_BACKEND_EMU", Self::Emu),
+            ],
+        )
     }
 }
 
@@ -180,6 +193,8 @@ pub enum triattn_outcome {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_config {
+    /// `sizeof(triattn_config)`, written by `triattn_config_default`: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// Semantics: a `triattn_preset` value (C enums travel as uint32_t and are checked on entry).
     pub preset: u32,
     /// Selection mode: a `triattn_mode` value.
@@ -221,6 +236,7 @@ impl triattn_config {
             OffsetAggregation::Max => triattn_aggregation::Max,
         };
         Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
             preset: match c.preset {
                 Preset::Paper => triattn_preset::Paper,
                 Preset::Vllm => triattn_preset::Vllm,
@@ -297,6 +313,8 @@ impl triattn_config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_shape {
+    /// `sizeof(triattn_shape)`, set by the caller before the call: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// Layers.
     pub num_layers: usize,
     /// Attention heads.
@@ -313,6 +331,8 @@ pub struct triattn_shape {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_host_round {
+    /// `sizeof(triattn_host_round)`, set by the caller: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// Element type of the keys: a `triattn_dtype` value.
     pub dtype: u32,
     /// `num_layers` pointers, each to `[num_kv_heads, n, head_dim]` contiguous keys.
@@ -422,8 +442,10 @@ impl triattn_layout {
 /// block-table row (the stride fields are ignored). Enum fields travel as uint32_t and are
 /// checked on entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct triattn_round_shape {
+    /// `sizeof(triattn_round_shape)`, set by the caller: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// Element type of K and V: a `triattn_dtype` value.
     pub dtype: u32,
     /// Cached slots N per (layer, KV head), >= 1.
@@ -468,6 +490,8 @@ pub struct triattn_round_shape {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_plan_info {
+    /// `sizeof(triattn_plan_info)`, set by the caller before the call: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// Bytes of device workspace the caller provides.
     pub workspace_bytes: usize,
     /// Required alignment of the workspace base (256).
@@ -507,6 +531,8 @@ pub struct triattn_plan_info {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct triattn_cache_pointers {
+    /// `sizeof(triattn_cache_pointers)`, set by the caller: the ABI version of this struct (checked on entry).
+    pub struct_size: u32,
     /// K tensor of each layer (always required).
     pub keys: *const *mut std::ffi::c_void,
     /// V tensor of each layer (required when the round compacts, else may be NULL).
@@ -525,4 +551,125 @@ pub struct triattn_cache_pointers {
     pub positions: *mut std::ffi::c_void,
     /// Out of place with positions: the device address of the kept positions `[sets, kept]`.
     pub positions_out: *mut std::ffi::c_void,
+}
+
+impl Default for triattn_round_shape {
+    /// Every field zero (contiguous layout, no positions, keep sets only, f32) but `struct_size`.
+    fn default() -> Self {
+        Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            dtype: 0,
+            len: 0,
+            prefix_len: 0,
+            value_dim: 0,
+            key_head_stride: 0,
+            key_row_stride: 0,
+            value_head_stride: 0,
+            value_row_stride: 0,
+            compaction: 0,
+            dst_key_head_stride: 0,
+            dst_key_row_stride: 0,
+            dst_value_head_stride: 0,
+            dst_value_row_stride: 0,
+            layout: 0,
+            block_size: 0,
+            num_blocks: 0,
+            max_blocks: 0,
+            positions: 0,
+        }
+    }
+}
+
+impl Default for triattn_cache_pointers {
+    /// Every pointer null but `struct_size`.
+    fn default() -> Self {
+        Self {
+            struct_size: std::mem::size_of::<Self>() as u32,
+            keys: std::ptr::null(),
+            values: std::ptr::null(),
+            keys_out: std::ptr::null(),
+            values_out: std::ptr::null(),
+            block_table: std::ptr::null(),
+            positions: std::ptr::null_mut(),
+            positions_out: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// A struct the caller versions with a leading `uint32_t struct_size`.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]` with `struct_size: u32` as their first field.
+pub(crate) unsafe trait Versioned: Copy {
+    /// The C name, for messages.
+    const NAME: &'static str;
+}
+
+macro_rules! versioned {
+    ($($t:ident),*) => {$(
+        // SAFETY: `#[repr(C)]` with `struct_size: u32` first (see the definition above).
+        unsafe impl Versioned for $t {
+            const NAME: &'static str = stringify!($t);
+        }
+    )*};
+}
+versioned!(
+    triattn_config,
+    triattn_shape,
+    triattn_host_round,
+    triattn_round_shape,
+    triattn_plan_info,
+    triattn_cache_pointers
+);
+
+/// Check the `struct_size` at `p` against this library's `sizeof(T)`.
+///
+/// # Safety
+/// `p` is non-null and points to at least 4 readable bytes (the caller's `struct_size`).
+unsafe fn check_size<T: Versioned>(what: &str, p: *const T) -> Result<()> {
+    // SAFETY: the caller's contract: the first field, a u32, is readable.
+    let got = unsafe { p.cast::<u32>().read_unaligned() };
+    let want = std::mem::size_of::<T>();
+    if got as usize != want {
+        return Err(Error::invalid_argument(
+            format!("{what}.struct_size"),
+            format!(
+                "sizeof({}) = {want} of triattn {}.{}.{} (set it to sizeof({}) from this library's header)",
+                T::NAME,
+                TRIATTN_VERSION_MAJOR,
+                TRIATTN_VERSION_MINOR,
+                TRIATTN_VERSION_PATCH,
+                T::NAME
+            ),
+            got,
+        ));
+    }
+    Ok(())
+}
+
+/// Read a versioned input struct after checking its `struct_size`.
+///
+/// # Safety
+/// `p` is non-null and points to a `T` of the caller's header version (at least its
+/// `struct_size` is readable; the rest is read only when the size matches).
+pub(crate) unsafe fn read_versioned<T: Versioned>(what: &str, p: *const T) -> Result<T> {
+    // SAFETY: forwarded; a matching size means a whole `T` is readable.
+    unsafe {
+        check_size(what, p)?;
+        Ok(p.read())
+    }
+}
+
+/// Write a versioned output struct whose `struct_size` the caller set, after checking it.
+///
+/// # Safety
+/// `p` is non-null and points to a writable `T` of the caller's header version whose
+/// `struct_size` is initialised.
+pub(crate) unsafe fn write_versioned<T: Versioned>(what: &str, p: *mut T, value: T) -> Result<()> {
+    // SAFETY: forwarded; a matching size means a whole `T` is writable.
+    unsafe {
+        check_size(what, p)?;
+        p.write(value);
+    }
+    Ok(())
 }
