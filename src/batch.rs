@@ -222,7 +222,7 @@ impl Compressor {
             let config = *config;
             let plan = RoundPlan::new_batch(self.scorer(), &config, shape, &prefixes)
                 .map_err(|e| e.context(format!("batch item {first_i}")))?;
-            let (outputs, timings) = {
+            let crate::cuda::HostRound { outputs, timings } = {
                 let mut keys: Vec<&mut [T]> = Vec::new();
                 let mut values: Vec<&mut [T]> = Vec::new();
                 let mut chosen: Vec<&mut (usize, (&mut BatchItem<'_, T>, CompressionConfig))> =
@@ -232,7 +232,8 @@ impl Compressor {
                     keys.extend(cache.k.iter_mut().map(Vec::as_mut_slice));
                     values.extend(cache.v.iter_mut().map(Vec::as_mut_slice));
                 }
-                crate::round::device_round_batch(self.backend(), &plan, &mut keys, &mut values, &starts)
+                self.backend()
+                    .round_in_place(&plan, &mut keys, &mut values, &starts)
                     .map_err(|e| e.context(format!("batch items {members:?}")))?
             };
             for (&at, out) in members.iter().zip(outputs) {

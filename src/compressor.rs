@@ -216,10 +216,9 @@ impl Compressor {
         let plan = RoundPlan::new(&self.scorer, config, shape)?;
         let mut k: Vec<&mut [T]> = cache.k.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v: Vec<&mut [T]> = cache.v.iter_mut().map(Vec::as_mut_slice).collect();
-        let (out, timings) =
-            round::device_round(&self.backend, &plan, round::DeviceCache::InPlace(&mut k, &mut v), seq.round_start)?;
-        let result = RoundResult::from_outputs(&plan, out, round::StageTimes::of(&timings));
-        let compact = timings.get(crate::cuda::Stage::Compact);
+        let mut out = self.backend.round_in_place(&plan, &mut k, &mut v, &[seq.round_start])?;
+        let result = RoundResult::from_outputs(&plan, out.outputs.swap_remove(0), round::StageTimes::of(&out.timings));
+        let compact = out.timings.get(crate::cuda::Stage::Compact);
         if let RoundOutcome::Compressed { kept, .. } = result.outcome {
             update_positions(config, cache.num_layers, cache.num_kv_heads, &result.keep, seq);
             cache.len = kept;

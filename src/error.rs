@@ -101,6 +101,16 @@ impl Error {
     }
 }
 
+/// `Ok(())` when `ok`, else an `InvalidArgument` error `<what>: expected <expected>, got <got>`:
+/// the one-line checks of every `<Op>Spec`.
+pub(crate) fn ensure(ok: bool, what: &str, expected: impl fmt::Display, got: impl fmt::Display) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(what, expected, got))
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)

@@ -270,63 +270,111 @@ fn run_device<T: Element>(
             positions: None,
         },
     )?;
-    let (out, timings) = device_round(backend, &plan, DeviceCache::Keys(&tensors), round_start)?;
-    Ok(RoundResult::from_outputs(&plan, out, StageTimes::of(&timings)))
+    let mut out = backend.round_keys(&plan, &tensors, &[round_start])?;
+    Ok(RoundResult::from_outputs(&plan, out.outputs.swap_remove(0), StageTimes::of(&out.timings)))
 }
 
-/// Host tensors a device round reads (and compacts).
+/// Run `$call` with `$dev` bound to the kernel device of `$backend` (an error for the CPU).
 #[cfg(any(feature = "emu", feature = "cuda"))]
-pub(crate) enum DeviceCache<'a, 'b, T> {
-    /// Keys only (a plan ending with keep sets).
-    Keys(&'a [&'b [T]]),
-    /// K and V compacted in place.
-    InPlace(&'a mut [&'b mut [T]], &'a mut [&'b mut [T]]),
-}
-
-/// Run `plan` on `backend` over host tensors; the outputs and the time of each stage.
-#[cfg(any(feature = "emu", feature = "cuda"))]
-pub(crate) fn device_round<T: Element>(
-    backend: &Backend,
-    plan: &crate::cuda::RoundPlan,
-    cache: DeviceCache<'_, '_, T>,
-    round_start: u64,
-) -> Result<(crate::cuda::RoundOutputs, crate::cuda::StageTimings)> {
-    let keys = match cache {
-        DeviceCache::InPlace(k, v) => {
-            let (mut outputs, timings) = device_round_batch(backend, plan, k, v, &[round_start])?;
-            return Ok((outputs.swap_remove(0), timings));
+macro_rules! on_kernel_device {
+    ($backend:expr, $dev:ident => $call:expr) => {
+        match $backend {
+            Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
+            #[cfg(feature = "emu")]
+            Backend::Emu => {
+                let $dev = &crate::emu::EmuDevice;
+                $call
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(device) => {
+                let $dev = &**device;
+                $call
+            }
         }
-        DeviceCache::Keys(k) => k,
     };
-    match backend {
-        Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
-        #[cfg(feature = "emu")]
-        Backend::Emu => crate::emu::round_keys(plan, keys, round_start).map(|o| (o.outputs, o.timings)),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(dev) => dev.round_keys(plan, keys, round_start).map(|o| (o.outputs, o.timings)),
-    }
 }
 
-/// Run a batch plan (one shape, many sequences) on `backend`, compacting host K and V (`S * L`
-/// tensors, sequence-major) in place: the outputs of every sequence and the batch's stage times.
+/// Rounds of a [`crate::cuda::RoundPlan`] over host buffers on a kernel backend: the tensors
+/// are staged in the backend's memory (copied to the GPU; aligned host copies under emu), a
+/// fresh workspace runs every stage, and compacted tensors are copied back. One `round_start`
+/// per sequence of the plan. Engines whose caches live on the device bind a workspace instead
+/// (`cuda::RoundPlan::run`, `cuda::DeviceRound`, or the C ABI's bindings).
+///
+/// # Errors
+/// `InvalidArgument` on the CPU backend, for a plan of another compaction or layout, or a
+/// `round_start` below the cached slots; `ShapeMismatch` for tensors that do not hold the
+/// planned shape; what the backend reports (`Driver`, `KernelsUnavailable`).
 #[cfg(any(feature = "emu", feature = "cuda"))]
-pub(crate) fn device_round_batch<T: Element>(
-    backend: &Backend,
-    plan: &crate::cuda::RoundPlan,
-    keys: &mut [&mut [T]],
-    values: &mut [&mut [T]],
-    round_starts: &[u64],
-) -> Result<(Vec<crate::cuda::RoundOutputs>, crate::cuda::StageTimings)> {
-    match backend {
-        Backend::Cpu => Err(Error::invalid_argument("backend", "a kernel backend (emu or cuda)", "cpu")),
-        #[cfg(feature = "emu")]
-        Backend::Emu => {
-            crate::emu::round_in_place_batch(plan, keys, values, round_starts).map(|o| (o.outputs, o.timings))
-        }
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(dev) => {
-            dev.round_in_place_batch(plan, keys, values, round_starts).map(|o| (o.outputs, o.timings))
-        }
+impl Backend {
+    /// A keep-sets-only plan over the keys of every layer (`S * L` tensors, sequence-major).
+    pub fn round_keys<T: Element>(
+        &self,
+        plan: &crate::cuda::RoundPlan,
+        keys: &[&[T]],
+        round_starts: &[u64],
+    ) -> Result<crate::cuda::HostRound> {
+        use crate::cuda::host_round::round_keys;
+        on_kernel_device!(self, dev => round_keys(dev, plan, keys, round_starts))
+    }
+
+    /// An in-place plan over contiguous K and V (`S * L` tensors each), compacted in place.
+    pub fn round_in_place<T: Element>(
+        &self,
+        plan: &crate::cuda::RoundPlan,
+        keys: &mut [&mut [T]],
+        values: &mut [&mut [T]],
+        round_starts: &[u64],
+    ) -> Result<crate::cuda::HostRound> {
+        use crate::cuda::host_round::round_in_place;
+        on_kernel_device!(self, dev => round_in_place(dev, plan, keys, values, round_starts))
+    }
+
+    /// An out-of-place plan: the kept rows of K and V, in slot order, into `keys_out` /
+    /// `values_out` (strides of the plan's destination).
+    pub fn round_out_of_place<T: Element>(
+        &self,
+        plan: &crate::cuda::RoundPlan,
+        keys: &[&[T]],
+        values: &[&[T]],
+        keys_out: &mut [&mut [T]],
+        values_out: &mut [&mut [T]],
+        round_starts: &[u64],
+    ) -> Result<crate::cuda::HostRound> {
+        use crate::cuda::host_round::round_out_of_place;
+        on_kernel_device!(self, dev => round_out_of_place(dev, plan, keys, values, keys_out, values_out, round_starts))
+    }
+
+    /// A paged plan over per-layer K and V block pools and the block table `i32[S, max_blocks]`
+    /// (distinct blocks across the batch): keep sets only, or compaction in place.
+    pub fn round_paged<T: Element>(
+        &self,
+        plan: &crate::cuda::RoundPlan,
+        key_pools: &mut [&mut [T]],
+        value_pools: &mut [&mut [T]],
+        block_table: &[i32],
+        round_starts: &[u64],
+    ) -> Result<crate::cuda::HostRound> {
+        use crate::cuda::host_round::round_paged;
+        on_kernel_device!(self, dev => round_paged(dev, plan, key_pools, value_pools, block_table, round_starts))
+    }
+
+    /// A plan over a cache already in this backend's memory (device addresses on a GPU, host
+    /// addresses under emu: tensors or pools, block table, positions), with a fresh workspace.
+    ///
+    /// # Safety
+    /// The addresses in `cache` are memory of this backend that holds the planned shape (and
+    /// destinations of `kept` slots out of place, disjoint from the source; a paged plan's
+    /// block table of distinct in-range blocks; positions of the planned type and size);
+    /// nothing else accesses them until the call returns.
+    pub unsafe fn round_on_addresses(
+        &self,
+        plan: &crate::cuda::RoundPlan,
+        cache: &crate::cuda::CacheAddresses,
+        round_starts: &[u64],
+    ) -> Result<crate::cuda::HostRound> {
+        use crate::cuda::host_round::round_on_addresses;
+        // SAFETY: forwarded caller contract.
+        on_kernel_device!(self, dev => unsafe { round_on_addresses(dev, plan, cache, round_starts) })
     }
 }
 

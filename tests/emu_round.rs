@@ -121,9 +121,9 @@ fn check<T: Element>(case: &Case, mode: CompactMode, seed: u64) {
     let got = {
         let mut k: Vec<&mut [T]> = k_dev.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v: Vec<&mut [T]> = v_dev.iter_mut().map(Vec::as_mut_slice).collect();
-        triattn::emu::round_in_place(&plan, &mut k, &mut v, round_start).unwrap()
+        triattn::Backend::Emu.round_in_place(&plan, &mut k, &mut v, &[round_start]).unwrap()
     };
-    let out = &got.outputs;
+    let out = &got.outputs[0];
     assert_eq!(out.keep, want.keep, "{}: keep sets", case.name);
     for (layer, (g, w)) in out.raw.iter().zip(&want.raw).enumerate() {
         for (row, (gr, wr)) in g.chunks(n).zip(w.chunks(n)).enumerate() {
@@ -200,9 +200,9 @@ fn one_plan_serves_rounds_with_different_round_starts() {
     let mut distinct = std::collections::BTreeSet::new();
     for r in [128u64, 4096, 70_000] {
         let want = run_cpu(&config, &scorer, &views, r, 0).unwrap();
-        let got = triattn::emu::round_keys(&plan, &tensors, r).unwrap();
-        assert_eq!(got.outputs.keep, want.keep, "round_start {r}");
-        distinct.insert(got.outputs.keep.clone());
+        let got = triattn::Backend::Emu.round_keys(&plan, &tensors, &[r]).unwrap();
+        assert_eq!(got.outputs[0].keep, want.keep, "round_start {r}");
+        distinct.insert(got.outputs[0].keep.clone());
     }
     assert!(distinct.len() > 1, "different rounds should select differently");
 }
@@ -319,7 +319,7 @@ fn plans_refuse_bad_shapes_by_name() {
     let e = plan.workspace_image(&CacheAddresses { keys: vec![16], values: vec![16, 32], ..Default::default() });
     assert!(e.unwrap_err().to_string().contains("K layer addresses"));
     let keys = vec![bf16::ZERO; 10];
-    let e = triattn::emu::round_keys(&plan, &[&keys, &keys], 200).unwrap_err().to_string();
+    let e = triattn::Backend::Emu.round_keys(&plan, &[&keys, &keys], &[200]).unwrap_err().to_string();
     assert!(e.contains("KeepSetsOnly"), "{e}");
 }
 
@@ -349,8 +349,8 @@ fn long_rounds_take_the_multi_block_select() {
         let plan = RoundPlan::new(&scorer, &config, shape).unwrap();
         let select_launches = plan.variants().iter().filter(|v| v.op() == "select").count();
         assert!(select_launches > 1, "expected the multi-block select, got {select_launches} select launch(es)");
-        let got = triattn::emu::round_keys(&plan, &[&keys], n as u64 + 5).unwrap();
-        assert_eq!(got.outputs.keep, want.keep);
+        let got = triattn::Backend::Emu.round_keys(&plan, &[&keys], &[n as u64 + 5]).unwrap();
+        assert_eq!(got.outputs[0].keep, want.keep);
     }
 }
 
@@ -410,12 +410,12 @@ fn paged_rounds_match_the_cpu_backend() {
         let got = {
             let mut k: Vec<&mut [bf16]> = k_pools.iter_mut().map(Vec::as_mut_slice).collect();
             let mut v: Vec<&mut [bf16]> = v_pools.iter_mut().map(Vec::as_mut_slice).collect();
-            triattn::emu::round_paged(&plan, &mut k, &mut v, &table, 5000).unwrap()
+            triattn::Backend::Emu.round_paged(&plan, &mut k, &mut v, &table, &[5000]).unwrap()
         };
-        assert_eq!(got.outputs.keep, want.keep, "{order:?}: keep sets");
+        assert_eq!(got.outputs[0].keep, want.keep, "{order:?}: keep sets");
         for layer in 0..l {
             for g in 0..hkv {
-                let map = &got.outputs.slot_map[config.mode.set_index(layer, g, hkv)];
+                let map = &got.outputs[0].slot_map[config.mode.set_index(layer, g, hkv)];
                 for (i, &src) in map.iter().enumerate() {
                     let src = src as usize;
                     assert_eq!(
@@ -436,7 +436,7 @@ fn paged_rounds_match_the_cpu_backend() {
         bad[3] = bad[1];
         let mut k: Vec<&mut [bf16]> = k_pools.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v: Vec<&mut [bf16]> = v_pools.iter_mut().map(Vec::as_mut_slice).collect();
-        let e = triattn::emu::round_paged(&plan, &mut k, &mut v, &bad, 5000).unwrap_err().to_string();
+        let e = triattn::Backend::Emu.round_paged(&plan, &mut k, &mut v, &bad, &[5000]).unwrap_err().to_string();
         assert!(e.contains("block table [3]"), "{e}");
     }
 }
@@ -529,14 +529,14 @@ fn random_rounds_match_the_cpu_backend() {
             let got = {
                 let mut k: Vec<&mut [f32]> = pools.iter_mut().map(Vec::as_mut_slice).collect();
                 let mut v: Vec<&mut [f32]> = vpools.iter_mut().map(Vec::as_mut_slice).collect();
-                triattn::emu::round_paged(&plan, &mut k, &mut v, &table, round_start).unwrap()
+                triattn::Backend::Emu.round_paged(&plan, &mut k, &mut v, &table, &[round_start]).unwrap()
             };
             assert_eq!(plan.outcome(), want.outcome, "{what}");
-            assert_eq!(got.outputs.keep, want.keep, "{what}");
+            assert_eq!(got.outputs[0].keep, want.keep, "{what}");
             if let RoundOutcome::Compressed { kept, .. } = want.outcome {
                 for layer in 0..l {
                     for h in 0..hkv {
-                        let map = &got.outputs.slot_map[config.mode.set_index(layer, h, hkv)];
+                        let map = &got.outputs[0].slot_map[config.mode.set_index(layer, h, hkv)];
                         assert_eq!(map.len(), kept, "{what}");
                         for (i, &src) in map.iter().enumerate() {
                             let src = src as usize;
@@ -576,14 +576,14 @@ fn random_rounds_match_the_cpu_backend() {
             let got = {
                 let mut kr: Vec<&mut [f32]> = k.iter_mut().map(Vec::as_mut_slice).collect();
                 let mut vr: Vec<&mut [f32]> = v.iter_mut().map(Vec::as_mut_slice).collect();
-                triattn::emu::round_in_place(&plan, &mut kr, &mut vr, round_start).unwrap()
+                triattn::Backend::Emu.round_in_place(&plan, &mut kr, &mut vr, &[round_start]).unwrap()
             };
             assert_eq!(plan.outcome(), want.outcome, "{what}");
-            assert_eq!(got.outputs.keep, want.keep, "{what}");
+            assert_eq!(got.outputs[0].keep, want.keep, "{what}");
             if let RoundOutcome::Compressed { kept, .. } = want.outcome {
                 for layer in 0..l {
                     for h in 0..hkv {
-                        let map = &got.outputs.slot_map[config.mode.set_index(layer, h, hkv)];
+                        let map = &got.outputs[0].slot_map[config.mode.set_index(layer, h, hkv)];
                         assert_eq!(map.len(), kept, "{what}");
                         for (i, &src) in map.iter().enumerate() {
                             let src = src as usize;
@@ -668,11 +668,11 @@ fn positions_follow_their_rows() {
                 ..Default::default()
             };
             // SAFETY: every buffer above holds the planned shape and outlives the call.
-            let got = unsafe { triattn::emu::round_raw(&plan, &cache, 4000) }.unwrap();
+            let got = unsafe { triattn::Backend::Emu.round_on_addresses(&plan, &cache, &[4000]) }.unwrap();
             let kept = plan.kept();
             let what = format!("{mode_name} {ty:?} {compaction:?}");
             for set in 0..sets {
-                let from = if out_of_place { &got.outputs.keep[set] } else { &got.outputs.slot_map[set] };
+                let from = if out_of_place { &got.outputs[0].keep[set] } else { &got.outputs[0].slot_map[set] };
                 for i in 0..kept {
                     let want = original[set * n + from[i] as usize];
                     let have = match (out_of_place, ty) {
@@ -738,7 +738,7 @@ fn batched_rounds_match_each_sequence_alone() {
         let got = {
             let mut kr: Vec<&mut [bf16]> = k.iter_mut().map(Vec::as_mut_slice).collect();
             let mut vr: Vec<&mut [bf16]> = v.iter_mut().map(Vec::as_mut_slice).collect();
-            triattn::emu::round_in_place_batch(&plan, &mut kr, &mut vr, &starts).unwrap()
+            triattn::Backend::Emu.round_in_place(&plan, &mut kr, &mut vr, &starts).unwrap()
         };
         for seq in 0..3 {
             let views: Vec<LayerView<'_, bf16>> = keys[seq * l..(seq + 1) * l]
@@ -838,7 +838,7 @@ fn paged_batches_match_each_sequence_alone() {
         ..Default::default()
     };
     // SAFETY: the pools hold every block, the table names distinct blocks, all alive for the call.
-    let got = unsafe { triattn::emu::round_raw_batch(&plan, &cache, &starts) }.unwrap();
+    let got = unsafe { triattn::Backend::Emu.round_on_addresses(&plan, &cache, &starts) }.unwrap();
     for seq in 0..2 {
         let views: Vec<LayerView<'_, bf16>> =
             keys[seq * l..(seq + 1) * l].iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();

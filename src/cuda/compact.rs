@@ -26,7 +26,7 @@
 //! slot now held by each slot: `keep` itself when order-preserving) and the kept positions
 //! (`i32` or `i64`, `[sets, N]` in, `[sets, K]` out of place, or rewritten in place).
 
-use crate::error::{Error, Result};
+use crate::error::{ensure, Result};
 use crate::variant::{self, CompactMode, Variant, COMPACT_CHUNKS, COMPACT_THREADS};
 
 use super::params::{CompactParams, CompactTensor};
@@ -163,14 +163,6 @@ pub struct CompactAddresses {
     /// Positions out: `[S, sets, K]` out of place, `[S, sets, N]` in place (then equal to
     /// `pos_src`).
     pub pos_dst: u64,
-}
-
-fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(what, expected, got))
-    }
 }
 
 /// Bytes one block stages per tile.

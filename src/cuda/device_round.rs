@@ -13,9 +13,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError
 use crate::error::{Error, ErrorKind, Result};
 use crate::variant::Variant;
 
+use super::host_round::KernelDevice;
 use super::plan::{
-    check_layers, CacheAddresses, Launcher, LayerTensors, RoundAddresses, RoundOutputs, RoundPlan, Stage, StageTimings,
-    WORKSPACE_ALIGN,
+    CacheAddresses, Launcher, RoundAddresses, RoundOutputs, RoundPlan, Stage, StageTimings, WORKSPACE_ALIGN,
 };
 use super::runtime::CudaBackend;
 
@@ -116,11 +116,12 @@ impl DeviceRound {
         plan: RoundPlan,
         cache: &CacheAddresses,
     ) -> Result<Self> {
-        let image = plan.workspace_image(cache)?;
+        // The constants, then 0xff bytes: the scratch and outputs start as garbage, as they do in
+        // the raw device memory an engine hands in, so a kernel that skips a write is caught.
+        let mut image = plan.workspace_image(cache)?;
+        image.resize(plan.workspace_bytes().max(1), 0xff);
         backend.prepare_round(&plan)?;
-        let mut workspace =
-            stream.alloc_zeros::<u8>(plan.workspace_bytes().max(1)).map_err(|e| driver("workspace allocation", e))?;
-        stream.memcpy_htod(&image, &mut workspace).map_err(|e| driver("workspace constants", e))?;
+        let workspace = stream.clone_htod(&image).map_err(|e| driver("workspace constants", e))?;
         let round_start =
             stream.alloc_zeros::<i64>(plan.num_seqs()).map_err(|e| driver("round_start allocation", e))?;
         let base = workspace.device_ptr(stream).0;
@@ -269,9 +270,8 @@ impl Launcher for TimedLauncher<'_> {
     }
 }
 
-/// A GPU and a stream of its primary context: what the host-buffer conveniences
-/// ([`CudaDevice::round_in_place`], [`CudaDevice::round_out_of_place`]) and
-/// [`crate::Compressor`] on the CUDA backend run on.
+/// A GPU and a stream of its primary context: what rounds over host buffers
+/// (`Backend::Cuda`'s `round_*` methods, [`crate::Compressor`] on the CUDA backend) run on.
 pub struct CudaDevice {
     backend: CudaBackend,
     stream: Arc<CudaStream>,
@@ -281,24 +281,6 @@ impl std::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaDevice").field("backend", &self.backend).finish()
     }
-}
-
-/// What a round over host buffers on the GPU computed, with per-stage device times.
-#[derive(Clone, Debug)]
-pub struct HostRound {
-    /// The outputs.
-    pub outputs: RoundOutputs,
-    /// Time per stage (CUDA events).
-    pub timings: StageTimings,
-}
-
-/// What a batch round over host buffers on the GPU computed: one output per sequence.
-#[derive(Clone, Debug)]
-pub struct HostBatch {
-    /// The outputs of each sequence.
-    pub outputs: Vec<RoundOutputs>,
-    /// Time per stage (CUDA events; the whole batch).
-    pub timings: StageTimings,
 }
 
 impl CudaDevice {
@@ -325,159 +307,40 @@ impl CudaDevice {
     fn upload(&self, what: &str, bytes: &[u8]) -> Result<CudaSlice<u8>> {
         self.stream.clone_htod(bytes).map_err(|e| driver(&format!("copy {what} to the device"), e))
     }
+}
 
-    fn download<T: crate::dtype::Element>(
-        &self,
-        what: &str,
-        host: &mut [&mut [T]],
-        dev: &[CudaSlice<u8>],
-    ) -> Result<()> {
-        for (h, d) in host.iter_mut().zip(dev) {
-            let bytes = self.stream.clone_dtoh(d).map_err(|e| driver(what, e))?;
-            h.copy_from_slice(&T::decode_le(&bytes));
+/// The GPU as a kernel device of the shared host-round path: buffers are device allocations on
+/// this device's stream, launches are timed with CUDA events.
+impl KernelDevice for CudaDevice {
+    type Buffer = CudaSlice<u8>;
+    type Timed<'a> = TimedLauncher<'a>;
+
+    fn upload(&self, what: &str, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            // A zero-length device allocation has no address; the kernels never read it.
+            return self.stream.alloc_zeros::<u8>(1).map_err(|e| driver(&format!("allocate {what}"), e));
         }
-        Ok(())
+        CudaDevice::upload(self, what, bytes)
     }
 
-    fn run_host(&self, plan: &RoundPlan, cache: &CacheAddresses, round_start: u64) -> Result<HostRound> {
-        let mut batch = self.run_host_batch(plan, cache, &[round_start])?;
-        Ok(HostRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
+    fn address(&self, buffer: &CudaSlice<u8>) -> u64 {
+        buffer.device_ptr(&self.stream).0
     }
 
-    fn run_host_batch(&self, plan: &RoundPlan, cache: &CacheAddresses, round_starts: &[u64]) -> Result<HostBatch> {
-        if plan.contiguous_strides().is_none() {
-            return Err(Error::invalid_argument(
-                "plan layout",
-                "contiguous (host-buffer rounds; paged caches live on the device: use DeviceRound)",
-                "paged",
-            ));
-        }
-        let mut round = DeviceRound::new(&self.backend, &self.stream, plan.clone(), cache)?;
-        round.set_round_starts(&self.stream, round_starts)?;
-        let mut timed = TimedLauncher::new(&self.backend, &self.stream);
-        // SAFETY: the cache buffers belong to the caller and outlive the round, which
-        // `read_batch_outputs` synchronises.
-        unsafe { round.run_with(&mut timed)? };
-        let outputs = round.read_batch_outputs(&self.stream)?;
-        Ok(HostBatch { outputs, timings: timed.timings()? })
+    fn download(&self, what: &str, buffer: &CudaSlice<u8>) -> Result<Vec<u8>> {
+        self.stream.clone_dtoh(buffer).map_err(|e| driver(&format!("copy {what} back"), e))
     }
 
-    /// Run a batch plan (see [`RoundPlan::new_batch`]) compacting host K and V in place: `S * L`
-    /// tensors each, sequence-major, one `round_start` per sequence.
-    ///
-    /// # Errors
-    /// As [`Self::round_in_place`]; `ShapeMismatch` without one `round_start` per sequence.
-    pub fn round_in_place_batch<T: crate::dtype::Element>(
-        &self,
-        plan: &RoundPlan,
-        keys: &mut [&mut [T]],
-        values: &mut [&mut [T]],
-        round_starts: &[u64],
-    ) -> Result<HostBatch> {
-        if !matches!(plan.shape().compaction, super::plan::Compaction::InPlace(_)) {
-            return Err(Error::invalid_argument(
-                "plan compaction",
-                "InPlace",
-                format!("{:?}", plan.shape().compaction),
-            ));
-        }
-        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
-        check_layers::<T>(plan, LayerTensors::Values, &values.iter().map(|v| v.len()).collect::<Vec<_>>())?;
-        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
-        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
-        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
-        let cache = CacheAddresses {
-            keys: k_dev.iter().map(addr).collect(),
-            values: v_dev.iter().map(addr).collect(),
-            ..Default::default()
-        };
-        let out = self.run_host_batch(plan, &cache, round_starts)?;
-        self.download("copy the cache back", keys, &k_dev)?;
-        self.download("copy the cache back", values, &v_dev)?;
-        Ok(out)
+    fn prepare(&self, plan: &RoundPlan) -> Result<()> {
+        self.backend.prepare_round(plan)
     }
 
-    /// Run a round of a keep-sets-only plan over host keys (copied to the device).
-    ///
-    /// # Errors
-    /// As [`Self::round_in_place`].
-    pub fn round_keys<T: crate::dtype::Element>(
-        &self,
-        plan: &RoundPlan,
-        keys: &[&[T]],
-        round_start: u64,
-    ) -> Result<HostRound> {
-        let s = plan.shape();
-        if s.compaction != super::plan::Compaction::KeepSetsOnly {
-            return Err(Error::invalid_argument("plan compaction", "KeepSetsOnly", format!("{:?}", s.compaction)));
-        }
-        check_layers::<T>(plan, LayerTensors::Keys, &keys.iter().map(|k| k.len()).collect::<Vec<_>>())?;
-        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
-        let cache =
-            CacheAddresses { keys: k_dev.iter().map(|b| b.device_ptr(&self.stream).0).collect(), ..Default::default() };
-        self.run_host(plan, &cache, round_start)
+    fn timed(&self) -> TimedLauncher<'_> {
+        TimedLauncher::new(&self.backend, &self.stream)
     }
 
-    /// Run a round of an in-place plan over host K and V: copied to the device, compacted there,
-    /// copied back.
-    ///
-    /// # Errors
-    /// `InvalidArgument` for a plan of another compaction; `ShapeMismatch` for tensors that do
-    /// not hold the planned shape; `Driver` for a failed copy or launch.
-    pub fn round_in_place<T: crate::dtype::Element>(
-        &self,
-        plan: &RoundPlan,
-        keys: &mut [&mut [T]],
-        values: &mut [&mut [T]],
-        round_start: u64,
-    ) -> Result<HostRound> {
-        let mut batch = self.round_in_place_batch(plan, keys, values, &[round_start])?;
-        Ok(HostRound { outputs: batch.outputs.swap_remove(0), timings: batch.timings })
-    }
-
-    /// Run a round of an out-of-place plan over host K and V, writing the kept rows to
-    /// `keys_out` / `values_out`.
-    ///
-    /// # Errors
-    /// As [`Self::round_in_place`].
-    pub fn round_out_of_place<T: crate::dtype::Element>(
-        &self,
-        plan: &RoundPlan,
-        keys: &[&[T]],
-        values: &[&[T]],
-        keys_out: &mut [&mut [T]],
-        values_out: &mut [&mut [T]],
-        round_start: u64,
-    ) -> Result<HostRound> {
-        let s = plan.shape();
-        if !matches!(s.compaction, super::plan::Compaction::OutOfPlace { .. }) {
-            return Err(Error::invalid_argument("plan compaction", "OutOfPlace", format!("{:?}", s.compaction)));
-        }
-        let lens = |t: &[&[T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
-        let lens_mut = |t: &[&mut [T]]| t.iter().map(|x| x.len()).collect::<Vec<_>>();
-        check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
-        check_layers::<T>(plan, LayerTensors::Values, &lens(values))?;
-        check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(keys_out))?;
-        check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(values_out))?;
-        let k_dev = keys.iter().map(|k| self.upload("keys", &T::encode_le(k))).collect::<Result<Vec<_>>>()?;
-        let v_dev = values.iter().map(|v| self.upload("values", &T::encode_le(v))).collect::<Result<Vec<_>>>()?;
-        let alloc = |len: usize| {
-            self.stream.alloc_zeros::<u8>(len * T::DTYPE.size()).map_err(|e| driver("destination allocation", e))
-        };
-        let k_out = keys_out.iter().map(|k| alloc(k.len())).collect::<Result<Vec<_>>>()?;
-        let v_out = values_out.iter().map(|v| alloc(v.len())).collect::<Result<Vec<_>>>()?;
-        let addr = |b: &CudaSlice<u8>| b.device_ptr(&self.stream).0;
-        let cache = CacheAddresses {
-            keys: k_dev.iter().map(addr).collect(),
-            values: v_dev.iter().map(addr).collect(),
-            keys_out: k_out.iter().map(addr).collect(),
-            values_out: v_out.iter().map(addr).collect(),
-            ..Default::default()
-        };
-        let out = self.run_host(plan, &cache, round_start)?;
-        self.download("copy the compacted rows back", keys_out, &k_out)?;
-        self.download("copy the compacted rows back", values_out, &v_out)?;
-        Ok(out)
+    fn timings(&self, launcher: &TimedLauncher<'_>) -> Result<StageTimings> {
+        launcher.timings()
     }
 }
 

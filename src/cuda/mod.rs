@@ -11,6 +11,8 @@ pub mod calibrate;
 pub mod compact;
 #[cfg(feature = "cuda")]
 pub mod device_round;
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub(crate) mod host_round;
 pub mod normalize;
 pub mod params;
 pub mod plan;
@@ -25,7 +27,9 @@ pub use compact::{
     CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
 };
 #[cfg(feature = "cuda")]
-pub use device_round::{CudaDevice, DeviceRound, HostBatch, HostRound, StreamLauncher, TimedLauncher};
+pub use device_round::{CudaDevice, DeviceRound, StreamLauncher, TimedLauncher};
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub use host_round::HostRound;
 pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use params::{CalibrateParams, CompactParams, CompactTensor};
 pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};

@@ -8,7 +8,7 @@
 //! results agree to f32 rounding of the partials (about 1e-7 of the row's deviation); a NaN score
 //! stays NaN and leaves the rest of its row unaffected.
 
-use crate::error::{Error, Result};
+use crate::error::{ensure, Result};
 use crate::policy::ZScore;
 use crate::variant::{self, Variant};
 
@@ -60,14 +60,6 @@ pub fn moments_from_partials(parts: &[RowPartial], flavour: ZScore) -> (f64, f64
         }
     };
     (s.mean, divisor)
-}
-
-fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(what, expected, got))
-    }
 }
 
 impl NormalizeSpec {

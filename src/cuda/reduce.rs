@@ -6,7 +6,7 @@
 //! round's `+inf` guards on protected slots (`slot < prefix` or `slot >= window_start`; the
 //! prefix per sequence from [`ReduceAddresses::prefixes`] when given).
 
-use crate::error::{Error, Result};
+use crate::error::{ensure, Result};
 use crate::policy::{GroupAggregation, SelectionMode};
 use crate::variant::{self, Variant};
 
@@ -58,14 +58,6 @@ pub struct ReduceAddresses {
     /// `i32 [num_seqs]` per-sequence protected prefixes, or 0 (`prefix` for every sequence).
     /// Host guarantee (not checked on the device): every entry in `0..=len`.
     pub prefixes: u64,
-}
-
-fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(what, expected, got))
-    }
 }
 
 impl ReduceSpec {

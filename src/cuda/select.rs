@@ -20,7 +20,7 @@
 //! the round plan does): every such prefix is in `0..=len` and leaves at most `budget` protected
 //! slots.
 
-use crate::error::{Error, Result};
+use crate::error::{ensure, Result};
 use crate::variant::{self, Kernel, SelectPhase, Variant};
 
 use super::params::SelectParams;
@@ -101,14 +101,6 @@ pub struct SelectAddresses {
     /// when [`SelectShape::rows_per_seq`] is 0. Host guarantee: every entry in `0..=len` with at
     /// most `budget` protected slots.
     pub prefixes: u64,
-}
-
-fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(what, expected, got))
-    }
 }
 
 impl SelectSpec {

@@ -5,7 +5,7 @@
 //! struct from a spec and a set of addresses. The CUDA and emu backends share these.
 
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::{ensure, Error, Result};
 use crate::model::PairingStyle;
 use crate::score::OffsetAggregation;
 use crate::variant::{self, ScoreAlgo, Variant, MAX_VECTORS};
@@ -91,14 +91,6 @@ pub struct ScoreSpec {
     shape: ScoreShape,
     variant: Variant,
     block_keys: usize,
-}
-
-fn ensure(ok: bool, what: &str, expected: impl std::fmt::Display, got: impl std::fmt::Display) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(what, expected, got))
-    }
 }
 
 impl ScoreSpec {

@@ -34,10 +34,8 @@ pub use compact::{
 };
 pub use normalize::normalize;
 pub use reduce::{reduce, reduce_batch};
-pub use round::{
-    round_in_place, round_in_place_batch, round_keys, round_out_of_place, round_paged, round_raw, round_raw_batch,
-    EmuBatch, EmuLauncher, EmuRound,
-};
+pub(crate) use round::EmuDevice;
+pub use round::EmuLauncher;
 pub use select::{launch_select, select, select_batch, select_rows};
 
 extern "C" {

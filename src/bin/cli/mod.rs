@@ -273,7 +273,7 @@ fn compress_device<T: Element>(
         compaction: Compaction::KeepSetsOnly,
         positions: None,
     };
-    let kept = RoundPlan::new(scorer, config, shape)?.kept();
+    let kept = config.outcome(n, prefix_len.min(n)).kept(n);
     shape.compaction = Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) };
     let plan = RoundPlan::new(scorer, config, shape)?;
     let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
@@ -281,26 +281,14 @@ fn compress_device<T: Element>(
     let zero = T::from_f32(0.0);
     let mut k_out: Vec<Vec<T>> = keys.iter().map(|_| vec![zero; hkv * kept * d]).collect();
     let mut v_out: Vec<Vec<T>> = values.iter().map(|_| vec![zero; hkv * kept * dv]).collect();
-    let out = {
+    let triattn::cuda::HostRound { mut outputs, timings } = {
         let k_src: Vec<&[T]> = keys.iter().map(Vec::as_slice).collect();
         let v_src: Vec<&[T]> = values.iter().map(Vec::as_slice).collect();
         let mut k_dst: Vec<&mut [T]> = k_out.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v_dst: Vec<&mut [T]> = v_out.iter_mut().map(Vec::as_mut_slice).collect();
-        match backend {
-            #[cfg(feature = "emu")]
-            Backend::Emu => {
-                let out = triattn::emu::round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
-                (out.outputs, out.timings)
-            }
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(dev) => {
-                let out = dev.round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, round_start)?;
-                (out.outputs, out.timings)
-            }
-            other => return Err(Error::invalid_argument("backend", "emu or cuda", other.name())),
-        }
+        backend.round_out_of_place(&plan, &k_src, &v_src, &mut k_dst, &mut v_dst, &[round_start])?
     };
-    let (outputs, timings) = out;
+    let outputs = outputs.swap_remove(0);
     let result = RoundResult {
         n,
         raw: outputs.raw,

@@ -1,0 +1,252 @@
+//! Rounds over host buffers on a kernel backend: the one execution path that emu and the GPU
+//! share. A [`KernelDevice`] provides memory and a timed launcher; everything else — checking
+//! the host tensors against the plan, staging them in the backend's memory, a fresh workspace
+//! poisoned like the raw memory an engine hands in (0xff bytes), the launches of
+//! [`RoundPlan::run`], reading the outputs and copying compacted tensors back — is written once
+//! here. Engines with device-resident caches skip this layer: they bind a workspace to their
+//! cache and only launch ([`RoundPlan::run`] on their own launcher, or the GPU runtime's
+//! `run_round` and `DeviceRound`).
+//!
+//! The public entry points are the [`Backend`](crate::Backend) methods (`round_keys`,
+//! `round_in_place`, `round_out_of_place`, `round_paged`, `round_on_addresses`).
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+use super::plan::{
+    check_block_table, check_layers, CacheAddresses, Compaction, Launcher, LayerTensors, RoundAddresses, RoundOutputs,
+    RoundPlan, StageTimings,
+};
+
+/// Memory and launches of one kernel backend: what a round over host buffers needs.
+pub(crate) trait KernelDevice {
+    /// A buffer of this backend's memory, its base aligned to
+    /// [`WORKSPACE_ALIGN`](super::WORKSPACE_ALIGN).
+    type Buffer;
+    /// A launcher that times each stage.
+    type Timed<'a>: Launcher
+    where
+        Self: 'a;
+
+    /// A buffer holding `bytes`.
+    fn upload(&self, what: &str, bytes: &[u8]) -> Result<Self::Buffer>;
+    /// The buffer's base address (what the kernels read).
+    fn address(&self, buffer: &Self::Buffer) -> u64;
+    /// The buffer's contents (waits for every launch before it).
+    fn download(&self, what: &str, buffer: &Self::Buffer) -> Result<Vec<u8>>;
+    /// Load the kernels `plan` launches.
+    fn prepare(&self, plan: &RoundPlan) -> Result<()>;
+    /// A launcher that times each stage.
+    fn timed(&self) -> Self::Timed<'_>;
+    /// The stage times of a finished `launcher`.
+    fn timings(&self, launcher: &Self::Timed<'_>) -> Result<StageTimings>;
+}
+
+/// What a round over host buffers computed, and how long each stage took.
+#[derive(Clone, Debug)]
+pub struct HostRound {
+    /// The outputs of each sequence (one for a one-sequence plan).
+    pub outputs: Vec<RoundOutputs>,
+    /// Time per stage, the whole batch (wall time under emu, CUDA event time on a GPU).
+    pub timings: StageTimings,
+}
+
+fn lens<T>(tensors: &[&[T]]) -> Vec<usize> {
+    tensors.iter().map(|t| t.len()).collect()
+}
+
+fn lens_mut<T>(tensors: &[&mut [T]]) -> Vec<usize> {
+    tensors.iter().map(|t| t.len()).collect()
+}
+
+fn upload_all<D: KernelDevice, T: Element>(dev: &D, what: &str, tensors: &[&[T]]) -> Result<Vec<D::Buffer>> {
+    tensors.iter().map(|t| dev.upload(what, &T::encode_le(t))).collect()
+}
+
+fn upload_all_mut<D: KernelDevice, T: Element>(dev: &D, what: &str, tensors: &[&mut [T]]) -> Result<Vec<D::Buffer>> {
+    tensors.iter().map(|t| dev.upload(what, &T::encode_le(t))).collect()
+}
+
+fn addresses<D: KernelDevice>(dev: &D, buffers: &[D::Buffer]) -> Vec<u64> {
+    buffers.iter().map(|b| dev.address(b)).collect()
+}
+
+fn download_all<D: KernelDevice, T: Element>(
+    dev: &D,
+    what: &str,
+    host: &mut [&mut [T]],
+    buffers: &[D::Buffer],
+) -> Result<()> {
+    for (h, b) in host.iter_mut().zip(buffers) {
+        h.copy_from_slice(&T::decode_le(&dev.download(what, b)?));
+    }
+    Ok(())
+}
+
+fn expect_compaction(plan: &RoundPlan, ok: bool, expected: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument("plan compaction", expected, format!("{:?}", plan.shape().compaction)))
+    }
+}
+
+fn expect_contiguous(plan: &RoundPlan) -> Result<()> {
+    match plan.contiguous_strides() {
+        Some(_) => Ok(()),
+        None => Err(Error::invalid_argument("plan layout", "contiguous (use round_paged for a paged cache)", "paged")),
+    }
+}
+
+/// Run `plan` on `dev` over a cache already in its memory, with a fresh workspace: the image of
+/// `cache` in its first bytes, the rest poisoned; one `round_start` per sequence.
+///
+/// # Safety
+/// The addresses in `cache` are `dev` memory that holds the planned shape (and destinations of
+/// `kept` slots, out of place, disjoint from the source; a paged plan's block table and the
+/// positions of the planned type and size); nothing else accesses them until the call returns.
+pub(crate) unsafe fn round_on_addresses<D: KernelDevice>(
+    dev: &D,
+    plan: &RoundPlan,
+    cache: &CacheAddresses,
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    let n = plan.shape().len;
+    if round_starts.len() != plan.num_seqs() {
+        return Err(Error::shape("round_start values", plan.num_seqs(), round_starts.len()));
+    }
+    let starts = round_starts
+        .iter()
+        .map(|&r| {
+            if r < n as u64 || r > i64::MAX as u64 {
+                return Err(Error::invalid_argument("round_start", format!("{n}..=2^63-1 (>= the cached slots)"), r));
+            }
+            Ok(r as i64)
+        })
+        .collect::<Result<Vec<i64>>>()?;
+    let mut image = plan.workspace_image(cache)?;
+    image.resize(plan.workspace_bytes(), 0xff);
+    dev.prepare(plan)?;
+    let workspace = dev.upload("workspace", &image)?;
+    let slots = dev.upload("round_start", &starts.iter().flat_map(|r| r.to_le_bytes()).collect::<Vec<u8>>())?;
+    let at = RoundAddresses::bound(dev.address(&workspace), dev.address(&slots), cache);
+    let mut launcher = dev.timed();
+    // SAFETY: the workspace holds the plan's image (sized, aligned by the backend); the cache is
+    // the caller's contract; `slots` holds one i64 >= N per sequence.
+    unsafe { plan.run(&mut launcher, &at)? };
+    let host = dev.download("workspace", &workspace)?;
+    let timings = dev.timings(&launcher)?;
+    let outputs = (0..plan.num_seqs()).map(|seq| plan.read_outputs_of(&host, seq)).collect::<Result<_>>()?;
+    Ok(HostRound { outputs, timings })
+}
+
+/// Run a keep-sets-only plan over the keys of every layer (`S * L` tensors, sequence-major).
+pub(crate) fn round_keys<D: KernelDevice, T: Element>(
+    dev: &D,
+    plan: &RoundPlan,
+    keys: &[&[T]],
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    expect_compaction(plan, plan.shape().compaction == Compaction::KeepSetsOnly, "KeepSetsOnly (no values given)")?;
+    expect_contiguous(plan)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
+    let k = upload_all(dev, "keys", keys)?;
+    let cache = CacheAddresses { keys: addresses(dev, &k), ..Default::default() };
+    // SAFETY: every key tensor holds the planned rows (checked) and was staged in `dev` memory.
+    unsafe { round_on_addresses(dev, plan, &cache, round_starts) }
+}
+
+/// Run an in-place plan over contiguous K and V (`S * L` tensors each), compacting them.
+pub(crate) fn round_in_place<D: KernelDevice, T: Element>(
+    dev: &D,
+    plan: &RoundPlan,
+    keys: &mut [&mut [T]],
+    values: &mut [&mut [T]],
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    expect_compaction(plan, matches!(plan.shape().compaction, Compaction::InPlace(_)), "InPlace")?;
+    expect_contiguous(plan)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &lens_mut(keys))?;
+    check_layers::<T>(plan, LayerTensors::Values, &lens_mut(values))?;
+    let (k, v) = (upload_all_mut(dev, "keys", keys)?, upload_all_mut(dev, "values", values)?);
+    let cache = CacheAddresses { keys: addresses(dev, &k), values: addresses(dev, &v), ..Default::default() };
+    // SAFETY: K and V hold the planned rows (checked) and were staged in `dev` memory.
+    let out = unsafe { round_on_addresses(dev, plan, &cache, round_starts)? };
+    download_all(dev, "keys", keys, &k)?;
+    download_all(dev, "values", values, &v)?;
+    Ok(out)
+}
+
+/// Run an out-of-place plan: the kept rows of K and V into `keys_out` / `values_out`.
+pub(crate) fn round_out_of_place<D: KernelDevice, T: Element>(
+    dev: &D,
+    plan: &RoundPlan,
+    keys: &[&[T]],
+    values: &[&[T]],
+    keys_out: &mut [&mut [T]],
+    values_out: &mut [&mut [T]],
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    expect_compaction(plan, matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }), "OutOfPlace")?;
+    check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
+    check_layers::<T>(plan, LayerTensors::Values, &lens(values))?;
+    check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(keys_out))?;
+    check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(values_out))?;
+    let (k, v) = (upload_all(dev, "keys", keys)?, upload_all(dev, "values", values)?);
+    let (k_out, v_out) = (upload_all_mut(dev, "keys_out", keys_out)?, upload_all_mut(dev, "values_out", values_out)?);
+    let cache = CacheAddresses {
+        keys: addresses(dev, &k),
+        values: addresses(dev, &v),
+        keys_out: addresses(dev, &k_out),
+        values_out: addresses(dev, &v_out),
+        ..Default::default()
+    };
+    // SAFETY: sources and destinations hold the planned rows (checked) in separate `dev` buffers.
+    let out = unsafe { round_on_addresses(dev, plan, &cache, round_starts)? };
+    download_all(dev, "keys_out", keys_out, &k_out)?;
+    download_all(dev, "values_out", values_out, &v_out)?;
+    Ok(out)
+}
+
+/// Run a paged plan over per-layer K and V block pools and the block table `i32[S, max_blocks]`:
+/// keep sets only, or compaction in place (the rows move between each sequence's blocks).
+pub(crate) fn round_paged<D: KernelDevice, T: Element>(
+    dev: &D,
+    plan: &RoundPlan,
+    key_pools: &mut [&mut [T]],
+    value_pools: &mut [&mut [T]],
+    block_table: &[i32],
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    if plan.contiguous_strides().is_some() {
+        return Err(Error::invalid_argument("plan layout", "paged", "contiguous"));
+    }
+    expect_compaction(
+        plan,
+        !matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }),
+        "InPlace or KeepSetsOnly (a paged cache)",
+    )?;
+    check_block_table(plan, block_table)?;
+    check_layers::<T>(plan, LayerTensors::Keys, &lens_mut(key_pools))?;
+    let compacts = matches!(plan.shape().compaction, Compaction::InPlace(_));
+    if compacts {
+        check_layers::<T>(plan, LayerTensors::Values, &lens_mut(value_pools))?;
+    }
+    let k = upload_all_mut(dev, "key pools", key_pools)?;
+    let v = if compacts { upload_all_mut(dev, "value pools", value_pools)? } else { Vec::new() };
+    let table = dev.upload("block table", &block_table.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>())?;
+    let cache = CacheAddresses {
+        keys: addresses(dev, &k),
+        values: addresses(dev, &v),
+        block_table: dev.address(&table),
+        ..Default::default()
+    };
+    // SAFETY: the pools hold every block (checked) and the table names distinct in-range blocks
+    // covering N slots per sequence (checked), all staged in `dev` memory.
+    let out = unsafe { round_on_addresses(dev, plan, &cache, round_starts)? };
+    if compacts {
+        download_all(dev, "key pools", key_pools, &k)?;
+        download_all(dev, "value pools", value_pools, &v)?;
+    }
+    Ok(out)
+}
