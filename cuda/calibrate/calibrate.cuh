@@ -41,7 +41,7 @@ template <class QT, int NT>
 TRI_DEVICE void calibrate(const tri_calibrate_params& p) {
   static_assert(NT % 32 == 0, "whole warps");
   constexpr int WARPS = NT / 32;
-  __shared__ double part_s[3][NT];
+  TRI_SHARED(double, part_s, [3][NT]);
 
   const int F = p.head_dim / 2;
   const int h = blockIdx.y;

@@ -25,7 +25,7 @@ namespace tri {
 
 template <int NT>
 TRI_DEVICE void normalize_rows(const tri_normalize_params& p) {
-  __shared__ double moments[2];  // mean, divisor
+  TRI_SHARED(double, moments, [2]);  // mean, divisor
   const int64_t row = blockIdx.x;
   if (threadIdx.x == 0) {
     const tri_row_partial* parts = p.partials + row * p.num_tiles;

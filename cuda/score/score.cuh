@@ -187,9 +187,9 @@ TRI_DEVICE void score_mean(const tri_score_params& p) {
   constexpr int HC = SCORE_HEAD_CHUNK;
   static_assert(NT % TPR == 0 && BLOCK_KEYS % ROWS_PER_PASS == 0, "tile must be whole passes");
 
-  __shared__ __align__(16) float w_s[HC][HEAD_DIM];
-  __shared__ __align__(16) float c_s[HC][F];
-  __shared__ float out_s[HC][BLOCK_KEYS];
+  TRI_SHARED(__align__(16) float, w_s, [HC][HEAD_DIM]);
+  TRI_SHARED(__align__(16) float, c_s, [HC][F]);
+  TRI_SHARED(float, out_s, [HC][BLOCK_KEYS]);
 
   const int tile = blockIdx.x, s = blockIdx.z;
   const int l = blockIdx.y / p.num_kv_heads, g = blockIdx.y % p.num_kv_heads;

@@ -27,8 +27,8 @@ constexpr int TRIG_MAX_OFFSETS = 32;
 
 template <int NT>
 TRI_DEVICE void score_trig(const tri_trig_params& p) {
-  __shared__ double cos_s[TRIG_MAX_OFFSETS][TRIG_PAIRS];
-  __shared__ double sin_s[TRIG_MAX_OFFSETS][TRIG_PAIRS];
+  TRI_SHARED(double, cos_s, [TRIG_MAX_OFFSETS][TRIG_PAIRS]);
+  TRI_SHARED(double, sin_s, [TRIG_MAX_OFFSETS][TRIG_PAIRS]);
 
   const int F = p.head_dim / 2, J = p.num_offsets, H = p.num_heads;
   const int f0 = blockIdx.x * TRIG_PAIRS, l = blockIdx.y, s = blockIdx.z;

@@ -132,10 +132,10 @@ template <int NT>
 TRI_DEVICE void select_topk(const tri_select_params& p) {
   static_assert(NT % 32 == 0 && NT <= 1024, "NT: whole warps, at most 1024 threads");
   constexpr int WARPS = NT / 32;
-  __shared__ uint32_t hist[SELECT_RADIX];
-  __shared__ uint32_t warp_sure[WARPS];
-  __shared__ uint32_t warp_ties[WARPS];
-  __shared__ uint32_t found[3];  // key prefix, rank within it, whole bucket kept
+  TRI_SHARED(uint32_t, hist, [SELECT_RADIX]);
+  TRI_SHARED(uint32_t, warp_sure, [WARPS]);
+  TRI_SHARED(uint32_t, warp_ties, [WARPS]);
+  TRI_SHARED(uint32_t, found, [3]);  // key prefix, rank within it, whole bucket kept
 
   const int n = p.len, tid = threadIdx.x, warp = tid / 32;
   const float* scores = p.scores + (int64_t)blockIdx.x * p.score_stride;
