@@ -67,6 +67,11 @@ TRI_DEVICE unsigned char* dynamic_smem() {
 // f64 sine and cosine (device libm, within 2 ulp).
 TRI_DEVICE void sincos64(double x, double* s, double* c) { sincos(x, s, c); }
 
+// f64 product and sum, each rounded on its own: nvcc never contracts these into an FMA (it does
+// contract a plain `a * b + c`). For the few expressions the host reproduces bit for bit.
+TRI_DEVICE double dmul_rn(double a, double b) { return __dmul_rn(a, b); }
+TRI_DEVICE double dadd_rn(double a, double b) { return __dadd_rn(a, b); }
+
 // d += A * B on tensor cores: m16n8k16, A row-major bf16 (4 regs), B column-major bf16 (2 regs),
 // f32 accumulators (4 regs). Fragment layout as in the PTX ISA "Matrix Fragments for mma.m16n8k16":
 // lane = 4 * group + tig; a0: (group, 2tig..+1), a1: (group+8, 2tig..+1), a2: (group, 2tig+8..+9),

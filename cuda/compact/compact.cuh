@@ -33,6 +33,7 @@
 //            N slots, block_size 16..256; sequences' rows, keep sets and outputs disjoint;
 //            order-preserving in place only with gridDim.x == 1 (CompactSpec::grid);
 //            hole-filling only in place; pos_bytes 4 or 8, positions aligned to pos_bytes.
+// Numerics:  byte copies and integer index arithmetic: exact on every backend.
 // Knobs:     MODE (COMPACT_ORDER, COMPACT_HOLE), NT, CHUNKS (16-byte chunks per thread per tile).
 #pragma once
 #include "../common/params.cuh"

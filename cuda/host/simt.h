@@ -209,6 +209,11 @@ inline void sincos64(double x, double* s, double* c) {
   *c = cos(x);
 }
 
+// Separately rounded product and sum; the emu unit is compiled with -ffp-contract=off (build.rs),
+// so no host expression is fused either.
+inline double dmul_rn(double a, double b) { return a * b; }
+inline double dadd_rn(double a, double b) { return a + b; }
+
 // m16n8k16 bf16 x bf16 + f32, emulated from the PTX fragment layout (see arch.cuh). Each lane
 // deposits its A and B registers; after the warp barrier every lane rebuilds the rows and columns
 // it owns and accumulates the exact products in f32, k ascending.

@@ -16,6 +16,11 @@
 // Shared memory: static, 2 doubles.
 // Host guarantees (NormalizeSpec): 1 <= len, 1 <= num_tiles, flavour in {0, 1}, strides cover
 //            the rows, partials hold num_rows * num_tiles entries.
+// Numerics:  bit-identical to moments_from_partials (src/cuda/normalize.rs) on the host: every
+//            product is divided before it is added, so nvcc has no multiply-add to contract (the
+//            SASS is the same with --fmad=false), and f64 division and sqrt are correctly rounded.
+//            Against cpu::normalize it differs by the f32 rounding of the tile partials
+//            (tests/cuda_stages.rs NORMALIZE_TOL).
 // Knobs:     NT.
 #pragma once
 #include "../common/arch.cuh"

@@ -26,6 +26,7 @@
 // Shared memory: static; hist 1 KiB, scan 1 KiB + 16 B, count 8 B, place 2 * NT / 32 + 2 words.
 // Host guarantees (SelectSpec::launches): those of select_topk; num_chunks * chunk_len >= len,
 //            chunk_len a multiple of NT; scratch holds num_rows rows.
+// Numerics:  integer keys and counts only: exact on every backend.
 // Knobs:     NT (a multiple of 32, at most 1024; the scan kernel takes 256).
 #pragma once
 #include "../common/arch.cuh"

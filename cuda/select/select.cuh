@@ -26,6 +26,7 @@
 // Host guarantees (SelectSpec): 1 <= len, 0 <= prefix <= len, 0 <= window_start <= len,
 //            protected count <= budget <= len (for every row's own prefix when prefixes is set;
 //            then rows_per_seq >= 1), score_stride >= len, keep_stride >= budget.
+// Numerics:  integer keys and counts only: exact on every backend.
 // Knobs:     NT (a multiple of 32, at most 1024).
 #pragma once
 #include "../common/arch.cuh"
