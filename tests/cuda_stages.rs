@@ -2,6 +2,7 @@
 //! every variant and the multi-block path of long rows (exact indices, the same run after run);
 //! `reduce` against `cpu::reduce::reduce` plus the `+inf` guards
 //! (bit for bit); `normalize` against its host reference `moments_from_partials` (bit for bit).
+//! A launch leaves the caller's current context as it found it.
 //!
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
@@ -226,4 +227,65 @@ fn normalize_matches_its_host_reference() {
         }
         eprintln!("parity normalize {flavour:?}: exact");
     }
+}
+
+/// A launch makes the backend's context current only for itself: the caller's current context
+/// (another context, or none) is current again afterwards.
+#[test]
+fn a_launch_leaves_the_callers_context_current() {
+    use cudarc::driver::result::ctx::{create_v4, get_current, set_current};
+    use cudarc::driver::sys::cuCtxDestroy_v2;
+    let Some(gpu) = gpu_or_skip("a_launch_leaves_the_callers_context_current") else { return };
+    let stream = gpu.context().default_stream();
+    let (layers, heads, kv, n) = (2, 4, 2, 300);
+    let spec = ReduceSpec {
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        len: n,
+        layer_stride: heads * n,
+        head_stride: n,
+        out_stride: n,
+        mode: SelectionMode::PerHead,
+        group: GroupAggregation::Max,
+        prefix: 0,
+        window_start: n,
+        num_seqs: 1,
+        z_seq_stride: 0,
+        out_seq_stride: 0,
+    };
+    let z = row(5, layers * heads * n);
+    let dz = stream.clone_htod(&z).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(spec.out_len()).unwrap();
+    stream.synchronize().unwrap();
+    let other = {
+        let (zp, _z) = dz.device_ptr(&stream);
+        let (op, _o) = out.device_ptr_mut(&stream);
+        let at = ReduceAddresses { z: zp, out: op, prefixes: 0 };
+        // An engine's own context, current on this thread (cuCtxCreate makes it current).
+        // SAFETY: the device of the backend's context; default flags, no creation parameters.
+        let other = unsafe { create_v4(std::ptr::null_mut(), 0, gpu.context().cu_device()) }.unwrap();
+        assert_eq!(get_current().unwrap(), Some(other));
+        // SAFETY: buffers of the backend's context with the spec's lengths, alive until the
+        // stream is synchronised below; the stream belongs to the backend's context.
+        unsafe { gpu.launch_reduce_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        assert_eq!(get_current().unwrap(), Some(other), "a launch changed the caller's current context");
+        // No context current at all: none afterwards either.
+        // SAFETY: null unbinds the calling thread's context.
+        unsafe { set_current(std::ptr::null_mut()) }.unwrap();
+        // SAFETY: as above.
+        unsafe { gpu.launch_reduce_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        assert_eq!(get_current().unwrap(), None, "a launch left its context current on a thread that had none");
+        other
+    };
+    // SAFETY: `other` was created above and is no longer used.
+    unsafe { cuCtxDestroy_v2(other) }.result().unwrap();
+    stream.synchronize().unwrap();
+    let got = stream.clone_dtoh(&out).unwrap();
+    let dense: Vec<Vec<f32>> = z.chunks(heads * n).map(<[f32]>::to_vec).collect();
+    let want = reduce(&dense, heads, kv, n, SelectionMode::PerHead, GroupAggregation::Max);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{g} vs {w}");
+    }
+    eprintln!("context: a launch restores the caller's current context (another one, or none)");
 }
