@@ -163,6 +163,8 @@ fn build_emu(table: &[variant::Variant], gen: &Path) {
         .opt_level(2)
         .warnings(false)
         .flag_if_supported("-fno-strict-aliasing")
+        // No FMA contraction on hosts that have it (aarch64, -march=native): the emu is exact.
+        .flag_if_supported("-ffp-contract=off")
         .compile("triattn_emu");
 }
 
@@ -258,6 +260,7 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> String {
         panic!("nvcc failed ({}).\ncommand: {shown}\noutput:\n{log}", output.status);
     }
     let mut report = parse_ptxas(&log);
+    check_shared_memory(table, &archs, &report);
     if let Some(cuobjdump) = find_cuobjdump(&nvcc) {
         report = add_tensor_core_counts(&report, &cuobjdump, &fatbin, out);
     }
@@ -268,6 +271,49 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> String {
         }
     }
     report
+}
+
+/// Fail the build when a variant's shared memory at `MAX_VECTORS` weight vectors (ptxas's static
+/// bytes, else the table's, plus the table's dynamic bytes) exceeds the per-block limit of an
+/// arch being compiled; warn when less than `SHARED_HEADROOM_WARN` bytes are left.
+fn check_shared_memory(table: &[variant::Variant], archs: &[u32], report: &str) {
+    let records: Vec<Vec<&str>> = report.split(';').filter(|r| !r.is_empty()).map(|r| r.split(',').collect()).collect();
+    let mut over = Vec::new();
+    for &arch in archs {
+        let Some(limit) = variant::max_shared_per_block(arch) else {
+            println!("cargo:warning=sm_{arch}: per-block shared-memory limit unknown to src/variant.rs; not checked");
+            continue;
+        };
+        let tag = format!("sm_{arch}");
+        for v in table {
+            let sym = v.symbol();
+            let ptxas =
+                records.iter().find(|f| f.len() >= 4 && f[0] == sym && f[1] == tag).and_then(|f| f[3].parse().ok());
+            let static_bytes = ptxas.unwrap_or_else(|| v.static_smem_bytes());
+            let dynamic = v.dynamic_smem_bytes(variant::MAX_VECTORS);
+            let room = v.shared_headroom_with(static_bytes, arch).expect("limit known");
+            if room < 0 {
+                over.push(format!(
+                    "{sym} on sm_{arch}: {static_bytes} static + {dynamic} dynamic bytes ({} weight vectors) exceed the {} bytes a block may use by {}",
+                    variant::MAX_VECTORS,
+                    limit,
+                    -room
+                ));
+            } else if room < variant::SHARED_HEADROOM_WARN {
+                println!(
+                    "cargo:warning={sym} on sm_{arch}: only {room} bytes of shared memory left ({static_bytes} static + {dynamic} dynamic at {} weight vectors)",
+                    variant::MAX_VECTORS
+                );
+            }
+        }
+    }
+    if !over.is_empty() {
+        panic!(
+            "shared memory: {} variant(s) do not fit the archs being compiled (TRIATTN_CUDA_ARCHS); shrink their tiles in src/variant.rs or drop the arch:\n{}",
+            over.len(),
+            over.join("\n")
+        );
+    }
 }
 
 /// cuobjdump (SASS inspection): next to nvcc, or where `setup-cuda.sh --tools` put it.

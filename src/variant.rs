@@ -477,6 +477,26 @@ impl Variant {
         }
     }
 
+    /// Shared memory of a launch at [`MAX_VECTORS`] weight vectors: the table's static bytes plus
+    /// the dynamic bytes (the most any launch of this variant asks for).
+    pub fn max_shared_bytes(&self) -> usize {
+        self.static_smem_bytes() + self.dynamic_smem_bytes(MAX_VECTORS)
+    }
+
+    /// Bytes left under the per-block shared-memory limit of `arch` (see
+    /// [`max_shared_per_block`]) by a launch at [`MAX_VECTORS`] weight vectors, using the table's
+    /// static bytes; negative when the variant does not fit, `None` for an arch of unknown limit.
+    pub fn shared_headroom(&self, arch: u32) -> Option<i64> {
+        self.shared_headroom_with(self.static_smem_bytes(), arch)
+    }
+
+    /// [`Variant::shared_headroom`] with the static shared memory `static_bytes` that ptxas
+    /// reported for this variant on `arch` (what build.rs checks).
+    pub fn shared_headroom_with(&self, static_bytes: usize, arch: u32) -> Option<i64> {
+        let limit = max_shared_per_block(arch)?;
+        Some(limit as i64 - (static_bytes + self.dynamic_smem_bytes(MAX_VECTORS)) as i64)
+    }
+
     /// The C++ expression of the kernel body, for the instantiation units (`p` is the params).
     pub fn template_call(&self) -> String {
         match self.kernel {
@@ -541,6 +561,24 @@ impl Variant {
         }
     }
 }
+
+/// Shared memory one block may use on SM version `arch` (static plus dynamic, with the opt-in
+/// attribute that the launchers set), in bytes; `None` for an architecture not listed. From the
+/// CUDA C++ Programming Guide, "Compute capabilities" table: 7.0 and 7.2: 96 KB; 7.5: 64 KB; 8.0
+/// and 8.7: 163 KB; 8.6, 8.9, 12.x: 99 KB; 9.0, 10.x, 11.0: 227 KB (1 KB = 1024 bytes).
+pub const fn max_shared_per_block(arch: u32) -> Option<usize> {
+    match arch {
+        70 | 72 => Some(96 * 1024),
+        75 => Some(64 * 1024),
+        80 | 87 => Some(163 * 1024),
+        86 | 89 | 120 | 121 => Some(99 * 1024),
+        90 | 100 | 101 | 103 | 110 => Some(227 * 1024),
+        _ => None,
+    }
+}
+
+/// Headroom under which build.rs warns that a variant nearly fills an architecture's shared memory.
+pub const SHARED_HEADROOM_WARN: i64 = 1024;
 
 /// What `triattn kernels` shows for one variant on one architecture.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -684,6 +722,34 @@ mod tests {
             for d in HEAD_DIMS {
                 assert!(score_variant(dtype, d, ScoreAlgo::Mean).is_some());
                 assert!(score_variant(dtype, d, ScoreAlgo::Max).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn shared_headroom_is_the_limit_minus_static_and_dynamic_bytes() {
+        // f32 keys, head_dim 256, max: 33280 (tile) + 16512 (moduli) + 512 (norm) + 128 (out) +
+        // 50688 (3 x 32 x 264 bf16 weights) = 101120 bytes of dynamic shared memory.
+        let v = score_variant(DType::F32, 256, ScoreAlgo::Max).unwrap();
+        assert_eq!(v.max_shared_bytes(), 101_120);
+        assert_eq!(v.shared_headroom(86), Some(256));
+        assert_eq!(v.shared_headroom(89), Some(256));
+        assert_eq!(v.shared_headroom(80), Some(163 * 1024 - 101_120));
+        assert_eq!(v.shared_headroom(90), Some(227 * 1024 - 101_120));
+        assert_eq!(v.shared_headroom(75), Some(64 * 1024 - 101_120), "negative: does not fit sm_75");
+        assert_eq!(v.shared_headroom(61), None);
+        // ptxas's static bytes replace the table's.
+        let mean = score_variant(DType::Bf16, 128, ScoreAlgo::Mean).unwrap();
+        assert_eq!(mean.shared_headroom_with(1000, 90), Some(227 * 1024 - 1000));
+        assert_eq!(mean.shared_headroom(90), Some(227 * 1024 - mean.static_smem_bytes() as i64));
+    }
+
+    #[test]
+    fn every_variant_fits_every_default_arch() {
+        for arch in [80, 86, 89, 90] {
+            for v in table() {
+                let room = v.shared_headroom(arch).unwrap();
+                assert!(room >= 0, "{} needs {} bytes on sm_{arch}", v.symbol(), v.max_shared_bytes());
             }
         }
     }

@@ -504,8 +504,11 @@ fn decode_batch_vllm_per_head_bf16() {
     simulate::<bf16>(Preset::Vllm, SelectionMode::PerHead, 2500, 33);
 }
 
-/// The same batch on a kernel backend: keep sets, caches and sequence states equal the CPU
-/// backend's exactly; scores within 1e-5 of the row's spread.
+/// The same batch on a kernel backend: scores within 1e-5 of the row's spread; on the emu keep
+/// sets, caches and sequence states equal the CPU backend's exactly. A GPU's last-bit differences
+/// (FMA, device `sincos`) may swap slots whose CPU scores lie within `KEEP_SWAP_TOL` of a selection
+/// boundary on these random keys (`common::assert_keep_sets_match`); an item with swaps must then
+/// hold exactly the rows and positions its own keep sets name.
 #[cfg(any(feature = "emu", feature = "cuda"))]
 fn batch_on_backend_matches_cpu<T: Element>(
     seed: u64,
@@ -528,10 +531,13 @@ fn batch_on_backend_matches_cpu<T: Element>(
         let mut items: Vec<_> = on_device.iter_mut().map(Seq::item).collect();
         device.compress_batch(&mut items).unwrap()
     };
+    let exact = device.backend().name() == "emu";
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         let what = format!("{} item {i}", device.backend().name());
         assert_eq!(g.round.outcome, w.round.outcome, "{what}: outcome");
-        assert_eq!(g.round.keep, w.round.keep, "{what}: keep sets");
+        let tol = if exact { 0.0 } else { common::KEEP_SWAP_TOL };
+        let swaps = common::assert_keep_sets_match(&what, &w.round.score, &w.round.keep, &g.round.keep, tol);
+        assert!(swaps == 0 || !exact, "{what}: the emu must keep exactly what the CPU keeps");
         for (gl, wl) in g.round.raw.iter().zip(&w.round.raw) {
             let n = w.round.n;
             for (gr, wr) in gl.chunks(n).zip(wl.chunks(n)) {
@@ -540,7 +546,43 @@ fn batch_on_backend_matches_cpu<T: Element>(
                 assert!(err <= 1e-5 * spread, "{what}: raw scores differ by {err} (row std {spread})");
             }
         }
-        assert_same_seq(&what, &on_device[i], &on_cpu[i]);
+        if swaps == 0 {
+            assert_same_seq(&what, &on_device[i], &on_cpu[i]);
+        } else {
+            assert_seq_follows_keep(&what, &seqs[i], &on_device[i], &g.round.keep, config.mode);
+            assert_eq!(on_device[i].state.round_start, on_cpu[i].state.round_start, "{what}: round_start");
+            assert_eq!(on_device[i].cache.len, on_cpu[i].cache.len, "{what}: cache len");
+        }
+    }
+}
+
+/// `after` is `before` compacted (order-preserving) to `keep`, the keep sets of its round: each
+/// (layer, KV head) row holds the positions, keys and values of its set's slots, in slot order.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+fn assert_seq_follows_keep<T: Element>(
+    what: &str,
+    before: &Seq<T>,
+    after: &Seq<T>,
+    keep: &[Vec<u32>],
+    mode: SelectionMode,
+) {
+    let c = &before.cache;
+    let (hkv, cap, d, dv) = (c.num_kv_heads, c.capacity, c.head_dim, c.value_dim);
+    for l in 0..c.num_layers {
+        for g in 0..hkv {
+            let set = &keep[mode.set_index(l, g, hkv)];
+            let row = l * hkv + g;
+            let want: Vec<u64> = set.iter().map(|&s| before.state.positions[row][s as usize]).collect();
+            assert_eq!(after.state.positions[row], want, "{what}: positions of layer {l} head {g}");
+            for (i, &s) in set.iter().enumerate() {
+                let (src, dst) = ((g * cap + s as usize), (g * cap + i));
+                assert!(c.k[l][src * d..(src + 1) * d] == after.cache.k[l][dst * d..(dst + 1) * d], "{what}: key row");
+                assert!(
+                    c.v[l][src * dv..(src + 1) * dv] == after.cache.v[l][dst * dv..(dst + 1) * dv],
+                    "{what}: value row"
+                );
+            }
+        }
     }
 }
 

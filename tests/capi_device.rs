@@ -858,7 +858,9 @@ fn c_abi_device_round_matches_cpu() {
     let views: Vec<LayerView<'_, bf16>> =
         keys.iter().map(|k| LayerView::contiguous("k", k, hkv, N, d).unwrap()).collect();
     let want = run_cpu(&config, &scorer, &views, round_start as u64, PROMPT).unwrap();
-    assert_eq!(keep, want.keep, "keep sets through the C ABI vs the CPU backend");
+    // Random keys: the GPU's last-bit differences may swap slots at the boundary (common.rs).
+    let what = "keep sets through the C ABI vs the CPU backend";
+    common::assert_keep_sets_match(what, &want.score, &want.keep, &keep, common::KEEP_SWAP_TOL);
 
     // K of layer 0, KV head 0 was compacted in place to the kept rows, in slot order.
     let k0 = stream.clone_dtoh(&k_dev[0]).unwrap();
@@ -885,7 +887,8 @@ fn c_abi_device_round_matches_cpu() {
     assert_eq!(s, triattn_status::Ok, "{}", last_error());
     let host_sets: Vec<Vec<u32>> =
         host_keep.chunks(BUDGET).map(|r| r[..kept].iter().map(|&x| x as u32).collect()).collect();
-    assert_eq!(host_sets, want.keep, "triattn_round_host on a CUDA context");
+    let what = "triattn_round_host on a CUDA context";
+    common::assert_keep_sets_match(what, &want.score, &want.keep, &host_sets, common::KEEP_SWAP_TOL);
     // SAFETY: live handles, destroyed once (the round has finished).
     unsafe {
         triattn_binding_destroy(binding);

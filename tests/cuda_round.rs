@@ -1,6 +1,11 @@
 //! Whole rounds on a GPU (`DeviceRound` / `CudaBackend::run_round`) against the CPU backend, a
 //! CUDA graph captured once and replayed with new `round_start` values, no device memory taken by
 //! a run, and per-stage times (CUDA events) against a device copy of the same bytes.
+//!
+//! Keys are random, so a selection boundary may fall between two slots whose scores differ by
+//! less than the last-bit differences of device arithmetic (FMA contraction, device `sincos`,
+//! tensor-core order): keep sets are compared with `common::assert_keep_sets_match`, which
+//! accepts swaps only within `KEEP_SWAP_TOL` of the CPU's boundary and prints them.
 //! Skips loudly without a GPU; fails when `TRIATTN_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]
 
@@ -8,7 +13,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{dense_strides as strides, gpu_or_skip, model, random_keys, random_stats};
+use common::{
+    assert_keep_sets_match, dense_strides as strides, gpu_or_skip, model, random_keys, random_stats, KEEP_SWAP_TOL,
+};
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
@@ -42,8 +49,9 @@ impl Cache {
     }
 }
 
-/// Rounds of every preset and mode on the GPU match the CPU backend (keep sets exact, compacted
-/// rows bit-exact), and a graph captured once replays later rounds correctly.
+/// Rounds of every preset and mode on the GPU match the CPU backend (keep sets up to swaps at the
+/// boundary, compacted rows bit-exact to the kernel's own slot map), and a graph captured once
+/// replays later rounds correctly.
 #[test]
 fn cuda_rounds_match_cpu_and_replay_as_graphs() {
     let Some(gpu) = gpu_or_skip("cuda_rounds_match_cpu_and_replay_as_graphs") else { return };
@@ -104,14 +112,18 @@ fn cuda_rounds_match_cpu_and_replay_as_graphs() {
                 graph.launch().unwrap();
                 let got = round.read_outputs(&stream).unwrap();
                 let want = run_cpu(&config, &scorer, &views, r, prefix).unwrap();
-                assert_eq!(got.keep, want.keep, "{name}: keep sets, replayed graph, round_start {r}");
+                let what = format!("{name}: keep sets, replayed graph, round_start {r}");
+                let swaps = assert_keep_sets_match(&what, &want.score, &want.keep, &got.keep, KEEP_SWAP_TOL);
                 let std = common::std_dev(&want.raw[0][..n]);
                 let err = got.raw[0][..n]
                     .iter()
                     .zip(&want.raw[0][..n])
                     .map(|(a, b)| (a - b).abs() as f64)
                     .fold(0.0, f64::max);
-                println!("parity round {name} ({mode:?}) r={r}: keep exact, raw err {:.2e} of row std", err / std);
+                println!(
+                    "parity round {name} ({mode:?}) r={r}: keep {swaps} swaps, raw err {:.2e} of row std",
+                    err / std
+                );
                 assert!(err <= 1e-5 * std, "{name}: raw scores");
             }
             // In-place compaction of the same cache: rows bit-exact against the CPU gather.
@@ -123,7 +135,7 @@ fn cuda_rounds_match_cpu_and_replay_as_graphs() {
             unsafe { round.run(&gpu, &stream) }.unwrap();
             let got = round.read_outputs(&stream).unwrap();
             let want = run_cpu(&config, &scorer, &views, 4096, prefix).unwrap();
-            assert_eq!(got.keep, want.keep, "{name}: keep sets");
+            assert_keep_sets_match(&format!("{name}: keep sets"), &want.score, &want.keep, &got.keep, KEEP_SWAP_TOL);
             if let RoundOutcome::Compressed { kept, .. } = want.outcome {
                 for (layer, before) in keys.iter().enumerate() {
                     let k_after = stream.clone_dtoh(&cache.keys[layer]).unwrap();
@@ -144,8 +156,37 @@ fn cuda_rounds_match_cpu_and_replay_as_graphs() {
     }
 }
 
+/// A run takes no device memory, copies nothing and waits for nothing: captured on a stream of its
+/// own in thread-local mode (where a `cuMemAlloc`, a synchronisation or any other capture-unsafe
+/// call on this thread fails the capture), its graph holds kernel nodes only — at least one per
+/// stage — and no memory-allocation, copy or memset node. Free device memory (`cuMemGetInfo`)
+/// would say the same only on a GPU no other process uses; this cannot be disturbed by them.
+fn assert_run_only_launches(gpu: &triattn::cuda::CudaBackend, round: &mut DeviceRound, stages: usize) {
+    use cudarc::driver::sys::{cuGraphGetNodes, cuGraphNodeGetType, CUgraphNodeType};
+    let stream = gpu.context().new_stream().unwrap();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    // SAFETY: the caller's cache outlives the capture; a captured run executes nothing.
+    let captured = unsafe { round.run(gpu, &stream) };
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+    captured.expect("a run must be capturable: no allocation, copy or synchronisation");
+    let mut count = 0usize;
+    // SAFETY: a null node array asks only for the count; the graph lives to the end of the scope.
+    unsafe { cuGraphGetNodes(graph.cu_graph(), std::ptr::null_mut(), &mut count) }.result().unwrap();
+    let mut nodes = vec![std::ptr::null_mut(); count];
+    // SAFETY: `nodes` holds `count` entries.
+    unsafe { cuGraphGetNodes(graph.cu_graph(), nodes.as_mut_ptr(), &mut count) }.result().unwrap();
+    for &node in &nodes[..count] {
+        let mut kind = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: `node` is a node of the live graph.
+        unsafe { cuGraphNodeGetType(node, &mut kind) }.result().unwrap();
+        assert_eq!(kind, CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL, "a run queued something other than a kernel");
+    }
+    assert!(count >= stages, "{count} kernel nodes for {stages} stages");
+    println!("round run: {count} kernel launches, nothing else (captured graph)");
+}
+
 /// Per-stage times of a Qwen3-8B-shaped round (36 layers, N = budget + 128) next to a device copy
-/// of the same key bytes, and no device memory taken by `run`.
+/// of the same key bytes, and a run that only launches kernels ([`assert_run_only_launches`]).
 #[test]
 fn cuda_round_stage_times() {
     let Some(gpu) = gpu_or_skip("cuda_round_stage_times") else { return };
@@ -170,11 +211,12 @@ fn cuda_round_stage_times() {
         let key_bytes = plan.key_bytes();
         let mut round = DeviceRound::new(&gpu, &stream, plan.clone(), &cache.addresses(&stream)).unwrap();
         round.set_round_start(&stream, 100_000).unwrap();
-        // Warm up, then check that a run takes no device memory.
+        // Warm up.
         // SAFETY: the cache lives to the end of the loop body.
         unsafe { round.run(&gpu, &stream) }.unwrap();
         stream.synchronize().unwrap();
-        let (free_before, _) = cudarc::driver::result::mem_get_info().unwrap();
+        let stages = round.plan().stages().len();
+        assert_run_only_launches(&gpu, &mut round, stages);
         let mut total = std::collections::BTreeMap::<Stage, f32>::new();
         let reps = 20;
         for _ in 0..reps {
@@ -187,8 +229,6 @@ fn cuda_round_stage_times() {
                 *total.entry(stage).or_default() += timings.get(stage).as_secs_f32() * 1e3;
             }
         }
-        let (free_after, _) = cudarc::driver::result::mem_get_info().unwrap();
-        assert_eq!(free_before, free_after, "a run allocated device memory");
         // Device copy ceiling over the same key bytes.
         let src = stream.alloc_zeros::<u8>(key_bytes).unwrap();
         let mut dst = stream.alloc_zeros::<u8>(key_bytes).unwrap();
@@ -267,12 +307,12 @@ fn cuda_paged_round_matches_cpu() {
     let views: Vec<LayerView<'_, bf16>> =
         keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
     let want = run_cpu(&config, &scorer, &views, 7000, 0).unwrap();
-    assert_eq!(got.keep, want.keep, "paged keep sets");
-    println!("parity round paged NHD: keep exact");
+    let swaps = assert_keep_sets_match("paged keep sets", &want.score, &want.keep, &got.keep, KEEP_SWAP_TOL);
+    println!("parity round paged NHD: keep {swaps} swaps");
 }
 
 /// A batch of three sequences in one plan on the GPU (one launch per stage): each sequence's keep
-/// sets equal its own CPU round.
+/// sets equal its own CPU round (up to swaps at the boundary).
 #[test]
 fn cuda_batched_round_matches_each_sequence() {
     let Some(gpu) = gpu_or_skip("cuda_batched_round_matches_each_sequence") else { return };
@@ -303,7 +343,7 @@ fn cuda_batched_round_matches_each_sequence() {
         let views: Vec<LayerView<'_, bf16>> =
             keys[seq * l..(seq + 1) * l].iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
         let want = run_cpu(&config, &scorer, &views, starts[seq], prefixes[seq]).unwrap();
-        assert_eq!(got[seq].keep, want.keep, "sequence {seq}");
+        assert_keep_sets_match(&format!("sequence {seq}"), &want.score, &want.keep, &got[seq].keep, KEEP_SWAP_TOL);
     }
-    println!("parity round batch of 3 (one launch per stage): keep exact");
+    println!("parity round batch of 3 (one launch per stage): keep sets match");
 }

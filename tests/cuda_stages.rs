@@ -1,15 +1,21 @@
 //! The round's stages after scoring on a real GPU: `select` against `cpu::select::select_row`,
 //! every variant and the multi-block path of long rows (exact indices, the same run after run);
 //! `reduce` against `cpu::reduce::reduce` plus the `+inf` guards
-//! (bit for bit); `normalize` against its host reference `moments_from_partials` (bit for bit).
+//! (bit for bit); `normalize` against the specification `cpu::normalize` (within the rounding of
+//! the f32 tile partials it reads) and bit for bit against `moments_from_partials`, the same
+//! combine on the host. Bit-for-bit agreement holds because these kernels have no multiply-add
+//! nvcc could contract into an FMA (cuda/README.md "Numerics per kernel": the SASS is the same
+//! with `--fmad=false`) and f64 division and square root are correctly rounded on the device.
+//! A launch leaves the caller's current context as it found it.
 //!
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
 mod common;
 
-use common::{gpu_or_skip, Rng};
+use common::{gpu_or_skip, max_rel_err, Rng};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
+use triattn::cpu::normalize::zscore_rows;
 use triattn::cpu::reduce::reduce;
 use triattn::cpu::select::select_row;
 use triattn::cuda::{
@@ -184,13 +190,23 @@ fn reduce_matches_the_cpu_bit_for_bit() {
     }
 }
 
+/// Largest z-score difference `normalize` may show against `cpu::normalize`, in units of the z
+/// row's standard deviation (1). The CPU takes the row's mean and M2 in f64 from the raw scores;
+/// the kernel combines the scorer's per-tile count, mean and M2, which are f32 (each within
+/// 2^-24 relative). So its mean is off by at most 2^-24 of the largest tile mean, its divisor by
+/// about 2^-24 (1 + |mean| / std) relative, and z = (x - mean) / divisor by
+/// 2^-24 (max|tile mean| / std + |z| (1 + |mean| / std)) plus half an f32 ulp of z. These rows
+/// (values in [-8, 8), |z| < 3, |mean| / std < 1) stay below 6e-7; 2e-6 leaves a factor three.
+const NORMALIZE_TOL: f64 = 2e-6;
+
 #[test]
-fn normalize_matches_its_host_reference() {
-    let Some(gpu) = gpu_or_skip("normalize_matches_its_host_reference") else { return };
+fn normalize_matches_the_cpu_within_partial_rounding() {
+    let Some(gpu) = gpu_or_skip("normalize_matches_the_cpu_within_partial_rounding") else { return };
     let stream = gpu.context().default_stream();
     let (rows, n, tile) = (24usize, 5000usize, 96usize);
     let tiles = n.div_ceil(tile);
     let raw: Vec<f32> = row(23, rows * n).iter().map(|x| if x.is_finite() { *x } else { 0.5 }).collect();
+    // The scorer's partials: count, mean and M2 of each tile, rounded to f32.
     let parts: Vec<RowPartial> = raw
         .chunks(n)
         .flat_map(|r| {
@@ -217,13 +233,80 @@ fn normalize_matches_its_host_reference() {
             unsafe { gpu.launch_normalize_raw(&spec, &at, stream.cu_stream()) }.unwrap();
         }
         let got = stream.clone_dtoh(&out).unwrap();
+        // The specification: every slot a candidate, moments in f64 from the raw scores.
+        let mut want = raw.clone();
+        zscore_rows(&mut want, n, &|_| true, flavour);
+        let err = max_rel_err(&format!("normalize {flavour:?}"), &got, &want, n);
+        assert!(err <= NORMALIZE_TOL, "{flavour:?}: {err:.3e} of the z row's std against cpu::normalize");
+        // The kernel's own arithmetic on the host, bit for bit (no contraction, see the header).
         for r in 0..rows {
             let (mean, div) = moments_from_partials(&parts[r * tiles..(r + 1) * tiles], flavour);
             for i in 0..n {
-                let want = ((raw[r * n + i] as f64 - mean) / div) as f32;
-                assert_eq!(got[r * n + i].to_bits(), want.to_bits(), "{flavour:?} row {r} slot {i}");
+                let exact = ((raw[r * n + i] as f64 - mean) / div) as f32;
+                assert_eq!(got[r * n + i].to_bits(), exact.to_bits(), "{flavour:?} row {r} slot {i}");
             }
         }
-        eprintln!("parity normalize {flavour:?}: exact");
+        eprintln!("parity normalize {flavour:?}: {err:.2e} of the row std from cpu::normalize; exact on its partials");
     }
+}
+
+/// A launch makes the backend's context current only for itself: the caller's current context
+/// (another context, or none) is current again afterwards.
+#[test]
+fn a_launch_leaves_the_callers_context_current() {
+    use cudarc::driver::result::ctx::{create_v4, get_current, set_current};
+    use cudarc::driver::sys::cuCtxDestroy_v2;
+    let Some(gpu) = gpu_or_skip("a_launch_leaves_the_callers_context_current") else { return };
+    let stream = gpu.context().default_stream();
+    let (layers, heads, kv, n) = (2, 4, 2, 300);
+    let spec = ReduceSpec {
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        len: n,
+        layer_stride: heads * n,
+        head_stride: n,
+        out_stride: n,
+        mode: SelectionMode::PerHead,
+        group: GroupAggregation::Max,
+        prefix: 0,
+        window_start: n,
+        num_seqs: 1,
+        z_seq_stride: 0,
+        out_seq_stride: 0,
+    };
+    let z = row(5, layers * heads * n);
+    let dz = stream.clone_htod(&z).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(spec.out_len()).unwrap();
+    stream.synchronize().unwrap();
+    let other = {
+        let (zp, _z) = dz.device_ptr(&stream);
+        let (op, _o) = out.device_ptr_mut(&stream);
+        let at = ReduceAddresses { z: zp, out: op, prefixes: 0 };
+        // An engine's own context, current on this thread (cuCtxCreate makes it current).
+        // SAFETY: the device of the backend's context; default flags, no creation parameters.
+        let other = unsafe { create_v4(std::ptr::null_mut(), 0, gpu.context().cu_device()) }.unwrap();
+        assert_eq!(get_current().unwrap(), Some(other));
+        // SAFETY: buffers of the backend's context with the spec's lengths, alive until the
+        // stream is synchronised below; the stream belongs to the backend's context.
+        unsafe { gpu.launch_reduce_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        assert_eq!(get_current().unwrap(), Some(other), "a launch changed the caller's current context");
+        // No context current at all: none afterwards either.
+        // SAFETY: null unbinds the calling thread's context.
+        unsafe { set_current(std::ptr::null_mut()) }.unwrap();
+        // SAFETY: as above.
+        unsafe { gpu.launch_reduce_raw(&spec, &at, stream.cu_stream()) }.unwrap();
+        assert_eq!(get_current().unwrap(), None, "a launch left its context current on a thread that had none");
+        other
+    };
+    // SAFETY: `other` was created above and is no longer used.
+    unsafe { cuCtxDestroy_v2(other) }.result().unwrap();
+    stream.synchronize().unwrap();
+    let got = stream.clone_dtoh(&out).unwrap();
+    let dense: Vec<Vec<f32>> = z.chunks(heads * n).map(<[f32]>::to_vec).collect();
+    let want = reduce(&dense, heads, kv, n, SelectionMode::PerHead, GroupAggregation::Max);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{g} vs {w}");
+    }
+    eprintln!("context: a launch restores the caller's current context (another one, or none)");
 }

@@ -669,3 +669,64 @@ fn compact_batched_paged_matches_cpu_per_sequence() {
         }
     }
 }
+
+/// On a GPU a misaligned 16-byte row access or 8-byte position access is a sticky fault; the emu
+/// fails the launch the same way, naming the address (the raw launch path checks no alignment).
+#[test]
+fn misaligned_bases_fail_the_launch() {
+    use triattn::cuda::CompactAddresses;
+    let (layers, hkv, n, k, d, eb) = (1, 2, 64, 48, 64, 2);
+    let st = RowStrides { head_stride: n * d, row_stride: d };
+    let sp = CompactSpec::new(CompactShape {
+        mode: CompactMode::HoleFilling,
+        target: CompactTarget::InPlace,
+        elem_bytes: eb,
+        num_layers: layers,
+        num_kv_heads: hkv,
+        num_sets: hkv,
+        num_slots: n,
+        keep_len: k,
+        key_dim: d,
+        value_dim: d,
+        layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
+        positions: Some(PositionType::I64),
+        num_seqs: 1,
+    })
+    .unwrap();
+    let mut rng = Rng(3);
+    let keep: Vec<i32> = (0..hkv).flat_map(|_| random_keep_set(&mut rng, n, k)).collect();
+    let index: Vec<i32> = (0..(layers * hkv) as i32).collect();
+    // u128 buffers are 16-byte aligned; one spare unit lets a base move off the alignment.
+    let units = hkv * n * d * eb / 16 + 1;
+    let (mut kb, mut vb) = (vec![0u128; units], vec![0u128; units]);
+    let mut pos = vec![0u64; hkv * n + 1];
+    let run = |k_off: u64, pos_off: u64, kb: &mut Vec<u128>, vb: &mut Vec<u128>, pos: &mut Vec<u64>| {
+        let k_table = [kb.as_mut_ptr() as u64 + k_off];
+        let v_table = [vb.as_mut_ptr() as u64];
+        let p = pos.as_mut_ptr() as u64 + pos_off;
+        let at = CompactAddresses {
+            k_src: k_table.as_ptr() as u64,
+            k_dst: k_table.as_ptr() as u64,
+            v_src: v_table.as_ptr() as u64,
+            v_dst: v_table.as_ptr() as u64,
+            keep: keep.as_ptr() as u64,
+            set_index: index.as_ptr() as u64,
+            block_table: 0,
+            slot_map: 0,
+            pos_src: p,
+            pos_dst: p,
+        };
+        // SAFETY: every buffer holds the spec's rows and positions from its (possibly moved)
+        // base, the spare unit covering the move; keep sets ascending in 0..n, set indices < sets;
+        // the tables and buffers outlive the synchronous launch.
+        unsafe { emu::launch_compact(&sp, &at) }
+    };
+    run(0, 0, &mut kb, &mut vb, &mut pos).expect("aligned bases");
+    let err = run(8, 0, &mut kb, &mut vb, &mut pos).expect_err("a K base 8 bytes off must fail");
+    let msg = err.to_string();
+    assert_eq!(err.kind(), triattn::ErrorKind::Driver, "{msg}");
+    assert!(msg.contains("misaligned 16-byte access at 0x") && msg.contains("compact"), "{msg}");
+    let err = run(0, 4, &mut kb, &mut vb, &mut pos).expect_err("positions 4 bytes off must fail");
+    assert!(err.to_string().contains("misaligned 8-byte access"), "{err}");
+    println!("emu: {msg}");
+}

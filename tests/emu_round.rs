@@ -124,7 +124,9 @@ fn check<T: Element>(case: &Case, mode: CompactMode, seed: u64) {
         triattn::Backend::Emu.round_in_place(&plan, &mut k, &mut v, &[round_start]).unwrap()
     };
     let out = &got.outputs[0];
-    assert_eq!(out.keep, want.keep, "{}: keep sets", case.name);
+    // The emu runs the kernels with the CPU's arithmetic: exact, no swap even at the boundary.
+    let swaps = common::assert_keep_sets_match(case.name, &want.score, &want.keep, &out.keep, 0.0);
+    assert_eq!(swaps, 0, "{}: keep sets", case.name);
     for (layer, (g, w)) in out.raw.iter().zip(&want.raw).enumerate() {
         for (row, (gr, wr)) in g.chunks(n).zip(w.chunks(n)).enumerate() {
             let std = common::std_dev(wr).max(1e-6);

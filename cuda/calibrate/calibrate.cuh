@@ -15,6 +15,10 @@
 // Shared memory: static, 3 * NT doubles.
 // Host guarantees (CalibrateSpec::new): 1 <= H <= 65535, D even >= 2, T >= 0, strides cover
 //            the rows, sums sized [H, D/2].
+// Numerics:  the modulus's sum of squares goes through dmul_rn/dadd_rn (never an FMA) and f64
+//            sqrt is correctly rounded, so every f64 term equals the CPU accumulator's; the sums
+//            differ from it only by summation order (tests: 1e-12 of the sum of |terms|) and
+//            equal the emu's bit for bit.
 // Knobs:     QT (f32, f16, bf16), NT (a multiple of 32).
 #pragma once
 #include "../common/params.cuh"
@@ -41,7 +45,7 @@ template <class QT, int NT>
 TRI_DEVICE void calibrate(const tri_calibrate_params& p) {
   static_assert(NT % 32 == 0, "whole warps");
   constexpr int WARPS = NT / 32;
-  __shared__ double part_s[3][NT];
+  TRI_SHARED(double, part_s, [3][NT]);
 
   const int F = p.head_dim / 2;
   const int h = blockIdx.y;
@@ -58,7 +62,7 @@ TRI_DEVICE void calibrate(const tri_calibrate_params& p) {
       const double im = (double)load_query<QT>(p.queries, row + im_dim);
       sr += re;
       si += im;
-      sa += sqrt(re * re + im * im);
+      sa += sqrt(dadd_rn(dmul_rn(re, re), dmul_rn(im, im)));  // not contracted: the CPU's terms
     }
   }
   part_s[0][threadIdx.x] = sr;

@@ -2,7 +2,10 @@
 //
 // Kernels call these small wrappers, never intrinsics or inline PTX directly. Under nvcc they are
 // the real instructions; under the emu backend (TRI_EMU) cuda/host/simt.h defines the same names
-// for the host SIMT layer, so the kernel files compile unchanged for both.
+// for the host SIMT layer, so the kernel files compile unchanged for both. Static shared arrays
+// are declared with TRI_SHARED (the emu poisons them per block); the emu also checks the
+// alignment of load16/store16, load_i64/store_i64 and smem_u32 and fails the launch on a
+// misaligned one, as the device would.
 #pragma once
 #include <stdint.h>
 
@@ -18,6 +21,10 @@ namespace tri {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
+// A static shared array, `TRI_SHARED(float, tile, [32][33]);`; `type` may carry __align__(n).
+// Fresh shared memory is garbage: write before reading (the emu fills it with 0xff per block).
+#define TRI_SHARED(type, name, dims) __shared__ type name dims
+
 // 16-byte read-only load; `p` is 16-byte aligned (ScoreSpec checks bases and strides).
 TRI_DEVICE uint4 load16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
@@ -26,6 +33,10 @@ TRI_DEVICE uint32_t smem_u32(const uint16_t* p) { return *reinterpret_cast<const
 
 // 16-byte store; `p` is 16-byte aligned.
 TRI_DEVICE void store16(void* p, const uint4& v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// 8-byte integer load and store (positions); `p` is 8-byte aligned.
+TRI_DEVICE int64_t load_i64(const void* p) { return *reinterpret_cast<const int64_t*>(p); }
+TRI_DEVICE void store_i64(void* p, int64_t v) { *reinterpret_cast<int64_t*>(p) = v; }
 
 TRI_DEVICE float bits_to_float(uint32_t u) { return __uint_as_float(u); }
 TRI_DEVICE uint32_t float_to_bits(float f) { return __float_as_uint(f); }
@@ -55,6 +66,11 @@ TRI_DEVICE unsigned char* dynamic_smem() {
 
 // f64 sine and cosine (device libm, within 2 ulp).
 TRI_DEVICE void sincos64(double x, double* s, double* c) { sincos(x, s, c); }
+
+// f64 product and sum, each rounded on its own: nvcc never contracts these into an FMA (it does
+// contract a plain `a * b + c`). For the few expressions the host reproduces bit for bit.
+TRI_DEVICE double dmul_rn(double a, double b) { return __dmul_rn(a, b); }
+TRI_DEVICE double dadd_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // d += A * B on tensor cores: m16n8k16, A row-major bf16 (4 regs), B column-major bf16 (2 regs),
 // f32 accumulators (4 regs). Fragment layout as in the PTX ISA "Matrix Fragments for mma.m16n8k16":

@@ -32,7 +32,8 @@
 //            block-table row per sequence with distinct blocks (across all sequences) covering
 //            N slots, block_size 16..256; sequences' rows, keep sets and outputs disjoint;
 //            order-preserving in place only with gridDim.x == 1 (CompactSpec::grid);
-//            hole-filling only in place; pos_bytes 4 or 8.
+//            hole-filling only in place; pos_bytes 4 or 8, positions aligned to pos_bytes.
+// Numerics:  byte copies and integer index arithmetic: exact on every backend.
 // Knobs:     MODE (COMPACT_ORDER, COMPACT_HOLE), NT, CHUNKS (16-byte chunks per thread per tile).
 #pragma once
 #include "../common/params.cuh"
@@ -136,8 +137,8 @@ TRI_DEVICE void compact(const tri_compact_params& p) {
   if (y < heads) {
     const int l = y / p.num_kv_heads, g = y % p.num_kv_heads;
     // The tile's moves, computed once for K and V (R <= NT * CHUNKS: rows are >= 16 bytes).
-    __shared__ int32_t from_s[NT * CHUNKS];
-    __shared__ int32_t to_s[NT * CHUNKS];
+    TRI_SHARED(int32_t, from_s, [NT * CHUNKS]);
+    TRI_SHARED(int32_t, to_s, [NT * CHUNKS]);
     const int R = p.rows_per_tile;
     for (int r0 = blockIdx.x * R; r0 < work; r0 += gridDim.x * R) {
       const int rows = work - r0 < R ? work - r0 : R;
@@ -168,7 +169,7 @@ TRI_DEVICE void compact(const tri_compact_params& p) {
         from[c] = source_slot<MODE>(keep, P, j);
         if (p.pos_src != nullptr) {
           const int64_t at = (seq * p.num_sets + set) * p.num_slots + from[c];
-          pos[c] = p.pos_bytes == 8 ? static_cast<const int64_t*>(p.pos_src)[at]
+          pos[c] = p.pos_bytes == 8 ? load_i64(static_cast<const int64_t*>(p.pos_src) + at)
                                     : (int64_t) static_cast<const int32_t*>(p.pos_src)[at];
         }
       }
@@ -182,7 +183,7 @@ TRI_DEVICE void compact(const tri_compact_params& p) {
         if (p.pos_dst != nullptr) {
           const int64_t at = seq * p.pos_seq_stride + (int64_t)set * p.pos_dst_stride + j;
           if (p.pos_bytes == 8) {
-            static_cast<int64_t*>(p.pos_dst)[at] = pos[c];
+            store_i64(static_cast<int64_t*>(p.pos_dst) + at, pos[c]);
           } else {
             static_cast<int32_t*>(p.pos_dst)[at] = (int32_t)pos[c];
           }

@@ -5,7 +5,8 @@
 // fiber in thread order; a fiber gives control back when it reaches a barrier or finishes. When
 // every live lane of a warp waits at the warp barrier the warp is released; when every live
 // thread of the block waits at the block barrier the block is released. Anything else with no
-// runnable fiber left is a divergent barrier, which CUDA leaves undefined: it is reported.
+// runnable fiber left is a divergent barrier, which CUDA leaves undefined: it is reported. So is
+// a misaligned access (simt.h aligned_or_fault): the block finishes, then the launch fails.
 #include "simt.h"
 
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <ucontext.h>
 
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -22,6 +24,7 @@ thread_local dim3 block_idx;
 thread_local dim3 grid_dim;
 thread_local dim3 block_dim;
 thread_local unsigned char* dyn_smem = nullptr;
+thread_local uint64_t block_epoch = 0;
 
 enum class State { Runnable, AtWarpBarrier, AtBlockBarrier, Done };
 
@@ -48,12 +51,20 @@ struct Launch {
   std::vector<unsigned char> smem;
   KernelBody body = nullptr;
   const void* params = nullptr;
+  // The first misaligned access of the block, if any.
+  bool faulted = false;
+  const void* fault_addr = nullptr;
+  size_t fault_bytes = 0;
+  unsigned fault_thread = 0;
 };
 
 thread_local Launch* launch_state = nullptr;
 
 // Fiber stacks, kept per OS thread across launches (allocated once, never zeroed).
 thread_local std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
+
+// The calling thread's last launch error (triattn_emu_last_error).
+thread_local std::string last_error;
 
 void yield_to_scheduler() { swapcontext(&current->ctx, &launch_state->scheduler); }
 
@@ -75,6 +86,19 @@ void sync_block() {
   yield_to_scheduler();
 }
 
+void fault_misaligned(const void* p, size_t bytes) {
+  Launch* L = launch_state;
+  if (L == nullptr) {
+    fprintf(stderr, "triattn emu: misaligned %zu-byte access at %p outside a launch\n", bytes, p);
+    abort();
+  }
+  if (L->faulted) return;
+  L->faulted = true;
+  L->fault_addr = p;
+  L->fault_bytes = bytes;
+  L->fault_thread = current != nullptr ? current->linear : 0;
+}
+
 unsigned char* warp_exchange_begin(const void* mine, size_t bytes) {
   Launch& L = *launch_state;
   unsigned warp = current->linear / WARP, lane = current->linear % WARP;
@@ -88,9 +112,10 @@ unsigned char* warp_exchange_begin(const void* mine, size_t bytes) {
 
 namespace {
 
-// Run blocks first, first + stride, ... of the grid on the calling OS thread; 0 or an error code.
+// Run blocks first, first + stride, ... of the grid on the calling OS thread; 0, or an error code
+// with its message in `message`.
 int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dynamic_smem_bytes,
-               unsigned first, unsigned stride) {
+               unsigned first, unsigned stride, std::string& message) {
   const unsigned nt = block.x * block.y * block.z;
   Launch L;
   L.body = body;
@@ -99,7 +124,9 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
   while (stack_pool.size() < nt) stack_pool.emplace_back(new unsigned char[STACK_BYTES]);
   const unsigned warps = nt / WARP;
   L.exchange.assign((size_t)warps * 2 * WARP * SLOT_BYTES, 0);
-  L.smem.resize(dynamic_smem_bytes + 16);
+  // Dynamic shared memory is 16-byte aligned on the device (arch.cuh dynamic_smem); so here.
+  L.smem.resize(dynamic_smem_bytes + 32);
+  unsigned char* smem_base = L.smem.data() + ((16 - ((uintptr_t)L.smem.data() & 15)) & 15);
   Launch* outer = launch_state;
   Fiber* outer_fiber = current;
   launch_state = &L;
@@ -112,9 +139,11 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
     block_idx.x = bx;
     block_idx.y = by;
     block_idx.z = bz;
-    // Fresh shared memory holds garbage on hardware; make reads of unwritten bytes visible.
+    // Fresh shared memory holds garbage on hardware; make reads of unwritten bytes visible
+    // (static shared arrays: TRI_SHARED, keyed by the epoch).
     memset(L.smem.data(), 0xff, L.smem.size());
-    dyn_smem = L.smem.data();
+    dyn_smem = smem_base;
+    ++block_epoch;
     for (unsigned t = 0; t < nt; ++t) {
       Fiber& f = L.fibers[t];
       f.linear = t;
@@ -160,12 +189,21 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
       for (const Fiber& f : L.fibers)
         if (f.state != State::Done && f.state != State::AtBlockBarrier) all_at_block = false;
       if (!all_at_block) {
-        fprintf(stderr, "triattn emu: divergent barrier in block (%u, %u, %u)\n", bx, by, bz);
+        char buf[128];
+        snprintf(buf, sizeof buf, "divergent barrier in block (%u, %u, %u)", bx, by, bz);
+        message = buf;
         status = 3;
         break;
       }
       for (Fiber& f : L.fibers)
         if (f.state == State::AtBlockBarrier) f.state = State::Runnable;
+    }
+    if (status == 0 && L.faulted) {
+      char buf[192];
+      snprintf(buf, sizeof buf, "misaligned %zu-byte access at %p in block (%u, %u, %u), thread %u", L.fault_bytes,
+               L.fault_addr, bx, by, bz, L.fault_thread);
+      message = buf;
+      status = 4;
     }
   }
   launch_state = outer;
@@ -185,9 +223,10 @@ unsigned worker_count(unsigned blocks) {
 }  // namespace
 
 int launch(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dynamic_smem_bytes) {
+  last_error.clear();
   const unsigned nt = block.x * block.y * block.z;
   if (nt == 0 || nt % WARP != 0) {
-    fprintf(stderr, "triattn emu: block of %u threads is not whole warps\n", nt);
+    last_error = "block of " + std::to_string(nt) + " threads is not whole warps";
     return 2;
   }
   const unsigned blocks = grid.x * grid.y * grid.z;
@@ -196,14 +235,21 @@ int launch(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dy
   // so they are spread over OS threads; each has its own fibers and shared memory.
   const unsigned workers = worker_count(blocks);
   std::vector<int> status(workers, 0);
+  std::vector<std::string> messages(workers);
   std::vector<std::thread> threads;
   for (unsigned w = 1; w < workers; ++w)
-    threads.emplace_back([&, w] { status[w] = run_blocks(body, params, grid, block, dynamic_smem_bytes, w, workers); });
-  status[0] = run_blocks(body, params, grid, block, dynamic_smem_bytes, 0, workers);
+    threads.emplace_back(
+        [&, w] { status[w] = run_blocks(body, params, grid, block, dynamic_smem_bytes, w, workers, messages[w]); });
+  status[0] = run_blocks(body, params, grid, block, dynamic_smem_bytes, 0, workers, messages[0]);
   for (auto& t : threads) t.join();
-  for (int s : status)
-    if (s != 0) return s;
+  for (unsigned w = 0; w < workers; ++w)
+    if (status[w] != 0) {
+      last_error = messages[w];
+      return status[w];
+    }
   return 0;
 }
 
 }  // namespace tri_emu
+
+extern "C" const char* triattn_emu_last_error() { return tri_emu::last_error.c_str(); }

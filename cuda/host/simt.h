@@ -6,9 +6,21 @@
 // block is a fiber (ucontext); a fiber runs until it reaches a barrier, then the scheduler
 // (simt.cpp) moves on. `__syncthreads` is a block barrier; warp shuffles, votes and the mma
 // wrapper deposit their operands in a per-warp exchange buffer and meet at a warp barrier, so a
-// warp's lanes exchange values exactly as on hardware. `__shared__` variables are function-local
-// statics, `static thread_local`, which are per block because an OS thread runs one block at a time;
-// dynamic shared memory is a buffer per OS thread, refilled with 0xff before each block.
+// warp's lanes exchange values exactly as on hardware.
+//
+// Shared memory: kernels declare static shared arrays with TRI_SHARED(type, name, dims), never
+// with `__shared__` (which this header leaves undefined, so a raw declaration does not compile
+// for the emu). Here a TRI_SHARED array is a function-local `static thread_local` (per block,
+// because an OS thread runs one block at a time) that the first fiber of each new block to reach
+// the declaration fills with 0xff: fresh shared memory holds garbage on hardware, and a read of
+// an unwritten element, or a value left over from the previous block, must show. Blocks are
+// told apart by a per-OS-thread epoch that the scheduler bumps before every block. Dynamic shared
+// memory is a 16-byte aligned buffer per OS thread, refilled with 0xff before each block.
+//
+// Faults: 16-byte (load16/store16), 8-byte (load_i64/store_i64) and 4-byte (smem_u32) accesses
+// check their alignment; a misaligned one is a sticky fault on hardware, so here the first one
+// of a launch is recorded and the launch returns a nonzero status whose message
+// (triattn_emu_last_error) names the address.
 #pragma once
 #include <math.h>
 #include <stddef.h>
@@ -22,7 +34,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 
 struct uint4 {
@@ -42,6 +53,26 @@ extern thread_local dim3 block_idx;
 extern thread_local dim3 grid_dim;
 extern thread_local dim3 block_dim;
 extern thread_local unsigned char* dyn_smem;
+// Bumped by the scheduler before every block an OS thread runs (starts at 0, so 1 is the first).
+extern thread_local uint64_t block_epoch;
+
+// TRI_SHARED: fill a static shared array with 0xff once per block (`seen` is its own epoch).
+inline void poison_shared(void* p, size_t bytes, uint64_t* seen) {
+  if (*seen != block_epoch) {
+    memset(p, 0xff, bytes);
+    *seen = block_epoch;
+  }
+}
+
+// Record a misaligned access of `bytes` at `p` (the launch fails; the first fault is reported).
+void fault_misaligned(const void* p, size_t bytes);
+
+// Whether `p` is a multiple of `bytes`; records the fault when not.
+inline bool aligned_or_fault(const void* p, size_t bytes) {
+  if (((uintptr_t)p & (bytes - 1)) == 0) return true;
+  fault_misaligned(p, bytes);
+  return false;
+}
 
 struct Fiber;
 extern thread_local Fiber* current;
@@ -64,19 +95,44 @@ unsigned lane_id();
 #define blockDim (tri_emu::block_dim)
 #define __syncthreads() tri_emu::sync_block()
 
+// A static shared array (see the header comment); `type` may carry __align__(n).
+#define TRI_SHARED(type, name, dims)                  \
+  static thread_local type name dims;                 \
+  static thread_local uint64_t name##_tri_epoch = 0;  \
+  tri_emu::poison_shared(&name, sizeof(name), &name##_tri_epoch)
+
 namespace tri {
 
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
+// Misaligned accesses are recorded as faults (the launch fails) and then performed anyway, so
+// the fiber runs on to its next barrier as it would on any other path.
 inline uint4 load16(const void* p) {
+  tri_emu::aligned_or_fault(p, 16);
   uint4 v;
   memcpy(&v, p, 16);
   return v;
 }
 
-inline void store16(void* p, const uint4& v) { memcpy(p, &v, 16); }
+inline void store16(void* p, const uint4& v) {
+  tri_emu::aligned_or_fault(p, 16);
+  memcpy(p, &v, 16);
+}
+
+inline int64_t load_i64(const void* p) {
+  tri_emu::aligned_or_fault(p, 8);
+  int64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+
+inline void store_i64(void* p, int64_t v) {
+  tri_emu::aligned_or_fault(p, 8);
+  memcpy(p, &v, 8);
+}
 
 inline uint32_t smem_u32(const uint16_t* p) {
+  tri_emu::aligned_or_fault(p, 4);
   uint32_t v;
   memcpy(&v, p, 4);
   return v;
@@ -153,6 +209,11 @@ inline void sincos64(double x, double* s, double* c) {
   *c = cos(x);
 }
 
+// Separately rounded product and sum; the emu unit is compiled with -ffp-contract=off (build.rs),
+// so no host expression is fused either.
+inline double dmul_rn(double a, double b) { return a * b; }
+inline double dadd_rn(double a, double b) { return a + b; }
+
 // m16n8k16 bf16 x bf16 + f32, emulated from the PTX fragment layout (see arch.cuh). Each lane
 // deposits its A and B registers; after the warp barrier every lane rebuilds the rows and columns
 // it owns and accumulates the exact products in f32, k ascending.
@@ -216,6 +277,10 @@ inline void __syncwarp(unsigned = 0xffffffffu) {
 // The instantiation unit's entry: run `body(params)` as a grid of `block` threads per block.
 namespace tri_emu {
 typedef void (*KernelBody)(const void* params);
-// Returns 0 on success, nonzero (with a message on stderr) on a deadlocked barrier.
+// Returns 0 on success; nonzero on a block that is not whole warps (2), a divergent barrier (3)
+// or a misaligned access (4), with the message in triattn_emu_last_error().
 int launch(KernelBody body, const void* params, dim3 grid, dim3 block, size_t dynamic_smem_bytes);
 }  // namespace tri_emu
+
+// The message of the calling thread's last failed launch ("" after a successful one).
+extern "C" const char* triattn_emu_last_error();

@@ -16,6 +16,11 @@
 // Shared memory: static, 2 doubles.
 // Host guarantees (NormalizeSpec): 1 <= len, 1 <= num_tiles, flavour in {0, 1}, strides cover
 //            the rows, partials hold num_rows * num_tiles entries.
+// Numerics:  bit-identical to moments_from_partials (src/cuda/normalize.rs) on the host: every
+//            product is divided before it is added, so nvcc has no multiply-add to contract (the
+//            SASS is the same with --fmad=false), and f64 division and sqrt are correctly rounded.
+//            Against cpu::normalize it differs by the f32 rounding of the tile partials
+//            (tests/cuda_stages.rs NORMALIZE_TOL).
 // Knobs:     NT.
 #pragma once
 #include "../common/arch.cuh"
@@ -25,7 +30,7 @@ namespace tri {
 
 template <int NT>
 TRI_DEVICE void normalize_rows(const tri_normalize_params& p) {
-  __shared__ double moments[2];  // mean, divisor
+  TRI_SHARED(double, moments, [2]);  // mean, divisor
   const int64_t row = blockIdx.x;
   if (threadIdx.x == 0) {
     const tri_row_partial* parts = p.partials + row * p.num_tiles;

@@ -17,6 +17,8 @@
 // Host guarantees (ReduceSpec): 1 <= Hkv, H a multiple of Hkv, 1 <= L, mode in 0..=2, strides
 //            cover the rows, out holds sets rows of out_stride >= len per sequence; sequences
 //            do not overlap in out; prefixes[s] in 0..=len.
+// Numerics:  additions, maxima and one division per slot: nothing to contract (the SASS is the
+//            same with --fmad=false); bit-identical to src/cpu/reduce.rs on every backend.
 // Knobs:     NT.
 #pragma once
 #include "../common/arch.cuh"

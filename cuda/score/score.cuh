@@ -22,6 +22,11 @@
 // Host guarantees (ScoreSpec): rows 16-byte aligned (bases and strides), 1 <= G, H = G * Hkv,
 //            seq_lens[s] <= tiles * BLOCK_KEYS, 0 <= V <= 32, block tables cover seq_lens,
 //            max mode only with V >= 1, raw and partials sized for the grid.
+// Numerics:  contraction allowed (the hot path): nvcc fuses the dot products, the norm term and
+//            the partials' M2 into FFMA, and tensor cores accumulate in their own order, so scores
+//            agree with the CPU within about 1e-6 of a row's standard deviation, not bit for bit
+//            (tests/cuda_score.rs: 8e-6; rounds: common::assert_keep_sets_match). Identical keys
+//            still get identical scores: every row runs the same instructions.
 // Knobs:     KeyT (f32, f16, bf16), HEAD_DIM (32..256), BLOCK_KEYS, NT; pairing style, layout,
 //            group size and counts are run-time parameters.
 #pragma once
@@ -187,9 +192,9 @@ TRI_DEVICE void score_mean(const tri_score_params& p) {
   constexpr int HC = SCORE_HEAD_CHUNK;
   static_assert(NT % TPR == 0 && BLOCK_KEYS % ROWS_PER_PASS == 0, "tile must be whole passes");
 
-  __shared__ __align__(16) float w_s[HC][HEAD_DIM];
-  __shared__ __align__(16) float c_s[HC][F];
-  __shared__ float out_s[HC][BLOCK_KEYS];
+  TRI_SHARED(__align__(16) float, w_s, [HC][HEAD_DIM]);
+  TRI_SHARED(__align__(16) float, c_s, [HC][F]);
+  TRI_SHARED(float, out_s, [HC][BLOCK_KEYS]);
 
   const int tile = blockIdx.x, s = blockIdx.z;
   const int l = blockIdx.y / p.num_kv_heads, g = blockIdx.y % p.num_kv_heads;

@@ -15,6 +15,11 @@
 // Shared memory: static, 2 * 32 * 32 doubles (16 KiB).
 // Host guarantees (TrigSpec): 1 <= J <= 32, V in {0, 1, J}, round_start >= 0, outputs sized
 //            as TrigSpec::weights_len and [L, H, F].
+// Numerics:  the weights may contract (f64 FMA) and use the device's sincos (within 2 ulp, not
+//            glibc's): within 1e-6 of the largest weight of the host's, usually equal after the
+//            f32 rounding; scoring takes them within its tolerance. The norm coefficients are
+//            bit-identical to the host's: the sum of squares goes through dmul_rn/dadd_rn (never
+//            an FMA) and f64 sqrt is correctly rounded (tests/cuda_score.rs compares them exactly).
 // Knobs:     NT.
 #pragma once
 #include "../common/params.cuh"
@@ -27,8 +32,8 @@ constexpr int TRIG_MAX_OFFSETS = 32;
 
 template <int NT>
 TRI_DEVICE void score_trig(const tri_trig_params& p) {
-  __shared__ double cos_s[TRIG_MAX_OFFSETS][TRIG_PAIRS];
-  __shared__ double sin_s[TRIG_MAX_OFFSETS][TRIG_PAIRS];
+  TRI_SHARED(double, cos_s, [TRIG_MAX_OFFSETS][TRIG_PAIRS]);
+  TRI_SHARED(double, sin_s, [TRIG_MAX_OFFSETS][TRIG_PAIRS]);
 
   const int F = p.head_dim / 2, J = p.num_offsets, H = p.num_heads;
   const int f0 = blockIdx.x * TRIG_PAIRS, l = blockIdx.y, s = blockIdx.z;
@@ -83,7 +88,8 @@ TRI_DEVICE void score_trig(const tri_trig_params& p) {
     }
     if (s == 0) {
       const double a = (double)p.q_abs_mean[row * F + f];
-      const double c = p.norm_residual ? a - sqrt(re * re + im * im) : a;
+      // Not contracted: the norm coefficients equal the host's bit for bit (src/score.rs).
+      const double c = p.norm_residual ? a - sqrt(dadd_rn(dmul_rn(re, re), dmul_rn(im, im))) : a;
       p.norm[row * F + f] = (float)(p.sigma * c);
     }
   }

@@ -26,6 +26,7 @@
 // Shared memory: static; hist 1 KiB, scan 1 KiB + 16 B, count 8 B, place 2 * NT / 32 + 2 words.
 // Host guarantees (SelectSpec::launches): those of select_topk; num_chunks * chunk_len >= len,
 //            chunk_len a multiple of NT; scratch holds num_rows rows.
+// Numerics:  integer keys and counts only: exact on every backend.
 // Knobs:     NT (a multiple of 32, at most 1024; the scan kernel takes 256).
 #pragma once
 #include "../common/arch.cuh"
@@ -62,7 +63,7 @@ TRI_DEVICE SelectRow select_row_view(const tri_select_params& p, int row) {
 template <int NT>
 TRI_DEVICE void select_hist(const tri_select_params& p) {
   static_assert(NT % 32 == 0 && NT <= 1024, "NT: whole warps, at most 1024 threads");
-  __shared__ uint32_t hist[SELECT_RADIX];
+  TRI_SHARED(uint32_t, hist, [SELECT_RADIX]);
   const SelectRow r = select_row_view(p, blockIdx.x);
   if (r.kc <= 0) return;  // no candidate kept: the state says so (select_scan, pass 0)
   uint32_t prefix = 0, mask = 0;
@@ -91,8 +92,8 @@ TRI_DEVICE void select_hist(const tri_select_params& p) {
 template <int NT>
 TRI_DEVICE void select_scan(const tri_select_params& p) {
   static_assert(NT == SELECT_RADIX, "one thread per digit");
-  __shared__ uint32_t hist[SELECT_RADIX];
-  __shared__ uint32_t found[3];  // key prefix, rank within it, whole bucket kept
+  TRI_SHARED(uint32_t, hist, [SELECT_RADIX]);
+  TRI_SHARED(uint32_t, found, [3]);  // key prefix, rank within it, whole bucket kept
   const SelectRow r = select_row_view(p, blockIdx.x);
   const int tid = threadIdx.x, warp = tid / 32;
   uint32_t prefix = 0, mask = 0, rank = (uint32_t)(r.kc > 0 ? r.kc : 0);
@@ -148,7 +149,7 @@ TRI_DEVICE void select_classify(const SelectRow& r, int i, uint32_t prefix, uint
 template <int NT>
 TRI_DEVICE void select_count(const tri_select_params& p) {
   static_assert(NT % 32 == 0 && NT <= 1024, "NT: whole warps, at most 1024 threads");
-  __shared__ uint32_t totals[2];
+  TRI_SHARED(uint32_t, totals, [2]);
   const SelectRow r = select_row_view(p, blockIdx.x);
   const uint32_t prefix = r.state[0], mask = r.state[1];
   if (threadIdx.x == 0) {
@@ -179,9 +180,9 @@ template <int NT>
 TRI_DEVICE void select_place(const tri_select_params& p) {
   static_assert(NT % 32 == 0 && NT <= 1024, "NT: whole warps, at most 1024 threads");
   constexpr int WARPS = NT / 32;
-  __shared__ uint32_t warp_sure[WARPS];
-  __shared__ uint32_t warp_ties[WARPS];
-  __shared__ uint32_t before[2];  // sure-kept slots and ties of the chunks before this one
+  TRI_SHARED(uint32_t, warp_sure, [WARPS]);
+  TRI_SHARED(uint32_t, warp_ties, [WARPS]);
+  TRI_SHARED(uint32_t, before, [2]);  // sure-kept slots and ties of the chunks before this one
   const SelectRow r = select_row_view(p, blockIdx.x);
   const uint32_t prefix = r.state[0], mask = r.state[1], take = r.state[2];
   int32_t* keep = p.keep + (int64_t)blockIdx.x * p.keep_stride;

@@ -26,6 +26,7 @@
 // Host guarantees (SelectSpec): 1 <= len, 0 <= prefix <= len, 0 <= window_start <= len,
 //            protected count <= budget <= len (for every row's own prefix when prefixes is set;
 //            then rows_per_seq >= 1), score_stride >= len, keep_stride >= budget.
+// Numerics:  integer keys and counts only: exact on every backend.
 // Knobs:     NT (a multiple of 32, at most 1024).
 #pragma once
 #include "../common/arch.cuh"
@@ -132,10 +133,10 @@ template <int NT>
 TRI_DEVICE void select_topk(const tri_select_params& p) {
   static_assert(NT % 32 == 0 && NT <= 1024, "NT: whole warps, at most 1024 threads");
   constexpr int WARPS = NT / 32;
-  __shared__ uint32_t hist[SELECT_RADIX];
-  __shared__ uint32_t warp_sure[WARPS];
-  __shared__ uint32_t warp_ties[WARPS];
-  __shared__ uint32_t found[3];  // key prefix, rank within it, whole bucket kept
+  TRI_SHARED(uint32_t, hist, [SELECT_RADIX]);
+  TRI_SHARED(uint32_t, warp_sure, [WARPS]);
+  TRI_SHARED(uint32_t, warp_ties, [WARPS]);
+  TRI_SHARED(uint32_t, found, [3]);  // key prefix, rank within it, whole bucket kept
 
   const int n = p.len, tid = threadIdx.x, warp = tid / 32;
   const float* scores = p.scores + (int64_t)blockIdx.x * p.score_stride;

@@ -272,6 +272,9 @@ impl Launcher for TimedLauncher<'_> {
 
 /// A GPU and a stream of its primary context: what rounds over host buffers
 /// (`Backend::Cuda`'s `round_*` methods, [`crate::Compressor`] on the CUDA backend) run on.
+/// A convenience, not the engine path: its copies go through cudarc's safe calls, which make
+/// this device's context current on the calling thread (launches, [`CudaBackend::run_round`]
+/// and the C ABI's bindings restore the caller's context instead).
 pub struct CudaDevice {
     backend: CudaBackend,
     stream: Arc<CudaStream>,

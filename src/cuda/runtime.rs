@@ -7,6 +7,11 @@
 //! `CUstream` or a cudarc [`CudaStream`] — and does nothing but `cuLaunchKernel`: no allocation,
 //! no copy to or from the host, no synchronisation, so rounds can be captured in a CUDA graph.
 //! The weights kernel reads `round_start` from device memory for the same reason.
+//!
+//! The caller's current context is left as it was: a launch (and the module load of the first
+//! one) makes this backend's context current only for the driver calls it makes, then restores
+//! whatever context the calling thread had, or none ([`CurrentContext`]). Engines keep their own
+//! contexts current on their threads; a launch from the crate never changes that.
 
 use std::ffi::CString;
 use std::sync::{Arc, OnceLock};
@@ -26,6 +31,39 @@ pub static SCORE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/score
 
 fn driver(what: &str, e: DriverError) -> Error {
     Error::new(ErrorKind::Driver, format!("{what}: {e}")).with_source(e)
+}
+
+/// This backend's context made current for the driver calls of one scope; dropping it makes the
+/// calling thread's previous context (or none) current again. Two driver calls when the contexts
+/// differ, one (`cuCtxGetCurrent`) when they are the same; nothing is allocated.
+struct CurrentContext {
+    /// The context to restore, when a different one (or none) was current.
+    restore: Option<sys::CUcontext>,
+}
+
+impl CurrentContext {
+    fn enter(ctx: &CudaContext) -> std::result::Result<Self, DriverError> {
+        ctx.check_err()?;
+        let mine = ctx.cu_ctx();
+        let previous = result::ctx::get_current()?;
+        if previous == Some(mine) {
+            return Ok(Self { restore: None });
+        }
+        // SAFETY: `mine` is the live context of this backend (its `CudaContext` outlives the scope).
+        unsafe { result::ctx::set_current(mine) }?;
+        Ok(Self { restore: Some(previous.unwrap_or(std::ptr::null_mut())) })
+    }
+}
+
+impl Drop for CurrentContext {
+    fn drop(&mut self) {
+        if let Some(previous) = self.restore {
+            // SAFETY: `previous` was the calling thread's current context when the scope began (the
+            // caller keeps it alive) or null, which unbinds ours; a failure leaves ours current,
+            // which is what every launch did before, so it is not reported.
+            let _ = unsafe { result::ctx::set_current(previous) };
+        }
+    }
 }
 
 /// A loaded module and its functions, fetched at most once each (indexed by variant id).
@@ -92,6 +130,13 @@ impl CudaBackend {
         &self.ctx
     }
 
+    /// Run `f` (raw driver calls) with this backend's context current, then restore the calling
+    /// thread's previous context, as every launch does.
+    pub(crate) fn with_current_context<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let _current = CurrentContext::enter(&self.ctx).map_err(|e| driver("make the CUDA context current", e))?;
+        f()
+    }
+
     /// SM version, e.g. 90.
     pub fn arch(&self) -> u32 {
         self.arch
@@ -102,7 +147,7 @@ impl CudaBackend {
             if SCORE_FATBIN.is_empty() {
                 return Err(String::new());
             }
-            self.ctx.bind_to_thread().map_err(|e| format!("bind context: {e}"))?;
+            let _current = CurrentContext::enter(&self.ctx).map_err(|e| format!("bind context: {e}"))?;
             // The driver reads the image in place; a copy makes it NUL-terminated and aligned.
             let mut image = SCORE_FATBIN.to_vec();
             image.push(0);
@@ -125,6 +170,7 @@ impl CudaBackend {
     pub(super) fn function_of(&self, v: Variant) -> Result<sys::CUfunction> {
         let module = self.module()?;
         let got = module.functions[v.id.0 as usize].get_or_init(|| {
+            let _current = CurrentContext::enter(&self.ctx).map_err(|e| format!("bind context: {e}"))?;
             let name = CString::new(v.symbol()).expect("symbols have no NUL");
             // SAFETY: `module.module` was loaded by this backend and is never unloaded.
             let f = unsafe { result::module::get_function(module.module, name) }
@@ -172,7 +218,8 @@ impl CudaBackend {
             )));
         }
         let f = self.function_of(v)?;
-        self.ctx.bind_to_thread().map_err(|e| driver("bind context", e))?;
+        // Ours for the launch, the caller's again when `_current` drops.
+        let _current = CurrentContext::enter(&self.ctx).map_err(|e| driver("bind context", e))?;
         let mut args = [params as *const P as *mut std::ffi::c_void];
         // SAFETY: the kernel takes exactly one argument of type P (R1: sizes asserted on both
         // sides); the caller vouches for the addresses inside it and for the stream.
@@ -292,7 +339,8 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Some(Ok(m)) = self.module.get() {
             // Work queued from this module must finish before it goes (not a launch path).
-            if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+            let current = CurrentContext::enter(&self.ctx);
+            if current.is_ok() && self.ctx.synchronize().is_ok() {
                 // SAFETY: loaded by this backend, unloaded only here, nothing of it still queued.
                 let _ = unsafe { result::module::unload(m.module) };
             }

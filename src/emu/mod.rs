@@ -42,6 +42,7 @@ extern "C" {
     fn triattn_emu_variant_count() -> u32;
     fn triattn_emu_symbol(id: u32) -> *const c_char;
     fn triattn_emu_dynamic_smem(id: u32, vectors: i32) -> i32;
+    fn triattn_emu_last_error() -> *const c_char;
     fn triattn_emu_launch(
         id: u32,
         params: *const c_void,
@@ -92,10 +93,12 @@ unsafe fn launch<P>(variant: Variant, params: &P, grid: (u32, u32, u32), dynamic
         )
     };
     if status == 0 {
-        Ok(())
-    } else {
-        Err(Error::new(ErrorKind::Driver, format!("emu launch of {} failed with status {status}", variant.symbol())))
+        return Ok(());
     }
+    // SAFETY: simt.cpp returns the calling thread's message buffer, NUL-terminated and alive until
+    // this thread's next launch; it is copied out at once.
+    let why = unsafe { CStr::from_ptr(triattn_emu_last_error()) }.to_string_lossy().into_owned();
+    Err(Error::new(ErrorKind::Driver, format!("emu launch of {} failed (status {status}): {why}", variant.symbol())))
 }
 
 /// Launch a scoring kernel over raw host addresses.

@@ -312,15 +312,16 @@ pub(super) unsafe fn bind(
             let gpu = dev.backend();
             gpu.prepare_round(&plan.plan)?;
             let stream = stream as cudarc::driver::sys::CUstream;
-            gpu.context().bind_to_thread().map_err(|e| driver("triattn_plan_bind: bind the CUDA context", e))?;
-            // SAFETY: `ws` is device memory of this context of at least `workspace_bytes` >=
-            // `image.len()` bytes and `stream` a stream of it (caller contract); the host image
-            // outlives the copy because the stream is synchronised before it is dropped.
-            unsafe { cudarc::driver::result::memcpy_htod_async(ws, &image, stream) }
-                .map_err(|e| driver("triattn_plan_bind: copy the workspace constants", e))?;
-            // SAFETY: as above.
-            unsafe { cudarc::driver::result::stream::synchronize(stream) }
-                .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))?;
+            gpu.with_current_context(|| {
+                // SAFETY: `ws` is device memory of this context of at least `workspace_bytes` >=
+                // `image.len()` bytes and `stream` a stream of it (caller contract); the host
+                // image outlives the copy because the stream is synchronised before it is dropped.
+                unsafe { cudarc::driver::result::memcpy_htod_async(ws, &image, stream) }
+                    .map_err(|e| driver("triattn_plan_bind: copy the workspace constants", e))?;
+                // SAFETY: as above.
+                unsafe { cudarc::driver::result::stream::synchronize(stream) }
+                    .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))
+            })?;
         }
     }
     Ok(Binding { plan: plan.clone(), workspace: ws, cache: addresses })
