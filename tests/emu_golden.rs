@@ -57,7 +57,8 @@ fn case_errors<T: Element>(case: &Path, kv: &TensorFile, scorer: &Scorer, config
         let data = elements::<T>(&k.data);
         let view = LayerView::contiguous("k", &data, hkv, n, d).unwrap();
         let h = weights.num_heads;
-        let (mut a, mut b) = (vec![0f32; h * n], vec![0f32; h * n]);
+        // The kernel's output starts poisoned (NaN): every slot must be written.
+        let (mut a, mut b) = (vec![f32::NAN; h * n], vec![0f32; h * n]);
         emu::score_layer(&weights, l, &view, scorer.style, &mut a).unwrap();
         cpu::score::score_layer(&weights, l, &view, scorer.style, &mut b).unwrap();
         let e = expected.get(&format!("raw.{l}")).unwrap().to_f32_vec();
