@@ -1,7 +1,8 @@
 //! The single table of compiled kernel variants, and the report of what ptxas made of them.
 //!
 //! Every kernel that exists is a row of [`table`]: `build.rs` includes this file (it uses only
-//! `std` and the crate's [`DType`]) to write the instantiation units for nvcc and for the emu
+//! `std` and the crate's [`DType`]; serde only under `cfg(triattn_crate)`, which build.rs sets for
+//! the crate, not for itself) to write the instantiation units for nvcc and for the emu
 //! backend, and the launchers look variants up here. Compile-time knobs are only those that
 //! change code shape — key dtype, head_dim, aggregation kernel, keys per block, threads; pairing
 //! style, cache layout, group size and all counts are run-time parameters.
