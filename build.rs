@@ -5,13 +5,23 @@
 //! writes only under `OUT_DIR`, never queries a GPU. Without the `cuda` and `emu` features it
 //! does nothing but record an empty kernel report.
 //!
+//! What it tells the crate (`env!`): `TRIATTN_BUILT_ARCHS`, the archs nvcc compiled SASS for
+//! (`sm_80;sm_90`; empty without kernels), and `TRIATTN_KERNEL_REPORT`, one
+//! `symbol,arch,registers,smem,stack,spill_stores,spill_loads,hmma` record per variant and arch
+//! separated by `;` (`hmma` empty when cuobjdump could not inspect the SASS). The cfg
+//! `triattn_crate` is set for the crate only (this script includes src/variant.rs without serde).
+//!
 //! | variable | meaning |
 //! |---|---|
-//! | `TRIATTN_CUDA_ARCHS` | `;`-separated SM versions, default `80;86;89;90`; PTX for the newest |
+//! | `TRIATTN_CUDA_ARCHS` | `;`- or `,`-separated SM versions (`sm_` prefix optional), default `80;86;89;90`; PTX for the newest |
 //! | `TRIATTN_NVCC` | the nvcc to use |
 //! | `CUDA_HOME`, `CUDA_PATH` | a CUDA toolkit (`bin/nvcc`) |
 //! | `TRIATTN_CUDA_DIR` | where `scripts/setup-cuda.sh` installed the pinned toolchain (default `.cuda`) |
 //! | `TRIATTN_NO_NVCC` | `1`: build `cuda` without kernels (empty fatbins; run time says `KernelsUnavailable`) |
+
+// src/variant.rs (included below) tests `cfg(triattn_crate)`, which this script never sets; the
+// crate itself declares it (`rustc-check-cfg`), so a misspelt cfg there still warns.
+#![allow(unexpected_cfgs)]
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,6 +54,7 @@ impl DType {
     }
 }
 
+// `triattn_crate` is unset here on purpose: no serde in this script.
 #[allow(dead_code)]
 #[path = "src/variant.rs"]
 mod variant;
@@ -64,14 +75,30 @@ fn main() {
     std::fs::create_dir_all(&gen).expect("create OUT_DIR/gen");
     let table = variant::table();
 
-    let mut report = String::new();
+    // variant.rs derives serde's traits only where this cfg is set: in the crate, not here.
+    println!("cargo:rustc-check-cfg=cfg(triattn_crate)");
+    println!("cargo:rustc-cfg=triattn_crate");
+    let mut built = CudaBuild::default();
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        report = build_cuda(&table, &out, &gen);
+        built = build_cuda(&table, &out, &gen);
     }
     if std::env::var_os("CARGO_FEATURE_EMU").is_some() {
         build_emu(&table, &gen);
     }
-    println!("cargo:rustc-env=TRIATTN_KERNEL_REPORT={report}");
+    let archs: Vec<String> = built.archs.iter().map(|a| format!("sm_{a}")).collect();
+    println!("cargo:rustc-env=TRIATTN_BUILT_ARCHS={}", archs.join(";"));
+    println!("cargo:rustc-env=TRIATTN_KERNEL_REPORT={}", built.report);
+}
+
+/// What the `cuda` build compiled: nothing (no `cuda` feature, or `TRIATTN_NO_NVCC`), or SASS
+/// for `archs` with the kernel report of every variant on each.
+#[derive(Default)]
+struct CudaBuild {
+    /// The SM versions nvcc compiled SASS for (`TRIATTN_CUDA_ARCHS`), ascending.
+    archs: Vec<u32>,
+    /// `symbol,arch,registers,smem,stack,spill_stores,spill_loads,hmma;...`; `hmma` is empty
+    /// when cuobjdump could not inspect the SASS.
+    report: String,
 }
 
 /// `extern "C" __global__` wrappers, one per variant, for nvcc.
@@ -219,13 +246,14 @@ fn archs() -> Vec<u32> {
     }
 }
 
-/// Compile the fatbin of the `score` op; returns the kernel report for `TRIATTN_KERNEL_REPORT`.
-fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> String {
+/// Compile the fatbin of every op; returns the archs compiled and the kernel report for
+/// `TRIATTN_BUILT_ARCHS` and `TRIATTN_KERNEL_REPORT`.
+fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> CudaBuild {
     let fatbin = out.join("score.fatbin");
     let no_nvcc = env("TRIATTN_NO_NVCC").is_some_and(|v| v != "0") || env("DOCS_RS").is_some();
     if no_nvcc {
         std::fs::write(&fatbin, b"").expect("write empty fatbin");
-        return String::new();
+        return CudaBuild::default();
     }
     let Some(nvcc) = find_nvcc() else {
         panic!(
@@ -259,23 +287,39 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> String {
     if !output.status.success() {
         panic!("nvcc failed ({}).\ncommand: {shown}\noutput:\n{log}", output.status);
     }
-    let mut report = parse_ptxas(&log);
+    let report = parse_ptxas(&log);
     check_shared_memory(table, &archs, &report);
-    if let Some(cuobjdump) = find_cuobjdump(&nvcc) {
-        report = add_tensor_core_counts(&report, &cuobjdump, &fatbin, out);
-    }
-    for rec in report.split(';').filter(|r| !r.is_empty()) {
-        let f: Vec<&str> = rec.split(',').collect();
-        if f.len() == 7 && (f[5] != "0" || f[6] != "0") {
-            println!("cargo:warning={} on {} spills: {} bytes stores, {} bytes loads", f[0], f[1], f[5], f[6]);
+    let counts = match find_cuobjdump(&nvcc) {
+        Some(cuobjdump) => tensor_core_counts(&cuobjdump, &fatbin, out),
+        None => {
+            println!(
+                "cargo:warning=cuobjdump not found (next to nvcc or from scripts/setup-cuda.sh --tools): \
+                 the kernel report has no HMMA counts"
+            );
+            None
         }
-    }
-    report
+    };
+    // Every record gets its HMMA field; empty where the SASS was not inspected.
+    let report = report
+        .split(';')
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let f: Vec<&str> = r.split(',').collect();
+            if f[5] != "0" || f[6] != "0" {
+                println!("cargo:warning={} on {} spills: {} bytes stores, {} bytes loads", f[0], f[1], f[5], f[6]);
+            }
+            let hmma = counts.as_ref().and_then(|c| c.get(&(f[0].to_string(), f[1].to_string())));
+            format!("{r},{}", hmma.map_or_else(String::new, usize::to_string))
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    CudaBuild { archs, report }
 }
 
 /// Fail the build when a variant's shared memory at `MAX_VECTORS` weight vectors (ptxas's static
 /// bytes, else the table's, plus the table's dynamic bytes) exceeds the per-block limit of an
-/// arch being compiled; warn when less than `SHARED_HEADROOM_WARN` bytes are left.
+/// arch being compiled (the f32/f16 head_dim 256 max-mode kernels leave 256 bytes on sm_86/89:
+/// a tile change that grows them fails here, naming the variant and the arch).
 fn check_shared_memory(table: &[variant::Variant], archs: &[u32], report: &str) {
     let records: Vec<Vec<&str>> = report.split(';').filter(|r| !r.is_empty()).map(|r| r.split(',').collect()).collect();
     let mut over = Vec::new();
@@ -299,11 +343,6 @@ fn check_shared_memory(table: &[variant::Variant], archs: &[u32], report: &str) 
                     limit,
                     -room
                 ));
-            } else if room < variant::SHARED_HEADROOM_WARN {
-                println!(
-                    "cargo:warning={sym} on sm_{arch}: only {room} bytes of shared memory left ({static_bytes} static + {dynamic} dynamic at {} weight vectors)",
-                    variant::MAX_VECTORS
-                );
             }
         }
     }
@@ -328,16 +367,24 @@ fn find_cuobjdump(nvcc: &Path) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
-/// Append to each report record the number of tensor-core (HMMA) instructions in its SASS.
-/// The SASS listing is kept as `OUT_DIR/score.sass.txt`.
-fn add_tensor_core_counts(report: &str, cuobjdump: &Path, fatbin: &Path, out: &Path) -> String {
-    let Ok(output) = Command::new(cuobjdump).arg("-sass").arg(fatbin).output() else {
-        return report.to_string();
+/// The number of tensor-core (HMMA) instructions in the SASS of each `(symbol, arch)`, or `None`
+/// (with a warning) when cuobjdump fails. The SASS listing is kept as `OUT_DIR/score.sass.txt`.
+fn tensor_core_counts(
+    cuobjdump: &Path,
+    fatbin: &Path,
+    out: &Path,
+) -> Option<std::collections::HashMap<(String, String), usize>> {
+    let output = match Command::new(cuobjdump).arg("-sass").arg(fatbin).output() {
+        Ok(o) if o.status.success() => o,
+        Ok(o) => {
+            println!("cargo:warning=cuobjdump -sass failed ({}); the kernel report has no HMMA counts", o.status);
+            return None;
+        }
+        Err(e) => {
+            println!("cargo:warning=could not run {}: {e}; the kernel report has no HMMA counts", cuobjdump.display());
+            return None;
+        }
     };
-    if !output.status.success() {
-        println!("cargo:warning=cuobjdump -sass failed; the kernel report has no HMMA counts");
-        return report.to_string();
-    }
     let sass = String::from_utf8_lossy(&output.stdout);
     let _ = std::fs::write(out.join("score.sass.txt"), sass.as_bytes());
     // Sections: "arch = sm_90" ... "Function : <symbol>" ... instructions.
@@ -354,18 +401,7 @@ fn add_tensor_core_counts(report: &str, cuobjdump: &Path, fatbin: &Path, out: &P
             *counts.entry((func.clone(), arch.clone())).or_insert(0) += 1;
         }
     }
-    report
-        .split(';')
-        .filter(|r| !r.is_empty())
-        .map(|r| {
-            let f: Vec<&str> = r.split(',').collect();
-            match counts.get(&(f[0].to_string(), f[1].to_string())) {
-                Some(n) => format!("{r},{n}"),
-                None => r.to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(";")
+    Some(counts)
 }
 
 /// `symbol,arch,registers,smem,stack,spill_stores,spill_loads;...` from `ptxas -v` output.

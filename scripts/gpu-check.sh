@@ -22,7 +22,8 @@ mode="${1:-}"
 build() {
   cd "$repo"
   local home
-  home="$(bash scripts/setup-cuda.sh | sed -n 's/^setup-cuda.sh: CUDA_HOME=//p')"
+  # --tools: cuobjdump, so the variants check can see HMMA in the SASS.
+  home="$(bash scripts/setup-cuda.sh --tools | sed -n 's/^setup-cuda.sh: CUDA_HOME=//p')"
   if [[ -n "$home" ]]; then export CUDA_HOME="$home"; fi
   export TRIATTN_CUDA_ARCHS="${TRIATTN_CUDA_ARCHS:-90}"
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
@@ -49,6 +50,7 @@ PY
   tar -C "$pack" -czf "$pack/bin.tar.gz" bin
   rm -rf "$pack/bin"
   printf '%s\n' "built $(date -u +%FT%TZ) for sm ${TRIATTN_CUDA_ARCHS}" >"$pack/BUILD"
+  printf '%s\n' "${TRIATTN_CUDA_ARCHS}" >"$pack/ARCHS"
   tar -tvzf "$pack/bin.tar.gz"
   du -sh "$pack"
 }
@@ -85,7 +87,9 @@ run() {
   "${env[@]}" "$bin/batch" --test-threads 1 --nocapture cuda 2>&1 | tee "$logs/batch.txt" | grep -E "SKIP|panicked|test result" || status=1
   grep -q "test result: ok" "$logs/batch.txt" || status=1
   echo "== variants: ptxas report (no spills, HMMA in max mode)"
-  "$bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
+  # The archs the binaries were built for: the variants test checks the build against them.
+  env TRIATTN_CUDA_ARCHS="$(cat "$pack/ARCHS")" TRIATTN_BIN="$bin/triattn" "$bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
+  grep -q "test result: ok" "$logs/variants.txt" || status=1
   echo "== throughput: score vs device copy"
   "${env[@]}" "$bin/score_gpu" 2>&1 | tee "$logs/bench.txt" || status=1
   echo "gpu-check: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $logs"

@@ -1,7 +1,8 @@
 //! The single table of compiled kernel variants, and the report of what ptxas made of them.
 //!
 //! Every kernel that exists is a row of [`table`]: `build.rs` includes this file (it uses only
-//! `std` and the crate's [`DType`]) to write the instantiation units for nvcc and for the emu
+//! `std` and the crate's [`DType`]; serde only under `cfg(triattn_crate)`, which build.rs sets for
+//! the crate, not for itself) to write the instantiation units for nvcc and for the emu
 //! backend, and the launchers look variants up here. Compile-time knobs are only those that
 //! change code shape — key dtype, head_dim, aggregation kernel, keys per block, threads; pairing
 //! style, cache layout, group size and all counts are run-time parameters.
@@ -577,11 +578,10 @@ pub const fn max_shared_per_block(arch: u32) -> Option<usize> {
     }
 }
 
-/// Headroom under which build.rs warns that a variant nearly fills an architecture's shared memory.
-pub const SHARED_HEADROOM_WARN: i64 = 1024;
-
-/// What `triattn kernels` shows for one variant on one architecture.
+/// What `triattn kernels` shows for one variant on one architecture; `--json` prints its serde
+/// serialization, one object per line.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(triattn_crate, derive(serde::Serialize))]
 pub struct KernelInfo {
     /// Kernel symbol.
     pub symbol: String,
@@ -605,39 +605,36 @@ pub struct KernelInfo {
     pub hmma: Option<u32>,
 }
 
+#[cfg(triattn_crate)]
 impl KernelInfo {
-    /// One JSON object, no trailing newline.
+    /// One JSON object, no trailing newline (`triattn kernels --json`).
     pub fn to_json_line(&self) -> String {
-        fn num(v: Option<u32>) -> String {
-            v.map_or_else(|| "null".to_string(), |v| v.to_string())
-        }
-        format!(
-            "{{\"symbol\":\"{}\",\"op\":\"{}\",\"dtype\":\"{}\",\"knobs\":\"{}\",\"arch\":\"{}\",\"registers\":{},\"shared_bytes\":{},\"spill_bytes\":{},\"stack_bytes\":{},\"hmma\":{}}}",
-            self.symbol,
-            self.op,
-            self.dtype,
-            self.knobs,
-            self.arch,
-            num(self.registers),
-            num(self.shared_bytes),
-            num(self.spill_bytes),
-            num(self.stack_bytes),
-            num(self.hmma)
-        )
+        serde_json::to_string(self).expect("a KernelInfo of strings and numbers serializes")
     }
 }
 
-/// The ptxas report of this build, `symbol,arch,registers,smem,stack,spill_stores,spill_loads[,hmma]`
-/// records separated by `;` (set by build.rs; empty when no CUDA kernels were compiled).
+/// The ptxas report of this build, `symbol,arch,registers,smem,stack,spill_stores,spill_loads,hmma`
+/// records separated by `;` (set by build.rs; empty when no CUDA kernels were compiled; `hmma`
+/// empty when cuobjdump did not inspect the SASS).
 fn ptxas_report() -> &'static str {
     option_env!("TRIATTN_KERNEL_REPORT").unwrap_or("")
+}
+
+/// The architectures this build compiled CUDA kernels for (`sm_80`, ...; `TRIATTN_CUDA_ARCHS`
+/// as build.rs read it), ascending; empty without the `cuda` feature or with `TRIATTN_NO_NVCC`.
+pub fn built_archs() -> Vec<&'static str> {
+    option_env!("TRIATTN_BUILT_ARCHS").unwrap_or("").split(';').filter(|a| !a.is_empty()).collect()
 }
 
 /// Every variant on every compiled architecture, in table order then arch order; one row per
 /// variant with `arch = "none"` and no numbers when the build compiled no CUDA kernels.
 pub fn kernel_report() -> Vec<KernelInfo> {
-    let records: Vec<Vec<&str>> =
-        ptxas_report().split(';').filter(|r| !r.is_empty()).map(|r| r.split(',').collect()).collect();
+    report_from(ptxas_report())
+}
+
+/// [`kernel_report`] from the records of `report` (the format of `TRIATTN_KERNEL_REPORT`).
+fn report_from(report: &str) -> Vec<KernelInfo> {
+    let records: Vec<Vec<&str>> = report.split(';').filter(|r| !r.is_empty()).map(|r| r.split(',').collect()).collect();
     let mut out = Vec::new();
     for v in table() {
         let symbol = v.symbol();
@@ -754,12 +751,37 @@ mod tests {
         }
     }
 
+    /// A report of known records becomes rows with those numbers (shared memory plus the
+    /// dynamic part at 32 vectors, spills summed), and one JSON object per row with the contract
+    /// fields and types; a variant without records gets one `none` row, an unknown symbol none.
     #[test]
-    fn json_line_has_the_contract_fields() {
-        let line = kernel_report()[0].to_json_line();
-        for field in ["\"symbol\":", "\"op\":", "\"arch\":", "\"registers\":", "\"shared_bytes\":", "\"spill_bytes\":"]
-        {
-            assert!(line.contains(field), "{line}");
-        }
+    fn report_rows_carry_the_record_numbers_as_json() {
+        let max = score_variant(DType::Bf16, 128, ScoreAlgo::Max).unwrap();
+        let mean = score_variant(DType::F16, 64, ScoreAlgo::Mean).unwrap();
+        let (m, n) = (max.symbol(), mean.symbol());
+        let rows = report_from(&format!(
+            "{m},sm_80,168,0,8,4,12,96;{m},sm_90,170,0,0,0,0,;{n},sm_90,64,3072,0,0,0,0;triattn_score_nope,sm_90,1,2,3,4,5,6"
+        ));
+        assert_eq!(rows.len(), table().len() + 1, "two rows for {m}, one per other variant");
+        let dynamic = max.dynamic_smem_bytes(MAX_VECTORS) as u64;
+        let json = |r: &KernelInfo| serde_json::from_str::<serde_json::Value>(&r.to_json_line()).unwrap();
+        let of = |sym: &str, arch: &str| {
+            rows.iter().find(|r| r.symbol == sym && r.arch == arch).unwrap_or_else(|| panic!("no row {sym} {arch}"))
+        };
+        assert_eq!(
+            json(of(&m, "sm_80")),
+            serde_json::json!({
+                "symbol": m, "op": "score", "dtype": "bf16", "knobs": max.knobs(), "arch": "sm_80",
+                "registers": 168, "shared_bytes": dynamic, "spill_bytes": 16, "stack_bytes": 8, "hmma": 96
+            })
+        );
+        assert_eq!(json(of(&m, "sm_90"))["hmma"], serde_json::Value::Null, "SASS not inspected");
+        assert_eq!(json(of(&n, "sm_90"))["shared_bytes"], 3072);
+        let none = of(&trig_variant().symbol(), "none");
+        assert_eq!(none.shared_bytes, Some(trig_variant().static_smem_bytes() as u32));
+        assert_eq!((none.registers, none.spill_bytes, none.hmma), (None, None, None));
+        assert!(rows.iter().all(|r| r.symbol != "triattn_score_nope"));
+        let line = of(&m, "sm_80").to_json_line();
+        assert!(!line.contains('\n') && line.starts_with('{') && line.ends_with('}'), "{line}");
     }
 }

@@ -14,13 +14,12 @@ struct Case {
 
 impl Case {
     /// A copy of the short-no-op golden case that can be corrupted file by file.
-    fn new() -> Option<Self> {
-        let src = common::data_path("golden/short-no-op")?;
+    fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         for f in ["config.json", "stats.safetensors", "kv.safetensors"] {
-            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+            std::fs::copy(common::data_path(&format!("golden/short-no-op/{f}")), dir.path().join(f)).unwrap();
         }
-        Some(Self { dir })
+        Self { dir }
     }
 
     fn path(&self, f: &str) -> PathBuf {
@@ -80,7 +79,7 @@ fn check_failure(o: &std::process::Output, needles: &[&str]) {
 
 #[test]
 fn truncated_safetensors() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     let bytes = std::fs::read(c.path("kv.safetensors")).unwrap();
     c.write("kv.safetensors", &bytes[..bytes.len() / 2]);
     c.fails(&[], &["kv.safetensors"]);
@@ -88,26 +87,26 @@ fn truncated_safetensors() {
 
 #[test]
 fn garbage_and_absurd_header_length() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.write("stats.safetensors", b"this is not a safetensors file at all");
     c.fails(&[], &["stats.safetensors", "header length"]);
     let mut bytes = (1u64 << 60).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{\"a\":1}");
     c.write("stats.safetensors", &bytes);
     c.fails(&[], &["stats.safetensors", "header length"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.write("kv.safetensors", &[]);
     c.fails(&[], &["kv.safetensors"]);
 }
 
 #[test]
 fn shape_and_dtype_mismatches_name_the_tensor() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit("kv.safetensors", |t| {
         t.tensors.insert("k.1".into(), Tensor::from_f32(vec![2, 99, 32], &vec![0.0; 2 * 99 * 32]));
     });
     c.fails(&[], &["k.1", "[2, 100, 32]", "[2, 99, 32]"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit("kv.safetensors", |t| {
         t.tensors
             .insert("v.0".into(), Tensor::from_raw(triattn::DType::F16, vec![2, 100, 32], vec![0; 2 * 100 * 32 * 2]));
@@ -117,12 +116,12 @@ fn shape_and_dtype_mismatches_name_the_tensor() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit("kv.safetensors", |t| {
         t.tensors.remove("v.1");
     });
     c.fails(&[], &["v.1", "missing"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit("stats.safetensors", |t| {
         t.tensors.remove("q_abs_mean");
     });
@@ -131,33 +130,33 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn statistics_contradicting_the_config() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit_config(|v| v["num_hidden_layers"] = 3.into());
     c.fails(&[], &["layers", "expected 3", "got 2"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit_config(|v| v["num_attention_heads"] = 8.into());
     c.fails(&[], &["attention heads", "expected 8", "got 4"]);
 }
 
 #[test]
 fn bad_model_configs() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit_config(|v| v["head_dim"] = 31.into());
     c.fails(&[], &["head_dim", "even", "31"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit_config(|v| v["num_key_value_heads"] = 3.into());
     c.fails(&[], &["num_key_value_heads", "3"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.edit_config(|v| v["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 2.0}));
     c.fails(&[], &["rope_type", "longrope"]);
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.write("config.json", b"num_hidden_layers = 2");
     c.fails(&[], &["config.json", "JSON"]);
 }
 
 #[test]
 fn bad_arguments() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     c.fails(&["--budget", "0"], &["budget", ">= 1", "0"]);
     c.fails(&["--budget", "64", "--window", "64"], &["window", "budget"]);
     c.fails(&["--round-start", "50"], &["round_start", "50"]);
@@ -172,7 +171,7 @@ fn bad_arguments() {
 
 #[test]
 fn calibrate_and_convert_fail_cleanly() {
-    let Some(c) = Case::new() else { return };
+    let c = Case::new();
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_triattn")).current_dir(c.dir.path()).args(args).output().unwrap()
     };

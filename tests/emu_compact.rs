@@ -338,7 +338,7 @@ fn compact_paged_matches_cpu_bit_exact() {
                     }
                 }
             }
-            let mut map = vec![0i32; num_sets * k];
+            let mut map = vec![-1i32; num_sets * k]; // poisoned (0xFF bytes): every entry must be written
             {
                 let mut kk: Vec<&mut [u8]> = kbuf.iter_mut().map(|b| &mut b[..]).collect();
                 let mut vv: Vec<&mut [u8]> = vbuf.iter_mut().map(|b| &mut b[..]).collect();
@@ -654,7 +654,7 @@ fn compact_batched_paged_matches_cpu_per_sequence() {
                     }
                 }
             }
-            let mut map = vec![0i32; seqs * per];
+            let mut map = vec![-1i32; seqs * per]; // poisoned (0xFF bytes): every entry must be written
             {
                 let mut kk: Vec<&mut [u8]> = kbuf.iter_mut().map(|b| &mut b[..]).collect();
                 let mut vv: Vec<&mut [u8]> = vbuf.iter_mut().map(|b| &mut b[..]).collect();

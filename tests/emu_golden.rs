@@ -57,7 +57,8 @@ fn case_errors<T: Element>(case: &Path, kv: &TensorFile, scorer: &Scorer, config
         let data = elements::<T>(&k.data);
         let view = LayerView::contiguous("k", &data, hkv, n, d).unwrap();
         let h = weights.num_heads;
-        let (mut a, mut b) = (vec![0f32; h * n], vec![0f32; h * n]);
+        // The kernel's output starts poisoned (NaN): every slot must be written.
+        let (mut a, mut b) = (vec![f32::NAN; h * n], vec![0f32; h * n]);
         emu::score_layer(&weights, l, &view, scorer.style, &mut a).unwrap();
         cpu::score::score_layer(&weights, l, &view, scorer.style, &mut b).unwrap();
         let e = expected.get(&format!("raw.{l}")).unwrap().to_f32_vec();
@@ -70,12 +71,7 @@ fn case_errors<T: Element>(case: &Path, kv: &TensorFile, scorer: &Scorer, config
 
 #[test]
 fn emu_raw_scores_match_every_golden_case() {
-    let cases = golden_cases();
-    let mut seen = 0;
-    for case in &cases {
-        if !case.join("kv.safetensors").is_file() {
-            continue;
-        }
+    for case in &golden_cases() {
         let a = args(case);
         let model = ModelConfig::from_file(case.join("config.json")).unwrap();
         let stats = Stats::load(case.join("stats.safetensors")).unwrap();
@@ -99,9 +95,5 @@ fn emu_raw_scores_match_every_golden_case() {
         eprintln!("{name}: emu raw vs reference {vs_ref:.2e} std, vs cpu {vs_cpu:.2e} std");
         assert!(vs_ref <= 5e-4, "{name}: {vs_ref:.3e}");
         assert!(vs_cpu <= 4e-6, "{name}: {vs_cpu:.3e}");
-        seen += 1;
-    }
-    if seen == 0 {
-        eprintln!("SKIP emu_raw_scores_match_every_golden_case: no golden cases found");
     }
 }

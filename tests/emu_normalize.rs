@@ -121,11 +121,19 @@ fn nan_candidates_match_cpu_zscore() {
         stat_start: Some(&starts),
         stat_end: Some(&ends),
     };
-    let mut raw = vec![0f32; spec.raw_len()];
-    let mut parts = vec![RowPartial::default(); spec.partials_len()];
+    // The scorer's outputs start poisoned (NaN), as raw memory would: it must write them all.
+    let mut raw = vec![f32::NAN; spec.raw_len()];
+    let mut parts =
+        vec![RowPartial { count: f32::NAN, mean: f32::NAN, m2: f32::NAN, pad: f32::NAN }; spec.partials_len()];
     emu::score(&spec, &inputs, &mut raw, Some(&mut parts)).unwrap();
+    assert!(parts.iter().all(|p| p.count >= 0.0 && !p.mean.is_nan() && !p.m2.is_nan()), "a tile partial not written");
     for h in 0..heads {
         let row = &raw[h * len..][..len];
+        for (n, x) in row.iter().enumerate() {
+            let g = h / (heads / kv);
+            let key_nan = keys[(g * len + n) * d..][..d].iter().any(|k| k.is_nan());
+            assert_eq!(x.is_nan(), key_nan, "head {h} slot {n}: score {x}, key has NaN: {key_nan}");
+        }
         assert!(row[start..end].iter().any(|x| x.is_nan()), "head {h}: no NaN candidate");
         assert!(row[start..end].iter().any(|x| !x.is_nan()), "head {h}: no finite candidate");
     }

@@ -636,7 +636,8 @@ fn positions_follow_their_rows() {
             let keys: Vec<Vec<f32>> = (0..l).map(|i| random_keys::<f32>(hkv * n * d, d, 60 + i as u64)).collect();
             let mut k = keys.clone();
             let mut v = keys.clone();
-            let mut k_out = vec![vec![0f32; hkv * 100 * d]; l];
+            // The out-of-place destination starts poisoned (NaN): every kept row must be written.
+            let mut k_out = vec![vec![f32::NAN; hkv * 100 * d]; l];
             let mut v_out = k_out.clone();
             let original: Vec<i64> = (0..sets * n).map(|i| 10_000 + 7 * i as i64).collect();
             let mut pos64 = original.clone();
@@ -683,6 +684,20 @@ fn positions_follow_their_rows() {
                         (false, PositionType::I32) => pos32[set * n + i] as i64,
                     };
                     assert_eq!(have, want, "{what}: set {set} slot {i}");
+                }
+            }
+            if out_of_place {
+                for layer in 0..l {
+                    for g in 0..hkv {
+                        let set = if config.mode == SelectionMode::PerLayerPerHead { layer * hkv + g } else { g };
+                        for (i, &from) in got.outputs[0].keep[set][..kept].iter().enumerate() {
+                            let src = &keys[layer][(g * n + from as usize) * d..][..d];
+                            for (name, out) in [("K", &k_out), ("V", &v_out)] {
+                                let row = &out[layer][(g * 100 + i) * d..][..d];
+                                assert!(row == src, "{what}: {name} layer {layer} head {g} row {i}: {:?}", &row[..4]);
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -402,8 +402,10 @@ fn batched_prefixes_match_the_cpu_per_row() {
     };
     let spec = SelectSpec::new(shape).unwrap();
     let scores = vec![0.5f32; 60];
-    let mut keep = vec![0i32; 24];
+    let mut keep = vec![-7i32; 24];
     assert!(emu::select_batch(&spec, &scores, Some(&[0, 4, 2]), &mut keep).is_ok());
+    // All ties: every row keeps its four lowest slots (protected or not).
+    assert_eq!(keep, [0, 1, 2, 3].repeat(6));
     assert!(emu::select_batch(&spec, &scores, Some(&[0, 5, 2]), &mut keep).is_err());
     assert!(emu::select_batch(&spec, &scores, Some(&[0, 4]), &mut keep).is_err());
     assert!(SelectSpec::new(SelectShape { rows_per_seq: 4, ..shape }).is_err());

@@ -7,17 +7,16 @@ use std::path::PathBuf;
 use triattn::stats::pt::{parse_official, read_official};
 use triattn::{ErrorKind, PairingStyle, Stats};
 
-/// `shared/data` next to the crate, or `tests/data` copies, whichever holds every file of `needed`;
-/// `None` (with a loud note) if neither does.
-fn data_dir(needed: &[&str]) -> Option<PathBuf> {
+/// `shared/data` next to the crate, or the `tests/data` copies, whichever holds every file of
+/// `needed`; panics naming both places if neither does (the fixtures ship in tests/data).
+fn data_dir(needed: &[&str]) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for dir in [root.join("../shared/data"), root.join("tests/data")] {
-        if needed.iter().all(|f| dir.join(f).is_file()) {
-            return Some(dir);
-        }
-    }
-    eprintln!("!!!!! SKIPPED: {needed:?} not found under ../shared/data or tests/data next to the crate !!!!!");
-    None
+    let places = [root.join("../shared/data"), root.join("tests/data")];
+    places
+        .iter()
+        .find(|dir| needed.iter().all(|f| dir.join(f).is_file()))
+        .cloned()
+        .unwrap_or_else(|| panic!("test data {needed:?} missing: expected all of them under one of {places:?}"))
 }
 
 fn assert_bits_eq(name: &str, a: &[f32], b: &[f32]) {
@@ -29,7 +28,7 @@ fn assert_bits_eq(name: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn ds_qwen7b_matches_converted_safetensors_bit_for_bit() {
-    let Some(data) = data_dir(&["official/ds_qwen7b.pt", "calibration/ds_qwen7b.safetensors"]) else { return };
+    let data = data_dir(&["official/ds_qwen7b.pt", "calibration/ds_qwen7b.safetensors"]);
     let pt = read_official(data.join("official/ds_qwen7b.pt")).unwrap();
     let st = Stats::load(data.join("calibration/ds_qwen7b.safetensors")).unwrap();
     assert_eq!((pt.num_layers, pt.num_heads, pt.head_dim), (28, 28, 128));
@@ -55,7 +54,7 @@ fn ds_qwen7b_matches_converted_safetensors_bit_for_bit() {
 
 #[test]
 fn gpt_oss_reads_with_rich_metadata() {
-    let Some(data) = data_dir(&["official/gpt_oss_120b_stats.pt"]) else { return };
+    let data = data_dir(&["official/gpt_oss_120b_stats.pt"]);
     let s = read_official(data.join("official/gpt_oss_120b_stats.pt")).unwrap();
     assert_eq!((s.num_layers, s.num_heads, s.head_dim), (36, 64, 64));
     assert_eq!(s.q_mean_real.len(), 36 * 64 * 32);

@@ -27,44 +27,55 @@ pub fn triattn_bin() -> PathBuf {
 }
 
 /// `tests/data/<rel>` if present, else `../shared/data/<rel>`, else `tests/data/<rel>` under the
-/// current directory (a carried test binary run from the repository root); `None` (with a loud
-/// message) if none.
-pub fn data_path(rel: &str) -> Option<PathBuf> {
+/// current directory (a carried test binary run from the repository root). The fixtures ship with
+/// the crate, so a missing one is a broken checkout: panics naming every place looked, never a
+/// silent pass.
+pub fn data_path(rel: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let here = std::env::current_dir().unwrap_or_default().join("tests/data");
-    for base in [root.join("tests/data"), root.join("../shared/data"), here] {
-        let p = base.join(rel);
-        if p.exists() {
-            return Some(p);
-        }
-    }
-    eprintln!("SKIP: test data {rel} not found under tests/data or ../shared/data");
-    None
+    let places = [root.join("tests/data").join(rel), root.join("../shared/data").join(rel), here.join(rel)];
+    places.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!("test data {rel} missing: expected it at one of {places:?} (the fixtures ship in tests/data)")
+    })
 }
 
-/// The golden case folders present (tests/data/golden or ../shared/data/golden).
+/// The golden compress cases shipped in `tests/data/golden`: every one must be found.
+pub const SHIPPED_GOLDEN_CASES: [&str; 6] =
+    ["dsqwen-union-raw", "interleaved-max-plph", "llama3-vllm-window", "qwen3-paper", "short-no-op", "yarn-scaled"];
+
+/// The golden compress case folders (`case.json` and `kv.safetensors`) of the golden directory
+/// [`data_path`] finds, sorted; panics unless every [`SHIPPED_GOLDEN_CASES`] entry is among them
+/// (more cases of the same format may be added).
 pub fn golden_cases() -> Vec<PathBuf> {
-    let Some(dir) = data_path("golden") else { return Vec::new() };
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
+    let dir = data_path("golden");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("case.json").exists() && p.join("kv.safetensors").exists())
         .collect();
     cases.sort();
+    for name in SHIPPED_GOLDEN_CASES {
+        assert!(
+            cases.iter().any(|c| c.ends_with(name)),
+            "golden case {name} missing: expected {} with case.json and kv.safetensors",
+            dir.join(name).display()
+        );
+    }
     cases
 }
 
-/// The golden case folder (`shared/data/golden/calibrate-half` next to the crate, or the
-/// `tests/data` copy); `None`, with a loud note, if neither exists.
-pub fn calibrate_case_dir() -> Option<PathBuf> {
+/// The golden case folder `calibrate-half` (`shared/data/golden/calibrate-half` next to the
+/// crate, or the `tests/data` copy); panics naming both places if neither holds its files.
+pub fn calibrate_case_dir() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    for dir in [root.join("../shared/data/golden/calibrate-half"), root.join("tests/data/golden/calibrate-half")] {
-        if dir.join("queries.safetensors").is_file() && dir.join("expected.safetensors").is_file() {
-            return Some(dir);
-        }
-    }
-    eprintln!("!!!!! SKIPPED: golden case calibrate-half not found next to the crate !!!!!");
-    None
+    let places = [root.join("../shared/data/golden/calibrate-half"), root.join("tests/data/golden/calibrate-half")];
+    places
+        .iter()
+        .find(|d| d.join("queries.safetensors").is_file() && d.join("expected.safetensors").is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("golden case calibrate-half missing: expected queries.safetensors and expected.safetensors in one of {places:?}")
+        })
 }
 
 /// Standard deviation of the finite values of `row` (population).
