@@ -1,5 +1,5 @@
-//! Build script: kernel instantiation units from the variant table, nvcc fatbins (`cuda`), the
-//! host-compiled kernels of the emu backend (`emu`).
+//! Build script: the kernel instantiation unit from the variant table, one nvcc fatbin for every
+//! op (`cuda`), the host-compiled kernels of the emu backend (`emu`).
 //!
 //! Reads only the environment variables below (each registered with `rerun-if-env-changed`),
 //! writes only under `OUT_DIR`, never queries a GPU. Without the `cuda` and `emu` features it
@@ -17,7 +17,7 @@
 //! | `TRIATTN_NVCC` | the nvcc to use |
 //! | `CUDA_HOME`, `CUDA_PATH` | a CUDA toolkit (`bin/nvcc`) |
 //! | `TRIATTN_CUDA_DIR` | where `scripts/setup-cuda.sh` installed the pinned toolchain (default `.cuda`) |
-//! | `TRIATTN_NO_NVCC` | `1`: build `cuda` without kernels (empty fatbins; run time says `KernelsUnavailable`) |
+//! | `TRIATTN_NO_NVCC` | `1`: build `cuda` without kernels (an empty fatbin; run time says `KernelsUnavailable`) |
 
 // src/variant.rs (included below) tests `cfg(triattn_crate)`, which this script never sets; the
 // crate itself declares it (`rustc-check-cfg`), so a misspelt cfg there still warns.
@@ -178,7 +178,7 @@ fn write_if_changed(path: &Path, contents: &str) {
 
 #[cfg(feature = "emu")]
 fn build_emu(table: &[variant::Variant], gen: &Path) {
-    let unit = gen.join("score_emu.cpp");
+    let unit = gen.join("kernels_emu.cpp");
     write_if_changed(&unit, &emu_unit(table));
     cc::Build::new()
         .cpp(true)
@@ -246,10 +246,10 @@ fn archs() -> Vec<u32> {
     }
 }
 
-/// Compile the fatbin of every op; returns the archs compiled and the kernel report for
+/// Compile the one fatbin of every op; returns the archs compiled and the kernel report for
 /// `TRIATTN_BUILT_ARCHS` and `TRIATTN_KERNEL_REPORT`.
 fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> CudaBuild {
-    let fatbin = out.join("score.fatbin");
+    let fatbin = out.join("kernels.fatbin");
     let no_nvcc = env("TRIATTN_NO_NVCC").is_some_and(|v| v != "0") || env("DOCS_RS").is_some();
     if no_nvcc {
         std::fs::write(&fatbin, b"").expect("write empty fatbin");
@@ -262,7 +262,7 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> CudaBuild {
              to build without kernels"
         );
     };
-    let unit = gen.join("score_inst.cu");
+    let unit = gen.join("kernels.cu");
     write_if_changed(&unit, &cuda_unit(table));
     let archs = archs();
     let newest = *archs.last().expect("at least one arch");
@@ -283,7 +283,7 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> CudaBuild {
     let shown = format!("{cmd:?}");
     let output = cmd.output().unwrap_or_else(|e| panic!("could not run {}: {e}\ncommand: {shown}", nvcc.display()));
     let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    std::fs::write(out.join("score.ptxas.txt"), &log).expect("write ptxas report");
+    std::fs::write(out.join("ptxas.txt"), &log).expect("write ptxas report");
     if !output.status.success() {
         panic!("nvcc failed ({}).\ncommand: {shown}\noutput:\n{log}", output.status);
     }
@@ -368,7 +368,7 @@ fn find_cuobjdump(nvcc: &Path) -> Option<PathBuf> {
 }
 
 /// The number of tensor-core (HMMA) instructions in the SASS of each `(symbol, arch)`, or `None`
-/// (with a warning) when cuobjdump fails. The SASS listing is kept as `OUT_DIR/score.sass.txt`.
+/// (with a warning) when cuobjdump fails. The SASS listing is kept as `OUT_DIR/sass.txt`.
 fn tensor_core_counts(
     cuobjdump: &Path,
     fatbin: &Path,
@@ -386,7 +386,7 @@ fn tensor_core_counts(
         }
     };
     let sass = String::from_utf8_lossy(&output.stdout);
-    let _ = std::fs::write(out.join("score.sass.txt"), sass.as_bytes());
+    let _ = std::fs::write(out.join("sass.txt"), sass.as_bytes());
     // Sections: "arch = sm_90" ... "Function : <symbol>" ... instructions.
     let mut counts: std::collections::HashMap<(String, String), usize> = Default::default();
     let (mut arch, mut func) = (String::new(), String::new());

@@ -13,11 +13,11 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use triattn::io::TensorFile;
-use triattn::model::ModelConfig;
 use triattn::round::Scorer;
 use triattn::score::{OffsetAggregation, RoundWeights, ScoreConfig};
 use triattn::stats::Stats;
 use triattn::LayerView;
+use triattn::ModelConfig;
 
 const STATS: &[u8] = include_bytes!("../data/qwen3_8b.safetensors");
 const CONFIG: &str = include_str!("../data/qwen3_8b.config.json");

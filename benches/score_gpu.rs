@@ -14,9 +14,10 @@ use std::sync::Arc;
 use common::Rng;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
-use triattn::cuda::spec::weight_levels;
-use triattn::cuda::{
-    CudaBackend, KeyLayout, RowPartial, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope,
+use triattn::cuda::CudaBackend;
+use triattn::kernels::weight_levels;
+use triattn::kernels::{
+    KeyLayout, RowPartial, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope,
 };
 use triattn::score::{NormTerm, OffsetAggregation, RoundWeights, ScoreConfig};
 use triattn::{cpu, LayerView, PairingStyle, Stats};

@@ -6,7 +6,7 @@
 # same counts: the script exits 1 when one does not.
 #
 # Usage: scripts/sass-contraction.sh [ARCH]   (ARCH default 90; needs a `cargo build --features
-# cuda` first, for OUT_DIR/gen/score_inst.cu). nvcc and cuobjdump as build.rs finds them under
+# cuda` first, for OUT_DIR/gen/kernels.cu). nvcc and cuobjdump as build.rs finds them under
 # TRIATTN_CUDA_DIR (default .cuda).
 set -euo pipefail
 arch=${1:-90}
@@ -15,8 +15,8 @@ dir=${TRIATTN_CUDA_DIR:-$root/.cuda}
 nvcc=${TRIATTN_NVCC:-$dir/pypi/nvidia/cu13/bin/nvcc}
 cuobjdump=$dir/tools/nvidia/cu13/bin/cuobjdump
 [ -x "$cuobjdump" ] || cuobjdump=$(dirname "$nvcc")/cuobjdump
-unit=$(ls -t "$root"/target/*/build/triattn-*/out/gen/score_inst.cu 2>/dev/null | head -1 || true)
-[ -n "$unit" ] || { echo "no generated score_inst.cu: run cargo build --features cuda first" >&2; exit 2; }
+unit=$(ls -t "$root"/target/*/build/triattn-*/out/gen/kernels.cu 2>/dev/null | head -1 || true)
+[ -n "$unit" ] || { echo "no generated kernels.cu: run cargo build --features cuda first" >&2; exit 2; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 inc="-I$root/cuda -I$(dirname "$(dirname "$nvcc")")/include"

@@ -1,57 +1,4 @@
-//! Batched rounds: many sequences of one model compressed in one call.
-//!
-//! An engine serving many requests holds one [`KvCache`] and one [`SequenceState`] per sequence;
-//! prompts, lengths and positions differ, and so may each sequence's budget (and window). The
-//! policy — preset, selection mode, score knobs, normalisation, prefix protection, trigger slack —
-//! is the [`Compressor`]'s and shared by the batch. A [`BatchItem`] names one sequence and its
-//! overrides; [`Compressor::compress_batch`] runs a round on every item and
-//! [`Compressor::compress_due`] only on the items whose round is due.
-//!
-//! The contract: each item's result (scores, keep sets, outcome, compacted cache, positions) is
-//! bit-identical to [`Compressor::compress`] on that sequence alone by a compressor whose
-//! configuration is [`Compressor::config_with`] the item's budget and window. On the CPU,
-//! sequences run in parallel on rayon's pool (each round also uses the pool internally;
-//! work-stealing nests); on a kernel backend the items that evict and share a shape (slots,
-//! capacity, budget, window) run as one batch plan — one launch per stage for all of them — and
-//! the others one by one.
-//!
-//! Every item is validated before any cache is touched: a bad budget or window, a cache that
-//! does not fit the model or disagrees with its state fails the whole call, with an error naming
-//! the item, e.g. `batch item 3: budget: expected >= 1, got 0`.
-//!
-//! ```
-//! use triattn::batch::BatchItem;
-//! use triattn::round::Scorer;
-//! use triattn::{CompressionConfig, Compressor, KvCache, ModelConfig, RoundOutcome, SequenceState, Stats};
-//!
-//! # fn main() -> triattn::Result<()> {
-//! let model = ModelConfig::from_file("data/qwen3_8b.config.json")?;
-//! let stats = Stats::load("data/qwen3_8b.safetensors")?;
-//! let config = CompressionConfig { budget: 48, divide_length: 16, ..CompressionConfig::default() };
-//! let compressor = Compressor::new(config, Scorer::new(model.clone(), stats, None)?)?;
-//! let (l, hkv, d) = (model.num_layers, model.num_kv_heads, model.head_dim);
-//!
-//! // Two sequences: prompts of 8 and 4 tokens; the second keeps 32 slots instead of 48.
-//! let mut caches = vec![KvCache::<f32>::new(l, hkv, d, d, 64), KvCache::<f32>::new(l, hkv, d, d, 64)];
-//! let mut seqs = vec![SequenceState::new(l, hkv, 8), SequenceState::new(l, hkv, 4)];
-//! for (i, (cache, seq)) in caches.iter_mut().zip(seqs.iter_mut()).enumerate() {
-//!     for t in 0..64 - 16 * i {
-//!         let key: Vec<f32> = (0..l * hkv * d).map(|j| ((j * 7 + t * 13) % 17) as f32 - 8.0).collect();
-//!         cache.push(&key, &key)?;
-//!         seq.advance(1);
-//!     }
-//! }
-//! let mut it = caches.iter_mut().zip(seqs.iter_mut());
-//! let (c0, s0) = it.next().unwrap();
-//! let (c1, s1) = it.next().unwrap();
-//! let mut items = [BatchItem::new(c0, s0), BatchItem::new(c1, s1).with_budget(32)];
-//! assert_eq!(compressor.due_items(&items), vec![0, 1]);
-//! let reports = compressor.compress_due(&mut items)?;
-//! assert!(reports.iter().all(|r| matches!(r.as_ref().unwrap().round.outcome, RoundOutcome::Compressed { .. })));
-//! assert_eq!((caches[0].len, caches[1].len), (48, 32));
-//! # Ok(())
-//! # }
-//! ```
+//! Batched rounds: many sequences of one model compressed in one call (see [`BatchItem`]).
 
 use rayon::prelude::*;
 
@@ -62,6 +9,59 @@ use crate::error::{Error, Result};
 use crate::policy::CompressionConfig;
 
 /// One sequence of a batch: its cache, its state, and its overrides of the compressor's knobs.
+///
+/// An engine serving many requests holds one [`KvCache`] and one [`SequenceState`] per sequence;
+/// prompts, lengths and positions differ, and so may each sequence's budget (and window). The
+/// policy — preset, selection mode, score knobs, normalisation, prefix protection, trigger slack —
+/// is the [`Compressor`]'s and shared by the batch. A [`BatchItem`] names one sequence and its
+/// overrides; [`Compressor::compress_batch`] runs a round on every item and
+/// [`Compressor::compress_due`] only on the items whose round is due.
+///
+/// The contract: each item's result (scores, keep sets, outcome, compacted cache, positions) is
+/// bit-identical to [`Compressor::compress`] on that sequence alone by a compressor whose
+/// configuration is [`Compressor::config_with`] the item's budget and window. On the CPU,
+/// sequences run in parallel on rayon's pool (each round also uses the pool internally;
+/// work-stealing nests); on a kernel backend the items that evict and share a shape (slots,
+/// capacity, budget, window) run as one batch plan — one launch per stage for all of them — and
+/// the others one by one.
+///
+/// Every item is validated before any cache is touched: a bad budget or window, a cache that
+/// does not fit the model or disagrees with its state fails the whole call, with an error naming
+/// the item, e.g. `batch item 3: budget: expected >= 1, got 0`.
+///
+/// ```
+/// use triattn::BatchItem;
+/// use triattn::round::Scorer;
+/// use triattn::{CompressionConfig, Compressor, KvCache, ModelConfig, RoundOutcome, SequenceState, Stats};
+///
+/// # fn main() -> triattn::Result<()> {
+/// let model = ModelConfig::from_file("data/qwen3_8b.config.json")?;
+/// let stats = Stats::load("data/qwen3_8b.safetensors")?;
+/// let config = CompressionConfig { budget: 48, divide_length: 16, ..CompressionConfig::default() };
+/// let compressor = Compressor::new(config, Scorer::new(model.clone(), stats, None)?)?;
+/// let (l, hkv, d) = (model.num_layers, model.num_kv_heads, model.head_dim);
+///
+/// // Two sequences: prompts of 8 and 4 tokens; the second keeps 32 slots instead of 48.
+/// let mut caches = vec![KvCache::<f32>::new(l, hkv, d, d, 64), KvCache::<f32>::new(l, hkv, d, d, 64)];
+/// let mut seqs = vec![SequenceState::new(l, hkv, 8), SequenceState::new(l, hkv, 4)];
+/// for (i, (cache, seq)) in caches.iter_mut().zip(seqs.iter_mut()).enumerate() {
+///     for t in 0..64 - 16 * i {
+///         let key: Vec<f32> = (0..l * hkv * d).map(|j| ((j * 7 + t * 13) % 17) as f32 - 8.0).collect();
+///         cache.push(&key, &key)?;
+///         seq.advance(1);
+///     }
+/// }
+/// let mut it = caches.iter_mut().zip(seqs.iter_mut());
+/// let (c0, s0) = it.next().unwrap();
+/// let (c1, s1) = it.next().unwrap();
+/// let mut items = [BatchItem::new(c0, s0), BatchItem::new(c1, s1).with_budget(32)];
+/// assert_eq!(compressor.due_items(&items), vec![0, 1]);
+/// let reports = compressor.compress_due(&mut items)?;
+/// assert!(reports.iter().all(|r| matches!(r.as_ref().unwrap().round.outcome, RoundOutcome::Compressed { .. })));
+/// assert_eq!((caches[0].len, caches[1].len), (48, 32));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct BatchItem<'a, T> {
     /// The sequence's cache, compacted in place by a round.

@@ -30,7 +30,10 @@ pub enum ErrorKind {
     Driver,
 }
 
-/// The error type of every fallible function in this crate.
+/// The error type of every fallible function in this crate: an [`ErrorKind`] that callers (and
+/// the C ABI) can match on, and a message that names the file, tensor or field at fault and says
+/// what was expected and what was got, e.g. `stats.safetensors: tensor q_mean_real: expected
+/// shape [36, 32, 64], got [36, 32, 32]`.
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,

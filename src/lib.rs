@@ -17,18 +17,17 @@
 //! device-resident caches plan a round once per shape ([`cuda::RoundPlan`]: workspace sizing,
 //! contiguous or paged caches) and then only launch on their stream.
 //!
-//! | module | what |
+//! What an engine uses:
+//!
+//! | where | what |
 //! |---|---|
-//! | [`model`] | Hugging Face `config.json`: heads, head_dim, RoPE frequencies and scaling in f64 |
-//! | [`stats`] | statistics files: native safetensors, the official `.pt` reader, calibration |
-//! | [`policy`] | presets, knobs, triggers, protection, outcomes |
-//! | [`round`], [`cpu`] | the round's stages on the CPU |
-//! | [`compressor`] | the policy driving rounds over a [`KvCache`] |
-//! | [`batch`] | rounds over many sequences with their own budgets in one call |
-//! | [`io`] | validated safetensors reading, atomic writing |
-//! | [`ffi`] | the C ABI (`include/triattn.h`) |
-//! | [`cuda`] | kernel params and launch specs, round plans (every build); the GPU runtime and [`cuda::RoundPlan`] runs on a stream (feature `cuda`) |
-//! | `variant`, `emu` | the kernel variant table; the kernels run on the CPU by a SIMT layer (feature `emu`) |
+//! | the crate root | [`Compressor`] (policy, per-sequence [`SequenceState`], rounds over a [`KvCache`], batches of [`BatchItem`]s), [`CompressionConfig`] and its [`Preset`]s, [`ModelConfig`] (a Hugging Face `config.json`: heads, head_dim, RoPE frequencies and scaling in f64), [`Stats`], [`Scorer`], [`Backend`], [`Error`] |
+//! | [`cuda`] | device rounds: [`cuda::RoundPlan`] (plan once per cache shape, then only launch; contiguous or paged caches, compaction, positions) and, with feature `cuda`, the GPU runtime ([`cuda::CudaDevice`], [`cuda::DeviceRound`]) |
+//! | [`ffi`] | the C ABI (`include/triattn.h`): contexts, compressors, plans, bindings |
+//! | [`policy`], [`score`] | every knob of a round: selection modes, normalisation, protection, triggers, outcomes; the score's terms and offsets |
+//! | [`stats`], [`io`] | statistics files (native safetensors, the official `.pt` reader, calibration), validated safetensors reading and atomic writing |
+//! | [`round`], [`cpu`] | one round as stages on any backend; the CPU backend's stages for custom pipelines |
+//! | [`kernels`] | the kernel-level layer under the plans: launch specs, params, the variant table, the emu launchers |
 //!
 //! ## Example
 //!
@@ -62,23 +61,24 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod batch;
-pub mod cache;
-pub mod compressor;
+mod batch;
+mod cache;
+mod compressor;
 pub mod cpu;
 pub mod cuda;
-pub mod dtype;
+mod dtype;
 #[cfg(feature = "emu")]
-pub mod emu;
-pub mod error;
+mod emu;
+mod error;
 pub mod ffi;
 pub mod io;
-pub mod model;
+pub mod kernels;
+mod model;
 pub mod policy;
 pub mod round;
 pub mod score;
 pub mod stats;
-pub mod variant;
+mod variant;
 
 pub use batch::BatchItem;
 pub use cache::{KvCache, LayerView};

@@ -107,7 +107,13 @@ impl RopeScaling {
     }
 }
 
-/// What a TriAttention round needs to know about a model.
+/// What a TriAttention round needs to know about a model, from a Hugging Face `config.json`:
+/// layer and head counts, head_dim, and RoPE.
+///
+/// RoPE frequencies (`omega`, the model's `inv_freq`) and the attention scaling `s` are computed
+/// in f64 exactly as the serving framework builds them: default, `linear`, `llama3` and `yarn`
+/// scaling, spelled as `rope_scaling` (with `rope_type` or the legacy `type`) or as the newer
+/// `rope_parameters` object. Anything else is refused by name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     /// `num_hidden_layers` (L).

@@ -352,7 +352,7 @@ pub fn calibrate_variant(dtype: DType) -> Variant {
 }
 
 impl Variant {
-    /// The op family (and fatbin) this variant belongs to.
+    /// The op this variant computes.
     pub fn op(&self) -> &'static str {
         match self.kernel {
             Kernel::Select { .. } | Kernel::SelectPass { .. } => "select",

@@ -134,8 +134,8 @@ fn cuda_context_refuses_cleanly_or_opens() {
 mod plans {
     use super::*;
     use triattn::cuda::{CacheLayout, Compaction, RoundPlan, RoundShape, RowStrides};
+    use triattn::kernels::variant::CompactMode;
     use triattn::round::Scorer;
-    use triattn::variant::CompactMode;
     use triattn::{CompressionConfig, ModelConfig, Preset, Stats};
 
     fn rust_plan(shape: RoundShape) -> RoundPlan {

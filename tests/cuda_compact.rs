@@ -13,12 +13,12 @@ use common::{gpu_or_skip, random_keep_set, Rng};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use half::bf16;
 use triattn::cpu::compact::{compact_in_place, hole_fill_in_place, hole_filling_plan};
-use triattn::cuda::{
+use triattn::cuda::{PositionType, RowStrides};
+use triattn::kernels::variant::CompactMode;
+use triattn::kernels::{
     CalibrateAddresses, CalibrateSpec, CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget,
-    PositionType, RowStrides,
 };
 use triattn::stats::calibrate::Accumulator;
-use triattn::variant::CompactMode;
 use triattn::{Element, PairingStyle};
 
 fn addresses(stream: &Arc<CudaStream>, bufs: &[CudaSlice<u8>]) -> CudaSlice<u64> {

@@ -22,10 +22,10 @@ use half::bf16;
 use triattn::cuda::{
     CacheAddresses, CacheLayout, Compaction, DeviceRound, RoundPlan, RoundShape, Stage, TimedLauncher,
 };
+use triattn::kernels::variant::CompactMode;
 use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
-use triattn::variant::CompactMode;
 use triattn::LayerView;
 
 struct Cache {

@@ -10,14 +10,13 @@ use std::sync::Arc;
 use common::{gpu_or_skip, omega, random_stats, std_dev, Rng};
 use half::{bf16, f16};
 use triattn::cpu;
-use triattn::cuda::runtime::{ScoreBuffers, WeightsBuffer};
-use triattn::cuda::spec::{weight_levels, weights_from_levels};
-use triattn::cuda::{
-    CudaBackend, KeyLayout, PageOrder, RowPartial, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope,
-};
-use triattn::error::ErrorKind;
+use triattn::cuda::{CudaBackend, PageOrder};
+use triattn::kernels::variant::{self, Kernel, HEAD_DIMS};
+use triattn::kernels::{weight_levels, weights_from_levels};
+use triattn::kernels::{KeyLayout, RowPartial, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
+use triattn::kernels::{ScoreBuffers, WeightsBuffer};
 use triattn::score::{OffsetAggregation, RoundWeights, ScoreConfig};
-use triattn::variant::{self, Kernel, HEAD_DIMS};
+use triattn::ErrorKind;
 use triattn::{Element, LayerView, PairingStyle};
 
 #[test]

@@ -18,12 +18,12 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 use triattn::cpu::normalize::zscore_rows;
 use triattn::cpu::reduce::reduce;
 use triattn::cpu::select::select_row;
-use triattn::cuda::{
+use triattn::kernels::variant::{self, Kernel};
+use triattn::kernels::{
     moments_from_partials, NormalizeAddresses, NormalizeSpec, ReduceAddresses, ReduceSpec, RowPartial, SelectAddresses,
     SelectShape, SelectSpec,
 };
 use triattn::policy::{GroupAggregation, SelectionMode, ZScore};
-use triattn::variant::{self, Kernel};
 
 /// splitmix64 values with many ties and a few NaN / ±inf.
 fn row(seed: u64, n: usize) -> Vec<f32> {

@@ -11,11 +11,11 @@ mod common;
 
 use common::{calibrate_case_dir, Rng};
 use half::{bf16, f16};
-use triattn::cuda::CalibrateSpec;
-use triattn::emu;
 use triattn::io::{Tensor, TensorFile};
+use triattn::kernels::emu;
+use triattn::kernels::variant::{self, Kernel};
+use triattn::kernels::CalibrateSpec;
 use triattn::stats::calibrate::Accumulator;
-use triattn::variant::{self, Kernel};
 use triattn::{DType, Element, PairingStyle};
 
 const REL: f64 = 1e-12;

@@ -9,9 +9,10 @@ mod common;
 
 use common::{random_keep_set, Rng};
 use triattn::cpu::compact::{compact_in_place, gather_rows, hole_fill_in_place, hole_filling_plan};
-use triattn::cuda::{CompactLayout, CompactShape, CompactSpec, CompactTarget, PageOrder, PositionType, RowStrides};
-use triattn::emu::{self, CompactExtras, KeepSets, Positions, PositionsRef};
-use triattn::variant::{self, CompactMode, Kernel};
+use triattn::cuda::{PageOrder, PositionType, RowStrides};
+use triattn::kernels::emu::{self, CompactExtras, KeepSets, Positions, PositionsRef};
+use triattn::kernels::variant::{self, CompactMode, Kernel};
+use triattn::kernels::{CompactLayout, CompactShape, CompactSpec, CompactTarget};
 
 #[derive(Clone, Copy, Debug)]
 enum KeepKind {
@@ -674,7 +675,7 @@ fn compact_batched_paged_matches_cpu_per_sequence() {
 /// fails the launch the same way, naming the address (the raw launch path checks no alignment).
 #[test]
 fn misaligned_bases_fail_the_launch() {
-    use triattn::cuda::CompactAddresses;
+    use triattn::kernels::CompactAddresses;
     let (layers, hkv, n, k, d, eb) = (1, 2, 64, 48, 64, 2);
     let st = RowStrides { head_stride: n * d, row_stride: d };
     let sp = CompactSpec::new(CompactShape {

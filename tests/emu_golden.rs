@@ -12,9 +12,10 @@ use std::path::Path;
 use common::{golden_cases, max_rel_err};
 use half::{bf16, f16};
 use triattn::io::{FileDType, TensorFile};
+use triattn::kernels::emu;
 use triattn::round::Scorer;
 use triattn::score::{OffsetAggregation, ScoreConfig};
-use triattn::{cpu, emu, DType, Element, LayerView, ModelConfig, PairingStyle, Stats};
+use triattn::{cpu, DType, Element, LayerView, ModelConfig, PairingStyle, Stats};
 
 fn args(case: &Path) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();

@@ -9,8 +9,10 @@ mod common;
 
 use common::{omega, random_keys, random_stats, Rng};
 use triattn::cpu::normalize::{row_moments, zscore_rows};
-use triattn::cuda::{moments_from_partials, KeyLayout, NormalizeSpec, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
-use triattn::emu;
+use triattn::kernels::emu;
+use triattn::kernels::{
+    moments_from_partials, KeyLayout, NormalizeSpec, RowPartial, ScoreShape, ScoreSpec, WeightsScope,
+};
 use triattn::policy::ZScore;
 use triattn::score::{RoundWeights, ScoreConfig};
 use triattn::PairingStyle;

@@ -7,8 +7,8 @@ mod common;
 
 use common::Rng;
 use triattn::cpu::reduce::reduce;
-use triattn::cuda::ReduceSpec;
-use triattn::emu;
+use triattn::kernels::emu;
+use triattn::kernels::ReduceSpec;
 use triattn::policy::{GroupAggregation, SelectionMode};
 
 /// Mostly small integers (ties) and uniform values, a few NaN, ±inf and -0.

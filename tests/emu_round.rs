@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::{dense_strides as strides, model, random_keys, random_stats, Rng};
 use half::bf16;
 use triattn::cuda::{CacheAddresses, CacheLayout, Compaction, Launcher, RoundAddresses, RoundPlan, RoundShape, Stage};
+use triattn::kernels::variant::{CompactMode, Variant};
 use triattn::policy::{CompressionConfig, Preset, RoundOutcome, SelectionMode};
 use triattn::round::{run_cpu, Scorer};
 use triattn::score::OffsetAggregation;
-use triattn::variant::{CompactMode, Variant};
 use triattn::{Element, LayerView};
 
 /// Counts heap allocations per thread (other tests run on other threads meanwhile).
@@ -330,7 +330,7 @@ fn plans_refuse_bad_shapes_by_name() {
 #[test]
 fn long_rounds_take_the_multi_block_select() {
     let m = model(1, 2, 1, 32);
-    let (hkv, d, n) = (1, 32, triattn::cuda::select::SELECT_SINGLE_MAX_LEN + 3001);
+    let (hkv, d, n) = (1, 32, triattn::kernels::SELECT_SINGLE_MAX_LEN + 3001);
     let scorer = Scorer::new(m, random_stats(1, 2, 32, 17), None).unwrap();
     for config in [
         CompressionConfig { budget: 2048, ..CompressionConfig::preset(Preset::Paper) },

@@ -11,10 +11,11 @@ mod common;
 use common::{max_rel_err, omega, random_keys, random_stats, std_dev};
 use half::{bf16, f16};
 use triattn::cpu;
-use triattn::cuda::{KeyLayout, PageOrder, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
-use triattn::emu;
+use triattn::cuda::PageOrder;
+use triattn::kernels::emu;
+use triattn::kernels::variant::{self, Kernel, HEAD_DIMS};
+use triattn::kernels::{KeyLayout, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
 use triattn::score::{NormTerm, OffsetAggregation, RoundWeights, ScoreConfig, TrigTerm};
-use triattn::variant::{self, Kernel, HEAD_DIMS};
 use triattn::{DType, Element, LayerView, PairingStyle};
 
 fn config(aggregation: OffsetAggregation) -> ScoreConfig {
@@ -541,7 +542,7 @@ fn trig_kernel_matches_host_weights() {
 fn trig_kernel_writes_the_exact_level_image() {
     // The image the max kernel copies into shared memory, padding included, bit for bit what the
     // host builds from its own weights (emu evaluates cos/sin with the host libm).
-    use triattn::cuda::spec::{weight_levels, weights_from_levels};
+    use triattn::kernels::{weight_levels, weights_from_levels};
     for (d, style) in [(96, PairingStyle::Half), (32, PairingStyle::Interleaved)] {
         let st = random_stats(2, 3, d, 17);
         let cfg = config(OffsetAggregation::Max);

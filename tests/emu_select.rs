@@ -15,10 +15,10 @@ mod common;
 
 use common::Rng;
 use triattn::cpu::select::select_row;
-use triattn::cuda::select::SELECT_SINGLE_MAX_LEN;
-use triattn::cuda::{SelectShape, SelectSpec};
-use triattn::emu;
-use triattn::variant::{self, Kernel, Variant};
+use triattn::kernels::emu;
+use triattn::kernels::variant::{self, Kernel, Variant};
+use triattn::kernels::SELECT_SINGLE_MAX_LEN;
+use triattn::kernels::{SelectShape, SelectSpec};
 
 #[derive(Clone, Copy, Debug)]
 enum Values {

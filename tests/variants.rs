@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use triattn::variant;
+use triattn::kernels::variant;
 
 /// The archs `TRIATTN_CUDA_ARCHS` asks for, parsed as build.rs documents it (`;` or `,`
 /// separated, `sm_` prefix optional, default `80;86;89;90`): `sm_80`, ..., ascending. Read here,
@@ -124,7 +124,7 @@ fn kernels_json_lists_every_variant_on_every_compiled_arch() {
 #[test]
 fn emu_build_compiled_exactly_the_table() {
     let table: Vec<String> = variant::table().iter().map(|v| v.symbol()).collect();
-    assert_eq!(triattn::emu::compiled_symbols(), table);
+    assert_eq!(triattn::kernels::emu::compiled_symbols(), table);
 }
 
 #[cfg(feature = "emu")]
@@ -134,7 +134,7 @@ fn shared_memory_formula_matches_the_kernel_source() {
         for vectors in 1..=variant::MAX_VECTORS {
             assert_eq!(
                 v.dynamic_smem_bytes(vectors),
-                triattn::emu::kernel_dynamic_smem_bytes(v, vectors),
+                triattn::kernels::emu::kernel_dynamic_smem_bytes(v, vectors),
                 "{} at {vectors} vectors",
                 v.symbol()
             );

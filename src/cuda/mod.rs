@@ -1,44 +1,39 @@
-//! The CUDA kernels' host side: params mirrored from `cuda/common/params.cuh`, validated launch
-//! specs, and (feature `cuda`) the runtime that loads the embedded fatbin and launches on a
-//! caller's stream.
+//! Rounds on the kernel path, planned once per shape: [`RoundPlan`] validates a cache shape
+//! (contiguous or paged, compaction, positions) and lays out a workspace; a run only launches,
+//! on any [`Launcher`]. Planning is host code and exists in every build (an engine can plan a
+//! round and size its workspace anywhere); the GPU runtime ([`CudaDevice`], [`CudaBackend`],
+//! [`DeviceRound`]) needs the `cuda` feature. Rounds over host buffers run on any kernel backend
+//! through the [`Backend`](crate::Backend) methods (`round_keys`, `round_in_place`, ...),
+//! returning a [`HostRound`].
 //!
-//! The params, specs and round plans are host code shared with the emu backend (`crate::emu`),
-//! which runs the same kernel sources on the CPU through the same launch description, so they
-//! exist in every build (an engine can plan a round and size its workspace anywhere); only
-//! `runtime` and `device_round` need the `cuda` feature.
+//! The kernel-level layer under the plans (launch specs, params mirrored from
+//! `cuda/common/params.cuh`, the variant table, the emu launchers) is [`crate::kernels`].
 
-pub mod calibrate;
-pub mod compact;
+pub(crate) mod calibrate;
+pub(crate) mod compact;
 #[cfg(feature = "cuda")]
-pub mod device_round;
+mod device_round;
 #[cfg(any(feature = "emu", feature = "cuda"))]
 pub(crate) mod host_round;
-pub mod normalize;
-pub mod params;
-pub mod plan;
-pub mod reduce;
+pub(crate) mod normalize;
+pub(crate) mod params;
+pub(crate) mod plan;
+pub(crate) mod reduce;
 #[cfg(feature = "cuda")]
-pub mod runtime;
-pub mod select;
-pub mod spec;
+pub(crate) mod runtime;
+pub(crate) mod select;
+pub(crate) mod spec;
 
-pub use calibrate::{CalibrateAddresses, CalibrateSpec};
-pub use compact::{
-    CompactAddresses, CompactLayout, CompactShape, CompactSpec, CompactTarget, PositionType, RowStrides,
-};
+pub use crate::variant::CompactMode;
+pub use compact::{PositionType, RowStrides};
 #[cfg(feature = "cuda")]
 pub use device_round::{CudaDevice, DeviceRound, StreamLauncher, TimedLauncher};
 #[cfg(any(feature = "emu", feature = "cuda"))]
 pub use host_round::HostRound;
-pub use normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
-pub use params::{CalibrateParams, CompactParams, CompactTensor};
-pub use params::{NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams, SelectParams, TrigParams};
 pub use plan::{
     check_workspace_address, CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs,
     RoundPlan, RoundShape, Stage, StageTimings, WorkspaceLayout, ROW_ALIGN, WORKSPACE_ALIGN,
 };
-pub use reduce::{ReduceAddresses, ReduceSpec};
 #[cfg(feature = "cuda")]
 pub use runtime::CudaBackend;
-pub use select::{SelectAddresses, SelectShape, SelectSpec, SELECT_MAX_LEN};
-pub use spec::{KeyLayout, PageOrder, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
+pub use spec::PageOrder;

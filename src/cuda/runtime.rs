@@ -25,9 +25,9 @@ use crate::variant::{self, Variant, MAX_VECTORS};
 use super::params::RowPartial;
 use super::spec::{ScoreAddresses, ScoreSpec, TrigAddresses, TrigSpec};
 
-/// The `score` op's fatbin: SASS for `TRIATTN_CUDA_ARCHS` plus PTX for the newest (empty when
+/// Every op's kernels in one fatbin: SASS for `TRIATTN_CUDA_ARCHS` plus PTX for the newest (empty when
 /// built with `TRIATTN_NO_NVCC=1`).
-pub static SCORE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/score.fatbin"));
+pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
 fn driver(what: &str, e: DriverError) -> Error {
     Error::new(ErrorKind::Driver, format!("{what}: {e}")).with_source(e)
@@ -144,16 +144,16 @@ impl CudaBackend {
 
     fn module(&self) -> Result<&Module> {
         let loaded = self.module.get_or_init(|| {
-            if SCORE_FATBIN.is_empty() {
+            if FATBIN.is_empty() {
                 return Err(String::new());
             }
             let _current = CurrentContext::enter(&self.ctx).map_err(|e| format!("bind context: {e}"))?;
             // The driver reads the image in place; a copy makes it NUL-terminated and aligned.
-            let mut image = SCORE_FATBIN.to_vec();
+            let mut image = FATBIN.to_vec();
             image.push(0);
             // SAFETY: `image` is the fatbin nvcc wrote (a well-formed image), alive for the call.
             let module = unsafe { result::module::load_data(image.as_ptr().cast()) }
-                .map_err(|e| format!("load the score fatbin on sm_{}: {e}", self.arch))?;
+                .map_err(|e| format!("load the kernel fatbin on sm_{}: {e}", self.arch))?;
             Ok(Module { module, functions: (0..variant::table().len()).map(|_| OnceLock::new()).collect() })
         });
         match loaded {

@@ -368,8 +368,8 @@ pub fn gather_kv(
         .map(|&s| i32::try_from(s).map_err(|_| Error::invalid_argument("keep slot", "<= i32::MAX", s)))
         .collect::<Result<_>>()?;
     let index: Vec<i32> = set_index.iter().map(|&i| i32::try_from(i).unwrap_or(-1)).collect();
-    let mut k_out: Vec<Vec<u8>> = (0..k.len()).map(|_| vec![0u8; hkv * kept * d * elem_bytes]).collect();
-    let mut v_out: Vec<Vec<u8>> = (0..v.len()).map(|_| vec![0u8; hkv * kept * dv * elem_bytes]).collect();
+    let mut k_out: Vec<Vec<u8>> = (0..k.len()).map(|_| vec![0xffu8; hkv * kept * d * elem_bytes]).collect();
+    let mut v_out: Vec<Vec<u8>> = (0..v.len()).map(|_| vec![0xffu8; hkv * kept * dv * elem_bytes]).collect();
     {
         let mut ko: Vec<&mut [u8]> = k_out.iter_mut().map(|b| &mut b[..]).collect();
         let mut vo: Vec<&mut [u8]> = v_out.iter_mut().map(|b| &mut b[..]).collect();

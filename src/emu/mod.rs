@@ -374,7 +374,7 @@ pub fn score_layers<T: Element>(
             .iter()
             .enumerate()
             .map(|(l, k)| {
-                let mut out = vec![0f32; h * k.len];
+                let mut out = vec![f32::NAN; h * k.len];
                 score_layer(weights, l, k, style, &mut out).map(|()| out)
             })
             .collect();
@@ -404,7 +404,7 @@ pub fn score_layers<T: Element>(
         stat_start: None,
         stat_end: None,
     };
-    let mut raw = vec![0f32; spec.raw_len()];
+    let mut raw = vec![f32::NAN; spec.raw_len()];
     score(&spec, &inputs, &mut raw, None)?;
     Ok(raw.chunks(h * n).map(<[f32]>::to_vec).collect())
 }
@@ -463,8 +463,8 @@ fn run_trig(
     }
     // Mean: f32 weights; max: the u16 level image (see weight_levels), turned back into f32.
     let mut image: Option<Vec<u16>> = (vectors > 1).then(|| vec![0xffffu16; spec.weights_len()]);
-    let mut buffer = vec![0f32; if vectors > 1 { 0 } else { spec.weights_len() }];
-    let mut norm = vec![0f32; n];
+    let mut buffer = vec![f32::NAN; if vectors > 1 { 0 } else { spec.weights_len() }];
+    let mut norm = vec![f32::NAN; n];
     let at = TrigAddresses {
         q_mean_real: stats.q_mean_real.as_ptr() as u64,
         q_mean_imag: stats.q_mean_imag.as_ptr() as u64,

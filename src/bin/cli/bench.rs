@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use triattn::error::{Error, Result};
 use triattn::io::TensorFile;
-use triattn::model::ModelConfig;
 use triattn::round::Scorer;
 use triattn::score::{OffsetAggregation, ScoreConfig};
 use triattn::stats::Stats;
+use triattn::ModelConfig;
 use triattn::{Element, LayerView};
+use triattn::{Error, Result};
 
 use super::ms;
 use crate::BenchArgs;

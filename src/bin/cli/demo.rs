@@ -12,11 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use triattn::error::{Error, Result};
 use triattn::policy::{PrefixProtection, Preset, RoundOutcome};
 use triattn::round::Scorer;
 use triattn::score::OffsetAggregation;
 use triattn::{Compressor, KvCache, SequenceState};
+use triattn::{Error, Result};
 
 use super::bench::{qwen3_8b, say, SplitMix64};
 use super::{ms, policy_config};

@@ -5,9 +5,7 @@ mod demo;
 
 use std::time::Instant;
 
-use triattn::error::{Error, Result};
 use triattn::io::{FileDType, Tensor, TensorFile};
-use triattn::model::{ModelConfig, PairingStyle};
 use triattn::policy::{
     CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, RoundOutcome, SelectionMode,
 };
@@ -15,6 +13,8 @@ use triattn::round::{self, Backend, RoundResult, Scorer};
 use triattn::score::{NormTerm, OffsetAggregation, TrigTerm};
 use triattn::stats::Stats;
 use triattn::{DType, Element, LayerView};
+use triattn::{Error, Result};
+use triattn::{ModelConfig, PairingStyle};
 
 pub use bench::bench;
 pub use demo::demo;
@@ -405,13 +405,13 @@ pub(crate) fn ms(d: std::time::Duration) -> f64 {
 }
 
 pub fn kernels(a: KernelsArgs) -> Result<()> {
-    let report = triattn::variant::kernel_report();
+    let report = triattn::kernels::variant::kernel_report();
     if a.json {
         for r in &report {
             println!("{}", r.to_json_line());
         }
     } else {
-        print!("{}", triattn::variant::kernel_table(&report));
+        print!("{}", triattn::kernels::variant::kernel_table(&report));
     }
     Ok(())
 }
@@ -435,7 +435,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             match &backend {
                 Backend::Cpu => acc.add_named_tensor(l, &what, t)?,
                 #[cfg(feature = "emu")]
-                Backend::Emu => triattn::emu::calibrate_tensor(&mut acc, l, &what, t)?,
+                Backend::Emu => triattn::kernels::emu::calibrate_tensor(&mut acc, l, &what, t)?,
                 #[cfg(feature = "cuda")]
                 Backend::Cuda(dev) => dev.calibrate_tensor(&mut acc, l, &what, t)?,
             }
