@@ -31,7 +31,7 @@ build() {
   mkdir -p "$pack/bin"
   local json
   json="$(mktemp)"
-  cargo test --release --features cuda --test cuda_score --test cuda_stages --test cuda_compact --test cuda_round --test golden --test batch --test variants --no-run --message-format=json >"$json"
+  cargo test --release --features cuda --test kernels --test api --no-run --message-format=json >"$json"
   cargo bench --features cuda --bench score_gpu --no-run --message-format=json >>"$json"
   cargo build --release --features cuda --bin triattn --message-format=json >>"$json"
   python3 - "$json" "$pack/bin" <<'PY'
@@ -42,7 +42,7 @@ for line in open(src):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_score", "cuda_stages", "cuda_compact", "cuda_round", "golden", "batch", "variants", "score_gpu", "triattn"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("kernels", "api", "score_gpu", "triattn"):
         shutil.copy(m["executable"], os.path.join(dst, m["target"]["name"]))
 PY
   rm -f "$json"
@@ -69,27 +69,25 @@ run() {
   local env=()
   [[ "$require" == 1 ]] && env=(env TRIATTN_REQUIRE_GPU=1)
   local status=0
-  echo "== parity: CUDA vs CPU, every variant"
-  "${env[@]}" "$bin/cuda_score" --test-threads 1 --nocapture 2>&1 | tee "$logs/parity.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/parity.txt" || status=1
-  echo "== parity: normalize, reduce, select: CUDA vs CPU"
-  "${env[@]}" "$bin/cuda_stages" --test-threads 1 --nocapture 2>&1 | tee "$logs/stages.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/stages.txt" || status=1
-  echo "== parity: compact and calibrate: CUDA vs CPU"
-  "${env[@]}" "$bin/cuda_compact" --test-threads 1 --nocapture 2>&1 | tee "$logs/compact.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/compact.txt" || status=1
-  echo "== round: every stage on the device vs CPU, graph capture and replay, per-stage times"
-  "${env[@]}" "$bin/cuda_round" --test-threads 1 --nocapture 2>&1 | tee "$logs/round.txt" | grep -E "^parity|^round|^stage|SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/round.txt" || status=1
-  echo "== CLI and Compressor on the cuda backend: golden cases (compress, calibrate), batched rounds"
-  "${env[@]}" env TRIATTN_BIN="$bin/triattn" "$bin/golden" --test-threads 1 --nocapture cuda 2>&1 | tee "$logs/golden.txt" | grep -E "^parity|SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/golden.txt" || status=1
-  "${env[@]}" "$bin/batch" --test-threads 1 --nocapture cuda 2>&1 | tee "$logs/batch.txt" | grep -E "SKIP|panicked|test result" || status=1
-  grep -q "test result: ok" "$logs/batch.txt" || status=1
-  echo "== variants: ptxas report (no spills, HMMA in max mode)"
+  # One step per theme: the module filter of the test binary, the log, what to show.
+  step() {
+    local title="$1" log="$2" show="$3"
+    shift 3
+    echo "== $title"
+    "$@" 2>&1 | tee "$logs/$log" | grep -E "$show|SKIP|panicked|test result" || status=1
+    grep -q "test result: ok" "$logs/$log" || status=1
+  }
+  local t=(--test-threads 1 --nocapture)
+  step "parity: CUDA vs CPU, every variant" parity.txt "^parity" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_score::
+  step "parity: normalize, reduce, select: CUDA vs CPU" stages.txt "^parity" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_stages::
+  step "parity: compact and calibrate: CUDA vs CPU" compact.txt "^parity" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_compact::
+  step "round: every stage on the device vs CPU, graph capture and replay, per-stage times" round.txt \
+    "^parity|^round|^stage" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_round::
+  step "CLI, Compressor and C ABI on the cuda backend: golden cases (compress, calibrate), batched rounds, device rounds through bindings" \
+    api.txt "^parity" "${env[@]}" env TRIATTN_BIN="$bin/triattn" "$bin/api" "${t[@]}" cuda c_abi_device --skip capi::
   # The archs the binaries were built for: the variants test checks the build against them.
-  env TRIATTN_CUDA_ARCHS="$(cat "$pack/ARCHS")" TRIATTN_BIN="$bin/triattn" "$bin/variants" 2>&1 | tee "$logs/variants.txt" | grep -E "test result|panicked" || status=1
-  grep -q "test result: ok" "$logs/variants.txt" || status=1
+  step "variants: ptxas report (no spills, HMMA in max mode)" variants.txt "^variants" \
+    env TRIATTN_CUDA_ARCHS="$(cat "$pack/ARCHS")" TRIATTN_BIN="$bin/triattn" "$bin/api" variants::
   echo "== throughput: score vs device copy"
   "${env[@]}" "$bin/score_gpu" 2>&1 | tee "$logs/bench.txt" || status=1
   echo "gpu-check: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $logs"

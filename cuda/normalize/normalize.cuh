@@ -20,7 +20,7 @@
 //            product is divided before it is added, so nvcc has no multiply-add to contract (the
 //            SASS is the same with --fmad=false), and f64 division and sqrt are correctly rounded.
 //            Against cpu::normalize it differs by the f32 rounding of the tile partials
-//            (tests/cuda_stages.rs NORMALIZE_TOL).
+//            (tests/kernels/cuda_stages.rs NORMALIZE_TOL).
 // Knobs:     NT.
 #pragma once
 #include "../common/arch.cuh"

@@ -25,7 +25,7 @@
 // Numerics:  contraction allowed (the hot path): nvcc fuses the dot products, the norm term and
 //            the partials' M2 into FFMA, and tensor cores accumulate in their own order, so scores
 //            agree with the CPU within about 1e-6 of a row's standard deviation, not bit for bit
-//            (tests/cuda_score.rs: 8e-6; rounds: common::assert_keep_sets_match). Identical keys
+//            (tests/kernels/cuda_score.rs: 8e-6; rounds: common::assert_keep_sets_match). Identical keys
 //            still get identical scores: every row runs the same instructions.
 // Knobs:     KeyT (f32, f16, bf16), HEAD_DIM (32..256), BLOCK_KEYS, NT; pairing style, layout,
 //            group size and counts are run-time parameters.

@@ -19,7 +19,7 @@
 //            glibc's): within 1e-6 of the largest weight of the host's, usually equal after the
 //            f32 rounding; scoring takes them within its tolerance. The norm coefficients are
 //            bit-identical to the host's: the sum of squares goes through dmul_rn/dadd_rn (never
-//            an FMA) and f64 sqrt is correctly rounded (tests/cuda_score.rs compares them exactly).
+//            an FMA) and f64 sqrt is correctly rounded (tests/kernels/cuda_score.rs compares them exactly).
 // Knobs:     NT.
 #pragma once
 #include "../common/params.cuh"

@@ -9,7 +9,7 @@
 //! Skips loudly without a GPU; fails when `TRIATTN_REQUIRE_GPU=1`.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

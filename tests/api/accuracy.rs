@@ -1,7 +1,7 @@
 //! CPU scores against a direct float64 transcription of ALGORITHM.md §2.2 (the K_rot form,
 //! per-pair trigonometry, no folding), on real Qwen3-8B statistics at a large `round_start`.
 
-mod common;
+use crate::common;
 
 use common::Rng;
 use half::bf16;

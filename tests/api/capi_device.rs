@@ -10,7 +10,8 @@
 //! With `cuda` and a GPU: a round through the C ABI on device buffers keeps the same slots as
 //! the CPU backend (skips loudly without a GPU; fails when `TRIATTN_REQUIRE_GPU=1`).
 
-mod common;
+#[cfg(any(feature = "emu", feature = "cuda"))]
+use crate::common;
 
 use std::ffi::{c_char, CString};
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! call give bit-identical results to compressing each sequence alone, and keep the budget and
 //! protection invariants over simulated decodes of thousands of tokens.
 
-mod common;
+use crate::common;
 
 use common::{model, Rng};
 use half::bf16;

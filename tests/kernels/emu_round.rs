@@ -3,7 +3,7 @@
 //! selection mode, aggregation and dtype; the run path itself allocates nothing.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

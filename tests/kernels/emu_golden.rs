@@ -5,7 +5,7 @@
 //! the stages after scoring are the CPU backend's in both.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! (plans, one binding per sequence, runs, positions; on the emu backend when this build has
 //! the `emu` feature, else compiled and linked only, as running it needs a GPU).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

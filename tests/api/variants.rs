@@ -4,7 +4,7 @@
 //! with no spills, and the max-mode kernels run on tensor cores (HMMA in the SASS, which
 //! build.rs must have inspected).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

@@ -5,7 +5,7 @@
 //! empty and single-candidate rows; flat rows; N not a multiple of the block; several tiles.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::{omega, random_keys, random_stats, Rng};
 use triattn::cpu::normalize::{row_moments, zscore_rows};

@@ -3,7 +3,7 @@
 //! strided rows, protected prefix and window, N not a multiple of the block.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::Rng;
 use triattn::cpu::reduce::reduce;

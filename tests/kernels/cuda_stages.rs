@@ -11,7 +11,7 @@
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use common::{gpu_or_skip, max_rel_err, Rng};
 use cudarc::driver::{DevicePtr, DevicePtrMut};

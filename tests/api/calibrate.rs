@@ -1,7 +1,7 @@
 //! The calibration accumulator against the golden `calibrate-half` case, and its chunking
 //! invariance.
 
-mod common;
+use crate::common;
 
 use common::calibrate_case_dir;
 use half::bf16;

@@ -11,7 +11,7 @@
 //! the same output run after run.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::Rng;
 use triattn::cpu::select::select_row;

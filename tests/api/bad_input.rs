@@ -1,7 +1,7 @@
 //! Bad input through the CLI: one clear line on stderr naming the field, a non-zero exit, no
 //! panic, and no output file.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

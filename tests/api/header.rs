@@ -1,5 +1,5 @@
 //! `include/triattn.h` must equal what cbindgen generates from src/ffi now.
-//! `TRIATTN_BLESS=1 cargo test --test header` rewrites it.
+//! `TRIATTN_BLESS=1 cargo test --test api header` rewrites it.
 
 #[test]
 fn header_is_fresh() {
@@ -21,6 +21,6 @@ fn header_is_fresh() {
     let current = std::fs::read(&path).unwrap_or_default();
     assert!(
         current == fresh,
-        "include/triattn.h is stale: regenerate it with `TRIATTN_BLESS=1 cargo test --test header` and commit it"
+        "include/triattn.h is stale: regenerate it with `TRIATTN_BLESS=1 cargo test --test api header` and commit it"
     );
 }

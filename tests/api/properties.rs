@@ -1,7 +1,7 @@
 //! Property tests of the CPU backend: permutation invariance, determinism, ties, NaN, and the
 //! budget and protection invariants over simulated decodes of thousands of tokens.
 
-mod common;
+use crate::common;
 
 use common::{model, Rng};
 use half::bf16;

@@ -5,7 +5,7 @@
 //! Without a GPU these tests skip loudly; with `TRIATTN_REQUIRE_GPU` set a skip is a failure.
 #![cfg(feature = "cuda")]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

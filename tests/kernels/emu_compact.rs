@@ -5,7 +5,7 @@
 //! and f32 rows are the same byte copies); padded strides; paged pools (NHD and HND).
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::{random_keep_set, Rng};
 use triattn::cpu::compact::{compact_in_place, gather_rows, hole_fill_in_place, hole_filling_plan};

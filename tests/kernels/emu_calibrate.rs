@@ -7,7 +7,7 @@
 //! bounds the rounding of any summation order; Re and Im sums may cancel to near zero).
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::{calibrate_case_dir, Rng};
 use half::{bf16, f16};

@@ -3,7 +3,7 @@
 //! The cases come from an independent float64 reference; keep must match exactly, score and raw
 //! within 5e-4 of the row's standard deviation, compacted K/V bit-exactly.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

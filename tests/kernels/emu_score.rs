@@ -6,7 +6,7 @@
 //! 256). Scores must agree within a small multiple of 1e-6 of the row's standard deviation.
 #![cfg(feature = "emu")]
 
-mod common;
+use crate::common;
 
 use common::{max_rel_err, omega, random_keys, random_stats, std_dev};
 use half::{bf16, f16};
