@@ -38,7 +38,7 @@ cargo test --features "$features"
 if [[ "$features" == *cuda* ]]; then
   echo "== GPU tests (each prints SKIP without a GPU)"
   log="$(mktemp)"
-  if ! cargo test --features "$features" --test kernels --test api cuda c_abi_device -- --nocapture >"$log" 2>&1; then
+  if ! cargo test --features "$features" --test kernels --test api -- --nocapture cuda c_abi_device >"$log" 2>&1; then
     cat "$log"
     exit 1
   fi
