@@ -354,12 +354,7 @@ pub struct RoundPlan {
     sets: usize,
     kept: usize,
     outcome: RoundOutcome,
-    trig: TrigSpec,
-    score: ScoreSpec,
-    normalize: Option<NormalizeSpec>,
-    reduce: ReduceSpec,
-    select: SelectSpec,
-    compact: Option<CompactSpec>,
+    stages: StageSpecs,
     layout: WorkspaceLayout,
     constants: Vec<u8>,
 }
@@ -539,6 +534,7 @@ fn batch_outcome(
 }
 
 /// Every stage's validated launch description.
+#[derive(Clone, Debug)]
 struct StageSpecs {
     trig: TrigSpec,
     score: ScoreSpec,
@@ -828,7 +824,6 @@ impl RoundPlan {
         let stages = StageSpecs::new(scorer, config, &shape, seqs, protections[0], kept)?;
         let layout = WorkspaceLayout::new(&stages, scorer, &shape, seqs, sets, kept);
         let constants = constants_image(scorer, config, &layout, &protections, shape.len)?;
-        let StageSpecs { trig, score, normalize, reduce, select, compact } = stages;
         Ok(Self {
             shape: RoundShape { prefix_len: prefix_lens[0], ..shape },
             prefix_lens: prefix_lens.to_vec(),
@@ -840,12 +835,7 @@ impl RoundPlan {
             sets,
             kept,
             outcome,
-            trig,
-            score,
-            normalize,
-            reduce,
-            select,
-            compact,
+            stages,
             layout,
             constants,
         })
@@ -896,7 +886,7 @@ impl RoundPlan {
 
     /// The scoring launch (its variant names the kernel).
     pub fn score_spec(&self) -> &ScoreSpec {
-        &self.score
+        &self.stages.score
     }
 
     /// The stages `run` launches, in order.
@@ -904,8 +894,8 @@ impl RoundPlan {
         Stage::ALL
             .into_iter()
             .filter(|s| match s {
-                Stage::Normalize => self.normalize.is_some(),
-                Stage::Compact => self.compact.is_some(),
+                Stage::Normalize => self.stages.normalize.is_some(),
+                Stage::Compact => self.stages.compact.is_some(),
                 _ => true,
             })
             .collect()
@@ -913,11 +903,11 @@ impl RoundPlan {
 
     /// The variants `run` launches, in order.
     pub fn variants(&self) -> Vec<Variant> {
-        let mut v = vec![crate::variant::trig_variant(), self.score.variant()];
-        v.extend(self.normalize.as_ref().map(NormalizeSpec::variant));
-        v.push(self.reduce.variant());
-        v.extend(self.select.launches(&SelectAddresses::default()).iter().flatten().map(|l| l.0));
-        v.extend(self.compact.as_ref().map(CompactSpec::variant));
+        let mut v = vec![crate::variant::trig_variant(), self.stages.score.variant()];
+        v.extend(self.stages.normalize.as_ref().map(NormalizeSpec::variant));
+        v.push(self.stages.reduce.variant());
+        v.extend(self.stages.select.launches(&SelectAddresses::default()).iter().flatten().map(|l| l.0));
+        v.extend(self.stages.compact.as_ref().map(CompactSpec::variant));
         v
     }
 
@@ -925,14 +915,14 @@ impl RoundPlan {
     pub fn stage_kernels(&self) -> Vec<(&'static str, String)> {
         let mut v = vec![
             (Stage::Weights.name(), crate::variant::trig_variant().symbol()),
-            (Stage::Score.name(), self.score.variant().symbol()),
+            (Stage::Score.name(), self.stages.score.variant().symbol()),
         ];
-        if let Some(n) = &self.normalize {
+        if let Some(n) = &self.stages.normalize {
             v.push((Stage::Normalize.name(), n.variant().symbol()));
         }
-        v.push((Stage::Reduce.name(), self.reduce.variant().symbol()));
-        v.push((Stage::Select.name(), self.select.variant().symbol()));
-        if let Some(c) = &self.compact {
+        v.push((Stage::Reduce.name(), self.stages.reduce.variant().symbol()));
+        v.push((Stage::Select.name(), self.stages.select.variant().symbol()));
+        if let Some(c) = &self.stages.compact {
             v.push((Stage::Compact.name(), c.variant().symbol()));
         }
         v
@@ -956,7 +946,7 @@ impl RoundPlan {
         let out_of_place = matches!(self.shape.compaction, Compaction::OutOfPlace { .. });
         let tables: [(&str, &Vec<u64>, bool); 4] = [
             ("K layer addresses", &cache.keys, true),
-            ("V layer addresses", &cache.values, self.compact.is_some()),
+            ("V layer addresses", &cache.values, self.stages.compact.is_some()),
             ("destination K layer addresses", &cache.keys_out, out_of_place),
             ("destination V layer addresses", &cache.values_out, out_of_place),
         ];
@@ -1006,7 +996,7 @@ impl RoundPlan {
             ));
         }
         check_aligned("block table address", block_table, 4)?;
-        if let (Some(ty), Some(spec)) = (self.shape.positions, &self.compact) {
+        if let (Some(ty), Some(spec)) = (self.shape.positions, &self.stages.compact) {
             let out_of_place = spec.shape().target == CompactTarget::OutOfPlace;
             if positions == 0 || (out_of_place && positions_out == 0) {
                 return Err(Error::invalid_argument(
@@ -1105,21 +1095,21 @@ impl RoundPlan {
         let lengths = w.lengths.at(workspace);
         let per_seq = 4 * self.seqs as u64; // bytes of one i32 [S] array of `lengths`
         let prefixes = if self.seqs > 1 { lengths + 3 * per_seq } else { 0 };
-        let trig = self.trig.params(&TrigAddresses {
+        let trig = self.stages.trig.params(&TrigAddresses {
             q_mean_real: w.q_mean_real.at(workspace),
             q_mean_imag: w.q_mean_imag.at(workspace),
             q_abs_mean: w.q_abs_mean.at(workspace),
             omega: w.omega.at(workspace),
             round_start,
-            weights: if self.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
+            weights: if self.stages.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
             norm: w.norm.at(workspace),
         });
         // SAFETY (all launches): the caller's contract on the workspace and cache; every region
         // is sized by the same validated spec whose params are built here.
-        unsafe { launcher.launch(Stage::Weights, crate::variant::trig_variant(), &trig, self.trig.grid(), 0)? };
-        let score = self.score.params(&ScoreAddresses {
+        unsafe { launcher.launch(Stage::Weights, crate::variant::trig_variant(), &trig, self.stages.trig.grid(), 0)? };
+        let score = self.stages.score.params(&ScoreAddresses {
             keys: w.key_table.at(workspace),
-            weights: if self.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
+            weights: if self.stages.trig.vectors > 0 { w.weights.at(workspace) } else { 0 },
             norm: w.norm.at(workspace),
             block_table: at.block_table,
             seq_lens: lengths,
@@ -1131,13 +1121,13 @@ impl RoundPlan {
         unsafe {
             launcher.launch(
                 Stage::Score,
-                self.score.variant(),
+                self.stages.score.variant(),
                 &score,
-                self.score.grid(),
-                self.score.dynamic_smem_bytes(),
+                self.stages.score.grid(),
+                self.stages.score.dynamic_smem_bytes(),
             )?
         };
-        let reduce_input = match &self.normalize {
+        let reduce_input = match &self.stages.normalize {
             Some(spec) => {
                 let p = spec.params(&NormalizeAddresses {
                     partials: w.partials.at(workspace),
@@ -1149,18 +1139,19 @@ impl RoundPlan {
             }
             None => w.raw.at(workspace),
         };
-        let reduce = self.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace), prefixes });
-        unsafe { launcher.launch(Stage::Reduce, self.reduce.variant(), &reduce, self.reduce.grid(), 0)? };
+        let reduce =
+            self.stages.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace), prefixes });
+        unsafe { launcher.launch(Stage::Reduce, self.stages.reduce.variant(), &reduce, self.stages.reduce.grid(), 0)? };
         let select = SelectAddresses {
             scores: w.score.at(workspace),
             keep: w.keep.at(workspace),
             scratch: w.select_scratch.at(workspace),
             prefixes,
         };
-        for (variant, params, grid) in self.select.launches(&select).iter().flatten() {
+        for (variant, params, grid) in self.stages.select.launches(&select).iter().flatten() {
             unsafe { launcher.launch(Stage::Select, *variant, params, *grid, 0)? };
         }
-        if let Some(spec) = &self.compact {
+        if let Some(spec) = &self.stages.compact {
             let p = spec.params(&CompactAddresses {
                 k_src: w.key_table.at(workspace),
                 k_dst: w.key_out_table.at(workspace),

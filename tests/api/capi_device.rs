@@ -662,92 +662,27 @@ mod emu {
         let base = |a: &Aligned, off: usize| a.ptr.wrapping_add(off).cast::<std::ffi::c_void>();
         let good_k = [base(&pool, 0); L];
         let bad_k = [base(&pool, 0), base(&pool, 8)];
+        // A cache from its parts (None: a NULL table or pointer).
+        let cache = |keys: &[*mut std::ffi::c_void; L],
+                     values: Option<&[*mut std::ffi::c_void; L]>,
+                     block_table: Option<*mut std::ffi::c_void>,
+                     positions: Option<*mut std::ffi::c_void>| triattn_cache_pointers {
+            keys: keys.as_ptr(),
+            values: values.map_or(ptr::null(), |v| v.as_ptr()),
+            block_table: block_table.map_or(ptr::null(), |t| t.cast()),
+            positions: positions.unwrap_or(ptr::null_mut()),
+            ..Default::default()
+        };
+        let (t, pos, ws) = (Some(table.addr()), Some(positions.addr()), workspace.addr());
         let cases: Vec<(&str, triattn_cache_pointers, *mut std::ffi::c_void)> = vec![
-            (
-                "K layer addresses [1]",
-                triattn_cache_pointers {
-                    keys: bad_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "V layer addresses [1]",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: bad_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "positions address",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    positions: base(&positions, 4),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "block table address",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    block_table: base(&table, 2).cast(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "workspace",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                base(&workspace, 128),
-            ),
-            (
-                "cache.values",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "cache.block_table",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    positions: positions.addr(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
-            (
-                "positions address",
-                triattn_cache_pointers {
-                    keys: good_k.as_ptr(),
-                    values: good_k.as_ptr(),
-                    block_table: table.addr().cast(),
-                    ..Default::default()
-                },
-                workspace.addr(),
-            ),
+            ("K layer addresses [1]", cache(&bad_k, Some(&good_k), t, pos), ws),
+            ("V layer addresses [1]", cache(&good_k, Some(&bad_k), t, pos), ws),
+            ("positions address", cache(&good_k, Some(&good_k), t, Some(base(&positions, 4))), ws),
+            ("block table address", cache(&good_k, Some(&good_k), Some(base(&table, 2)), pos), ws),
+            ("workspace", cache(&good_k, Some(&good_k), t, pos), base(&workspace, 128)),
+            ("cache.values", cache(&good_k, None, t, pos), ws),
+            ("cache.block_table", cache(&good_k, Some(&good_k), None, pos), ws),
+            ("positions address", cache(&good_k, Some(&good_k), t, None), ws),
         ];
         let untouched = workspace.read::<u8>(0, info.workspace_bytes);
         for (what, cache, ws) in cases {
@@ -761,19 +696,10 @@ mod emu {
             assert!(workspace.read::<u8>(0, info.workspace_bytes) == untouched, "{what}: nothing written");
         }
         // A good binding, then a misaligned round_start at run time.
-        let cache = triattn_cache_pointers {
-            keys: good_k.as_ptr(),
-            values: good_k.as_ptr(),
-            block_table: table.addr().cast(),
-            positions: positions.addr(),
-            ..Default::default()
-        };
+        let good = cache(&good_k, Some(&good_k), t, pos);
         let mut b = ptr::null_mut();
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { triattn_plan_bind(p, &cache, workspace.addr(), ptr::null_mut(), &mut b) },
-            triattn_status::Ok
-        );
+        assert_eq!(unsafe { triattn_plan_bind(p, &good, ws, ptr::null_mut(), &mut b) }, triattn_status::Ok);
         let rs = Aligned::of(&[5000i64, 5000]);
         // SAFETY: the run refuses the misaligned address before any launch.
         let s = unsafe { triattn_binding_run(b, base(&rs, 4).cast(), ptr::null_mut()) };
