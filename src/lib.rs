@@ -26,6 +26,7 @@
 //! | [`ffi`] | the C ABI (`include/triattn.h`): contexts, compressors, plans, bindings |
 //! | [`policy`], [`score`] | every knob of a round: selection modes, normalisation, protection, triggers, outcomes; the score's terms and offsets |
 //! | [`stats`], [`io`] | statistics files (native safetensors, the official `.pt` reader, calibration), validated safetensors reading and atomic writing |
+//! | [`decode`] | sparse decode attention over each KV head's kept slots (virtual eviction): list layouts and options |
 //! | [`round`], [`cpu`] | one round as stages on any backend; the CPU backend's stages for custom pipelines |
 //! | [`kernels`] | the kernel-level layer under the plans: launch specs, params, the variant table, the emu launchers |
 //!
@@ -66,6 +67,7 @@ mod cache;
 mod compressor;
 pub mod cpu;
 pub mod cuda;
+pub mod decode;
 mod dtype;
 #[cfg(feature = "emu")]
 mod emu;
