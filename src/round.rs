@@ -358,6 +358,20 @@ impl Backend {
         on_kernel_device!(self, dev => round_paged(dev, plan, key_pools, value_pools, block_table, round_starts))
     }
 
+    /// Sparse decode attention over host buffers: layers `first_layer..first_layer + layers`
+    /// of `spec`, every input staged in the backend's memory, one decode launch (and a combine
+    /// when split).
+    pub fn decode<T: Element, Q: Element>(
+        &self,
+        spec: &crate::cuda::DecodeSpec,
+        inputs: &crate::cuda::DecodeInputs<'_, T, Q>,
+        first_layer: usize,
+        layers: usize,
+    ) -> Result<crate::cuda::HostDecode> {
+        use crate::cuda::host_round::decode;
+        on_kernel_device!(self, dev => decode(dev, spec, inputs, first_layer, layers))
+    }
+
     /// A plan over a cache already in this backend's memory (device addresses on a GPU, host
     /// addresses under emu: tensors or pools, block table, positions), with a fresh workspace.
     ///

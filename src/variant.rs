@@ -97,6 +97,23 @@ pub enum Kernel {
         /// 16-byte chunks each thread stages per tile.
         chunks: usize,
     },
+    /// `decode`: T decode queries per head against each KV head's slot list, split-KV
+    /// (cuda/decode/decode.cuh).
+    Decode {
+        /// K/V dtype.
+        dtype: DType,
+        /// Head dimension D of q and K.
+        head_dim: usize,
+        /// Query rows (of a KV head's group) per block.
+        rows: usize,
+        /// Threads per block, also the list entries per tile.
+        threads: usize,
+    },
+    /// `decode` combine: the splits' parts merged into o and lse (cuda/decode/combine.cuh).
+    DecodeCombine {
+        /// Threads per block.
+        threads: usize,
+    },
     /// `calibrate`: one layer's pre-RoPE queries added to f64 sums (cuda/calibrate/calibrate.cuh).
     Calibrate {
         /// Query dtype.
@@ -242,6 +259,12 @@ fn build_table() -> Vec<Variant> {
     for phase in SelectPhase::ALL {
         kernels.push(Kernel::SelectPass { phase, threads: phase.threads() });
     }
+    for dtype in DType::ALL {
+        for head_dim in HEAD_DIMS {
+            kernels.push(Kernel::Decode { dtype, head_dim, rows: DECODE_ROWS, threads: DECODE_THREADS });
+        }
+    }
+    kernels.push(Kernel::DecodeCombine { threads: DECODE_COMBINE_THREADS });
     kernels.into_iter().enumerate().map(|(i, kernel)| Variant { id: VariantId(i as u16), kernel }).collect()
 }
 
@@ -351,6 +374,35 @@ pub fn calibrate_variant(dtype: DType) -> Variant {
         .expect("the table has a calibrate kernel per dtype")
 }
 
+/// Query rows (G x T of one KV head) a decode block holds: 8 covers GQA groups up to 8 at one
+/// query per step in one block; more rows take more blocks (each reading the list again).
+pub const DECODE_ROWS: usize = 8;
+/// Threads of a decode block (also list entries per tile).
+pub const DECODE_THREADS: usize = 128;
+/// Threads of a decode-combine block.
+pub const DECODE_COMBINE_THREADS: usize = 128;
+/// Largest value dimension Dv of a decode.
+pub const DECODE_MAX_DV: usize = 256;
+/// Most splits of one decode.
+pub const DECODE_MAX_SPLITS: usize = 128;
+
+/// The decode variant for a K/V dtype and head_dim, if one is compiled.
+pub fn decode_variant(dtype: DType, head_dim: usize) -> Option<Variant> {
+    cached()
+        .iter()
+        .copied()
+        .find(|v| matches!(v.kernel, Kernel::Decode { dtype: t, head_dim: d, .. } if t == dtype && d == head_dim))
+}
+
+/// The decode-combine variant.
+pub fn decode_combine_variant() -> Variant {
+    cached()
+        .iter()
+        .copied()
+        .find(|v| matches!(v.kernel, Kernel::DecodeCombine { .. }))
+        .expect("the table has a decode combine kernel")
+}
+
 impl Variant {
     /// The op this variant computes.
     pub fn op(&self) -> &'static str {
@@ -360,6 +412,7 @@ impl Variant {
             Kernel::Normalize { .. } => "normalize",
             Kernel::Compact { .. } => "compact",
             Kernel::Calibrate { .. } => "calibrate",
+            Kernel::Decode { .. } | Kernel::DecodeCombine { .. } => "decode",
             _ => "score",
         }
     }
@@ -375,6 +428,10 @@ impl Variant {
                 format!("triattn_compact_bytes_a{}_c{chunks}_nt{threads}", mode.tag())
             }
             Kernel::Calibrate { dtype, threads } => format!("triattn_calibrate_{}_nt{threads}", dtype.tag()),
+            Kernel::Decode { dtype, head_dim, rows, threads } => {
+                format!("triattn_decode_{}_d{head_dim}_r{rows}_nt{threads}", dtype.tag())
+            }
+            Kernel::DecodeCombine { threads } => format!("triattn_decode_f32_acombine_nt{threads}"),
             Kernel::Select { threads } => format!("triattn_select_f32_nt{threads}"),
             Kernel::SelectPass { phase, threads } => format!("triattn_select_f32_a{}_nt{threads}", phase.tag()),
             Kernel::Reduce { threads } => format!("triattn_reduce_f32_nt{threads}"),
@@ -388,10 +445,12 @@ impl Variant {
             Kernel::Score { dtype, .. } => dtype.tag(),
             Kernel::Trig { .. } => "f64",
             Kernel::Compact { .. } => "bytes",
-            Kernel::Calibrate { dtype, .. } => dtype.tag(),
-            Kernel::Select { .. } | Kernel::SelectPass { .. } | Kernel::Reduce { .. } | Kernel::Normalize { .. } => {
-                "f32"
-            }
+            Kernel::Calibrate { dtype, .. } | Kernel::Decode { dtype, .. } => dtype.tag(),
+            Kernel::Select { .. }
+            | Kernel::SelectPass { .. }
+            | Kernel::Reduce { .. }
+            | Kernel::Normalize { .. }
+            | Kernel::DecodeCombine { .. } => "f32",
         }
     }
 
@@ -404,6 +463,8 @@ impl Variant {
             Kernel::Trig { threads } => format!("atrig nt{threads}"),
             Kernel::Compact { mode, threads, chunks } => format!("a{} c{chunks} nt{threads}", mode.tag()),
             Kernel::Calibrate { threads, .. } => format!("nt{threads}"),
+            Kernel::Decode { head_dim, rows, threads, .. } => format!("d{head_dim} r{rows} nt{threads}"),
+            Kernel::DecodeCombine { threads } => format!("acombine nt{threads}"),
             Kernel::SelectPass { phase, threads } => format!("a{} nt{threads}", phase.tag()),
             Kernel::Select { threads } | Kernel::Reduce { threads } | Kernel::Normalize { threads } => {
                 format!("nt{threads}")
@@ -430,7 +491,9 @@ impl Variant {
             | Kernel::Normalize { threads } => threads,
             Kernel::Compact { threads, .. }
             | Kernel::Calibrate { threads, .. }
-            | Kernel::SelectPass { threads, .. } => threads,
+            | Kernel::SelectPass { threads, .. }
+            | Kernel::Decode { threads, .. }
+            | Kernel::DecodeCombine { threads } => threads,
         }
     }
 
@@ -475,6 +538,12 @@ impl Variant {
             },
             Kernel::Reduce { .. } => 0,
             Kernel::Normalize { .. } => 16,
+            // q_s, p_s, slot_s, three row stats, acc_s (decode.cuh).
+            Kernel::Decode { head_dim, rows, threads, .. } => {
+                4 * rows * head_dim + 4 * rows * threads + 4 * threads + 3 * 4 * rows + 4 * rows * DECODE_MAX_DV
+            }
+            // w_s, row_s (combine.cuh), as ptxas rounds it.
+            Kernel::DecodeCombine { .. } => (4 * DECODE_MAX_SPLITS + 8).next_multiple_of(16),
         }
     }
 
@@ -530,6 +599,15 @@ impl Variant {
             },
             Kernel::Reduce { threads } => format!("tri::reduce_rows<{threads}>(p)"),
             Kernel::Normalize { threads } => format!("tri::normalize_rows<{threads}>(p)"),
+            Kernel::Decode { dtype, head_dim, rows, threads } => {
+                let t = match dtype {
+                    DType::F32 => "float",
+                    DType::F16 => "tri::f16_t",
+                    DType::Bf16 => "tri::bf16_t",
+                };
+                format!("tri::decode<{t}, {head_dim}, {rows}, {threads}>(p)")
+            }
+            Kernel::DecodeCombine { threads } => format!("tri::decode_combine<{threads}>(p)"),
         }
     }
 
@@ -559,6 +637,8 @@ impl Variant {
             Kernel::Select { .. } | Kernel::SelectPass { .. } => "tri_select_params",
             Kernel::Reduce { .. } => "tri_reduce_params",
             Kernel::Normalize { .. } => "tri_normalize_params",
+            Kernel::Decode { .. } => "tri_decode_params",
+            Kernel::DecodeCombine { .. } => "tri_decode_combine_params",
         }
     }
 }

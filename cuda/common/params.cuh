@@ -235,3 +235,98 @@ struct tri_normalize_params {
 static_assert(sizeof(tri_normalize_params) == 56, "keep in sync with NormalizeParams");
 static_assert(offsetof(tri_normalize_params, raw_stride) == 24, "keep in sync with NormalizeParams");
 static_assert(offsetof(tri_normalize_params, num_rows) == 40, "keep in sync with NormalizeParams");
+
+// Element type of a run-time-typed tensor (decode queries).
+#define TRI_DTYPE_F32 0
+#define TRI_DTYPE_F16 1
+#define TRI_DTYPE_BF16 2
+
+// Which list a (layer, KV head) reads (src/decode.rs ListLayout).
+#define TRI_LIST_DENSE 0              // no lists: slots 0..seq_lens[s]
+#define TRI_LIST_SHARED 1             // list 0
+#define TRI_LIST_PER_KV_HEAD 2        // list g
+#define TRI_LIST_PER_LAYER_KV_HEAD 3  // list l * Hkv + g
+
+// triattn_decode_*: T decode queries per attention head against each KV head's slot list (or
+// every slot), all layers and sequences of one decode in one launch, split-KV.
+struct tri_decode_params {
+  // K/V row (s, l, g, n): contiguous caches (block_size == 0): keys[s * L + l] + g * k_head_stride
+  // + n * k_row_stride; paged: keys[l] + block_table[s * block_table_stride + n / block_size] *
+  // k_block_stride + g * k_head_stride + (n % block_size) * k_row_stride (the same for V).
+  const uint64_t* keys;         // [S * L] or [L] addresses of KeyT elements
+  const uint64_t* values;       // [S * L] or [L] addresses of KeyT elements
+  const void* queries;          // (s, l, h, t, d) at s * q_seq_stride + ll * q_layer_stride +
+                                // h * q_head_stride + t * q_token_stride + d, of query_dtype
+  const float* sinks;           // [L, H] sink logits (all layers), or null
+  const int32_t* lists;         // list i of sequence s at s * list_seq_stride + i * list_stride; null: dense
+  const int32_t* list_lens;     // [S, num_lists] entries of each list, or null: list_len each
+  const int32_t* seq_lens;      // [S] visible slots 0..seq_lens[s] of a dense decode
+  const int32_t* block_table;   // [S, block_table_stride] (paged), else null
+  // Layer l of the launch is ll = l - first_layer in q, o, lse and the parts.
+  float* out;                   // o (s, l, h, t, dv) at s * out_seq_stride +
+                                // ((ll * H + h) * T + t) * out_row_stride + dv (one split)
+  float* lse;                   // lse (s, l, h, t) at s * lse_seq_stride + (ll * H + h) * T + t (one split)
+  float* part_out;              // splits > 1: f32 [S, launch_layers, H, T, splits, Dv]
+  float* part_lse;              // splits > 1: f32 [S, launch_layers, H, T, splits]
+  int64_t k_head_stride;        // elements
+  int64_t k_row_stride;
+  int64_t k_block_stride;
+  int64_t v_head_stride;
+  int64_t v_row_stride;
+  int64_t v_block_stride;
+  int64_t q_seq_stride;
+  int64_t q_layer_stride;
+  int64_t q_head_stride;
+  int64_t q_token_stride;
+  int64_t list_seq_stride;      // entries between sequences' lists
+  int64_t list_stride;          // entries between lists
+  int64_t out_seq_stride;       // f32 elements between sequences' o
+  int64_t out_row_stride;       // f32 elements between (l, h, t) rows of o (>= Dv)
+  int64_t lse_seq_stride;       // f32 elements between sequences' lse
+  float scale;                  // logit scale
+  float softcap;                // > 0: logits become softcap * tanh(s / softcap); 0: off
+  int32_t num_seqs;             // S
+  int32_t num_layers;           // L: layers of the K/V tables, lists and sinks
+  int32_t first_layer;          // the launch covers layers first_layer .. first_layer + launch_layers
+  int32_t launch_layers;        // q, o, lse and the parts hold these layers only (index l - first_layer)
+  int32_t num_heads;            // H
+  int32_t num_kv_heads;         // Hkv
+  int32_t group;                // G = H / Hkv
+  int32_t num_queries;          // T
+  int32_t value_dim;            // Dv
+  int32_t list_layout;          // TRI_LIST_*
+  int32_t num_lists;            // lists per sequence
+  int32_t list_len;             // entries of every list when list_lens is null
+  int32_t split_len;            // list entries per split, a multiple of the block's tile
+  int32_t num_splits;           // gridDim.x
+  int32_t row_chunks;           // query-row chunks per KV head (gridDim.y / Hkv)
+  int32_t block_size;           // slots per block; 0: contiguous
+  int32_t block_table_stride;   // entries per block-table row
+  int32_t query_dtype;          // TRI_DTYPE_*
+};
+static_assert(sizeof(tri_decode_params) == 296, "keep in sync with DecodeParams");
+static_assert(offsetof(tri_decode_params, k_head_stride) == 96, "keep in sync with DecodeParams");
+static_assert(offsetof(tri_decode_params, scale) == 216, "keep in sync with DecodeParams");
+static_assert(offsetof(tri_decode_params, query_dtype) == 292, "keep in sync with DecodeParams");
+
+// triattn_decode_combine_*: a split decode's parts merged into o and lse, with the sinks.
+struct tri_decode_combine_params {
+  const float* part_out;        // f32 [S, launch_layers, H, T, splits, Dv]
+  const float* part_lse;        // f32 [S, launch_layers, H, T, splits]
+  const float* sinks;           // [L, H] (all layers), or null
+  float* out;                   // as tri_decode_params::out
+  float* lse;                   // as tri_decode_params::lse
+  int64_t out_seq_stride;
+  int64_t out_row_stride;
+  int64_t lse_seq_stride;
+  int32_t num_seqs;             // S
+  int32_t first_layer;          // sink row of launch layer ll: first_layer + ll
+  int32_t launch_layers;        // layers of the parts, o and lse
+  int32_t num_heads;            // H
+  int32_t num_queries;          // T
+  int32_t value_dim;            // Dv
+  int32_t num_splits;           // >= 2
+  int32_t pad;
+};
+static_assert(sizeof(tri_decode_combine_params) == 96, "keep in sync with DecodeCombineParams");
+static_assert(offsetof(tri_decode_combine_params, num_seqs) == 64, "keep in sync with DecodeCombineParams");

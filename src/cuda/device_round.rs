@@ -334,8 +334,11 @@ impl KernelDevice for CudaDevice {
         self.stream.clone_dtoh(buffer).map_err(|e| driver(&format!("copy {what} back"), e))
     }
 
-    fn prepare(&self, plan: &RoundPlan) -> Result<()> {
-        self.backend.prepare_round(plan)
+    fn prepare_variants(&self, variants: &[Variant]) -> Result<()> {
+        for &v in variants {
+            self.backend.function_of(v)?;
+        }
+        Ok(())
     }
 
     fn timed(&self) -> TimedLauncher<'_> {

@@ -1,5 +1,5 @@
-//! Rounds over host buffers on a kernel backend: the one execution path that emu and the GPU
-//! share. A [`KernelDevice`] provides memory and a timed launcher; everything else — checking
+//! Rounds and decodes over host buffers on a kernel backend: the one execution path that emu and
+//! the GPU share. A [`KernelDevice`] provides memory and a timed launcher; everything else — checking
 //! the host tensors against the plan, staging them in the backend's memory, a fresh workspace
 //! poisoned like the raw memory an engine hands in (0xff bytes), the launches of
 //! [`RoundPlan::run`], reading the outputs and copying compacted tensors back — is written once
@@ -35,7 +35,11 @@ pub(crate) trait KernelDevice {
     /// The buffer's contents (waits for every launch before it).
     fn download(&self, what: &str, buffer: &Self::Buffer) -> Result<Vec<u8>>;
     /// Load the kernels `plan` launches.
-    fn prepare(&self, plan: &RoundPlan) -> Result<()>;
+    fn prepare(&self, plan: &RoundPlan) -> Result<()> {
+        self.prepare_variants(&plan.variants())
+    }
+    /// Load these kernels.
+    fn prepare_variants(&self, variants: &[crate::variant::Variant]) -> Result<()>;
     /// A launcher that times each stage.
     fn timed(&self) -> Self::Timed<'_>;
     /// The stage times of a finished `launcher`.
@@ -249,4 +253,202 @@ pub(crate) fn round_paged<D: KernelDevice, T: Element>(
         download_all(dev, "value pools", value_pools, &v)?;
     }
     Ok(out)
+}
+
+/// Host buffers of a decode (see [`DecodeSpec`](super::DecodeSpec) for each layout).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeInputs<'a, T, Q> {
+    /// Contiguous: `S * L` K tensors (sequence-major); paged: `L` K pools.
+    pub keys: &'a [&'a [T]],
+    /// V, as `keys`.
+    pub values: &'a [&'a [T]],
+    /// `[S, layers, H, T, D]` queries of the launched layers.
+    pub queries: &'a [Q],
+    /// `f32 [L, H]` sink logits.
+    pub sinks: Option<&'a [f32]>,
+    /// `i32 [S, lists, list_capacity]` lists (`None`: dense).
+    pub lists: Option<&'a [i32]>,
+    /// `i32 [S, lists]` lengths ([`ListLengths::PerList`](super::ListLengths::PerList)).
+    pub list_lens: Option<&'a [i32]>,
+    /// `i32 [S]` visible slots (dense).
+    pub seq_lens: Option<&'a [i32]>,
+    /// `i32 [S, max_blocks]` block table (paged).
+    pub block_table: Option<&'a [i32]>,
+}
+
+/// What a decode over host buffers computed, and how long it took.
+#[derive(Clone, Debug)]
+pub struct HostDecode {
+    /// `f32 [S, layers, H, T, Dv]`.
+    pub out: Vec<f32>,
+    /// `f32 [S, layers, H, T]`.
+    pub lse: Vec<f32>,
+    /// Time of the decode and (when split) combine launches.
+    pub timings: StageTimings,
+}
+
+fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::shape(what, format!("{expected} elements"), got));
+    }
+    Ok(())
+}
+
+/// Check that every access a decode of `spec` over layers `first..first + layers` makes stays
+/// inside `x` (the kernels trust their inputs; this is the host-buffer entry's guard).
+fn check_decode_inputs<T: Element, Q: Element>(
+    spec: &super::DecodeSpec,
+    x: &DecodeInputs<'_, T, Q>,
+    layers: usize,
+) -> Result<()> {
+    use super::plan::CacheLayout;
+    use crate::decode::ListLayout;
+    let s = spec.shape();
+    if T::DTYPE != s.dtype {
+        return Err(Error::shape("cache dtype", s.dtype, T::DTYPE));
+    }
+    if Q::DTYPE != s.query_dtype {
+        return Err(Error::shape("query dtype", s.query_dtype, Q::DTYPE));
+    }
+    let (n, hkv) = (s.len, s.num_kv_heads);
+    check_len("queries", s.num_seqs * layers * s.num_heads * s.num_queries * s.head_dim, x.queries.len())?;
+    match (s.sinks, x.sinks) {
+        (true, Some(sinks)) => check_len("sinks", s.num_layers * s.num_heads, sinks.len())?,
+        (false, None) => {}
+        (want, _) => return Err(Error::invalid_argument("sinks", if want { "given" } else { "none" }, "the other")),
+    }
+    let tables = match s.layout {
+        CacheLayout::Contiguous { .. } => s.num_seqs * s.num_layers,
+        CacheLayout::Paged { .. } => s.num_layers,
+    };
+    for (what, t, dim) in [("K tensors", x.keys, s.head_dim), ("V tensors", x.values, s.value_dim)] {
+        if t.len() != tables {
+            return Err(Error::shape(what, tables, t.len()));
+        }
+        let needed = match s.layout {
+            CacheLayout::Contiguous { keys, values } => {
+                let st = if dim == s.head_dim && what.starts_with('K') { keys } else { values };
+                (hkv - 1) * st.head_stride + (n - 1) * st.row_stride + dim
+            }
+            CacheLayout::Paged { block_size, num_blocks, .. } => num_blocks * block_size * hkv * dim,
+        };
+        if let Some(i) = t.iter().position(|x| x.len() < needed) {
+            return Err(Error::shape(format!("{what} [{i}]"), format!("at least {needed} elements"), t[i].len()));
+        }
+    }
+    if let CacheLayout::Paged { block_size, num_blocks, max_blocks, .. } = s.layout {
+        let table = x.block_table.ok_or_else(|| Error::invalid_argument("block table", "present (paged)", "none"))?;
+        check_len("block table", s.num_seqs * max_blocks, table.len())?;
+        for seq in 0..s.num_seqs {
+            for b in 0..n.div_ceil(block_size) {
+                let blk = table[seq * max_blocks + b];
+                if blk < 0 || blk as usize >= num_blocks {
+                    return Err(Error::invalid_argument(
+                        format!("block table [{seq}, {b}]"),
+                        format!("0..{num_blocks}"),
+                        blk,
+                    ));
+                }
+            }
+        }
+    }
+    if s.lists == ListLayout::Dense {
+        let lens = x.seq_lens.ok_or_else(|| Error::invalid_argument("seq_lens", "present (dense decode)", "none"))?;
+        check_len("seq_lens", s.num_seqs, lens.len())?;
+        if let Some(&bad) = lens.iter().find(|&&l| l < 0 || l as usize > n) {
+            return Err(Error::invalid_argument("seq_lens entry", format!("0..={n}"), bad));
+        }
+        return Ok(());
+    }
+    let (lists, cap) = (spec.num_lists(), s.list_capacity);
+    let entries = x.lists.ok_or_else(|| Error::invalid_argument("lists", "present", "none"))?;
+    check_len("lists", s.num_seqs * lists * cap, entries.len())?;
+    let lens: Vec<usize> = match (s.list_lengths, x.list_lens) {
+        (super::ListLengths::Full, None) => vec![cap; s.num_seqs * lists],
+        (super::ListLengths::PerList, Some(lens)) => {
+            check_len("list lengths", s.num_seqs * lists, lens.len())?;
+            lens.iter()
+                .enumerate()
+                .map(|(i, &l)| {
+                    if l < 0 || l as usize > cap {
+                        Err(Error::invalid_argument(format!("list length [{i}]"), format!("0..={cap}"), l))
+                    } else {
+                        Ok(l as usize)
+                    }
+                })
+                .collect::<Result<_>>()?
+        }
+        (want, _) => return Err(Error::invalid_argument("list lengths", format!("{want:?}"), "the other")),
+    };
+    for (i, &len) in lens.iter().enumerate() {
+        let list = &entries[i * cap..i * cap + len];
+        if let Some(j) = list.iter().position(|&e| e < 0 || e as usize >= n) {
+            return Err(Error::invalid_argument(format!("list {i} entry {j}"), format!("a slot in 0..{n}"), list[j]));
+        }
+    }
+    Ok(())
+}
+
+/// Decode layers `first_layer..first_layer + layers` of `spec` over host buffers on `dev`: the
+/// inputs staged in its memory, outputs and parts poisoned, one decode launch (and a combine
+/// when split), the outputs copied back.
+pub(crate) fn decode<D: KernelDevice, T: Element, Q: Element>(
+    dev: &D,
+    spec: &super::DecodeSpec,
+    x: &DecodeInputs<'_, T, Q>,
+    first_layer: usize,
+    layers: usize,
+) -> Result<HostDecode> {
+    use super::plan::Stage;
+    let s = spec.shape();
+    spec.check_layers(first_layer, layers)?;
+    check_decode_inputs(spec, x, layers)?;
+    let bytes_of = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let k = upload_all(dev, "keys", x.keys)?;
+    let v = upload_all(dev, "values", x.values)?;
+    let k_table =
+        dev.upload("K table", &addresses(dev, &k).iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<_>>())?;
+    let v_table =
+        dev.upload("V table", &addresses(dev, &v).iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<_>>())?;
+    let q = dev.upload("queries", &Q::encode_le(x.queries))?;
+    let optional = |what: &str, bytes: Option<Vec<u8>>| bytes.map(|b| dev.upload(what, &b)).transpose();
+    let sinks = optional("sinks", x.sinks.map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
+    let lists = optional("lists", x.lists.map(bytes_of))?;
+    let list_lens = optional("list lengths", x.list_lens.map(bytes_of))?;
+    let seq_lens = optional("seq_lens", x.seq_lens.map(bytes_of))?;
+    let block_table = optional("block table", x.block_table.map(bytes_of))?;
+    let rows = s.num_seqs * layers * s.num_heads * s.num_queries;
+    let out = dev.upload("o", &vec![0xff; rows * s.value_dim * 4])?;
+    let lse = dev.upload("lse", &vec![0xff; rows * 4])?;
+    let workspace = optional("decode parts", (spec.splits() > 1).then(|| vec![0xff; spec.workspace_bytes(layers)]))?;
+    let addr = |b: &Option<D::Buffer>| b.as_ref().map_or(0, |b| dev.address(b));
+    let at = super::DecodeAddresses {
+        keys: dev.address(&k_table),
+        values: dev.address(&v_table),
+        queries: dev.address(&q),
+        sinks: addr(&sinks),
+        lists: addr(&lists),
+        list_lens: addr(&list_lens),
+        seq_lens: addr(&seq_lens),
+        block_table: addr(&block_table),
+        out: dev.address(&out),
+        lse: dev.address(&lse),
+        workspace: addr(&workspace),
+    };
+    let params = spec.params(&at, first_layer, layers)?;
+    let combine = spec.combine_params(&at, first_layer, layers)?;
+    dev.prepare_variants(&[Some(spec.variant()), spec.combine_variant()].into_iter().flatten().collect::<Vec<_>>())?;
+    let mut launcher = dev.timed();
+    // SAFETY: every buffer was checked against the spec above and staged in `dev` memory of
+    // the checked sizes; the parts workspace holds `workspace_bytes(layers)`.
+    unsafe { launcher.launch(Stage::Decode, spec.variant(), &params, spec.grid(layers), 0)? };
+    if let (Some(p), Some(v)) = (combine, spec.combine_variant()) {
+        // SAFETY: as above; the decode launch wrote every part first (same stream).
+        unsafe { launcher.launch(Stage::Combine, v, &p, spec.combine_grid(layers), 0)? };
+    }
+    let f32s =
+        |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>();
+    let out = f32s(dev.download("o", &out)?);
+    let lse = f32s(dev.download("lse", &lse)?);
+    Ok(HostDecode { out, lse, timings: dev.timings(&launcher)? })
 }

@@ -11,6 +11,7 @@
 
 pub(crate) mod calibrate;
 pub(crate) mod compact;
+pub(crate) mod decode;
 #[cfg(feature = "cuda")]
 mod device_round;
 #[cfg(any(feature = "emu", feature = "cuda"))]
@@ -26,10 +27,11 @@ pub(crate) mod spec;
 
 pub use crate::variant::CompactMode;
 pub use compact::{PositionType, RowStrides};
+pub use decode::{DecodeAddresses, DecodeShape, DecodeSpec, ListLengths, SplitPolicy};
 #[cfg(feature = "cuda")]
 pub use device_round::{CudaDevice, DeviceRound, StreamLauncher, TimedLauncher};
 #[cfg(any(feature = "emu", feature = "cuda"))]
-pub use host_round::HostRound;
+pub use host_round::{DecodeInputs, HostDecode, HostRound};
 pub use plan::{
     check_workspace_address, CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs,
     RoundPlan, RoundShape, Stage, StageTimings, WorkspaceLayout, ROW_ALIGN, WORKSPACE_ALIGN,

@@ -414,6 +414,176 @@ unsafe impl cudarc::driver::DeviceRepr for CompactParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for CalibrateParams {}
 
+/// Query dtype code (`TRI_DTYPE_*`).
+pub(crate) const fn dtype_code(dtype: crate::dtype::DType) -> i32 {
+    match dtype {
+        crate::dtype::DType::F32 => 0,
+        crate::dtype::DType::F16 => 1,
+        crate::dtype::DType::Bf16 => 2,
+    }
+}
+
+/// List layout code (`TRI_LIST_*`).
+pub(crate) const fn list_layout_code(layout: crate::decode::ListLayout) -> i32 {
+    match layout {
+        crate::decode::ListLayout::Dense => 0,
+        crate::decode::ListLayout::Shared => 1,
+        crate::decode::ListLayout::PerKvHead => 2,
+        crate::decode::ListLayout::PerLayerKvHead => 3,
+    }
+}
+
+/// Mirrors `tri_decode_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DecodeParams {
+    /// u64 `[S * L]` (contiguous) or `[L]` (paged) addresses of K elements
+    pub keys: u64,
+    /// u64 `[S * L]` or `[L]` addresses of V elements
+    pub values: u64,
+    /// queries of `query_dtype`, `(s, l, h, t, d)` at the q strides
+    pub queries: u64,
+    /// f32 `[L, H]` sink logits, or 0
+    pub sinks: u64,
+    /// i32 lists (list `i` of sequence `s` at `s * list_seq_stride + i * list_stride`), or 0 (dense)
+    pub lists: u64,
+    /// i32 `[S, num_lists]` list lengths, or 0 (`list_len` each)
+    pub list_lens: u64,
+    /// i32 `[S]` visible slots of a dense decode
+    pub seq_lens: u64,
+    /// i32 `[S, block_table_stride]` (paged), else 0
+    pub block_table: u64,
+    /// f32 o (one split)
+    pub out: u64,
+    /// f32 lse (one split)
+    pub lse: u64,
+    /// f32 `[S, L, H, T, splits, Dv]` split parts
+    pub part_out: u64,
+    /// f32 `[S, L, H, T, splits]` split parts
+    pub part_lse: u64,
+    /// elements between KV heads of K
+    pub k_head_stride: i64,
+    /// elements between slots of K
+    pub k_row_stride: i64,
+    /// elements between pool blocks of K
+    pub k_block_stride: i64,
+    /// elements between KV heads of V
+    pub v_head_stride: i64,
+    /// elements between slots of V
+    pub v_row_stride: i64,
+    /// elements between pool blocks of V
+    pub v_block_stride: i64,
+    /// query elements between sequences
+    pub q_seq_stride: i64,
+    /// query elements between layers
+    pub q_layer_stride: i64,
+    /// query elements between heads
+    pub q_head_stride: i64,
+    /// query elements between queries
+    pub q_token_stride: i64,
+    /// list entries between sequences
+    pub list_seq_stride: i64,
+    /// list entries between lists
+    pub list_stride: i64,
+    /// f32 elements between sequences' o
+    pub out_seq_stride: i64,
+    /// f32 elements between (l, h, t) rows of o
+    pub out_row_stride: i64,
+    /// f32 elements between sequences' lse
+    pub lse_seq_stride: i64,
+    /// logit scale
+    pub scale: f32,
+    /// soft-capping, 0: off
+    pub softcap: f32,
+    /// S
+    pub num_seqs: i32,
+    /// L: layers of the K/V tables, lists and sinks
+    pub num_layers: i32,
+    /// first layer of the launch
+    pub first_layer: i32,
+    /// layers of the launch (q, o, lse and the parts hold these only)
+    pub launch_layers: i32,
+    /// H
+    pub num_heads: i32,
+    /// Hkv
+    pub num_kv_heads: i32,
+    /// G
+    pub group: i32,
+    /// T
+    pub num_queries: i32,
+    /// Dv
+    pub value_dim: i32,
+    /// `TRI_LIST_*`
+    pub list_layout: i32,
+    /// lists per sequence
+    pub num_lists: i32,
+    /// entries of every list when `list_lens` is 0
+    pub list_len: i32,
+    /// list entries per split
+    pub split_len: i32,
+    /// splits (gridDim.x)
+    pub num_splits: i32,
+    /// query-row chunks per KV head
+    pub row_chunks: i32,
+    /// slots per block; 0: contiguous
+    pub block_size: i32,
+    /// entries per block-table row
+    pub block_table_stride: i32,
+    /// `TRI_DTYPE_*` of the queries
+    pub query_dtype: i32,
+}
+const _: () = assert!(std::mem::size_of::<DecodeParams>() == 296);
+const _: () = assert!(std::mem::offset_of!(DecodeParams, k_head_stride) == 96);
+const _: () = assert!(std::mem::offset_of!(DecodeParams, scale) == 216);
+const _: () = assert!(std::mem::offset_of!(DecodeParams, query_dtype) == 292);
+
+/// Mirrors `tri_decode_combine_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeCombineParams {
+    /// f32 `[S, L, H, T, splits, Dv]`
+    pub part_out: u64,
+    /// f32 `[S, L, H, T, splits]`
+    pub part_lse: u64,
+    /// f32 `[L, H]`, or 0
+    pub sinks: u64,
+    /// f32 o, as `DecodeParams::out`
+    pub out: u64,
+    /// f32 lse, as `DecodeParams::lse`
+    pub lse: u64,
+    /// f32 elements between sequences' o
+    pub out_seq_stride: i64,
+    /// f32 elements between rows of o
+    pub out_row_stride: i64,
+    /// f32 elements between sequences' lse
+    pub lse_seq_stride: i64,
+    /// S
+    pub num_seqs: i32,
+    /// first layer of the launch (sink rows)
+    pub first_layer: i32,
+    /// layers of the parts, o and lse
+    pub launch_layers: i32,
+    /// H
+    pub num_heads: i32,
+    /// T
+    pub num_queries: i32,
+    /// Dv
+    pub value_dim: i32,
+    /// splits, >= 2
+    pub num_splits: i32,
+    /// padding
+    pub pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<DecodeCombineParams>() == 96);
+const _: () = assert!(std::mem::offset_of!(DecodeCombineParams, num_seqs) == 64);
+
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers and floats, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for DecodeParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for DecodeCombineParams {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,10 +151,14 @@ pub enum Stage {
     Select,
     /// Moving K and V.
     Compact,
+    /// Sparse decode attention (a decode, not a round).
+    Decode,
+    /// Merging a split decode's parts.
+    Combine,
 }
 
 impl Stage {
-    /// Every stage, in launch order.
+    /// Every stage of a round, in launch order.
     pub const ALL: [Stage; 6] =
         [Stage::Weights, Stage::Score, Stage::Normalize, Stage::Reduce, Stage::Select, Stage::Compact];
 
@@ -167,14 +171,16 @@ impl Stage {
             Stage::Reduce => "reduce",
             Stage::Select => "select",
             Stage::Compact => "compact",
+            Stage::Decode => "decode",
+            Stage::Combine => "combine",
         }
     }
 }
 
-/// Time spent in each stage of a round, indexed like [`Stage::ALL`] (wall time under emu, CUDA
-/// event time on the GPU).
+/// Time spent in each stage of a round or decode, indexed by [`Stage`] (wall time under emu,
+/// CUDA event time on the GPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StageTimings(pub [std::time::Duration; 6]);
+pub struct StageTimings(pub [std::time::Duration; 8]);
 
 impl StageTimings {
     /// Time of `stage`.

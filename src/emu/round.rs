@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use crate::cuda::host_round::KernelDevice;
-use crate::cuda::plan::{Launcher, RoundPlan, Stage, StageTimings, WORKSPACE_ALIGN};
+use crate::cuda::plan::{Launcher, Stage, StageTimings, WORKSPACE_ALIGN};
 use crate::error::{Error, Result};
 use crate::variant::Variant;
 
@@ -93,7 +93,7 @@ impl KernelDevice for EmuDevice {
     }
 
     /// Nothing to load: the SIMT layer links every variant of the table.
-    fn prepare(&self, _plan: &RoundPlan) -> Result<()> {
+    fn prepare_variants(&self, _variants: &[Variant]) -> Result<()> {
         Ok(())
     }
 

@@ -12,6 +12,7 @@ mod cuda_score;
 mod cuda_stages;
 mod emu_calibrate;
 mod emu_compact;
+mod emu_decode;
 mod emu_golden;
 mod emu_normalize;
 mod emu_reduce;

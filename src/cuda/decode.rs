@@ -1,0 +1,409 @@
+//! The `decode` op's launch description: [`DecodeSpec`] (a validated [`DecodeShape`], the
+//! variants, the split count, the grid, the params) for sparse decode attention over each KV
+//! head's slot list (`src/decode.rs` has the formula, `src/cpu/decode.rs` the specification).
+//!
+//! One launch decodes `S` sequences of one shape over a range of layers (all of them, or the one
+//! layer an engine's forward pass is at): grid `(splits, Hkv * row_chunks, S * layers)`, every
+//! block reads each listed K and V row of its split once for the `G * T` query rows of its KV
+//! head (in chunks of [`DECODE_ROWS`]). With more than one split the blocks write parts into a
+//! workspace and a second launch (`combine`) merges them; the split count comes from the
+//! longest list and the GPU's SM count ([`SplitPolicy`]), so batch 1 with a long list still
+//! fills the GPU.
+//!
+//! Buffers a launch reads (element offsets):
+//! - queries `[S, layers, H, T, D]` of [`DecodeShape::query_dtype`], contiguous;
+//! - K and V tables: `S * L` tensor addresses (contiguous, sequence-major) or `L` pool addresses
+//!   (paged, with a block table `i32 [S, max_blocks]`);
+//! - lists `i32 [S, lists, list_capacity]` ascending slots, lengths `i32 [S, lists]` (or every
+//!   list full: [`ListLengths::Full`]); dense: `i32 [S]` visible slots per sequence;
+//! - sinks `f32 [L, H]`;
+//! - outputs o `f32 [S, layers, H, T, Dv]` and lse `f32 [S, layers, H, T]`.
+
+use crate::decode::{DecodeOptions, ListLayout};
+use crate::dtype::DType;
+use crate::error::{ensure, Error, Result};
+use crate::variant::{self, Variant, DECODE_MAX_DV, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, HEAD_DIMS};
+
+use super::params::{dtype_code, list_layout_code, DecodeCombineParams, DecodeParams};
+use super::plan::CacheLayout;
+use super::spec::PageOrder;
+
+/// How long each list is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ListLengths {
+    /// Every list holds `list_capacity` entries (the keep sets of a round).
+    Full,
+    /// `i32 [S, lists]` lengths at [`DecodeAddresses::list_lens`] (ragged lists).
+    PerList,
+}
+
+/// How many splits a decode uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SplitPolicy {
+    /// Enough blocks to cover about two waves of a GPU with `sm_count` SMs, each split at least
+    /// one tile; one split when the blocks without splitting already do.
+    Auto {
+        /// Streaming multiprocessors of the GPU.
+        sm_count: usize,
+    },
+    /// Exactly this many splits (1..=[`DECODE_MAX_SPLITS`]; capped at one tile per split).
+    Fixed(usize),
+}
+
+/// The shape of a decode.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeShape {
+    /// K and V element type.
+    pub dtype: DType,
+    /// Query element type.
+    pub query_dtype: DType,
+    /// Sequences S.
+    pub num_seqs: usize,
+    /// Layers L of the K/V tables, lists and sinks.
+    pub num_layers: usize,
+    /// Attention heads H.
+    pub num_heads: usize,
+    /// KV heads Hkv.
+    pub num_kv_heads: usize,
+    /// Head dimension D of q and K.
+    pub head_dim: usize,
+    /// Value dimension Dv.
+    pub value_dim: usize,
+    /// Decode queries per head T.
+    pub num_queries: usize,
+    /// Slots each sequence's K/V tensors hold (the bound of every list entry).
+    pub len: usize,
+    /// Where the rows live (strides of `[Hkv, len, dim]` tensors, or block pools).
+    pub layout: CacheLayout,
+    /// Which list each (layer, KV head) reads.
+    pub lists: ListLayout,
+    /// Entries between lists (the longest list's length at most); ignored when dense.
+    pub list_capacity: usize,
+    /// How long each list is.
+    pub list_lengths: ListLengths,
+    /// Whether sinks `f32 [L, H]` join the normaliser.
+    pub sinks: bool,
+    /// Scale and soft-capping.
+    pub options: DecodeOptions,
+    /// How many splits.
+    pub splits: SplitPolicy,
+}
+
+/// Addresses of one decode launch (device addresses on the GPU, host addresses under emu).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeAddresses {
+    /// u64 `[S * L]` K tensor addresses (paged: `[L]` pools).
+    pub keys: u64,
+    /// u64 `[S * L]` V tensor addresses (paged: `[L]` pools).
+    pub values: u64,
+    /// Queries `[S, layers, H, T, D]`.
+    pub queries: u64,
+    /// f32 `[L, H]` sinks (with [`DecodeShape::sinks`]), else 0.
+    pub sinks: u64,
+    /// i32 `[S, lists, list_capacity]` lists, else 0 (dense).
+    pub lists: u64,
+    /// i32 `[S, lists]` lengths ([`ListLengths::PerList`]), else 0.
+    pub list_lens: u64,
+    /// i32 `[S]` visible slots (dense), else 0.
+    pub seq_lens: u64,
+    /// i32 `[S, max_blocks]` block table (paged), else 0.
+    pub block_table: u64,
+    /// f32 `[S, layers, H, T, Dv]` o.
+    pub out: u64,
+    /// f32 `[S, layers, H, T]` lse.
+    pub lse: u64,
+    /// The parts of a split decode ([`DecodeSpec::workspace_bytes`] bytes, 16-byte aligned),
+    /// else 0.
+    pub workspace: u64,
+}
+
+/// A validated decode: its variants, split count and launches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeSpec {
+    shape: DecodeShape,
+    variant: Variant,
+    scale: f32,
+    row_chunks: usize,
+    splits: usize,
+    split_len: usize,
+}
+
+impl DecodeSpec {
+    /// Validate `shape` and choose the split count.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the first field out of range; `Unsupported` for a dtype and
+    /// head_dim with no compiled variant or a value dim above [`DECODE_MAX_DV`].
+    pub fn new(shape: DecodeShape) -> Result<Self> {
+        let s = &shape;
+        let i32_max = i32::MAX as usize;
+        s.options.validate()?;
+        ensure(s.num_seqs >= 1 && s.num_seqs <= 65535, "sequences", "1..=65535", s.num_seqs)?;
+        ensure(s.num_layers >= 1, "layers", ">= 1", s.num_layers)?;
+        ensure(s.num_seqs * s.num_layers <= 65535, "sequences x layers", "<= 65535", s.num_seqs * s.num_layers)?;
+        ensure(s.num_kv_heads >= 1, "KV heads", ">= 1", s.num_kv_heads)?;
+        ensure(
+            s.num_heads >= s.num_kv_heads && s.num_heads % s.num_kv_heads == 0,
+            "attention heads",
+            format!("a multiple of the {} KV heads", s.num_kv_heads),
+            s.num_heads,
+        )?;
+        ensure(s.num_queries >= 1, "queries per head", ">= 1", s.num_queries)?;
+        ensure(s.len >= 1 && s.len <= i32_max, "cached slots", format!("1..={i32_max}"), s.len)?;
+        let Some(variant) = variant::decode_variant(s.dtype, s.head_dim) else {
+            return Err(Error::unsupported(format!(
+                "decode: head_dim {} ({}): kernels are compiled for head_dim {:?}",
+                s.head_dim, s.dtype, HEAD_DIMS
+            )));
+        };
+        let vec = 16 / s.dtype.size();
+        if s.value_dim == 0 || s.value_dim % vec != 0 || s.value_dim > DECODE_MAX_DV {
+            return Err(Error::unsupported(format!(
+                "decode: value dim {}: expected a multiple of {vec} (16 bytes of {}) up to {DECODE_MAX_DV}",
+                s.value_dim, s.dtype
+            )));
+        }
+        let aligned =
+            |what: &str, v: usize| ensure(v % vec == 0, what, format!("a multiple of {vec} elements (16 bytes)"), v);
+        match s.layout {
+            CacheLayout::Contiguous { keys, values } => {
+                aligned("key head stride", keys.head_stride)?;
+                aligned("key row stride", keys.row_stride)?;
+                aligned("value head stride", values.head_stride)?;
+                aligned("value row stride", values.row_stride)?;
+                ensure(keys.row_stride >= s.head_dim, "key row stride", format!(">= {}", s.head_dim), keys.row_stride)?;
+                ensure(
+                    values.row_stride >= s.value_dim,
+                    "value row stride",
+                    format!(">= {}", s.value_dim),
+                    values.row_stride,
+                )?;
+            }
+            CacheLayout::Paged { block_size, num_blocks, max_blocks, .. } => {
+                ensure((16..=256).contains(&block_size), "block size", "16..=256", block_size)?;
+                ensure(num_blocks >= 1 && num_blocks <= i32_max, "pool blocks", format!("1..={i32_max}"), num_blocks)?;
+                ensure(
+                    max_blocks * block_size >= s.len && max_blocks <= i32_max,
+                    "block-table row",
+                    format!("at least {} entries for {} slots", s.len.div_ceil(block_size), s.len),
+                    max_blocks,
+                )?;
+            }
+        }
+        if s.lists != ListLayout::Dense {
+            ensure(
+                s.list_capacity >= 1 && s.list_capacity <= i32_max,
+                "list capacity",
+                format!("1..={i32_max}"),
+                s.list_capacity,
+            )?;
+        }
+        let rows = (s.num_heads / s.num_kv_heads) * s.num_queries;
+        let row_chunks = rows.div_ceil(DECODE_ROWS);
+        ensure(
+            s.num_kv_heads * row_chunks <= 65535,
+            "KV heads x query-row chunks",
+            "<= 65535",
+            s.num_kv_heads * row_chunks,
+        )?;
+        let longest = if s.lists == ListLayout::Dense { s.len } else { s.list_capacity };
+        let tiles = longest.div_ceil(DECODE_THREADS).max(1);
+        let wanted = match s.splits {
+            SplitPolicy::Fixed(n) => {
+                ensure((1..=DECODE_MAX_SPLITS).contains(&n), "splits", format!("1..={DECODE_MAX_SPLITS}"), n)?;
+                n
+            }
+            SplitPolicy::Auto { sm_count } => {
+                let blocks = s.num_seqs * s.num_layers * s.num_kv_heads * row_chunks;
+                let target = 2 * sm_count.max(1);
+                if blocks >= target {
+                    1
+                } else {
+                    target.div_ceil(blocks).min(DECODE_MAX_SPLITS)
+                }
+            }
+        };
+        let tiles_per_split = tiles.div_ceil(wanted.min(tiles));
+        let split_len = tiles_per_split * DECODE_THREADS;
+        let splits = longest.div_ceil(split_len).max(1);
+        let scale = s.options.scale_for(s.head_dim);
+        Ok(Self { shape, variant, scale, row_chunks, splits, split_len })
+    }
+
+    /// The validated shape.
+    pub fn shape(&self) -> &DecodeShape {
+        &self.shape
+    }
+
+    /// The decode variant.
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// The combine variant, when the decode is split.
+    pub fn combine_variant(&self) -> Option<Variant> {
+        (self.splits > 1).then(variant::decode_combine_variant)
+    }
+
+    /// Splits of every list.
+    pub fn splits(&self) -> usize {
+        self.splits
+    }
+
+    /// List entries per split (a multiple of the tile).
+    pub fn split_len(&self) -> usize {
+        self.split_len
+    }
+
+    /// Lists per sequence (0 when dense).
+    pub fn num_lists(&self) -> usize {
+        self.shape.lists.num_lists(self.shape.num_layers, self.shape.num_kv_heads)
+    }
+
+    /// Workspace bytes of a launch over `layers` layers (the parts; 0 with one split).
+    pub fn workspace_bytes(&self, layers: usize) -> usize {
+        if self.splits == 1 {
+            return 0;
+        }
+        let s = &self.shape;
+        let rows = s.num_seqs * layers * s.num_heads * s.num_queries * self.splits;
+        (rows * s.value_dim * 4).next_multiple_of(256) + rows * 4
+    }
+
+    /// Check a launch's layer range `first_layer..first_layer + layers`.
+    pub(crate) fn check_layers(&self, first_layer: usize, layers: usize) -> Result<()> {
+        let l = self.shape.num_layers;
+        ensure(
+            layers >= 1 && first_layer + layers <= l,
+            "decode layers",
+            format!("a range inside 0..{l}"),
+            format!("{first_layer}..{}", first_layer + layers),
+        )
+    }
+
+    /// Element strides `(block, head, row)` of K and V.
+    fn strides(&self) -> [(usize, usize, usize); 2] {
+        let s = &self.shape;
+        let paged = |dim: usize, block_size: usize, order: PageOrder| match order {
+            PageOrder::Nhd => (block_size * s.num_kv_heads * dim, dim, s.num_kv_heads * dim),
+            PageOrder::Hnd => (block_size * s.num_kv_heads * dim, block_size * dim, dim),
+        };
+        match s.layout {
+            CacheLayout::Contiguous { keys, values } => {
+                [(0, keys.head_stride, keys.row_stride), (0, values.head_stride, values.row_stride)]
+            }
+            CacheLayout::Paged { block_size, order, .. } => {
+                [paged(s.head_dim, block_size, order), paged(s.value_dim, block_size, order)]
+            }
+        }
+    }
+
+    /// The grid of the decode launch over `layers` layers.
+    pub fn grid(&self, layers: usize) -> (u32, u32, u32) {
+        let s = &self.shape;
+        (self.splits as u32, (s.num_kv_heads * self.row_chunks) as u32, (s.num_seqs * layers) as u32)
+    }
+
+    /// The grid of the combine launch over `layers` layers.
+    pub fn combine_grid(&self, layers: usize) -> (u32, u32, u32) {
+        let s = &self.shape;
+        ((s.num_seqs * layers * s.num_heads * s.num_queries) as u32, 1, 1)
+    }
+
+    /// The params of the decode launch over layers `first_layer..first_layer + layers`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a layer range outside the shape.
+    pub fn params(&self, at: &DecodeAddresses, first_layer: usize, layers: usize) -> Result<DecodeParams> {
+        self.check_layers(first_layer, layers)?;
+        let s = &self.shape;
+        let [(kb, kh, kr), (vb, vh, vr)] = self.strides();
+        let (block_size, bt_stride) = match s.layout {
+            CacheLayout::Contiguous { .. } => (0, 0),
+            CacheLayout::Paged { block_size, max_blocks, .. } => (block_size, max_blocks),
+        };
+        let (h, t, d, dv) = (s.num_heads, s.num_queries, s.head_dim, s.value_dim);
+        let parts = self.splits > 1;
+        let part_out_bytes = (s.num_seqs * layers * h * t * self.splits * dv * 4).next_multiple_of(256);
+        Ok(DecodeParams {
+            keys: at.keys,
+            values: at.values,
+            queries: at.queries,
+            sinks: at.sinks,
+            lists: at.lists,
+            list_lens: at.list_lens,
+            seq_lens: at.seq_lens,
+            block_table: at.block_table,
+            out: at.out,
+            lse: at.lse,
+            part_out: if parts { at.workspace } else { 0 },
+            part_lse: if parts { at.workspace + part_out_bytes as u64 } else { 0 },
+            k_head_stride: kh as i64,
+            k_row_stride: kr as i64,
+            k_block_stride: kb as i64,
+            v_head_stride: vh as i64,
+            v_row_stride: vr as i64,
+            v_block_stride: vb as i64,
+            q_seq_stride: (layers * h * t * d) as i64,
+            q_layer_stride: (h * t * d) as i64,
+            q_head_stride: (t * d) as i64,
+            q_token_stride: d as i64,
+            list_seq_stride: (self.num_lists() * s.list_capacity) as i64,
+            list_stride: s.list_capacity as i64,
+            out_seq_stride: (layers * h * t * dv) as i64,
+            out_row_stride: dv as i64,
+            lse_seq_stride: (layers * h * t) as i64,
+            scale: self.scale,
+            softcap: s.options.softcap.unwrap_or(0.0),
+            num_seqs: s.num_seqs as i32,
+            num_layers: s.num_layers as i32,
+            first_layer: first_layer as i32,
+            launch_layers: layers as i32,
+            num_heads: h as i32,
+            num_kv_heads: s.num_kv_heads as i32,
+            group: (h / s.num_kv_heads) as i32,
+            num_queries: t as i32,
+            value_dim: dv as i32,
+            list_layout: list_layout_code(s.lists),
+            num_lists: self.num_lists() as i32,
+            list_len: s.list_capacity as i32,
+            split_len: self.split_len as i32,
+            num_splits: self.splits as i32,
+            row_chunks: self.row_chunks as i32,
+            block_size: block_size as i32,
+            block_table_stride: bt_stride as i32,
+            query_dtype: dtype_code(s.query_dtype),
+        })
+    }
+
+    /// The params of the combine launch (only when split) over the same layers.
+    ///
+    /// # Errors
+    /// As [`Self::params`].
+    pub fn combine_params(
+        &self,
+        at: &DecodeAddresses,
+        first_layer: usize,
+        layers: usize,
+    ) -> Result<Option<DecodeCombineParams>> {
+        let p = self.params(at, first_layer, layers)?;
+        Ok((self.splits > 1).then_some(DecodeCombineParams {
+            part_out: p.part_out,
+            part_lse: p.part_lse,
+            sinks: p.sinks,
+            out: p.out,
+            lse: p.lse,
+            out_seq_stride: p.out_seq_stride,
+            out_row_stride: p.out_row_stride,
+            lse_seq_stride: p.lse_seq_stride,
+            num_seqs: p.num_seqs,
+            first_layer: p.first_layer,
+            launch_layers: p.launch_layers,
+            num_heads: p.num_heads,
+            num_queries: p.num_queries,
+            value_dim: p.value_dim,
+            num_splits: p.num_splits,
+            pad: 0,
+        }))
+    }
+}

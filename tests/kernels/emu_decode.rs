@@ -1,0 +1,446 @@
+//! Sparse decode attention on the emu backend (cuda/decode/*.cuh through `Backend::Emu.decode`)
+//! against an f64 evaluation of the formula in `src/decode.rs`: every variant (dtype x
+//! head_dim), every list layout with ragged and empty lists, sinks, soft-capping, T > 1 and GQA
+//! groups up to 8 (query rows in several blocks), `Dv != D`, one split vs many, paged (NHD, HND)
+//! vs contiguous, a batch vs each sequence alone, and a subset of layers.
+#![cfg(feature = "emu")]
+
+use half::{bf16, f16};
+use triattn::cuda::{
+    CacheLayout, DecodeInputs, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, RowStrides, SplitPolicy,
+};
+use triattn::decode::{DecodeOptions, ListLayout};
+use triattn::{Backend, DType, Element};
+
+use crate::common::Rng;
+
+/// A decode problem on host buffers, contiguous `[Hkv, N, D]` per (sequence, layer).
+#[derive(Clone)]
+struct Problem<T> {
+    s: usize,
+    l: usize,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    dv: usize,
+    t: usize,
+    n: usize,
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+    q: Vec<f32>,
+    sinks: Option<Vec<f32>>,
+    layout: ListLayout,
+    /// Per sequence, per list: the visible slots.
+    lists: Vec<Vec<Vec<i32>>>,
+    options: DecodeOptions,
+}
+
+impl<T: Element> Problem<T> {
+    #[allow(clippy::too_many_arguments)]
+    fn random(seed: u64, s: usize, l: usize, h: usize, hkv: usize, d: usize, dv: usize, t: usize, n: usize) -> Self {
+        let mut rng = Rng(seed);
+        let k = (0..s * l).map(|_| (0..hkv * n * d).map(|_| T::from_f32(rng.unit() * 2.0)).collect()).collect();
+        let v = (0..s * l).map(|_| (0..hkv * n * dv).map(|_| T::from_f32(rng.unit() * 3.0)).collect()).collect();
+        let q = (0..s * l * h * t * d).map(|_| rng.unit() * 2.0).collect();
+        Self {
+            s,
+            l,
+            h,
+            hkv,
+            d,
+            dv,
+            t,
+            n,
+            k,
+            v,
+            q,
+            sinks: None,
+            layout: ListLayout::Dense,
+            lists: Vec::new(),
+            options: DecodeOptions::default(),
+        }
+    }
+
+    /// Random ascending lists of `layout`, lengths drawn in `0..=max` (some forced empty or full).
+    fn with_lists(mut self, layout: ListLayout, max: usize, seed: u64) -> Self {
+        let mut rng = Rng(seed);
+        let count = layout.num_lists(self.l, self.hkv);
+        self.layout = layout;
+        self.lists = (0..self.s)
+            .map(|_| {
+                (0..count)
+                    .map(|i| {
+                        let len = match i % 5 {
+                            0 => max,
+                            3 if count > 3 => 0,
+                            _ => rng.below(max + 1),
+                        };
+                        common_keep(&mut rng, self.n, len.min(self.n))
+                    })
+                    .collect()
+            })
+            .collect();
+        self
+    }
+
+    fn with_sinks(mut self, seed: u64) -> Self {
+        let mut rng = Rng(seed);
+        self.sinks = Some((0..self.l * self.h).map(|_| rng.unit() * 4.0).collect());
+        self
+    }
+
+    fn capacity(&self) -> usize {
+        self.lists.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1)
+    }
+
+    fn shape(&self, splits: SplitPolicy, layout: CacheLayout) -> DecodeShape {
+        DecodeShape {
+            dtype: T::DTYPE,
+            query_dtype: DType::F32,
+            num_seqs: self.s,
+            num_layers: self.l,
+            num_heads: self.h,
+            num_kv_heads: self.hkv,
+            head_dim: self.d,
+            value_dim: self.dv,
+            num_queries: self.t,
+            len: self.n,
+            layout,
+            lists: self.layout,
+            list_capacity: self.capacity(),
+            list_lengths: ListLengths::PerList,
+            sinks: self.sinks.is_some(),
+            options: self.options,
+            splits,
+        }
+    }
+
+    fn contiguous(&self) -> CacheLayout {
+        CacheLayout::Contiguous {
+            keys: RowStrides { head_stride: self.n * self.d, row_stride: self.d },
+            values: RowStrides { head_stride: self.n * self.dv, row_stride: self.dv },
+        }
+    }
+
+    /// Flat lists `[S, lists, capacity]` (padding -7, never read) and lengths `[S, lists]`.
+    fn flat_lists(&self) -> (Vec<i32>, Vec<i32>) {
+        let cap = self.capacity();
+        let mut flat = Vec::new();
+        let mut lens = Vec::new();
+        for list in self.lists.iter().flatten() {
+            flat.extend(list.iter().copied().chain(std::iter::repeat(-7).take(cap - list.len())));
+            lens.push(list.len() as i32);
+        }
+        (flat, lens)
+    }
+
+    /// Decode layers `first..first + layers` on emu over contiguous tensors.
+    fn emu(&self, splits: SplitPolicy, first: usize, layers: usize) -> HostDecode {
+        let spec = DecodeSpec::new(self.shape(splits, self.contiguous())).unwrap();
+        let (flat, lens) = self.flat_lists();
+        let k: Vec<&[T]> = self.k.iter().map(Vec::as_slice).collect();
+        let v: Vec<&[T]> = self.v.iter().map(Vec::as_slice).collect();
+        let q = self.queries(first, layers);
+        let seq_lens = vec![self.n as i32; self.s];
+        let dense = self.layout == ListLayout::Dense;
+        let inputs = DecodeInputs {
+            keys: &k,
+            values: &v,
+            queries: &q,
+            sinks: self.sinks.as_deref(),
+            lists: (!dense).then_some(&flat[..]),
+            list_lens: (!dense).then_some(&lens[..]),
+            seq_lens: dense.then_some(&seq_lens[..]),
+            block_table: None,
+        };
+        Backend::Emu.decode(&spec, &inputs, first, layers).unwrap()
+    }
+
+    /// The queries of layers `first..first + layers`, `[S, layers, H, T, D]`.
+    fn queries(&self, first: usize, layers: usize) -> Vec<f32> {
+        let per_layer = self.h * self.t * self.d;
+        (0..self.s)
+            .flat_map(|s| {
+                let base = (s * self.l + first) * per_layer;
+                self.q[base..base + layers * per_layer].iter().copied()
+            })
+            .collect()
+    }
+
+    /// The formula in f64: `(o [S, layers, H, T, Dv], lse [S, layers, H, T])`.
+    fn reference(&self, first: usize, layers: usize) -> (Vec<f64>, Vec<f64>) {
+        let (g_size, scale) = (self.h / self.hkv, self.options.scale_for(self.d) as f64);
+        let mut o = Vec::new();
+        let mut lse = Vec::new();
+        for s in 0..self.s {
+            for l in first..first + layers {
+                let (k, v) = (&self.k[s * self.l + l], &self.v[s * self.l + l]);
+                for h in 0..self.h {
+                    let g = h / g_size;
+                    let slots: Vec<usize> = match self.layout.list_index(l, g, self.hkv) {
+                        None => (0..self.n).collect(),
+                        Some(i) => self.lists[s][i].iter().map(|&x| x as usize).collect(),
+                    };
+                    for t in 0..self.t {
+                        let qrow = &self.q[(((s * self.l + l) * self.h + h) * self.t + t) * self.d..][..self.d];
+                        let logits: Vec<f64> = slots
+                            .iter()
+                            .map(|&j| {
+                                let dot: f64 = (0..self.d)
+                                    .map(|i| qrow[i] as f64 * k[(g * self.n + j) * self.d + i].to_f32() as f64)
+                                    .sum();
+                                let x = dot * scale;
+                                match self.options.softcap {
+                                    Some(c) => c as f64 * (x / c as f64).tanh(),
+                                    None => x,
+                                }
+                            })
+                            .collect();
+                        let sink = self.sinks.as_ref().map(|sk| sk[l * self.h + h] as f64);
+                        let m = logits.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
+                        let den = weights.iter().sum::<f64>() + sink.map_or(0.0, |x| (x - m).exp());
+                        for e in 0..self.dv {
+                            let acc: f64 = slots
+                                .iter()
+                                .zip(&weights)
+                                .map(|(&j, w)| w * v[(g * self.n + j) * self.dv + e].to_f32() as f64)
+                                .sum();
+                            o.push(if den > 0.0 { acc / den } else { 0.0 });
+                        }
+                        lse.push(if den > 0.0 { m + den.ln() } else { f64::NEG_INFINITY });
+                    }
+                }
+            }
+        }
+        (o, lse)
+    }
+
+    /// Largest `|o - reference| / max|v|` and `|lse - reference| / (1 + |reference|)`.
+    fn errors(&self, got: &HostDecode, first: usize, layers: usize) -> (f64, f64) {
+        let (o, lse) = self.reference(first, layers);
+        let vmax = self.v.iter().flatten().map(|x| x.to_f32().abs() as f64).fold(1e-30, f64::max);
+        assert_eq!((got.out.len(), got.lse.len()), (o.len(), lse.len()));
+        let o_err = got.out.iter().zip(&o).map(|(&a, &b)| (a as f64 - b).abs() / vmax).fold(0.0, f64::max);
+        let mut lse_err = 0f64;
+        for (i, (&a, &b)) in got.lse.iter().zip(&lse).enumerate() {
+            if b == f64::NEG_INFINITY {
+                assert_eq!(a, f32::NEG_INFINITY, "lse {i}: an empty list gives -inf");
+            } else {
+                lse_err = lse_err.max((a as f64 - b).abs() / (1.0 + b.abs()));
+            }
+        }
+        (o_err, lse_err)
+    }
+}
+
+/// `len` distinct ascending slots of `0..n`.
+fn common_keep(rng: &mut Rng, n: usize, len: usize) -> Vec<i32> {
+    crate::common::random_keep_set(rng, n, len)
+}
+
+const O_TOL: f64 = 2e-5;
+const LSE_TOL: f64 = 2e-5;
+
+fn check<T: Element>(what: &str, p: &Problem<T>, splits: SplitPolicy) -> HostDecode {
+    let got = p.emu(splits, 0, p.l);
+    let (o_err, lse_err) = p.errors(&got, 0, p.l);
+    assert!(o_err <= O_TOL && lse_err <= LSE_TOL, "{what}: o error {o_err:.2e}, lse error {lse_err:.2e}");
+    got
+}
+
+#[test]
+fn every_variant_matches_the_formula() {
+    for d in triattn::kernels::variant::HEAD_DIMS {
+        let p = Problem::<f32>::random(d as u64, 1, 1, 4, 2, d, 64, 1, 150).with_lists(ListLayout::PerKvHead, 130, 9);
+        check(&format!("f32 d{d}"), &p, SplitPolicy::Fixed(1));
+        let p =
+            Problem::<f16>::random(d as u64 + 1, 1, 1, 4, 2, d, 64, 1, 150).with_lists(ListLayout::PerKvHead, 130, 9);
+        check(&format!("f16 d{d}"), &p, SplitPolicy::Fixed(1));
+        let p =
+            Problem::<bf16>::random(d as u64 + 2, 1, 1, 4, 2, d, 64, 1, 150).with_lists(ListLayout::PerKvHead, 130, 9);
+        check(&format!("bf16 d{d}"), &p, SplitPolicy::Fixed(1));
+    }
+}
+
+#[test]
+fn list_layouts_ragged_and_empty_lists_sinks_and_softcap() {
+    for (i, layout) in [ListLayout::Dense, ListLayout::Shared, ListLayout::PerKvHead, ListLayout::PerLayerKvHead]
+        .into_iter()
+        .enumerate()
+    {
+        let base = Problem::<bf16>::random(40 + i as u64, 2, 3, 8, 4, 128, 128, 1, 300);
+        let p = if layout == ListLayout::Dense { base } else { base.with_lists(layout, 280, 7 + i as u64) };
+        check(&format!("{layout:?}"), &p, SplitPolicy::Fixed(1));
+        let p = p.with_sinks(3);
+        check(&format!("{layout:?} sinks"), &p, SplitPolicy::Fixed(1));
+        check(&format!("{layout:?} sinks split"), &p, SplitPolicy::Fixed(3));
+        let p = Problem { options: DecodeOptions { scale: Some(0.3), softcap: Some(5.0) }, ..p };
+        check(&format!("{layout:?} softcap"), &p, SplitPolicy::Fixed(2));
+    }
+}
+
+/// G * T above one block's 8 rows (G = 8, T = 3: 24 rows in 3 blocks), MHA (G = 1), Dv != D.
+#[test]
+fn query_rows_in_several_blocks_mha_and_value_dims() {
+    let p = Problem::<f16>::random(5, 1, 2, 16, 2, 64, 64, 3, 200).with_lists(ListLayout::Shared, 150, 2).with_sinks(8);
+    check("G 8 T 3", &p, SplitPolicy::Fixed(2));
+    let p = Problem::<bf16>::random(6, 1, 1, 4, 4, 128, 128, 2, 180).with_lists(ListLayout::PerKvHead, 170, 4);
+    check("MHA T 2", &p, SplitPolicy::Fixed(1));
+    for dv in [32, 96, 256] {
+        let p = Problem::<bf16>::random(7, 1, 1, 8, 2, 128, dv, 1, 160).with_lists(ListLayout::PerKvHead, 150, 5);
+        check(&format!("Dv {dv}"), &p, SplitPolicy::Fixed(2));
+    }
+    let p = Problem::<f32>::random(8, 1, 1, 8, 2, 64, 256, 1, 160);
+    check("f32 Dv 256 dense", &p, SplitPolicy::Fixed(3));
+}
+
+/// The split count changes the result only within f32 rounding; every split count is
+/// deterministic run after run; the automatic policy splits a small batch.
+#[test]
+fn splits_agree_and_are_deterministic() {
+    let p = Problem::<bf16>::random(11, 1, 1, 8, 2, 128, 128, 1, 2100).with_lists(ListLayout::PerKvHead, 2048, 3);
+    let one = check("1 split", &p, SplitPolicy::Fixed(1));
+    for n in [2, 5, 16] {
+        let many = check(&format!("{n} splits"), &p, SplitPolicy::Fixed(n));
+        let vmax = p.v.iter().flatten().map(|x| x.to_f32().abs()).fold(0f32, f32::max);
+        let worst = one.out.iter().zip(&many.out).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * vmax, "{n} splits vs 1: {worst:e}");
+        let again = p.emu(SplitPolicy::Fixed(n), 0, 1);
+        assert!(again.out == many.out && again.lse == many.lse, "{n} splits: not bit-identical run after run");
+    }
+    let spec = DecodeSpec::new(p.shape(SplitPolicy::Auto { sm_count: 132 }, p.contiguous())).unwrap();
+    assert!(spec.splits() > 1 && spec.combine_variant().is_some(), "batch 1, a long list: {} splits", spec.splits());
+    let big = Problem { s: 132, ..p.clone() };
+    let spec = DecodeSpec::new(big.shape(SplitPolicy::Auto { sm_count: 132 }, big.contiguous())).unwrap();
+    assert_eq!(spec.splits(), 1, "132 sequences x 2 KV heads fill two waves of 132 SMs without splitting");
+}
+
+/// A batch equals each sequence alone (bit for bit), and a range of layers equals those layers
+/// of a whole decode.
+#[test]
+fn batches_and_layer_ranges_equal_their_parts() {
+    let p = Problem::<bf16>::random(21, 3, 2, 8, 2, 64, 64, 1, 260)
+        .with_lists(ListLayout::PerLayerKvHead, 250, 6)
+        .with_sinks(4);
+    let all = check("batch", &p, SplitPolicy::Fixed(2));
+    let per_seq = p.h * p.t;
+    for s in 0..p.s {
+        let alone = Problem {
+            s: 1,
+            k: p.k[s * p.l..(s + 1) * p.l].to_vec(),
+            v: p.v[s * p.l..(s + 1) * p.l].to_vec(),
+            q: p.q[s * p.l * per_seq * p.d..(s + 1) * p.l * per_seq * p.d].to_vec(),
+            lists: vec![p.lists[s].clone()],
+            ..p.clone()
+        };
+        let got = alone.emu(SplitPolicy::Fixed(2), 0, p.l);
+        let rows = p.l * per_seq;
+        assert_eq!(got.out, all.out[s * rows * p.dv..(s + 1) * rows * p.dv], "sequence {s}: o");
+        assert_eq!(got.lse, all.lse[s * rows..(s + 1) * rows], "sequence {s}: lse");
+    }
+    let one_layer = p.emu(SplitPolicy::Fixed(2), 1, 1);
+    let (o_err, lse_err) = p.errors(&one_layer, 1, 1);
+    assert!(o_err <= O_TOL && lse_err <= LSE_TOL, "layer 1 alone: {o_err:.2e} {lse_err:.2e}");
+    for s in 0..p.s {
+        let rows = per_seq;
+        let from = (s * p.l + 1) * rows;
+        assert_eq!(one_layer.lse[s * rows..(s + 1) * rows], all.lse[from..from + rows], "sequence {s}: layer 1 lse");
+    }
+}
+
+/// Paged pools (NHD and HND) give the same bits as contiguous tensors.
+#[test]
+fn paged_caches_equal_contiguous() {
+    let p = Problem::<f16>::random(31, 2, 2, 8, 2, 128, 64, 1, 200).with_lists(ListLayout::PerKvHead, 180, 2);
+    let want = p.emu(SplitPolicy::Fixed(2), 0, p.l);
+    let block = 16;
+    let blocks_per_seq = p.n.div_ceil(block);
+    let num_blocks = p.s * blocks_per_seq + 3;
+    // Sequence s uses blocks in a shuffled order.
+    let used = p.s * blocks_per_seq; // coprime with 7: a permutation of 0..used, shifted by 2
+    let table: Vec<i32> =
+        (0..p.s).flat_map(|s| (0..blocks_per_seq).map(move |b| (((b * p.s + s) * 7) % used + 2) as i32)).collect();
+    let mut seen = table.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), table.len(), "distinct blocks");
+    for order in [PageOrder::Nhd, PageOrder::Hnd] {
+        let pool = |src: &[Vec<f16>], dim: usize| -> Vec<Vec<f16>> {
+            (0..p.l)
+                .map(|l| {
+                    let mut out = vec![f16::from_f32(f32::NAN); num_blocks * block * p.hkv * dim];
+                    for s in 0..p.s {
+                        for g in 0..p.hkv {
+                            for n in 0..p.n {
+                                let blk = table[s * blocks_per_seq + n / block] as usize;
+                                let row = match order {
+                                    PageOrder::Nhd => ((blk * block + n % block) * p.hkv + g) * dim,
+                                    PageOrder::Hnd => ((blk * p.hkv + g) * block + n % block) * dim,
+                                };
+                                out[row..row + dim].copy_from_slice(&src[s * p.l + l][(g * p.n + n) * dim..][..dim]);
+                            }
+                        }
+                    }
+                    out
+                })
+                .collect()
+        };
+        let (kp, vp) = (pool(&p.k, p.d), pool(&p.v, p.dv));
+        let layout = CacheLayout::Paged { block_size: block, order, num_blocks, max_blocks: blocks_per_seq };
+        let spec = DecodeSpec::new(p.shape(SplitPolicy::Fixed(2), layout)).unwrap();
+        let (flat, lens) = p.flat_lists();
+        let k: Vec<&[f16]> = kp.iter().map(Vec::as_slice).collect();
+        let v: Vec<&[f16]> = vp.iter().map(Vec::as_slice).collect();
+        let inputs = DecodeInputs {
+            keys: &k,
+            values: &v,
+            queries: &p.q,
+            sinks: None,
+            lists: Some(&flat),
+            list_lens: Some(&lens),
+            seq_lens: None,
+            block_table: Some(&table),
+        };
+        let got = Backend::Emu.decode(&spec, &inputs, 0, p.l).unwrap();
+        assert!(got.out == want.out && got.lse == want.lse, "{order:?}: paged differs from contiguous");
+    }
+}
+
+/// Bad inputs are refused by name before any launch.
+#[test]
+fn bad_inputs_are_refused_by_name() {
+    let p = Problem::<bf16>::random(51, 1, 1, 4, 2, 64, 64, 1, 100).with_lists(ListLayout::PerKvHead, 50, 1);
+    let shape = p.shape(SplitPolicy::Fixed(1), p.contiguous());
+    let e = DecodeSpec::new(DecodeShape { num_heads: 5, ..shape }).unwrap_err().to_string();
+    assert!(e.contains("attention heads"), "{e}");
+    let e = DecodeSpec::new(DecodeShape { head_dim: 48, ..shape }).unwrap_err().to_string();
+    assert!(e.contains("head_dim 48"), "{e}");
+    let e = DecodeSpec::new(DecodeShape { value_dim: 300, ..shape }).unwrap_err().to_string();
+    assert!(e.contains("value dim 300"), "{e}");
+    let bad = DecodeOptions { scale: Some(-1.0), softcap: None };
+    let e = DecodeSpec::new(DecodeShape { options: bad, ..shape }).unwrap_err().to_string();
+    assert!(e.contains("scale"), "{e}");
+    let spec = DecodeSpec::new(shape).unwrap();
+    let (mut flat, lens) = p.flat_lists();
+    flat[3] = 100;
+    let k: Vec<&[bf16]> = p.k.iter().map(Vec::as_slice).collect();
+    let v: Vec<&[bf16]> = p.v.iter().map(Vec::as_slice).collect();
+    let inputs = DecodeInputs {
+        keys: &k,
+        values: &v,
+        queries: &p.q,
+        sinks: None,
+        lists: Some(&flat),
+        list_lens: Some(&lens),
+        seq_lens: None,
+        block_table: None,
+    };
+    let e = Backend::Emu.decode(&spec, &inputs, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("list 0 entry 3") && e.contains("0..100"), "{e}");
+    let short = &p.q[1..];
+    let e = Backend::Emu.decode(&spec, &DecodeInputs { queries: short, ..inputs }, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("queries"), "{e}");
+    let e = Backend::Emu.decode(&spec, &inputs, 1, 1).unwrap_err().to_string();
+    assert!(e.contains("decode layers") && e.contains("1..2"), "layers are checked first: {e}");
+}
