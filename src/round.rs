@@ -359,17 +359,17 @@ impl Backend {
     }
 
     /// Sparse decode attention over host buffers: layers `first_layer..first_layer + layers`
-    /// of `spec`, every input staged in the backend's memory, one decode launch (and a combine
+    /// of `plan`, every input staged in the backend's memory, one decode launch (and a combine
     /// when split).
     pub fn decode<T: Element, Q: Element>(
         &self,
-        spec: &crate::cuda::DecodeSpec,
+        plan: &crate::cuda::DecodePlan,
         inputs: &crate::cuda::DecodeInputs<'_, T, Q>,
         first_layer: usize,
         layers: usize,
     ) -> Result<crate::cuda::HostDecode> {
         use crate::cuda::host_round::decode;
-        on_kernel_device!(self, dev => decode(dev, spec, inputs, first_layer, layers))
+        on_kernel_device!(self, dev => decode(dev, plan, inputs, first_layer, layers))
     }
 
     /// A plan over a cache already in this backend's memory (device addresses on a GPU, host

@@ -407,3 +407,199 @@ impl DecodeSpec {
         }))
     }
 }
+
+/// The per-cache addresses of a decode: the K/V tensors (copied into the workspace's constants by
+/// [`DecodePlan::workspace_image`]) and the buffers whose contents every run reads (their values
+/// may change between runs: lists rewritten by a round, lengths by the engine).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecodeCache {
+    /// `[S * L]` K tensor addresses (paged: `[L]` pools).
+    pub keys: Vec<u64>,
+    /// `[S * L]` V tensor addresses (paged: `[L]` pools).
+    pub values: Vec<u64>,
+    /// f32 `[L, H]` sinks, or 0.
+    pub sinks: u64,
+    /// i32 `[S, lists, list_capacity]` lists, or 0 (dense) — e.g. a round's keep sets
+    /// (`RoundPlan::layout().keep` in its workspace).
+    pub lists: u64,
+    /// i32 `[S, lists]` lengths ([`ListLengths::PerList`]), or 0.
+    pub list_lens: u64,
+    /// i32 `[S]` visible slots (dense), or 0.
+    pub seq_lens: u64,
+    /// i32 `[S, max_blocks]` block table (paged), or 0.
+    pub block_table: u64,
+}
+
+/// What one run of a bound decode reads and writes besides the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeRun {
+    /// The workspace base ([`DecodePlan::workspace_bytes`], aligned to 256, its constants
+    /// written from [`DecodePlan::workspace_image`]).
+    pub workspace: u64,
+    /// Queries `[S, layers, H, T, D]`.
+    pub queries: u64,
+    /// f32 `[S, layers, H, T, Dv]` out.
+    pub out: u64,
+    /// f32 `[S, layers, H, T]` out.
+    pub lse: u64,
+    /// First layer of the run.
+    pub first_layer: usize,
+    /// Layers of the run (all of them, or the one an engine's forward pass is at).
+    pub layers: usize,
+}
+
+/// A decode planned once per shape: its spec and workspace layout (the K/V address tables, then
+/// the parts of a split decode, sized for every layer at once). [`Self::run`] only launches — no
+/// allocation, copy or synchronisation — so it can be captured in a CUDA graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodePlan {
+    spec: DecodeSpec,
+    key_table: usize,
+    value_table: usize,
+    constants_bytes: usize,
+    parts: usize,
+    total_bytes: usize,
+}
+
+impl DecodePlan {
+    /// Plan a decode of `shape`.
+    ///
+    /// # Errors
+    /// As [`DecodeSpec::new`].
+    pub fn new(shape: DecodeShape) -> Result<Self> {
+        let spec = DecodeSpec::new(shape)?;
+        let align = super::plan::WORKSPACE_ALIGN;
+        let table = spec.table_len() * 8;
+        let key_table = 0;
+        let value_table = table.next_multiple_of(align);
+        let constants_bytes = value_table + table.next_multiple_of(align);
+        let parts = constants_bytes;
+        let total_bytes = parts + spec.workspace_bytes(shape.num_layers);
+        Ok(Self { spec, key_table, value_table, constants_bytes, parts, total_bytes })
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &DecodeSpec {
+        &self.spec
+    }
+
+    /// Bytes of workspace a run needs (base aligned to [`WORKSPACE_ALIGN`](super::WORKSPACE_ALIGN)).
+    pub fn workspace_bytes(&self) -> usize {
+        self.total_bytes
+    }
+
+    /// Leading bytes of the workspace that [`Self::workspace_image`] fills.
+    pub fn constants_bytes(&self) -> usize {
+        self.constants_bytes
+    }
+
+    /// The host image of the workspace's constants for `cache`: copy it to the workspace base
+    /// once (and again only when the cache moves).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` for address tables of another length; `InvalidArgument` for a missing or
+    /// misaligned address (K/V bases 16 bytes, the i32 buffers 4, sinks 4), or one present that
+    /// the shape does not read.
+    pub fn workspace_image(&self, cache: &DecodeCache) -> Result<Vec<u8>> {
+        let count = self.spec.table_len();
+        for (what, t) in [("K layer addresses", &cache.keys), ("V layer addresses", &cache.values)] {
+            if t.len() != count {
+                return Err(Error::shape(what, count, t.len()));
+            }
+            for (i, &a) in t.iter().enumerate() {
+                super::plan::check_address(format!("{what} [{i}]"), a, super::plan::ROW_ALIGN)?;
+            }
+        }
+        self.check_bound(cache)?;
+        let mut image = vec![0u8; self.constants_bytes];
+        for (at, t) in [(self.key_table, &cache.keys), (self.value_table, &cache.values)] {
+            for (i, a) in t.iter().enumerate() {
+                image[at + 8 * i..at + 8 * i + 8].copy_from_slice(&a.to_le_bytes());
+            }
+        }
+        Ok(image)
+    }
+
+    /// Check that exactly the buffers the shape reads are present, each aligned.
+    fn check_bound(&self, c: &DecodeCache) -> Result<()> {
+        let s = &self.spec.shape;
+        let dense = s.lists == ListLayout::Dense;
+        let paged = matches!(s.layout, CacheLayout::Paged { .. });
+        let ragged = !dense && s.list_lengths == ListLengths::PerList;
+        for (what, addr, wanted) in [
+            ("sinks address", c.sinks, s.sinks),
+            ("lists address", c.lists, !dense),
+            ("list lengths address", c.list_lens, ragged),
+            ("seq_lens address", c.seq_lens, dense),
+            ("block table address", c.block_table, paged),
+        ] {
+            match (wanted, addr) {
+                (true, 0) => return Err(Error::invalid_argument(what, "a non-null address", "0x0")),
+                (false, a) if a != 0 => {
+                    return Err(Error::invalid_argument(what, "null (the shape does not read it)", format!("{a:#x}")))
+                }
+                (true, a) => super::plan::check_address(what, a, 4)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Launch one decode of the cache bound in the workspace (its constants from
+    /// [`Self::workspace_image`] of `cache`): the decode kernel and, when split, the combine.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a misaligned workspace, a layer range outside the shape, or
+    /// addresses that do not fit the shape; what the launcher reports.
+    ///
+    /// # Safety
+    /// `run.workspace` is [`Self::workspace_bytes`] of the launcher's memory whose constants hold
+    /// the image of `cache`, a live cache of the planned shape; every other address is memory of
+    /// that backend of the documented layout; the lists hold slots in `0..len` (paged: covered
+    /// by the sequence's block-table row); nothing else writes them until the launches have run.
+    pub unsafe fn run<L: super::plan::Launcher>(
+        &self,
+        launcher: &mut L,
+        cache: &DecodeCache,
+        run: &DecodeRun,
+    ) -> Result<()> {
+        super::plan::check_workspace_address(run.workspace)?;
+        self.check_bound(cache)?;
+        for (what, a) in [("queries address", run.queries), ("o address", run.out), ("lse address", run.lse)] {
+            super::plan::check_address(what, a, 4)?;
+        }
+        let at = DecodeAddresses {
+            keys: run.workspace + self.key_table as u64,
+            values: run.workspace + self.value_table as u64,
+            queries: run.queries,
+            sinks: cache.sinks,
+            lists: cache.lists,
+            list_lens: cache.list_lens,
+            seq_lens: cache.seq_lens,
+            block_table: cache.block_table,
+            out: run.out,
+            lse: run.lse,
+            workspace: if self.spec.splits > 1 { run.workspace + self.parts as u64 } else { 0 },
+        };
+        let params = self.spec.params(&at, run.first_layer, run.layers)?;
+        let combine = self.spec.combine_params(&at, run.first_layer, run.layers)?;
+        // SAFETY: the caller's contract; params built from the validated spec for its variants.
+        unsafe {
+            launcher.launch(super::plan::Stage::Decode, self.spec.variant, &params, self.spec.grid(run.layers), 0)?;
+            if let (Some(p), Some(v)) = (combine, self.spec.combine_variant()) {
+                launcher.launch(super::plan::Stage::Combine, v, &p, self.spec.combine_grid(run.layers), 0)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DecodeSpec {
+    /// Entries of each K/V address table: `S * L` (contiguous) or `L` pools (paged).
+    pub fn table_len(&self) -> usize {
+        match self.shape.layout {
+            CacheLayout::Contiguous { .. } => self.shape.num_seqs * self.shape.num_layers,
+            CacheLayout::Paged { .. } => self.shape.num_layers,
+        }
+    }
+}

@@ -389,27 +389,23 @@ fn check_decode_inputs<T: Element, Q: Element>(
     Ok(())
 }
 
-/// Decode layers `first_layer..first_layer + layers` of `spec` over host buffers on `dev`: the
-/// inputs staged in its memory, outputs and parts poisoned, one decode launch (and a combine
-/// when split), the outputs copied back.
+/// Decode layers `first_layer..first_layer + layers` of `plan` over host buffers on `dev`: the
+/// inputs staged in its memory, a workspace (the plan's constants, then poison) and poisoned
+/// outputs, the plan's launches, the outputs copied back.
 pub(crate) fn decode<D: KernelDevice, T: Element, Q: Element>(
     dev: &D,
-    spec: &super::DecodeSpec,
+    plan: &super::DecodePlan,
     x: &DecodeInputs<'_, T, Q>,
     first_layer: usize,
     layers: usize,
 ) -> Result<HostDecode> {
-    use super::plan::Stage;
+    let spec = plan.spec();
     let s = spec.shape();
     spec.check_layers(first_layer, layers)?;
     check_decode_inputs(spec, x, layers)?;
     let bytes_of = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let k = upload_all(dev, "keys", x.keys)?;
     let v = upload_all(dev, "values", x.values)?;
-    let k_table =
-        dev.upload("K table", &addresses(dev, &k).iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<_>>())?;
-    let v_table =
-        dev.upload("V table", &addresses(dev, &v).iter().flat_map(|a| a.to_le_bytes()).collect::<Vec<_>>())?;
     let q = dev.upload("queries", &Q::encode_le(x.queries))?;
     let optional = |what: &str, bytes: Option<Vec<u8>>| bytes.map(|b| dev.upload(what, &b)).transpose();
     let sinks = optional("sinks", x.sinks.map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()))?;
@@ -417,35 +413,35 @@ pub(crate) fn decode<D: KernelDevice, T: Element, Q: Element>(
     let list_lens = optional("list lengths", x.list_lens.map(bytes_of))?;
     let seq_lens = optional("seq_lens", x.seq_lens.map(bytes_of))?;
     let block_table = optional("block table", x.block_table.map(bytes_of))?;
-    let rows = s.num_seqs * layers * s.num_heads * s.num_queries;
-    let out = dev.upload("o", &vec![0xff; rows * s.value_dim * 4])?;
-    let lse = dev.upload("lse", &vec![0xff; rows * 4])?;
-    let workspace = optional("decode parts", (spec.splits() > 1).then(|| vec![0xff; spec.workspace_bytes(layers)]))?;
     let addr = |b: &Option<D::Buffer>| b.as_ref().map_or(0, |b| dev.address(b));
-    let at = super::DecodeAddresses {
-        keys: dev.address(&k_table),
-        values: dev.address(&v_table),
-        queries: dev.address(&q),
+    let cache = super::DecodeCache {
+        keys: addresses(dev, &k),
+        values: addresses(dev, &v),
         sinks: addr(&sinks),
         lists: addr(&lists),
         list_lens: addr(&list_lens),
         seq_lens: addr(&seq_lens),
         block_table: addr(&block_table),
+    };
+    let mut image = plan.workspace_image(&cache)?;
+    image.resize(plan.workspace_bytes(), 0xff);
+    let workspace = dev.upload("workspace", &image)?;
+    let rows = s.num_seqs * layers * s.num_heads * s.num_queries;
+    let out = dev.upload("o", &vec![0xff; rows * s.value_dim * 4])?;
+    let lse = dev.upload("lse", &vec![0xff; rows * 4])?;
+    dev.prepare_variants(&[Some(spec.variant()), spec.combine_variant()].into_iter().flatten().collect::<Vec<_>>())?;
+    let run = super::DecodeRun {
+        workspace: dev.address(&workspace),
+        queries: dev.address(&q),
         out: dev.address(&out),
         lse: dev.address(&lse),
-        workspace: addr(&workspace),
+        first_layer,
+        layers,
     };
-    let params = spec.params(&at, first_layer, layers)?;
-    let combine = spec.combine_params(&at, first_layer, layers)?;
-    dev.prepare_variants(&[Some(spec.variant()), spec.combine_variant()].into_iter().flatten().collect::<Vec<_>>())?;
     let mut launcher = dev.timed();
     // SAFETY: every buffer was checked against the spec above and staged in `dev` memory of
-    // the checked sizes; the parts workspace holds `workspace_bytes(layers)`.
-    unsafe { launcher.launch(Stage::Decode, spec.variant(), &params, spec.grid(layers), 0)? };
-    if let (Some(p), Some(v)) = (combine, spec.combine_variant()) {
-        // SAFETY: as above; the decode launch wrote every part first (same stream).
-        unsafe { launcher.launch(Stage::Combine, v, &p, spec.combine_grid(layers), 0)? };
-    }
+    // the checked sizes; the workspace holds the plan's image and its parts.
+    unsafe { plan.run(&mut launcher, &cache, &run)? };
     let f32s =
         |b: Vec<u8>| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<f32>>();
     let out = f32s(dev.download("o", &out)?);

@@ -27,7 +27,9 @@ pub(crate) mod spec;
 
 pub use crate::variant::CompactMode;
 pub use compact::{PositionType, RowStrides};
-pub use decode::{DecodeAddresses, DecodeShape, DecodeSpec, ListLengths, SplitPolicy};
+pub use decode::{
+    DecodeAddresses, DecodeCache, DecodePlan, DecodeRun, DecodeShape, DecodeSpec, ListLengths, SplitPolicy,
+};
 #[cfg(feature = "cuda")]
 pub use device_round::{CudaDevice, DeviceRound, StreamLauncher, TimedLauncher};
 #[cfg(any(feature = "emu", feature = "cuda"))]

@@ -262,6 +262,14 @@ pub const WORKSPACE_ALIGN: usize = 256;
 /// Alignment the kernels need of every K/V base: rows move in 16-byte vectors.
 pub const ROW_ALIGN: usize = 16;
 
+/// Refuse a null address, or one that is not a multiple of `align`.
+pub(crate) fn check_address(what: impl std::fmt::Display, address: u64, align: usize) -> Result<()> {
+    if address == 0 {
+        return Err(Error::invalid_argument(what, "a non-null address", "0x0"));
+    }
+    check_aligned(what, address, align)
+}
+
 /// Refuse an address that is not a multiple of `align` (the kernels' vector or element width;
 /// a misaligned access is a sticky fault on a GPU, so it is refused here by name).
 fn check_aligned(what: impl std::fmt::Display, address: u64, align: usize) -> Result<()> {

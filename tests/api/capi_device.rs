@@ -426,45 +426,7 @@ mod emu {
     const BLOCKS: usize = 20;
     const MAX_BLOCKS: usize = 9;
 
-    /// 256-byte aligned host memory, poisoned (0xff) like the raw device memory an engine hands in.
-    struct Aligned {
-        ptr: *mut u8,
-        layout: std::alloc::Layout,
-    }
-
-    impl Aligned {
-        fn new(bytes: usize) -> Self {
-            let layout = std::alloc::Layout::from_size_align(bytes.max(1), 256).unwrap();
-            // SAFETY: non-zero size.
-            let ptr = unsafe { std::alloc::alloc(layout) };
-            assert!(!ptr.is_null());
-            // SAFETY: `bytes` writable bytes.
-            unsafe { ptr.write_bytes(0xff, layout.size()) };
-            Self { ptr, layout }
-        }
-        fn of<T: Copy>(values: &[T]) -> Self {
-            let bytes = std::mem::size_of_val(values);
-            let a = Self::new(bytes);
-            // SAFETY: both hold `bytes` bytes; distinct allocations.
-            unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), a.ptr, bytes) };
-            a
-        }
-        fn addr(&self) -> *mut std::ffi::c_void {
-            self.ptr.cast()
-        }
-        fn read<T: Copy>(&self, offset: usize, count: usize) -> Vec<T> {
-            assert!(offset + count * std::mem::size_of::<T>() <= self.layout.size());
-            // SAFETY: in bounds (checked), aligned for T at these offsets, initialised.
-            unsafe { std::slice::from_raw_parts(self.ptr.add(offset).cast::<T>(), count).to_vec() }
-        }
-    }
-
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            // SAFETY: allocated with this layout in `new`.
-            unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-        }
-    }
+    use crate::common::Aligned;
 
     /// A small model and random statistics written to `dir`: (config path, stats path, scorer).
     fn small_model(dir: &std::path::Path) -> (CString, CString, Scorer) {

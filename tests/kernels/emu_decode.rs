@@ -7,7 +7,8 @@
 
 use half::{bf16, f16};
 use triattn::cuda::{
-    CacheLayout, DecodeInputs, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, RowStrides, SplitPolicy,
+    CacheLayout, DecodeInputs, DecodePlan, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, RowStrides,
+    SplitPolicy,
 };
 use triattn::decode::{DecodeOptions, ListLayout};
 use triattn::{Backend, DType, Element};
@@ -136,7 +137,7 @@ impl<T: Element> Problem<T> {
 
     /// Decode layers `first..first + layers` on emu over contiguous tensors.
     fn emu(&self, splits: SplitPolicy, first: usize, layers: usize) -> HostDecode {
-        let spec = DecodeSpec::new(self.shape(splits, self.contiguous())).unwrap();
+        let plan = DecodePlan::new(self.shape(splits, self.contiguous())).unwrap();
         let (flat, lens) = self.flat_lists();
         let k: Vec<&[T]> = self.k.iter().map(Vec::as_slice).collect();
         let v: Vec<&[T]> = self.v.iter().map(Vec::as_slice).collect();
@@ -153,7 +154,7 @@ impl<T: Element> Problem<T> {
             seq_lens: dense.then_some(&seq_lens[..]),
             block_table: None,
         };
-        Backend::Emu.decode(&spec, &inputs, first, layers).unwrap()
+        Backend::Emu.decode(&plan, &inputs, first, layers).unwrap()
     }
 
     /// The queries of layers `first..first + layers`, `[S, layers, H, T, D]`.
@@ -388,7 +389,7 @@ fn paged_caches_equal_contiguous() {
         };
         let (kp, vp) = (pool(&p.k, p.d), pool(&p.v, p.dv));
         let layout = CacheLayout::Paged { block_size: block, order, num_blocks, max_blocks: blocks_per_seq };
-        let spec = DecodeSpec::new(p.shape(SplitPolicy::Fixed(2), layout)).unwrap();
+        let plan = DecodePlan::new(p.shape(SplitPolicy::Fixed(2), layout)).unwrap();
         let (flat, lens) = p.flat_lists();
         let k: Vec<&[f16]> = kp.iter().map(Vec::as_slice).collect();
         let v: Vec<&[f16]> = vp.iter().map(Vec::as_slice).collect();
@@ -402,7 +403,7 @@ fn paged_caches_equal_contiguous() {
             seq_lens: None,
             block_table: Some(&table),
         };
-        let got = Backend::Emu.decode(&spec, &inputs, 0, p.l).unwrap();
+        let got = Backend::Emu.decode(&plan, &inputs, 0, p.l).unwrap();
         assert!(got.out == want.out && got.lse == want.lse, "{order:?}: paged differs from contiguous");
     }
 }
@@ -421,7 +422,7 @@ fn bad_inputs_are_refused_by_name() {
     let bad = DecodeOptions { scale: Some(-1.0), softcap: None };
     let e = DecodeSpec::new(DecodeShape { options: bad, ..shape }).unwrap_err().to_string();
     assert!(e.contains("scale"), "{e}");
-    let spec = DecodeSpec::new(shape).unwrap();
+    let plan = DecodePlan::new(shape).unwrap();
     let (mut flat, lens) = p.flat_lists();
     flat[3] = 100;
     let k: Vec<&[bf16]> = p.k.iter().map(Vec::as_slice).collect();
@@ -436,11 +437,101 @@ fn bad_inputs_are_refused_by_name() {
         seq_lens: None,
         block_table: None,
     };
-    let e = Backend::Emu.decode(&spec, &inputs, 0, 1).unwrap_err().to_string();
+    let e = Backend::Emu.decode(&plan, &inputs, 0, 1).unwrap_err().to_string();
     assert!(e.contains("list 0 entry 3") && e.contains("0..100"), "{e}");
     let short = &p.q[1..];
-    let e = Backend::Emu.decode(&spec, &DecodeInputs { queries: short, ..inputs }, 0, 1).unwrap_err().to_string();
+    let e = Backend::Emu.decode(&plan, &DecodeInputs { queries: short, ..inputs }, 0, 1).unwrap_err().to_string();
     assert!(e.contains("queries"), "{e}");
-    let e = Backend::Emu.decode(&spec, &inputs, 1, 1).unwrap_err().to_string();
+    let e = Backend::Emu.decode(&plan, &inputs, 1, 1).unwrap_err().to_string();
     assert!(e.contains("decode layers") && e.contains("1..2"), "layers are checked first: {e}");
+}
+
+/// A round that ends with keep sets, then a decode that reads them where the round left them
+/// (its workspace), both launched on emu over host memory with no copy in between; the decode
+/// through the lists equals a dense decode of the cache compacted by them, bit for bit.
+#[test]
+fn a_round_then_a_decode_read_the_keep_sets_in_place() {
+    use crate::common::Aligned;
+    use triattn::cuda::{DecodeCache, DecodeRun, RoundAddresses, RoundPlan, RoundShape};
+    use triattn::kernels::emu::EmuLauncher;
+    use triattn::round::Scorer;
+    use triattn::{CompressionConfig, SelectionMode};
+
+    let (l, h, hkv, d, n, budget) = (2, 8, 2, 64, 160, 96);
+    let scorer =
+        Scorer::new(crate::common::model(l, h, hkv, d), crate::common::random_stats(l, h, d, 5), None).unwrap();
+    let p = Problem::<bf16>::random(61, 1, l, h, hkv, d, d, 1, n);
+    for mode in [SelectionMode::PerHead, SelectionMode::PerLayerPerHead, SelectionMode::Union] {
+        let config = CompressionConfig { budget, divide_length: 32, mode, ..CompressionConfig::default() };
+        let round = RoundPlan::new(&scorer, &config, RoundShape::dense(DType::Bf16, n, 8, d, d, n)).unwrap();
+        let k: Vec<Aligned> = p.k.iter().map(|t| Aligned::of(t)).collect();
+        let v: Vec<Aligned> = p.v.iter().map(|t| Aligned::of(t)).collect();
+        let k_addr: Vec<u64> = k.iter().map(|a| a.addr() as u64).collect();
+        let v_addr: Vec<u64> = v.iter().map(|a| a.addr() as u64).collect();
+        let cache = triattn::cuda::CacheAddresses { keys: k_addr.clone(), ..Default::default() };
+        let round_ws = Aligned::new(round.workspace_bytes());
+        let image = round.workspace_image(&cache).unwrap();
+        // SAFETY: the workspace holds workspace_bytes >= image.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), round_ws.ptr, image.len()) };
+        let round_start = Aligned::of(&[5000i64]);
+        let at = RoundAddresses::bound(round_ws.addr() as u64, round_start.addr() as u64, &cache);
+        // SAFETY: every address is live host memory of the planned shape.
+        unsafe { round.run(&mut EmuLauncher::default(), &at) }.unwrap();
+
+        let kept = round.kept();
+        let shape = DecodeShape {
+            lists: ListLayout::of_selection(mode),
+            list_capacity: kept,
+            list_lengths: ListLengths::Full,
+            ..p.shape(SplitPolicy::Fixed(1), p.contiguous())
+        };
+        let decode = DecodePlan::new(shape).unwrap();
+        let dcache = DecodeCache {
+            keys: k_addr,
+            values: v_addr,
+            lists: round_ws.addr() as u64 + round.layout().keep.offset as u64,
+            ..Default::default()
+        };
+        let ws = Aligned::new(decode.workspace_bytes());
+        let image = decode.workspace_image(&dcache).unwrap();
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), ws.ptr, image.len()) };
+        let q = Aligned::of(&p.q);
+        let rows = l * h;
+        let (out, lse) = (Aligned::new(rows * d * 4), Aligned::new(rows * 4));
+        let run = DecodeRun {
+            workspace: ws.addr() as u64,
+            queries: q.addr() as u64,
+            out: out.addr() as u64,
+            lse: lse.addr() as u64,
+            first_layer: 0,
+            layers: l,
+        };
+        // SAFETY: the lists are the round's keep sets (slots in 0..n), every buffer live.
+        unsafe { decode.run(&mut EmuLauncher::default(), &dcache, &run) }.unwrap();
+        let (got_o, got_lse): (Vec<f32>, Vec<f32>) = (out.read(0, rows * d), lse.read(0, rows));
+
+        // The same keep sets read back, the cache compacted by them, a dense decode of it.
+        let sets: Vec<Vec<i32>> = round_ws
+            .read::<i32>(round.layout().keep.offset, round.sets() * kept)
+            .chunks(kept)
+            .map(<[i32]>::to_vec)
+            .collect();
+        let compact = |src: &[Vec<bf16>], dim: usize| -> Vec<Vec<bf16>> {
+            (0..l)
+                .map(|layer| {
+                    (0..hkv)
+                        .flat_map(|g| {
+                            let set = &sets[mode.set_index(layer, g, hkv)];
+                            set.iter()
+                                .flat_map(move |&j| src[layer][(g * n + j as usize) * dim..][..dim].iter().copied())
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let dense = Problem { n: kept, k: compact(&p.k, d), v: compact(&p.v, d), ..p.clone() };
+        let want = dense.emu(SplitPolicy::Fixed(1), 0, l);
+        assert!(got_o == want.out && got_lse == want.lse, "{mode:?}: lists from the round vs the compacted cache");
+    }
 }
