@@ -167,6 +167,18 @@ typedef enum {
   TRIATTN_POSITIONS_I64 = 2,
 } triattn_positions;
 
+// Which list each (layer, KV head) of a decode reads (`triattn_decode_shape::lists`).
+typedef enum {
+  // No lists: every slot `0..seq_lens[s]` is visible (dense decode of a compacted cache).
+  TRIATTN_LIST_LAYOUT_DENSE = 0,
+  // One list for every layer and KV head (a `union` round's keep set).
+  TRIATTN_LIST_LAYOUT_SHARED = 1,
+  // One list per KV head, for every layer (`per-head` keep sets).
+  TRIATTN_LIST_LAYOUT_PER_KV_HEAD = 2,
+  // One list per (layer, KV head) (`per-layer-per-head` keep sets).
+  TRIATTN_LIST_LAYOUT_PER_LAYER_KV_HEAD = 3,
+} triattn_list_layout;
+
 // Opaque binding: a plan's workspace bound to one cache (its layer addresses, block-table row
 // and positions). Each run of a binding reads and writes its workspace and cache: runs of one
 // binding (or of bindings that share a workspace or a cache) must be ordered by the caller (the
@@ -182,6 +194,14 @@ typedef struct triattn_compressor triattn_compressor;
 // Opaque library context: the backend rounds run on (and, for CUDA, the device). Immutable
 // after creation: may be shared by threads.
 typedef struct triattn_context triattn_context;
+
+// Opaque decode binding: a plan's workspace bound to one cache. Runs of one binding are ordered
+// by the caller (they share its workspace); the handle may be used from any thread.
+typedef struct triattn_decode_binding triattn_decode_binding;
+
+// Opaque decode plan: one decode shape on one backend, validated on the host. Immutable after
+// creation: may be shared by threads.
+typedef struct triattn_decode_plan triattn_decode_plan;
 
 // Opaque round plan: one compressor's round over caches of one shape, validated on the host,
 // with its workspace layout. One plan serves every round of that shape (in the steady state of a
@@ -368,6 +388,100 @@ typedef struct {
   // Out of place with positions: the device address of the kept positions `[sets, kept]`.
   void *positions_out;
 } triattn_cache_pointers;
+
+// The shape of a device decode: S sequences of one cache shape, every layer, T queries per
+// head. Enum fields travel as uint32_t and are checked on entry.
+typedef struct {
+  // `sizeof(triattn_decode_shape)`, set by the caller: the ABI version of this struct.
+  uint32_t struct_size;
+  // Element type of K and V: a `triattn_dtype` value.
+  uint32_t dtype;
+  // Element type of the queries: a `triattn_dtype` value.
+  uint32_t query_dtype;
+  // Where the rows live: a `triattn_layout` value.
+  uint32_t layout;
+  // Sequences S.
+  size_t num_seqs;
+  // Layers L.
+  size_t num_layers;
+  // Attention heads H (a multiple of num_kv_heads).
+  size_t num_heads;
+  // KV heads Hkv.
+  size_t num_kv_heads;
+  // Head dimension D of q and K.
+  size_t head_dim;
+  // Value dimension Dv (a multiple of 16 bytes, at most 256).
+  size_t value_dim;
+  // Decode queries per head T.
+  size_t num_queries;
+  // Slots each sequence's K/V tensors hold: the bound of every list entry.
+  size_t len;
+  // Contiguous: elements between KV heads of K.
+  size_t key_head_stride;
+  // Contiguous: elements between slots of K.
+  size_t key_row_stride;
+  // Contiguous: elements between KV heads of V.
+  size_t value_head_stride;
+  // Contiguous: elements between slots of V.
+  size_t value_row_stride;
+  // Paged: slots per block, 16 to 256.
+  size_t block_size;
+  // Paged: blocks in each layer's pool.
+  size_t num_blocks;
+  // Paged: entries of each sequence's block-table row.
+  size_t max_blocks;
+  // Which list each (layer, KV head) reads: a `triattn_list_layout` value.
+  uint32_t lists;
+  // 1: per-list lengths `int32 [S, lists]` (ragged lists); 0: every list holds `list_capacity`
+  // entries (a round's keep sets).
+  int32_t ragged;
+  // Entries between lists (the longest list at most); ignored when dense.
+  size_t list_capacity;
+  // 1: sinks `float [L, H]` join the softmax normaliser.
+  int32_t sinks;
+  // Logit scale; 0: `1 / sqrt(head_dim)`.
+  float scale;
+  // Soft-capping C > 0 (logits become `C * tanh(s / C)`); 0: off.
+  float softcap;
+  // Splits of every list: 0 chooses from the longest list and the device's SM count.
+  uint32_t splits;
+} triattn_decode_shape;
+
+// What a decode plan needs.
+typedef struct {
+  // `sizeof(triattn_decode_info)`, set by the caller before the call.
+  uint32_t struct_size;
+  // Bytes of device workspace a binding needs.
+  size_t workspace_bytes;
+  // Required alignment of the workspace base (256).
+  size_t workspace_alignment;
+  // Leading bytes of the workspace `triattn_decode_plan_bind` writes.
+  size_t constants_bytes;
+  // Splits of every list (1: no combine launch).
+  size_t splits;
+} triattn_decode_info;
+
+// Device addresses of the cache a decode binding reads. The tables hold `num_seqs * num_layers`
+// K (and V) tensor addresses, sequence-major (paged: the `num_layers` pools).
+typedef struct {
+  // `sizeof(triattn_decode_cache)`, set by the caller.
+  uint32_t struct_size;
+  // K tensor (or pool) of each (sequence, layer).
+  void *const *keys;
+  // V tensor (or pool) of each (sequence, layer).
+  void *const *values;
+  // `float [L, H]` sinks, or NULL.
+  const float *sinks;
+  // `int32 [S, lists, list_capacity]` ascending slots (e.g. a round plan's keep sets in its
+  // workspace), or NULL (dense).
+  const int32_t *lists;
+  // `int32 [S, lists]` lengths (ragged lists), or NULL.
+  const int32_t *list_lens;
+  // `int32 [S]` visible slots (dense), or NULL.
+  const int32_t *seq_lens;
+  // `int32 [S, max_blocks]` block table (paged), or NULL.
+  const int32_t *block_table;
+} triattn_decode_cache;
 
 #ifdef __cplusplus
 extern "C" {
@@ -588,6 +702,146 @@ void triattn_binding_destroy(triattn_binding *binding);
 // `plan` is null or a handle from `triattn_plan_create` not yet destroyed, and no call with it
 // is in progress on another thread.
 void triattn_plan_destroy(triattn_plan *plan);
+
+// Plan a device decode of `shape` on the backend of `ctx` (host-only: no device work).
+//
+// Every field of `shape` is checked on entry (errors name it, with expected vs got). A plan of
+// a CPU context can be created and inspected but not bound.
+//
+// # Safety
+// `ctx` is a live context; `shape` points to a `triattn_decode_shape`; `out` points to writable
+// storage for a handle.
+triattn_status triattn_decode_plan_create(const triattn_context *ctx,
+                                          const triattn_decode_shape *shape,
+                                          triattn_decode_plan **out);
+
+// The workspace a decode plan needs and its split count.
+//
+// # Safety
+// `plan` is a live plan; `out` points to a writable `triattn_decode_info` whose `struct_size`
+// is set.
+triattn_status triattn_decode_plan_get_info(const triattn_decode_plan *plan,
+                                            triattn_decode_info *out);
+
+// Bind `workspace` to the cache at `cache` and return the binding in `*out`: check every address
+// (present exactly when the shape reads it; K/V bases 16-byte aligned, the int32 and float
+// buffers 4, the workspace 256), load the kernels, copy the K/V address tables into the first
+// `constants_bytes` of the workspace on `stream` and synchronise it (setup, never captured).
+// The binding keeps the plan alive.
+//
+// # Safety
+// `plan` is a live plan of a CUDA or emu context; `cache` points to a `triattn_decode_cache`
+// whose tables hold `num_seqs * num_layers` (paged: `num_layers`) device addresses; every
+// address is device memory of that context (host memory under emu) of the documented layout;
+// `workspace` holds `workspace_bytes`; `stream` is NULL or a stream of that context; `out`
+// points to writable storage for a handle.
+triattn_status triattn_decode_plan_bind(const triattn_decode_plan *plan,
+                                        const triattn_decode_cache *cache,
+                                        void *workspace,
+                                        void *stream,
+                                        triattn_decode_binding **out);
+
+// Launch one decode of `binding` on `stream` over layers `first_layer .. first_layer + layers`
+// (all of them, or the one an engine's forward pass is at): `queries` `[S, layers, H, T, D]` of
+// the shape's query dtype in, `out` `float [S, layers, H, T, Dv]` and `lse`
+// `float [S, layers, H, T]` (natural log) out. Nothing but kernel launches (no allocation, copy
+// or synchronisation): capturable in a CUDA graph.
+//
+// # Safety
+// `binding` is a live binding whose cache is alive; `queries`, `out` and `lse` are device
+// memory of the plan's context (host memory under emu) of those sizes, 4-byte aligned; the lists
+// hold slots below `len`; `stream` is NULL or a stream of that context.
+triattn_status triattn_decode_binding_run(const triattn_decode_binding *binding,
+                                          const void *queries,
+                                          float *out,
+                                          float *lse,
+                                          size_t first_layer,
+                                          size_t layers,
+                                          void *stream);
+
+// Destroy a decode binding (null is ignored).
+//
+// # Safety
+// `binding` is null or a handle from `triattn_decode_plan_bind` not yet destroyed, with no call
+// in progress on another thread.
+void triattn_decode_binding_destroy(triattn_decode_binding *binding);
+
+// Destroy a decode plan (null is ignored); its bindings stay valid.
+//
+// # Safety
+// `plan` is null or a handle from `triattn_decode_plan_create` not yet destroyed, with no call
+// in progress on another thread.
+void triattn_decode_plan_destroy(triattn_decode_plan *plan);
+
+// Plan a device decode of `shape` on the backend of `ctx` (host-only: no device work).
+//
+// Every field of `shape` is checked on entry (errors name it, with expected vs got). A plan of
+// a CPU context can be created and inspected but not bound.
+//
+// # Safety
+// `ctx` is a live context; `shape` points to a `triattn_decode_shape`; `out` points to writable
+// storage for a handle.
+triattn_status triattn_decode_plan_create(const triattn_context *ctx,
+                                          const triattn_decode_shape *shape,
+                                          triattn_decode_plan **out);
+
+// The workspace a decode plan needs and its split count.
+//
+// # Safety
+// `plan` is a live plan; `out` points to a writable `triattn_decode_info` whose `struct_size`
+// is set.
+triattn_status triattn_decode_plan_get_info(const triattn_decode_plan *plan,
+                                            triattn_decode_info *out);
+
+// Bind `workspace` to the cache at `cache` and return the binding in `*out`: check every address
+// (present exactly when the shape reads it; K/V bases 16-byte aligned, the int32 and float
+// buffers 4, the workspace 256), load the kernels, copy the K/V address tables into the first
+// `constants_bytes` of the workspace on `stream` and synchronise it (setup, never captured).
+// The binding keeps the plan alive.
+//
+// # Safety
+// `plan` is a live plan of a CUDA or emu context; `cache` points to a `triattn_decode_cache`
+// whose tables hold `num_seqs * num_layers` (paged: `num_layers`) device addresses; every
+// address is device memory of that context (host memory under emu) of the documented layout;
+// `workspace` holds `workspace_bytes`; `stream` is NULL or a stream of that context; `out`
+// points to writable storage for a handle.
+triattn_status triattn_decode_plan_bind(const triattn_decode_plan *plan,
+                                        const triattn_decode_cache *cache,
+                                        void *workspace,
+                                        void *stream,
+                                        triattn_decode_binding **out);
+
+// Launch one decode of `binding` on `stream` over layers `first_layer .. first_layer + layers`
+// (all of them, or the one an engine's forward pass is at): `queries` `[S, layers, H, T, D]` of
+// the shape's query dtype in, `out` `float [S, layers, H, T, Dv]` and `lse`
+// `float [S, layers, H, T]` (natural log) out. Nothing but kernel launches (no allocation, copy
+// or synchronisation): capturable in a CUDA graph.
+//
+// # Safety
+// `binding` is a live binding whose cache is alive; `queries`, `out` and `lse` are device
+// memory of the plan's context (host memory under emu) of those sizes, 4-byte aligned; the lists
+// hold slots below `len`; `stream` is NULL or a stream of that context.
+triattn_status triattn_decode_binding_run(const triattn_decode_binding *binding,
+                                          const void *queries,
+                                          float *out,
+                                          float *lse,
+                                          size_t first_layer,
+                                          size_t layers,
+                                          void *stream);
+
+// Destroy a decode binding (null is ignored).
+//
+// # Safety
+// `binding` is null or a handle from `triattn_decode_plan_bind` not yet destroyed, with no call
+// in progress on another thread.
+void triattn_decode_binding_destroy(triattn_decode_binding *binding);
+
+// Destroy a decode plan (null is ignored); its bindings stay valid.
+//
+// # Safety
+// `plan` is null or a handle from `triattn_decode_plan_create` not yet destroyed, with no call
+// in progress on another thread.
+void triattn_decode_plan_destroy(triattn_decode_plan *plan);
 
 #ifdef __cplusplus
 }  // extern "C"

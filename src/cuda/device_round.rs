@@ -86,6 +86,41 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Launch one decode of `plan` on `stream`: no allocation, no copy, no synchronisation.
+    ///
+    /// # Errors
+    /// As [`super::DecodePlan::run`]; `KernelsUnavailable` or `Driver` for a kernel that does not
+    /// load or launch.
+    ///
+    /// # Safety
+    /// As [`super::DecodePlan::run`], with device memory of this context and `stream` a stream of
+    /// it.
+    pub unsafe fn run_decode(
+        &self,
+        plan: &super::DecodePlan,
+        cache: &super::DecodeCache,
+        run: &super::DecodeRun,
+        stream: CUstream,
+    ) -> Result<()> {
+        let mut launcher = StreamLauncher::new(self, stream);
+        // SAFETY: the caller's contract.
+        unsafe { plan.run(&mut launcher, cache, run) }
+    }
+
+    /// Load the kernels `plan` launches (before capturing a graph).
+    ///
+    /// # Errors
+    /// `KernelsUnavailable` for a build without kernels; `Driver` for a failed load.
+    pub fn prepare_decode(&self, plan: &super::DecodePlan) -> Result<()> {
+        self.function_of(plan.spec().variant())?;
+        if let Some(v) = plan.spec().combine_variant() {
+            self.function_of(v)?;
+        }
+        Ok(())
+    }
+}
+
 /// A planned round bound to a cache, with its own workspace and `round_start` slot.
 pub struct DeviceRound {
     plan: RoundPlan,

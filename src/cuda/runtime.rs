@@ -82,6 +82,7 @@ unsafe impl Sync for Module {}
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     arch: u32,
+    sm_count: usize,
     max_dynamic_smem: usize,
     module: OnceLock<std::result::Result<Module, String>>,
 }
@@ -117,9 +118,13 @@ impl CudaBackend {
         let optin = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| driver("shared memory per block", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver("multiprocessor count", e))?;
         Ok(Self {
             ctx,
             arch: (major * 10 + minor) as u32,
+            sm_count: sms.max(1) as usize,
             max_dynamic_smem: optin.max(0) as usize,
             module: OnceLock::new(),
         })
@@ -140,6 +145,11 @@ impl CudaBackend {
     /// SM version, e.g. 90.
     pub fn arch(&self) -> u32 {
         self.arch
+    }
+
+    /// Streaming multiprocessors of the device (what [`super::SplitPolicy::Auto`] wants).
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     fn module(&self) -> Result<&Module> {

@@ -213,6 +213,63 @@ fn cpu_plan(what: &str) -> Error {
     )
 }
 
+/// The kernels a binding loads before its first run (read by the CUDA backend only).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) enum Kernels<'a> {
+    /// Every stage of a round plan.
+    Round(&'a RoundPlan),
+    /// A decode plan's decode (and combine).
+    Decode(&'a crate::cuda::DecodePlan),
+}
+
+/// Load `kernels` and copy `image` to the workspace at `ws` on `stream` (waiting for the copy):
+/// the setup step of every binding. Under emu the workspace is host memory.
+///
+/// # Safety
+/// `ws` is memory of `backend` (device memory of its context, host memory under emu) of at
+/// least `image.len()` bytes that nothing else accesses during the call; `stream` is NULL or a
+/// stream of that context.
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(unused_variables))]
+pub(super) unsafe fn write_constants(
+    backend: &Backend,
+    ws: u64,
+    image: &[u8],
+    stream: *mut std::ffi::c_void,
+    what: &str,
+    kernels: Kernels<'_>,
+) -> Result<()> {
+    match backend {
+        Backend::Cpu => Err(cpu_plan(what)),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let _ = (stream, kernels);
+            // SAFETY: the caller's contract: `ws` is host memory of at least `image.len()` bytes,
+            // distinct from the image.
+            unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), ws as *mut u8, image.len()) };
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            let gpu = dev.backend();
+            match kernels {
+                Kernels::Round(plan) => gpu.prepare_round(plan)?,
+                Kernels::Decode(plan) => gpu.prepare_decode(plan)?,
+            }
+            let stream = stream as cudarc::driver::sys::CUstream;
+            gpu.with_current_context(|| {
+                // SAFETY: `ws` is device memory of this context of at least `image.len()` bytes
+                // and `stream` a stream of it (caller contract); the host image outlives the copy
+                // because the stream is synchronised before returning.
+                unsafe { cudarc::driver::result::memcpy_htod_async(ws, image, stream) }
+                    .map_err(|e| driver(&format!("{what}: copy the workspace constants"), e))?;
+                // SAFETY: as above.
+                unsafe { cudarc::driver::result::stream::synchronize(stream) }
+                    .map_err(|e| driver(&format!("{what}: synchronise the stream after the constants copy"), e))
+            })
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn driver(what: &str, e: cudarc::driver::DriverError) -> Error {
     Error::new(ErrorKind::Driver, format!("{what}: {e}")).with_source(e)
@@ -281,7 +338,6 @@ unsafe fn cache_addresses(plan: &RoundPlan, cache: &triattn_cache_pointers) -> R
 ///
 /// # Safety
 /// As `triattn_plan_bind`.
-#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(unused_variables, unreachable_code))]
 pub(super) unsafe fn bind(
     plan: &Arc<Plan>,
     cache: &triattn_cache_pointers,
@@ -297,33 +353,8 @@ pub(super) unsafe fn bind(
     let ws = workspace as u64;
     crate::cuda::check_workspace_address(ws)?;
     let image = plan.plan.workspace_image(&addresses).map_err(|e| e.context("triattn_plan_bind"))?;
-    match &plan.backend {
-        Backend::Cpu => return Err(cpu_plan("triattn_plan_bind")),
-        #[cfg(feature = "emu")]
-        Backend::Emu => {
-            let _ = stream;
-            // SAFETY: `workspace` is host memory of at least `workspace_bytes >= image.len()`
-            // bytes that nothing else accesses during the call (the emu contract of
-            // `triattn_plan_bind`); the image is a separate allocation.
-            unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), workspace.cast::<u8>(), image.len()) };
-        }
-        #[cfg(feature = "cuda")]
-        Backend::Cuda(dev) => {
-            let gpu = dev.backend();
-            gpu.prepare_round(&plan.plan)?;
-            let stream = stream as cudarc::driver::sys::CUstream;
-            gpu.with_current_context(|| {
-                // SAFETY: `ws` is device memory of this context of at least `workspace_bytes` >=
-                // `image.len()` bytes and `stream` a stream of it (caller contract); the host
-                // image outlives the copy because the stream is synchronised before it is dropped.
-                unsafe { cudarc::driver::result::memcpy_htod_async(ws, &image, stream) }
-                    .map_err(|e| driver("triattn_plan_bind: copy the workspace constants", e))?;
-                // SAFETY: as above.
-                unsafe { cudarc::driver::result::stream::synchronize(stream) }
-                    .map_err(|e| driver("triattn_plan_bind: synchronise the stream after the constants copy", e))
-            })?;
-        }
-    }
+    // SAFETY: forwarded caller contract (`ws` holds the plan's workspace on `stream`'s context).
+    unsafe { write_constants(&plan.backend, ws, &image, stream, "triattn_plan_bind", Kernels::Round(&plan.plan))? };
     Ok(Binding { plan: plan.clone(), workspace: ws, cache: addresses })
 }
 

@@ -19,6 +19,7 @@
 //! the kernels on the CPU over host memory.
 #![allow(non_camel_case_types)]
 
+mod decode;
 mod device;
 mod types;
 
@@ -26,6 +27,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub use decode::*;
 pub use types::*;
 
 use crate::cache::LayerView;

@@ -676,6 +676,175 @@ mod emu {
             triattn_context_destroy(ctx);
         }
     }
+
+    /// A decode through the C ABI (plan, bind, run on emu) equals the Rust decode plan run by
+    /// `Backend::Emu.decode` bit for bit: paged HND pools, ragged per-KV-head lists, sinks, two
+    /// splits and one layer of two; bad shape fields are refused by name.
+    #[test]
+    fn decode_through_the_c_abi_equals_the_rust_plan() {
+        use triattn::cuda::{CacheLayout, DecodeInputs, DecodePlan, DecodeShape, ListLengths, PageOrder, SplitPolicy};
+        use triattn::decode::{DecodeOptions, ListLayout};
+        let mut ctx = ptr::null_mut();
+        // SAFETY: writable handle.
+        assert_eq!(unsafe { triattn_context_create(triattn_backend::Emu as u32, &mut ctx) }, triattn_status::Ok);
+        let (t, cap, len) = (2, 140, MAX_BLOCKS * BLOCK);
+        let c_shape = triattn_decode_shape {
+            struct_size: std::mem::size_of::<triattn_decode_shape>() as u32,
+            dtype: triattn_dtype::Bf16 as u32,
+            query_dtype: triattn_dtype::F32 as u32,
+            layout: triattn_layout::PagedHnd as u32,
+            num_seqs: 1,
+            num_layers: L,
+            num_heads: H,
+            num_kv_heads: HKV,
+            head_dim: D,
+            value_dim: D,
+            num_queries: t,
+            len,
+            key_head_stride: 0,
+            key_row_stride: 0,
+            value_head_stride: 0,
+            value_row_stride: 0,
+            block_size: BLOCK,
+            num_blocks: BLOCKS,
+            max_blocks: MAX_BLOCKS,
+            lists: triattn_list_layout::PerKvHead as u32,
+            ragged: 1,
+            list_capacity: cap,
+            sinks: 1,
+            scale: 0.0,
+            softcap: 0.0,
+            splits: 2,
+        };
+        let rust_shape = DecodeShape {
+            dtype: triattn::DType::Bf16,
+            query_dtype: triattn::DType::F32,
+            num_seqs: 1,
+            num_layers: L,
+            num_heads: H,
+            num_kv_heads: HKV,
+            head_dim: D,
+            value_dim: D,
+            num_queries: t,
+            len,
+            layout: CacheLayout::Paged {
+                block_size: BLOCK,
+                order: PageOrder::Hnd,
+                num_blocks: BLOCKS,
+                max_blocks: MAX_BLOCKS,
+            },
+            lists: ListLayout::PerKvHead,
+            list_capacity: cap,
+            list_lengths: ListLengths::PerList,
+            sinks: true,
+            options: DecodeOptions::default(),
+            splits: SplitPolicy::Fixed(2),
+        };
+        let mut plan = ptr::null_mut();
+        // SAFETY: live context, readable shape, writable handle.
+        assert_eq!(
+            unsafe { triattn_decode_plan_create(ctx, &c_shape, &mut plan) },
+            triattn_status::Ok,
+            "{}",
+            last_error()
+        );
+        // SAFETY: every field of the info is an integer.
+        let mut info: triattn_decode_info = unsafe { std::mem::zeroed() };
+        info.struct_size = std::mem::size_of::<triattn_decode_info>() as u32;
+        // SAFETY: live plan, writable output.
+        assert_eq!(unsafe { triattn_decode_plan_get_info(plan, &mut info) }, triattn_status::Ok);
+        let rust = DecodePlan::new(rust_shape).unwrap();
+        assert_eq!((info.workspace_bytes, info.splits), (rust.workspace_bytes(), 2));
+
+        let mut rng = common::Rng(17);
+        let pool = BLOCKS * BLOCK * HKV * D;
+        let k: Vec<Vec<bf16>> = (0..L).map(|_| (0..pool).map(|_| bf16::from_f32(rng.unit())).collect()).collect();
+        let v: Vec<Vec<bf16>> = (0..L).map(|_| (0..pool).map(|_| bf16::from_f32(rng.unit() * 2.0)).collect()).collect();
+        let table: Vec<i32> = vec![4, 9, 0, 13, 2, 7, 11, 5, 17];
+        let lens = [cap as i32, 37];
+        let lists: Vec<i32> = (0..HKV)
+            .flat_map(|g| {
+                let n = lens[g] as usize;
+                (0..cap).map(move |i| if i < n { (i * len / n) as i32 } else { -1 })
+            })
+            .collect();
+        let sinks: Vec<f32> = (0..L * H).map(|i| (i % 5) as f32 - 2.0).collect();
+        let q: Vec<f32> = (0..H * t * D).map(|_| rng.unit()).collect(); // layer 1 only
+
+        let kd: Vec<Aligned> = k.iter().map(|x| Aligned::of(x)).collect();
+        let vd: Vec<Aligned> = v.iter().map(|x| Aligned::of(x)).collect();
+        let (kp, vp): (Vec<_>, Vec<_>) =
+            (kd.iter().map(Aligned::addr).collect(), vd.iter().map(Aligned::addr).collect());
+        let (table_d, lists_d, lens_d, sinks_d, q_d) =
+            (Aligned::of(&table), Aligned::of(&lists), Aligned::of(&lens), Aligned::of(&sinks), Aligned::of(&q));
+        let cache = triattn_decode_cache {
+            struct_size: std::mem::size_of::<triattn_decode_cache>() as u32,
+            keys: kp.as_ptr(),
+            values: vp.as_ptr(),
+            sinks: sinks_d.addr().cast(),
+            lists: lists_d.addr().cast(),
+            list_lens: lens_d.addr().cast(),
+            seq_lens: ptr::null(),
+            block_table: table_d.addr().cast(),
+        };
+        let ws = Aligned::new(info.workspace_bytes);
+        let mut b = ptr::null_mut();
+        // SAFETY: host memory of the planned shape (emu), alive to the end of the test.
+        let s = unsafe { triattn_decode_plan_bind(plan, &cache, ws.addr(), ptr::null_mut(), &mut b) };
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+        let (out, lse) = (Aligned::new(H * t * D * 4), Aligned::new(H * t * 4));
+        // SAFETY: live binding; q, out and lse hold one layer of the shape.
+        let s = unsafe {
+            triattn_decode_binding_run(b, q_d.addr(), out.addr().cast(), lse.addr().cast(), 1, 1, ptr::null_mut())
+        };
+        assert_eq!(s, triattn_status::Ok, "{}", last_error());
+
+        let kr: Vec<&[bf16]> = k.iter().map(Vec::as_slice).collect();
+        let vr: Vec<&[bf16]> = v.iter().map(Vec::as_slice).collect();
+        let inputs = DecodeInputs {
+            keys: &kr,
+            values: &vr,
+            queries: &q,
+            sinks: Some(&sinks),
+            lists: Some(&lists),
+            list_lens: Some(&lens),
+            seq_lens: None,
+            block_table: Some(&table),
+        };
+        let want = triattn::Backend::Emu.decode(&rust, &inputs, 1, 1).unwrap();
+        assert!(out.read::<f32>(0, H * t * D) == want.out, "o through the C ABI");
+        assert!(lse.read::<f32>(0, H * t) == want.lse, "lse through the C ABI");
+
+        // Bad fields are refused by name.
+        for (field, bad) in [
+            ("shape.lists", triattn_decode_shape { lists: 7, ..c_shape }),
+            ("shape.ragged", triattn_decode_shape { ragged: 2, ..c_shape }),
+            ("shape.scale", triattn_decode_shape { scale: -1.0, ..c_shape }),
+            ("attention heads", triattn_decode_shape { num_heads: 7, ..c_shape }),
+            ("shape.struct_size", triattn_decode_shape { struct_size: 4, ..c_shape }),
+        ] {
+            let mut p = ptr::null_mut();
+            // SAFETY: live context, readable shape, writable handle.
+            let s = unsafe { triattn_decode_plan_create(ctx, &bad, &mut p) };
+            let msg = last_error();
+            assert_eq!(s, triattn_status::InvalidArgument, "{field}: {msg}");
+            assert!(msg.contains(field), "{field}: {msg}");
+            assert!(p.is_null());
+        }
+        // A missing list-lengths address for ragged lists is refused at bind.
+        let mut b2 = ptr::null_mut();
+        let no_lens = triattn_decode_cache { list_lens: ptr::null(), ..cache };
+        // SAFETY: as above; the call refuses before writing.
+        let s = unsafe { triattn_decode_plan_bind(plan, &no_lens, ws.addr(), ptr::null_mut(), &mut b2) };
+        assert_eq!(s, triattn_status::InvalidArgument);
+        assert!(last_error().contains("list lengths address"), "{}", last_error());
+        // SAFETY: live handles, destroyed once.
+        unsafe {
+            triattn_decode_binding_destroy(b);
+            triattn_decode_plan_destroy(plan);
+            triattn_context_destroy(ctx);
+        }
+    }
 }
 
 /// A round through the C ABI on device buffers keeps the CPU backend's slots and compacts K in

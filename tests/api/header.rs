@@ -10,6 +10,7 @@ fn header_is_fresh() {
         .with_config(config)
         .with_src(format!("{root}/src/ffi/mod.rs"))
         .with_src(format!("{root}/src/ffi/types.rs"))
+        .with_src(format!("{root}/src/ffi/decode.rs"))
         .generate()
         .expect("cbindgen failed on src/ffi")
         .write(&mut fresh);

@@ -7,247 +7,15 @@
 
 use half::{bf16, f16};
 use triattn::cuda::{
-    CacheLayout, DecodeInputs, DecodePlan, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, RowStrides,
-    SplitPolicy,
+    CacheLayout, DecodeInputs, DecodePlan, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, SplitPolicy,
 };
 use triattn::decode::{DecodeOptions, ListLayout};
 use triattn::{Backend, DType, Element};
 
-use crate::common::Rng;
-
-/// A decode problem on host buffers, contiguous `[Hkv, N, D]` per (sequence, layer).
-#[derive(Clone)]
-struct Problem<T> {
-    s: usize,
-    l: usize,
-    h: usize,
-    hkv: usize,
-    d: usize,
-    dv: usize,
-    t: usize,
-    n: usize,
-    k: Vec<Vec<T>>,
-    v: Vec<Vec<T>>,
-    q: Vec<f32>,
-    sinks: Option<Vec<f32>>,
-    layout: ListLayout,
-    /// Per sequence, per list: the visible slots.
-    lists: Vec<Vec<Vec<i32>>>,
-    options: DecodeOptions,
-}
-
-impl<T: Element> Problem<T> {
-    #[allow(clippy::too_many_arguments)]
-    fn random(seed: u64, s: usize, l: usize, h: usize, hkv: usize, d: usize, dv: usize, t: usize, n: usize) -> Self {
-        let mut rng = Rng(seed);
-        let k = (0..s * l).map(|_| (0..hkv * n * d).map(|_| T::from_f32(rng.unit() * 2.0)).collect()).collect();
-        let v = (0..s * l).map(|_| (0..hkv * n * dv).map(|_| T::from_f32(rng.unit() * 3.0)).collect()).collect();
-        let q = (0..s * l * h * t * d).map(|_| rng.unit() * 2.0).collect();
-        Self {
-            s,
-            l,
-            h,
-            hkv,
-            d,
-            dv,
-            t,
-            n,
-            k,
-            v,
-            q,
-            sinks: None,
-            layout: ListLayout::Dense,
-            lists: Vec::new(),
-            options: DecodeOptions::default(),
-        }
-    }
-
-    /// Random ascending lists of `layout`, lengths drawn in `0..=max` (some forced empty or full).
-    fn with_lists(mut self, layout: ListLayout, max: usize, seed: u64) -> Self {
-        let mut rng = Rng(seed);
-        let count = layout.num_lists(self.l, self.hkv);
-        self.layout = layout;
-        self.lists = (0..self.s)
-            .map(|_| {
-                (0..count)
-                    .map(|i| {
-                        let len = match i % 5 {
-                            0 => max,
-                            3 if count > 3 => 0,
-                            _ => rng.below(max + 1),
-                        };
-                        common_keep(&mut rng, self.n, len.min(self.n))
-                    })
-                    .collect()
-            })
-            .collect();
-        self
-    }
-
-    fn with_sinks(mut self, seed: u64) -> Self {
-        let mut rng = Rng(seed);
-        self.sinks = Some((0..self.l * self.h).map(|_| rng.unit() * 4.0).collect());
-        self
-    }
-
-    fn capacity(&self) -> usize {
-        self.lists.iter().flatten().map(Vec::len).max().unwrap_or(0).max(1)
-    }
-
-    fn shape(&self, splits: SplitPolicy, layout: CacheLayout) -> DecodeShape {
-        DecodeShape {
-            dtype: T::DTYPE,
-            query_dtype: DType::F32,
-            num_seqs: self.s,
-            num_layers: self.l,
-            num_heads: self.h,
-            num_kv_heads: self.hkv,
-            head_dim: self.d,
-            value_dim: self.dv,
-            num_queries: self.t,
-            len: self.n,
-            layout,
-            lists: self.layout,
-            list_capacity: self.capacity(),
-            list_lengths: ListLengths::PerList,
-            sinks: self.sinks.is_some(),
-            options: self.options,
-            splits,
-        }
-    }
-
-    fn contiguous(&self) -> CacheLayout {
-        CacheLayout::Contiguous {
-            keys: RowStrides { head_stride: self.n * self.d, row_stride: self.d },
-            values: RowStrides { head_stride: self.n * self.dv, row_stride: self.dv },
-        }
-    }
-
-    /// Flat lists `[S, lists, capacity]` (padding -7, never read) and lengths `[S, lists]`.
-    fn flat_lists(&self) -> (Vec<i32>, Vec<i32>) {
-        let cap = self.capacity();
-        let mut flat = Vec::new();
-        let mut lens = Vec::new();
-        for list in self.lists.iter().flatten() {
-            flat.extend(list.iter().copied().chain(std::iter::repeat(-7).take(cap - list.len())));
-            lens.push(list.len() as i32);
-        }
-        (flat, lens)
-    }
-
-    /// Decode layers `first..first + layers` on emu over contiguous tensors.
-    fn emu(&self, splits: SplitPolicy, first: usize, layers: usize) -> HostDecode {
-        let plan = DecodePlan::new(self.shape(splits, self.contiguous())).unwrap();
-        let (flat, lens) = self.flat_lists();
-        let k: Vec<&[T]> = self.k.iter().map(Vec::as_slice).collect();
-        let v: Vec<&[T]> = self.v.iter().map(Vec::as_slice).collect();
-        let q = self.queries(first, layers);
-        let seq_lens = vec![self.n as i32; self.s];
-        let dense = self.layout == ListLayout::Dense;
-        let inputs = DecodeInputs {
-            keys: &k,
-            values: &v,
-            queries: &q,
-            sinks: self.sinks.as_deref(),
-            lists: (!dense).then_some(&flat[..]),
-            list_lens: (!dense).then_some(&lens[..]),
-            seq_lens: dense.then_some(&seq_lens[..]),
-            block_table: None,
-        };
-        Backend::Emu.decode(&plan, &inputs, first, layers).unwrap()
-    }
-
-    /// The queries of layers `first..first + layers`, `[S, layers, H, T, D]`.
-    fn queries(&self, first: usize, layers: usize) -> Vec<f32> {
-        let per_layer = self.h * self.t * self.d;
-        (0..self.s)
-            .flat_map(|s| {
-                let base = (s * self.l + first) * per_layer;
-                self.q[base..base + layers * per_layer].iter().copied()
-            })
-            .collect()
-    }
-
-    /// The formula in f64: `(o [S, layers, H, T, Dv], lse [S, layers, H, T])`.
-    fn reference(&self, first: usize, layers: usize) -> (Vec<f64>, Vec<f64>) {
-        let (g_size, scale) = (self.h / self.hkv, self.options.scale_for(self.d) as f64);
-        let mut o = Vec::new();
-        let mut lse = Vec::new();
-        for s in 0..self.s {
-            for l in first..first + layers {
-                let (k, v) = (&self.k[s * self.l + l], &self.v[s * self.l + l]);
-                for h in 0..self.h {
-                    let g = h / g_size;
-                    let slots: Vec<usize> = match self.layout.list_index(l, g, self.hkv) {
-                        None => (0..self.n).collect(),
-                        Some(i) => self.lists[s][i].iter().map(|&x| x as usize).collect(),
-                    };
-                    for t in 0..self.t {
-                        let qrow = &self.q[(((s * self.l + l) * self.h + h) * self.t + t) * self.d..][..self.d];
-                        let logits: Vec<f64> = slots
-                            .iter()
-                            .map(|&j| {
-                                let dot: f64 = (0..self.d)
-                                    .map(|i| qrow[i] as f64 * k[(g * self.n + j) * self.d + i].to_f32() as f64)
-                                    .sum();
-                                let x = dot * scale;
-                                match self.options.softcap {
-                                    Some(c) => c as f64 * (x / c as f64).tanh(),
-                                    None => x,
-                                }
-                            })
-                            .collect();
-                        let sink = self.sinks.as_ref().map(|sk| sk[l * self.h + h] as f64);
-                        let m = logits.iter().copied().chain(sink).fold(f64::NEG_INFINITY, f64::max);
-                        let weights: Vec<f64> = logits.iter().map(|x| (x - m).exp()).collect();
-                        let den = weights.iter().sum::<f64>() + sink.map_or(0.0, |x| (x - m).exp());
-                        for e in 0..self.dv {
-                            let acc: f64 = slots
-                                .iter()
-                                .zip(&weights)
-                                .map(|(&j, w)| w * v[(g * self.n + j) * self.dv + e].to_f32() as f64)
-                                .sum();
-                            o.push(if den > 0.0 { acc / den } else { 0.0 });
-                        }
-                        lse.push(if den > 0.0 { m + den.ln() } else { f64::NEG_INFINITY });
-                    }
-                }
-            }
-        }
-        (o, lse)
-    }
-
-    /// Largest `|o - reference| / max|v|` and `|lse - reference| / (1 + |reference|)`.
-    fn errors(&self, got: &HostDecode, first: usize, layers: usize) -> (f64, f64) {
-        let (o, lse) = self.reference(first, layers);
-        let vmax = self.v.iter().flatten().map(|x| x.to_f32().abs() as f64).fold(1e-30, f64::max);
-        assert_eq!((got.out.len(), got.lse.len()), (o.len(), lse.len()));
-        let o_err = got.out.iter().zip(&o).map(|(&a, &b)| (a as f64 - b).abs() / vmax).fold(0.0, f64::max);
-        let mut lse_err = 0f64;
-        for (i, (&a, &b)) in got.lse.iter().zip(&lse).enumerate() {
-            if b == f64::NEG_INFINITY {
-                assert_eq!(a, f32::NEG_INFINITY, "lse {i}: an empty list gives -inf");
-            } else {
-                lse_err = lse_err.max((a as f64 - b).abs() / (1.0 + b.abs()));
-            }
-        }
-        (o_err, lse_err)
-    }
-}
-
-/// `len` distinct ascending slots of `0..n`.
-fn common_keep(rng: &mut Rng, n: usize, len: usize) -> Vec<i32> {
-    crate::common::random_keep_set(rng, n, len)
-}
-
-const O_TOL: f64 = 2e-5;
-const LSE_TOL: f64 = 2e-5;
+use crate::decode_problem::{Problem, LSE_TOL, O_TOL};
 
 fn check<T: Element>(what: &str, p: &Problem<T>, splits: SplitPolicy) -> HostDecode {
-    let got = p.emu(splits, 0, p.l);
-    let (o_err, lse_err) = p.errors(&got, 0, p.l);
-    assert!(o_err <= O_TOL && lse_err <= LSE_TOL, "{what}: o error {o_err:.2e}, lse error {lse_err:.2e}");
-    got
+    crate::decode_problem::check(what, &Backend::Emu, p, splits)
 }
 
 #[test]
@@ -307,7 +75,7 @@ fn splits_agree_and_are_deterministic() {
         let vmax = p.v.iter().flatten().map(|x| x.to_f32().abs()).fold(0f32, f32::max);
         let worst = one.out.iter().zip(&many.out).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst <= 1e-5 * vmax, "{n} splits vs 1: {worst:e}");
-        let again = p.emu(SplitPolicy::Fixed(n), 0, 1);
+        let again = p.run(&Backend::Emu, SplitPolicy::Fixed(n), 0, 1);
         assert!(again.out == many.out && again.lse == many.lse, "{n} splits: not bit-identical run after run");
     }
     let spec = DecodeSpec::new(p.shape(SplitPolicy::Auto { sm_count: 132 }, p.contiguous())).unwrap();
@@ -335,12 +103,12 @@ fn batches_and_layer_ranges_equal_their_parts() {
             lists: vec![p.lists[s].clone()],
             ..p.clone()
         };
-        let got = alone.emu(SplitPolicy::Fixed(2), 0, p.l);
+        let got = alone.run(&Backend::Emu, SplitPolicy::Fixed(2), 0, p.l);
         let rows = p.l * per_seq;
         assert_eq!(got.out, all.out[s * rows * p.dv..(s + 1) * rows * p.dv], "sequence {s}: o");
         assert_eq!(got.lse, all.lse[s * rows..(s + 1) * rows], "sequence {s}: lse");
     }
-    let one_layer = p.emu(SplitPolicy::Fixed(2), 1, 1);
+    let one_layer = p.run(&Backend::Emu, SplitPolicy::Fixed(2), 1, 1);
     let (o_err, lse_err) = p.errors(&one_layer, 1, 1);
     assert!(o_err <= O_TOL && lse_err <= LSE_TOL, "layer 1 alone: {o_err:.2e} {lse_err:.2e}");
     for s in 0..p.s {
@@ -354,7 +122,7 @@ fn batches_and_layer_ranges_equal_their_parts() {
 #[test]
 fn paged_caches_equal_contiguous() {
     let p = Problem::<f16>::random(31, 2, 2, 8, 2, 128, 64, 1, 200).with_lists(ListLayout::PerKvHead, 180, 2);
-    let want = p.emu(SplitPolicy::Fixed(2), 0, p.l);
+    let want = p.run(&Backend::Emu, SplitPolicy::Fixed(2), 0, p.l);
     let block = 16;
     let blocks_per_seq = p.n.div_ceil(block);
     let num_blocks = p.s * blocks_per_seq + 3;
@@ -531,7 +299,7 @@ fn a_round_then_a_decode_read_the_keep_sets_in_place() {
                 .collect()
         };
         let dense = Problem { n: kept, k: compact(&p.k, d), v: compact(&p.v, d), ..p.clone() };
-        let want = dense.emu(SplitPolicy::Fixed(1), 0, l);
+        let want = dense.run(&Backend::Emu, SplitPolicy::Fixed(1), 0, l);
         assert!(got_o == want.out && got_lse == want.lse, "{mode:?}: lists from the round vs the compacted cache");
     }
 }

@@ -7,9 +7,11 @@
 mod common;
 
 mod cuda_compact;
+mod cuda_decode;
 mod cuda_round;
 mod cuda_score;
 mod cuda_stages;
+mod decode_problem;
 mod emu_calibrate;
 mod emu_compact;
 mod emu_decode;
