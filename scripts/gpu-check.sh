@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: CUDA-vs-CPU parity for every kernel variant and for whole rounds (graph capture
-# and replay, per-stage times), and scoring throughput against a device copy, in one call on a
-# lent GPU machine.
+# The GPU check: CUDA-vs-CPU parity for every kernel variant, whole rounds (graph capture and
+# replay, per-stage times) and sparse decode, and scoring and decode throughput against a device
+# copy, in one call on a lent GPU machine.
 #
 #   scripts/gpu-check.sh build       here: build the test and bench binaries (nvcc from
 #                                    setup-cuda.sh), strip them into target/gpu-check/
@@ -32,7 +32,7 @@ build() {
   local json
   json="$(mktemp)"
   cargo test --release --features cuda --test kernels --test api --no-run --message-format=json >"$json"
-  cargo bench --features cuda --bench score_gpu --no-run --message-format=json >>"$json"
+  cargo bench --features cuda --bench score_gpu --bench decode_gpu --no-run --message-format=json >>"$json"
   cargo build --release --features cuda --bin triattn --message-format=json >>"$json"
   python3 - "$json" "$pack/bin" <<'PY'
 import json, shutil, sys, os
@@ -42,7 +42,7 @@ for line in open(src):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("kernels", "api", "score_gpu", "triattn"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("kernels", "api", "score_gpu", "decode_gpu", "triattn"):
         shutil.copy(m["executable"], os.path.join(dst, m["target"]["name"]))
 PY
   rm -f "$json"
@@ -84,12 +84,15 @@ run() {
   step "round: every stage on the device vs CPU, graph capture and replay, per-stage times" round.txt \
     "^parity|^round|^stage" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_round::
   step "CLI, Compressor and C ABI on the cuda backend: golden cases (compress, calibrate), batched rounds, device rounds through bindings" \
-    api.txt "^parity" "${env[@]}" env TRIATTN_BIN="$bin/triattn" "$bin/api" "${t[@]}" cuda c_abi_device --skip capi::
+    api.txt "^parity" "${env[@]}" env TRIATTN_BIN="$bin/triattn" "$bin/api" "${t[@]}" cuda c_abi_device --skip capi:: --skip variants::
   # The archs the binaries were built for: the variants test checks the build against them.
   step "variants: ptxas report (no spills, HMMA in max mode)" variants.txt "^variants" \
     env TRIATTN_CUDA_ARCHS="$(cat "$pack/ARCHS")" TRIATTN_BIN="$bin/triattn" "$bin/api" variants::
+  step "parity: sparse decode: CUDA vs the formula" decode.txt "^parity" "${env[@]}" "$bin/kernels" "${t[@]}" cuda_decode::
   echo "== throughput: score vs device copy"
   "${env[@]}" "$bin/score_gpu" 2>&1 | tee "$logs/bench.txt" || status=1
+  echo "== throughput: sparse decode vs device copy and dense decode"
+  "${env[@]}" "$bin/decode_gpu" 2>&1 | tee "$logs/decode_bench.txt" || status=1
   echo "gpu-check: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $logs"
   return $status
 }
