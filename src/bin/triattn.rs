@@ -1,6 +1,7 @@
 //! `triattn`: TriAttention KV-cache compression from the command line.
 //!
-//! Subcommands: `compress` (one round over a dumped cache), `calibrate` (statistics from
+//! Subcommands: `compress` (one round over a dumped cache), `decode` (sparse decode attention
+//! over a dumped cache through kept-slot lists), `calibrate` (statistics from
 //! pre-RoPE queries), `convert-stats` (official `.pt` to safetensors), `info` (model and
 //! statistics summary), `bench` (CPU scoring throughput against memcpy), `demo` (a simulated long
 //! decode with the shipped Qwen3-8B statistics). Errors print one line on stderr and exit 1.
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run one compression round over a dumped KV cache and write the kept cache.
     Compress(CompressArgs),
+    /// Sparse decode attention over a dumped cache through each KV head's list of kept slots.
+    Decode(DecodeArgs),
     /// Accumulate per-head query statistics from pre-RoPE queries.
     Calibrate(CalibrateArgs),
     /// Convert an official TriAttention `.pt` statistics file to safetensors.
@@ -161,6 +164,38 @@ struct CompressArgs {
 }
 
 #[derive(Args, Debug)]
+struct DecodeArgs {
+    /// Queries: `q.{l}` `[H, T, D]` (F32, F16 or BF16), post-RoPE.
+    #[arg(long)]
+    q: PathBuf,
+    /// Cache: `k.{l}` `[Hkv, N, D]`, `v.{l}` `[Hkv, N, Dv]`.
+    #[arg(long)]
+    kv: PathBuf,
+    /// Output: `o.{l}` F32 `[H, T, Dv]`, `lse.{l}` F32 `[H, T]`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Visible slots: `keep` I32/I64 `[K]`, `[Hkv, K]` or `[L, Hkv, K]`, ascending, -1 padded
+    /// (default: every slot).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Sink logits: `sinks.{l}` F32 `[H]`.
+    #[arg(long)]
+    sinks: Option<PathBuf>,
+    /// Logit scale (default 1/sqrt(D)).
+    #[arg(long, allow_hyphen_values = true)]
+    scale: Option<String>,
+    /// Soft-capping C: logits become C * tanh(s / C).
+    #[arg(long, allow_hyphen_values = true)]
+    softcap: Option<String>,
+    /// Backend of the decode.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendArg,
+    /// Print one line per launch (or the CPU time).
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args, Debug)]
 struct CalibrateArgs {
     /// Hugging Face config.json of the model.
     #[arg(long)]
@@ -264,6 +299,7 @@ fn main() -> ExitCode {
     }));
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Compress(a) => cli::compress(a),
+        Command::Decode(a) => cli::decode(a),
         Command::Calibrate(a) => cli::calibrate(a),
         Command::ConvertStats(a) => cli::convert_stats(a),
         Command::Info(a) => cli::info(a),

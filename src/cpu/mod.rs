@@ -5,6 +5,7 @@
 //! operations whatever its position or the thread that runs it.
 
 pub mod compact;
+pub mod decode;
 pub mod normalize;
 pub mod reduce;
 pub mod score;

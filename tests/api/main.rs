@@ -13,6 +13,7 @@ mod batch;
 mod calibrate;
 mod capi;
 mod capi_device;
+mod decode;
 mod golden;
 mod header;
 mod properties;

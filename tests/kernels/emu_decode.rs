@@ -303,3 +303,42 @@ fn a_round_then_a_decode_read_the_keep_sets_in_place() {
         assert!(got_o == want.out && got_lse == want.lse, "{mode:?}: lists from the round vs the compacted cache");
     }
 }
+
+/// The emu kernels against the CPU backend (the specification): within f32 rounding.
+#[test]
+fn emu_matches_the_cpu_backend() {
+    use triattn::cpu::decode::{decode, SlotLists};
+    use triattn::LayerView;
+    let p = Problem::<bf16>::random(71, 1, 2, 16, 2, 128, 64, 2, 400)
+        .with_lists(ListLayout::PerLayerKvHead, 300, 8)
+        .with_sinks(6);
+    let emu = p.run(&Backend::Emu, SplitPolicy::Fixed(3), 0, p.l);
+    let lists = SlotLists::new(
+        p.layout,
+        p.lists[0].iter().map(|l| l.iter().map(|&s| s as u32).collect()).collect(),
+        p.l,
+        p.hkv,
+        p.n,
+    )
+    .unwrap();
+    let k: Vec<LayerView<'_, bf16>> =
+        p.k.iter().map(|t| LayerView::contiguous("k", t, p.hkv, p.n, p.d).unwrap()).collect();
+    let v: Vec<LayerView<'_, bf16>> =
+        p.v.iter().map(|t| LayerView::contiguous("v", t, p.hkv, p.n, p.dv).unwrap()).collect();
+    let per_layer = p.h * p.t * p.d;
+    let q: Vec<&[f32]> = (0..p.l).map(|l| &p.q[l * per_layer..(l + 1) * per_layer]).collect();
+    let sinks = p.sinks.as_ref().unwrap();
+    let s: Vec<&[f32]> = (0..p.l).map(|l| &sinks[l * p.h..(l + 1) * p.h]).collect();
+    let cpu = decode(&q, p.t, &k, &v, &lists, Some(&s), &p.options).unwrap();
+    let cpu_o: Vec<f32> = cpu.iter().flat_map(|x| x.o.iter().copied()).collect();
+    let cpu_lse: Vec<f32> = cpu.iter().flat_map(|x| x.lse.iter().copied()).collect();
+    let vmax = p.v.iter().flatten().map(|x| x.to_f32().abs()).fold(0f32, f32::max);
+    let o_err = emu.out.iter().zip(&cpu_o).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / vmax;
+    let lse_err = emu
+        .lse
+        .iter()
+        .zip(&cpu_lse)
+        .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / (1.0 + b.abs()) })
+        .fold(0f32, f32::max);
+    assert!(o_err < 2e-6 && lse_err < 2e-6, "emu vs cpu: o {o_err:.2e} of max|v|, lse {lse_err:.2e}");
+}

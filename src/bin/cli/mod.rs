@@ -1,6 +1,7 @@
 //! The subcommands of `triattn`.
 
 mod bench;
+mod decode;
 mod demo;
 
 use std::time::Instant;
@@ -17,6 +18,7 @@ use triattn::{Error, Result};
 use triattn::{ModelConfig, PairingStyle};
 
 pub use bench::bench;
+pub use decode::decode;
 pub use demo::demo;
 
 use crate::{

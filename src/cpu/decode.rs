@@ -1,0 +1,352 @@
+//! Sparse decode attention on the CPU backend: the specification of `triattn decode` and of the
+//! decode kernels (`cuda/decode/`). The formula is in [`crate::decode`].
+//!
+//! f32 arithmetic in one pass over each list (online softmax): the listed slots are read in
+//! blocks of [`BLOCK`] rows, converted to f32 once, scored against every query row of the KV
+//! head's group (so each listed K and V row is read once for all `G * T` rows), the running
+//! maximum rescales the accumulators once per block. Rayon spreads (layer, KV head) work items
+//! over the pool.
+
+use rayon::prelude::*;
+
+use crate::cache::LayerView;
+use crate::decode::{DecodeOptions, ListLayout};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+/// Listed slots per block of the inner loop.
+pub const BLOCK: usize = 32;
+
+/// The slot lists a decode reads: one per list of a [`ListLayout`], each strictly ascending in
+/// `[0, N)` (or none: dense).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotLists {
+    layout: ListLayout,
+    lists: Vec<Vec<u32>>,
+}
+
+impl SlotLists {
+    /// No lists: every slot is visible.
+    pub fn dense() -> Self {
+        SlotLists { layout: ListLayout::Dense, lists: Vec::new() }
+    }
+
+    /// `lists` of `layout` for a model of `layers` layers and `kv_heads` KV heads over caches of
+    /// `n` slots.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` for another number of lists; `InvalidArgument` naming the list and entry
+    /// for an out-of-range, unsorted or repeated slot.
+    pub fn new(layout: ListLayout, lists: Vec<Vec<u32>>, layers: usize, kv_heads: usize, n: usize) -> Result<Self> {
+        let count = layout.num_lists(layers, kv_heads);
+        if lists.len() != count {
+            return Err(Error::shape(format!("{} lists", layout.name()), count, lists.len()));
+        }
+        for (i, list) in lists.iter().enumerate() {
+            for (j, &slot) in list.iter().enumerate() {
+                if slot as usize >= n {
+                    return Err(Error::invalid_argument(
+                        format!("list {i} entry {j}"),
+                        format!("a slot in 0..{n}"),
+                        slot,
+                    ));
+                }
+                if j > 0 && slot <= list[j - 1] {
+                    return Err(Error::invalid_argument(
+                        format!("list {i} entry {j}"),
+                        format!("> the previous entry {} (strictly ascending)", list[j - 1]),
+                        slot,
+                    ));
+                }
+            }
+        }
+        Ok(SlotLists { layout, lists })
+    }
+
+    /// The lists of a `keep` tensor as `triattn compress` writes it: shape `[K]` (one list),
+    /// `[Hkv, K]` (per KV head) or `[L, Hkv, K]` (per layer and KV head); each row strictly
+    /// ascending slots in `[0, n)`, optionally followed by `-1` padding (ragged lists; a row may
+    /// be all `-1`).
+    ///
+    /// # Errors
+    /// `ShapeMismatch` for a shape that fits no layout; `InvalidArgument` naming the entry for a
+    /// bad slot or a `-1` before a valid entry.
+    pub fn from_keep(
+        what: &str,
+        shape: &[usize],
+        values: &[i64],
+        layers: usize,
+        kv_heads: usize,
+        n: usize,
+    ) -> Result<Self> {
+        let layout = match shape {
+            [_] => ListLayout::Shared,
+            [g, _] if *g == kv_heads => ListLayout::PerKvHead,
+            [l, g, _] if *l == layers && *g == kv_heads => ListLayout::PerLayerKvHead,
+            _ => {
+                return Err(Error::shape(
+                    format!("{what} shape"),
+                    format!("[K], [{kv_heads}, K] or [{layers}, {kv_heads}, K]"),
+                    crate::io::shape_str(shape),
+                ))
+            }
+        };
+        let k = *shape.last().unwrap_or(&0);
+        let rows = values.len().checked_div(k).unwrap_or_else(|| layout.num_lists(layers, kv_heads));
+        let mut lists = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let row = &values[r * k..(r + 1) * k];
+            let len = row.iter().position(|&x| x == -1).unwrap_or(k);
+            if let Some(j) = row[len..].iter().position(|&x| x != -1) {
+                return Err(Error::invalid_argument(
+                    format!("{what} row {r} entry {}", len + j),
+                    "-1 (padding only after the valid entries)",
+                    row[len + j],
+                ));
+            }
+            let mut list = Vec::with_capacity(len);
+            for (j, &x) in row[..len].iter().enumerate() {
+                if x < 0 || x as u64 >= n as u64 {
+                    return Err(Error::invalid_argument(
+                        format!("{what} row {r} entry {j}"),
+                        format!("a slot in 0..{n} or -1 padding"),
+                        x,
+                    ));
+                }
+                list.push(x as u32);
+            }
+            lists.push(list);
+        }
+        SlotLists::new(layout, lists, layers, kv_heads, n).map_err(|e| e.context(what))
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> ListLayout {
+        self.layout
+    }
+
+    /// The list `(layer, kv_head)` reads; `None` when dense.
+    pub fn list(&self, layer: usize, kv_head: usize, kv_heads: usize) -> Option<&[u32]> {
+        self.layout.list_index(layer, kv_head, kv_heads).map(|i| self.lists[i].as_slice())
+    }
+
+    /// The lists for the kernels: `i32 [lists, capacity]` (padding `-1`), their lengths, and the
+    /// capacity (the longest list, at least 1).
+    pub fn flat(&self) -> (Vec<i32>, Vec<i32>, usize) {
+        let capacity = self.lists.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut flat = Vec::with_capacity(self.lists.len() * capacity);
+        for list in &self.lists {
+            flat.extend(list.iter().map(|&s| s as i32));
+            flat.extend(std::iter::repeat(-1).take(capacity - list.len()));
+        }
+        (flat, self.lists.iter().map(|l| l.len() as i32).collect(), capacity)
+    }
+}
+
+/// One layer's decode output: `o` `[H, T, Dv]` and `lse` `[H, T]` (natural log).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerDecode {
+    /// `[H, T, Dv]`.
+    pub o: Vec<f32>,
+    /// `[H, T]`.
+    pub lse: Vec<f32>,
+}
+
+/// Decode one layer: `queries` `[H, T, D]` against `keys` `[Hkv, N, D]` and `values`
+/// `[Hkv, N, Dv]` through the lists of `layer`, with optional `sinks` `[H]`.
+///
+/// # Errors
+/// `ShapeMismatch` or `InvalidArgument` naming the tensor or option that does not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_layer<Q: Element, T: Element>(
+    queries: &[Q],
+    num_queries: usize,
+    keys: &LayerView<'_, T>,
+    values: &LayerView<'_, T>,
+    lists: &SlotLists,
+    layer: usize,
+    sinks: Option<&[f32]>,
+    options: &DecodeOptions,
+) -> Result<LayerDecode> {
+    options.validate()?;
+    let (hkv, n, d, dv) = (keys.num_kv_heads, keys.len, keys.dim, values.dim);
+    if values.num_kv_heads != hkv || values.len != n {
+        return Err(Error::shape(
+            "values",
+            format!("[{hkv}, {n}, Dv] as the keys"),
+            format!("[{}, {}, {dv}]", values.num_kv_heads, values.len),
+        ));
+    }
+    let per_head = num_queries * d;
+    if num_queries == 0 || per_head == 0 || queries.len() % per_head != 0 {
+        return Err(Error::shape("queries", format!("[H, {num_queries}, {d}] (head_dim of the keys)"), queries.len()));
+    }
+    let h = queries.len() / per_head;
+    if h == 0 || h % hkv != 0 {
+        return Err(Error::shape("query heads", format!("a multiple of the {hkv} KV heads"), h));
+    }
+    if let Some(s) = sinks {
+        if s.len() != h {
+            return Err(Error::shape("sinks", format!("[{h}]"), s.len()));
+        }
+    }
+    let group = h / hkv;
+    let scale = options.scale_for(d);
+    let per_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..hkv)
+        .into_par_iter()
+        .map(|g| {
+            let rows = group * num_queries;
+            let q: Vec<f32> =
+                queries[g * group * per_head..(g + 1) * group * per_head].iter().map(|x| x.to_f32()).collect();
+            let row_sinks: Vec<Option<f32>> =
+                (0..rows).map(|r| sinks.map(|s| s[g * group + r / num_queries])).collect();
+            let slots: Vec<u32> = match lists.list(layer, g, hkv) {
+                Some(list) => list.to_vec(),
+                None => (0..n as u32).collect(),
+            };
+            decode_group(&q, rows, d, dv, keys, values, g, &slots, scale, options.softcap, &row_sinks)
+        })
+        .collect();
+    let mut out = LayerDecode { o: Vec::with_capacity(h * num_queries * dv), lse: Vec::with_capacity(h * num_queries) };
+    for (o, lse) in per_kv {
+        out.o.extend(o);
+        out.lse.extend(lse);
+    }
+    Ok(out)
+}
+
+/// The `rows` query rows of KV head `g` (`q` `[rows, D]`) over `slots`: `(o [rows, Dv], lse
+/// [rows])`.
+#[allow(clippy::too_many_arguments)]
+fn decode_group<T: Element>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    dv: usize,
+    keys: &LayerView<'_, T>,
+    values: &LayerView<'_, T>,
+    g: usize,
+    slots: &[u32],
+    scale: f32,
+    softcap: Option<f32>,
+    sinks: &[Option<f32>],
+) -> (Vec<f32>, Vec<f32>) {
+    let mut m = vec![f32::NEG_INFINITY; rows];
+    let mut den = vec![0f32; rows];
+    let mut acc = vec![0f32; rows * dv];
+    let mut kb = vec![0f32; BLOCK * d];
+    let mut vb = vec![0f32; BLOCK * dv];
+    let mut s = [0f32; BLOCK];
+    for block in slots.chunks(BLOCK) {
+        let b = block.len();
+        for (i, &slot) in block.iter().enumerate() {
+            widen(keys.row(g, slot as usize), &mut kb[i * d..(i + 1) * d]);
+            widen(values.row(g, slot as usize), &mut vb[i * dv..(i + 1) * dv]);
+        }
+        for r in 0..rows {
+            let qr = &q[r * d..(r + 1) * d];
+            for (si, kr) in s[..b].iter_mut().zip(kb.chunks_exact(d)) {
+                let x = dot(qr, kr) * scale;
+                *si = match softcap {
+                    Some(c) => c * (x / c).tanh(),
+                    None => x,
+                };
+            }
+            let block_max = s[..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = m[r].max(block_max);
+            if m_new == f32::NEG_INFINITY {
+                continue;
+            }
+            let alpha = if m[r] == f32::NEG_INFINITY { 0.0 } else { (m[r] - m_new).exp() };
+            let ar = &mut acc[r * dv..(r + 1) * dv];
+            if alpha != 1.0 {
+                ar.iter_mut().for_each(|x| *x *= alpha);
+            }
+            let mut sum = 0f32;
+            for (&si, vr) in s[..b].iter().zip(vb.chunks_exact(dv)) {
+                let p = (si - m_new).exp();
+                sum += p;
+                for (a, &v) in ar.iter_mut().zip(vr) {
+                    *a += p * v;
+                }
+            }
+            den[r] = den[r] * alpha + sum;
+            m[r] = m_new;
+        }
+    }
+    let mut lse = vec![0f32; rows];
+    for r in 0..rows {
+        let sink = sinks[r].unwrap_or(f32::NEG_INFINITY);
+        let mf = m[r].max(sink);
+        let em = if m[r] == f32::NEG_INFINITY { 0.0 } else { (m[r] - mf).exp() };
+        let total = den[r] * em + if sink == f32::NEG_INFINITY { 0.0 } else { (sink - mf).exp() };
+        let factor = if total > 0.0 { em / total } else { 0.0 };
+        acc[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= factor);
+        lse[r] = if total > 0.0 { mf + total.ln() } else { f32::NEG_INFINITY };
+    }
+    (acc, lse)
+}
+
+fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// f32 dot product in 8 independent lanes (vectorisable; the order is fixed).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Decode every layer: `queries[l]` `[H, T, D]`, `keys[l]`, `values[l]`, `sinks[l]` `[H]`; the
+/// layers in parallel.
+///
+/// # Errors
+/// As [`decode_layer`], the message prefixed with the layer; `ShapeMismatch` for per-layer
+/// inputs of different lengths.
+pub fn decode<Q: Element, T: Element>(
+    queries: &[&[Q]],
+    num_queries: usize,
+    keys: &[LayerView<'_, T>],
+    values: &[LayerView<'_, T>],
+    lists: &SlotLists,
+    sinks: Option<&[&[f32]]>,
+    options: &DecodeOptions,
+) -> Result<Vec<LayerDecode>> {
+    let l = queries.len();
+    for (what, got) in [("key layers", keys.len()), ("value layers", values.len())] {
+        if got != l {
+            return Err(Error::shape(what, format!("{l} (the query layers)"), got));
+        }
+    }
+    if let Some(s) = sinks {
+        if s.len() != l {
+            return Err(Error::shape("sink layers", l, s.len()));
+        }
+    }
+    (0..l)
+        .into_par_iter()
+        .map(|layer| {
+            decode_layer(
+                queries[layer],
+                num_queries,
+                &keys[layer],
+                &values[layer],
+                lists,
+                layer,
+                sinks.map(|s| s[layer]),
+                options,
+            )
+            .map_err(|e| e.context(format!("layer {layer}")))
+        })
+        .collect()
+}
