@@ -32,7 +32,7 @@ enum Command {
     ConvertStats(ConvertArgs),
     /// Summarise and validate a model config and/or a statistics file.
     Info(InfoArgs),
-    /// Measure CPU scoring throughput against memcpy in the same process.
+    /// Measure CPU scoring (or sparse decode) throughput against memcpy in the same process.
     Bench(BenchArgs),
     /// Simulate a long decode with the shipped Qwen3-8B statistics and print every round.
     Demo(DemoArgs),
@@ -241,6 +241,10 @@ struct InfoArgs {
 
 #[derive(Args, Debug)]
 struct BenchArgs {
+    /// What to measure: `score` (the scoring stage of a round) or `decode` (sparse decode
+    /// attention over kept-slot lists, one layer of Qwen3-8B shapes, batches of 1 and 16).
+    #[arg(long, default_value = "score")]
+    op: String,
     /// Layers.
     #[arg(long, default_value_t = 36)]
     layers: usize,

@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 /// Listed slots per block of the inner loop.
 pub const BLOCK: usize = 32;
 
+/// Blocks of listed rows requested ahead of the arithmetic (into L2).
+const PREFETCH_BLOCKS: usize = 2;
+
 /// The slot lists a decode reads: one per list of a [`ListLayout`], each strictly ascending in
 /// `[0, N)` (or none: dense).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,9 +219,56 @@ pub fn decode_layer<Q: Element, T: Element>(
 }
 
 /// The `rows` query rows of KV head `g` (`q` `[rows, D]`) over `slots`: `(o [rows, Dv], lse
-/// [rows])`.
+/// [rows])`. With AVX2 the same code is compiled for 256-bit vectors: the same operations per
+/// lane (no FMA), so both paths give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn decode_group<T: Element>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    dv: usize,
+    keys: &LayerView<'_, T>,
+    values: &LayerView<'_, T>,
+    g: usize,
+    slots: &[u32],
+    scale: f32,
+    softcap: Option<f32>,
+    sinks: &[Option<f32>],
+) -> (Vec<f32>, Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { decode_group_avx2(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks) };
+    }
+    decode_group_body(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks)
+}
+
+/// [`decode_group_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_group_avx2<T: Element>(
+    q: &[f32],
+    rows: usize,
+    d: usize,
+    dv: usize,
+    keys: &LayerView<'_, T>,
+    values: &LayerView<'_, T>,
+    g: usize,
+    slots: &[u32],
+    scale: f32,
+    softcap: Option<f32>,
+    sinks: &[Option<f32>],
+) -> (Vec<f32>, Vec<f32>) {
+    decode_group_body(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_group_body<T: Element>(
     q: &[f32],
     rows: usize,
     d: usize,
@@ -237,7 +287,16 @@ fn decode_group<T: Element>(
     let mut kb = vec![0f32; BLOCK * d];
     let mut vb = vec![0f32; BLOCK * dv];
     let mut s = [0f32; BLOCK];
-    for block in slots.chunks(BLOCK) {
+    let blocks: Vec<&[u32]> = slots.chunks(BLOCK).collect();
+    for first in blocks.iter().take(PREFETCH_BLOCKS) {
+        prefetch_rows(keys, values, g, first);
+    }
+    for (bi, &block) in blocks.iter().enumerate() {
+        // The listed rows are scattered: ask for the rows PREFETCH_BLOCKS blocks ahead before
+        // this block's arithmetic, so their memory latency overlaps it.
+        if let Some(next) = blocks.get(bi + PREFETCH_BLOCKS) {
+            prefetch_rows(keys, values, g, next);
+        }
         let b = block.len();
         for (i, &slot) in block.iter().enumerate() {
             widen(keys.row(g, slot as usize), &mut kb[i * d..(i + 1) * d]);
@@ -263,13 +322,11 @@ fn decode_group<T: Element>(
                 ar.iter_mut().for_each(|x| *x *= alpha);
             }
             let mut sum = 0f32;
-            for (&si, vr) in s[..b].iter().zip(vb.chunks_exact(dv)) {
-                let p = (si - m_new).exp();
-                sum += p;
-                for (a, &v) in ar.iter_mut().zip(vr) {
-                    *a += p * v;
-                }
+            for pi in s[..b].iter_mut() {
+                *pi = (*pi - m_new).exp();
+                sum += *pi;
             }
+            accumulate(ar, &s[..b], &vb[..b * dv], dv);
             den[r] = den[r] * alpha + sum;
             m[r] = m_new;
         }
@@ -287,6 +344,48 @@ fn decode_group<T: Element>(
     (acc, lse)
 }
 
+/// `acc += sum_b p[b] * v[b]` over the rows `v` `[b, dv]`: eight lanes at a time, each lane's
+/// accumulator kept in a register across the block (the slot order of every lane is fixed).
+#[inline(always)]
+fn accumulate(acc: &mut [f32], p: &[f32], v: &[f32], dv: usize) {
+    let mut chunks = acc.chunks_exact_mut(8);
+    for (c, a) in (&mut chunks).enumerate() {
+        let mut lanes: [f32; 8] = a.try_into().expect("8 lanes");
+        for (b, &pb) in p.iter().enumerate() {
+            let row = &v[b * dv + 8 * c..b * dv + 8 * c + 8];
+            for i in 0..8 {
+                lanes[i] += pb * row[i];
+            }
+        }
+        a.copy_from_slice(&lanes);
+    }
+    let done = dv - dv % 8;
+    for (e, a) in chunks.into_remainder().iter_mut().enumerate() {
+        for (b, &pb) in p.iter().enumerate() {
+            *a += pb * v[b * dv + done + e];
+        }
+    }
+}
+
+/// Hint the caches to load the K and V rows of `slots` into L2 (no effect on the results).
+#[inline(always)]
+fn prefetch_rows<T: Element>(keys: &LayerView<'_, T>, values: &LayerView<'_, T>, g: usize, slots: &[u32]) {
+    #[cfg(target_arch = "x86_64")]
+    for &slot in slots {
+        for row in [keys.row(g, slot as usize), values.row(g, slot as usize)] {
+            let bytes = std::mem::size_of_val(row);
+            let base = row.as_ptr().cast::<i8>();
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: a prefetch never faults; the address is inside the row.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(base.add(line)) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (keys, values, g, slots);
+}
+
+#[inline(always)]
 fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
@@ -294,6 +393,7 @@ fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
 }
 
 /// f32 dot product in 8 independent lanes (vectorisable; the order is fixed).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -150,6 +150,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .num_threads(threads)
         .build()
         .map_err(|e| Error::unsupported(format!("cannot start {threads} worker threads: {e}")))?;
+    match a.op.as_str() {
+        "score" => {}
+        "decode" => return pool.install(|| decode_bench(&a, cores, threads)),
+        other => return Err(Error::invalid_argument("--op", "score or decode", other)),
+    }
     let scorer = qwen3_8b(a.layers)?;
     match a.dtype.to_ascii_lowercase().as_str() {
         "f32" => pool.install(|| run::<f32>(&a, &scorer, cores, threads)),
@@ -323,5 +328,102 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
     );
     say!("  GFLOP/s       L*N*(2*D*H*J + 2*F*H + 4*F*Hkv) / score time, J = 1 (mean, folded) or the number of offsets (max)");
     say!("  stage ms      weights + score: the score stage of one round as round::run_cpu runs it");
+    Ok(())
+}
+
+/// `triattn bench --op decode`: one layer of Qwen3-8B-like heads (H 32, Hkv 8, D = Dv = 128,
+/// bf16 cache of 32K slots per sequence, one query per head), per-KV-head lists of 2048 kept
+/// slots, batches of 1 and 16 sequences (in parallel), against a memcpy of the listed K+V bytes
+/// measured in the same loop.
+fn decode_bench(a: &BenchArgs, cores: usize, threads: usize) -> Result<()> {
+    use half::bf16;
+    use triattn::cpu::decode::{decode_layer, SlotLists};
+    use triattn::decode::{DecodeOptions, ListLayout};
+    const H: usize = 32;
+    const HKV: usize = 8;
+    const D: usize = 128;
+    const N: usize = 32 * 1024;
+    const KEPT: usize = 2048;
+    say!("triattn bench --op decode: CPU sparse decode throughput vs memcpy (same process)");
+    say!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
+    say!("shapes      one layer, H {H}, Hkv {HKV}, D = Dv = {D}, bf16 cache of {N} slots per sequence, T = 1, per-KV-head lists of {KEPT}");
+    say!("method      median of {} reps after 1 warm-up, decode and memcpy interleaved per rep", a.reps);
+    say!("");
+    say!("{:>5} {:>12} {:>11} {:>11} {:>13} {:>9}", "batch", "listed MB", "decode ms", "GB/s", "memcpy GB/s", "ratio");
+    for batch in [1usize, 16] {
+        let caches: Vec<(Vec<bf16>, Vec<bf16>)> = (0..batch)
+            .into_par_iter()
+            .map(|s| {
+                let mut rng = SplitMix64::new(0xdec0, s as u64);
+                let k = (0..HKV * N * D).map(|_| bf16::from_f32(rng.symmetric())).collect();
+                let v = (0..HKV * N * D).map(|_| bf16::from_f32(rng.symmetric())).collect();
+                (k, v)
+            })
+            .collect();
+        let lists: Vec<SlotLists> = (0..batch)
+            .map(|s| {
+                let mut rng = SplitMix64::new(0x1157, s as u64);
+                let per_head = (0..HKV)
+                    .map(|_| {
+                        let mut all: Vec<u32> = (0..N as u32).collect();
+                        for i in 0..KEPT {
+                            let j = i + (rng.next_u64() % (N - i) as u64) as usize;
+                            all.swap(i, j);
+                        }
+                        let mut kept = all[..KEPT].to_vec();
+                        kept.sort_unstable();
+                        kept
+                    })
+                    .collect();
+                SlotLists::new(ListLayout::PerKvHead, per_head, 1, HKV, N)
+            })
+            .collect::<Result<_>>()?;
+        let queries: Vec<Vec<f32>> = (0..batch)
+            .map(|s| {
+                let mut rng = SplitMix64::new(0x9e5, s as u64);
+                (0..H * D).map(|_| rng.symmetric()).collect()
+            })
+            .collect();
+        let bytes = batch * HKV * KEPT * D * 2 * 2;
+        let src = vec![0x5au8; bytes];
+        let mut dst = vec![0u8; bytes];
+        let chunk = bytes.div_ceil(threads).div_ceil(64) * 64;
+        let (mut dec, mut copy) = (Vec::new(), Vec::new());
+        for rep in 0..=a.reps {
+            let cn = timed(|| {
+                dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(o, i)| o.copy_from_slice(i));
+                std::hint::black_box(&mut dst);
+            });
+            let t = Instant::now();
+            let out: Vec<_> = (0..batch)
+                .into_par_iter()
+                .map(|s| {
+                    let (k, v) = &caches[s];
+                    let kv = LayerView::contiguous("k", k, HKV, N, D)?;
+                    let vv = LayerView::contiguous("v", v, HKV, N, D)?;
+                    decode_layer(&queries[s], 1, &kv, &vv, &lists[s], 0, None, &DecodeOptions::default())
+                })
+                .collect::<Result<_>>()?;
+            std::hint::black_box(out);
+            if rep > 0 {
+                dec.push(t.elapsed());
+                copy.push(cn);
+            }
+        }
+        let (dec, copy) = (median(dec), median(copy));
+        let gbs = |t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+        say!(
+            "{batch:>5} {:>12.1} {:>11.3} {:>11.2} {:>13.2} {:>8.1}%",
+            bytes as f64 / 1e6,
+            ms(dec),
+            gbs(dec),
+            gbs(copy),
+            100.0 * gbs(dec) / gbs(copy)
+        );
+    }
+    say!("");
+    say!("definitions");
+    say!("  GB/s          listed K+V bytes (batch x Hkv x {KEPT} rows x 2 x {D} x 2 bytes) / decode time");
+    say!("  memcpy GB/s   the same byte count copied with {threads} threads (one direction counted); ratio: decode / memcpy (target >= 40%)");
     Ok(())
 }
