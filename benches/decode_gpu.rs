@@ -13,9 +13,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, DevicePtr};
 use half::bf16;
 use triattn::cuda::{
     CacheLayout, CudaBackend, DecodeCache, DecodePlan, DecodeRun, DecodeShape, ListLengths, RowStrides, SplitPolicy,
@@ -23,34 +21,11 @@ use triattn::cuda::{
 use triattn::decode::{DecodeOptions, ListLayout};
 use triattn::DType;
 
-const BATCHES: usize = 5;
-const PER_BATCH: usize = 10;
 const H: usize = 32;
 const HKV: usize = 8;
 const D: usize = 128;
 const N: usize = 32 * 1024;
 const KEPT: usize = 2048;
-
-fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    stream.synchronize().unwrap();
-    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut samples: Vec<f64> = (0..BATCHES)
-        .map(|_| {
-            let start = stream.record_event(timing).unwrap();
-            for _ in 0..PER_BATCH {
-                f();
-            }
-            let end = stream.record_event(timing).unwrap();
-            end.synchronize().unwrap();
-            start.elapsed_ms(&end).unwrap() as f64 / PER_BATCH as f64
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[BATCHES / 2]
-}
 
 fn shape(seqs: usize, lists: ListLayout, sm_count: usize) -> DecodeShape {
     let strides = RowStrides { head_stride: N * D, row_stride: D };
@@ -163,7 +138,7 @@ fn main() {
             let cu = stream.cu_stream();
             // SAFETY: every buffer is device memory of this context of the planned shape, alive
             // until the timing (which synchronises) ends.
-            let ms = time_ms(&stream, || unsafe { gpu.run_decode(&plan, &cache, &run, cu) }.unwrap());
+            let ms = common::gpu_time_ms(&stream, || unsafe { gpu.run_decode(&plan, &cache, &run, cu) }.unwrap());
             (ms, plan.spec().splits(), stream.clone_dtoh(&out).unwrap())
         };
         let (sparse_ms, splits, got) = run_of(ListLayout::PerKvHead);
@@ -176,12 +151,12 @@ fn main() {
         let bytes = batch * HKV * KEPT * D * 2 * 2;
         let copy_src = stream.alloc_zeros::<u8>(bytes).unwrap();
         let mut copy_dst = stream.alloc_zeros::<u8>(bytes).unwrap();
-        let copy_ms = time_ms(&stream, || stream.memcpy_dtod(&copy_src, &mut copy_dst).unwrap());
+        let copy_ms = common::gpu_time_ms(&stream, || stream.memcpy_dtod(&copy_src, &mut copy_dst).unwrap());
         // A device copy reads and writes its bytes: its bandwidth counts both.
         let copy_gbps = 2.0 * bytes as f64 / (copy_ms * 1e6);
         let gbps = bytes as f64 / (sparse_ms * 1e6);
         if batch == 1 {
-            floor_us = time_ms(&stream, || {
+            floor_us = common::gpu_time_ms(&stream, || {
                 stream.memcpy_dtod(&copy_src.slice(0..256), &mut copy_dst.slice_mut(0..256)).unwrap()
             }) * 1e3;
         }

@@ -9,10 +9,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::Arc;
-
 use common::Rng;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 use triattn::cuda::CudaBackend;
 use triattn::kernels::weight_levels;
@@ -21,31 +19,6 @@ use triattn::kernels::{
 };
 use triattn::score::{NormTerm, OffsetAggregation, RoundWeights, ScoreConfig};
 use triattn::{cpu, LayerView, PairingStyle, Stats};
-
-const BATCHES: usize = 5;
-const PER_BATCH: usize = 10;
-
-/// Median milliseconds per launch of `f` on `stream`.
-fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    stream.synchronize().unwrap();
-    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut samples: Vec<f64> = (0..BATCHES)
-        .map(|_| {
-            let start = stream.record_event(timing).unwrap();
-            for _ in 0..PER_BATCH {
-                f();
-            }
-            let end = stream.record_event(timing).unwrap();
-            end.synchronize().unwrap();
-            start.elapsed_ms(&end).unwrap() as f64 / PER_BATCH as f64
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[BATCHES / 2]
-}
 
 fn main() {
     let gpu = match CudaBackend::probe(0) {
@@ -75,10 +48,7 @@ fn main() {
         metadata: Default::default(),
     };
     let omega: Vec<f64> = (0..f).map(|i| 1e6f64.powf(-2.0 * i as f64 / d as f64)).collect();
-    println!(
-        "device sm_{}; median of {BATCHES} x {PER_BATCH} launches; bandwidth = bytes moved / device time",
-        gpu.arch()
-    );
+    println!("device sm_{}; median of 5 x 10 launches; bandwidth = bytes moved / device time", gpu.arch());
     println!("{:<34} {:>10} {:>10} {:>10} {:>10} {:>8}", "case", "MB", "time_us", "GB/s", "copy_GB/s", "ratio");
     for n in [2176usize, 4096, 8192] {
         let per_layer = kv * n * d;
@@ -90,7 +60,7 @@ fn main() {
 
         // Copy ceiling: read + write of the same bytes, one layer buffer at a time.
         let mut copies: Vec<CudaSlice<bf16>> = (0..layers).map(|_| stream.alloc_zeros(per_layer).unwrap()).collect();
-        let copy_ms = time_ms(&stream, || {
+        let copy_ms = common::gpu_time_ms(&stream, || {
             for (src, dst) in layer_keys.iter().zip(copies.iter_mut()) {
                 stream.memcpy_dtod(src, dst).unwrap();
             }
@@ -156,7 +126,7 @@ fn main() {
             let worst = got7.iter().zip(&want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0.0, f64::max) / sd;
             assert!(worst < 1e-5, "score_gpu: {aggregation:?} N={n}: |cuda - cpu| = {worst:.2e} std");
 
-            let ms = time_ms(&stream, launch);
+            let ms = common::gpu_time_ms(&stream, launch);
             let bytes = key_bytes + (spec.raw_len() * 4 + spec.partials_len() * 16) as f64;
             let gbs = bytes / (ms * 1e-3) / 1e9;
             println!(
@@ -202,7 +172,8 @@ fn main() {
             norm: norm.device_ptr_mut(&stream).0,
         };
         // SAFETY: live buffers of the lengths TrigSpec documents, all on `stream`.
-        let ms = time_ms(&stream, || unsafe { gpu.launch_trig_raw(&spec, &at, stream.cu_stream()).unwrap() });
+        let ms =
+            common::gpu_time_ms(&stream, || unsafe { gpu.launch_trig_raw(&spec, &at, stream.cu_stream()).unwrap() });
         println!("{:<34} {:>10} {:>10.1}", format!("score_trig/cuda/f64/{name}"), "-", ms * 1e3);
     }
 }

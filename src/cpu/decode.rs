@@ -207,7 +207,19 @@ pub fn decode_layer<Q: Element, T: Element>(
                 Some(list) => list.to_vec(),
                 None => (0..n as u32).collect(),
             };
-            decode_group(&q, rows, d, dv, keys, values, g, &slots, scale, options.softcap, &row_sinks)
+            decode_group(&Group {
+                q: &q,
+                rows,
+                d,
+                dv,
+                keys,
+                values,
+                g,
+                slots: &slots,
+                scale,
+                softcap: options.softcap,
+                sinks: &row_sinks,
+            })
         })
         .collect();
     let mut out = LayerDecode { o: Vec::with_capacity(h * num_queries * dv), lse: Vec::with_capacity(h * num_queries) };
@@ -218,29 +230,32 @@ pub fn decode_layer<Q: Element, T: Element>(
     Ok(out)
 }
 
-/// The `rows` query rows of KV head `g` (`q` `[rows, D]`) over `slots`: `(o [rows, Dv], lse
-/// [rows])`. With AVX2 the same code is compiled for 256-bit vectors: the same operations per
-/// lane (no FMA), so both paths give the same bits.
-#[allow(clippy::too_many_arguments)]
-fn decode_group<T: Element>(
-    q: &[f32],
+/// The work of one KV head: its query rows against its listed slots.
+struct Group<'a, T> {
+    /// `[rows, D]` f32.
+    q: &'a [f32],
     rows: usize,
     d: usize,
     dv: usize,
-    keys: &LayerView<'_, T>,
-    values: &LayerView<'_, T>,
+    keys: &'a LayerView<'a, T>,
+    values: &'a LayerView<'a, T>,
     g: usize,
-    slots: &[u32],
+    slots: &'a [u32],
     scale: f32,
     softcap: Option<f32>,
-    sinks: &[Option<f32>],
-) -> (Vec<f32>, Vec<f32>) {
+    /// `[rows]` the sink of each row's head.
+    sinks: &'a [Option<f32>],
+}
+
+/// The rows of `w`: `(o [rows, Dv], lse [rows])`. With AVX2 the same code is compiled for
+/// 256-bit vectors: the same operations per lane (no FMA), so both paths give the same bits.
+fn decode_group<T: Element>(w: &Group<'_, T>) -> (Vec<f32>, Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { decode_group_avx2(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks) };
+        return unsafe { decode_group_avx2(w) };
     }
-    decode_group_body(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks)
+    decode_group_body(w)
 }
 
 /// [`decode_group_body`] compiled for AVX2.
@@ -249,38 +264,13 @@ fn decode_group<T: Element>(
 /// The CPU supports AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn decode_group_avx2<T: Element>(
-    q: &[f32],
-    rows: usize,
-    d: usize,
-    dv: usize,
-    keys: &LayerView<'_, T>,
-    values: &LayerView<'_, T>,
-    g: usize,
-    slots: &[u32],
-    scale: f32,
-    softcap: Option<f32>,
-    sinks: &[Option<f32>],
-) -> (Vec<f32>, Vec<f32>) {
-    decode_group_body(q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks)
+unsafe fn decode_group_avx2<T: Element>(w: &Group<'_, T>) -> (Vec<f32>, Vec<f32>) {
+    decode_group_body(w)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn decode_group_body<T: Element>(
-    q: &[f32],
-    rows: usize,
-    d: usize,
-    dv: usize,
-    keys: &LayerView<'_, T>,
-    values: &LayerView<'_, T>,
-    g: usize,
-    slots: &[u32],
-    scale: f32,
-    softcap: Option<f32>,
-    sinks: &[Option<f32>],
-) -> (Vec<f32>, Vec<f32>) {
+fn decode_group_body<T: Element>(w: &Group<'_, T>) -> (Vec<f32>, Vec<f32>) {
+    let Group { q, rows, d, dv, keys, values, g, slots, scale, softcap, sinks } = *w;
     let mut m = vec![f32::NEG_INFINITY; rows];
     let mut den = vec![0f32; rows];
     let mut acc = vec![0f32; rows * dv];

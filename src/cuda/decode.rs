@@ -180,14 +180,7 @@ impl DecodeSpec {
                 )?;
             }
             CacheLayout::Paged { block_size, num_blocks, max_blocks, .. } => {
-                ensure((16..=256).contains(&block_size), "block size", "16..=256", block_size)?;
-                ensure(num_blocks >= 1 && num_blocks <= i32_max, "pool blocks", format!("1..={i32_max}"), num_blocks)?;
-                ensure(
-                    max_blocks * block_size >= s.len && max_blocks <= i32_max,
-                    "block-table row",
-                    format!("at least {} entries for {} slots", s.len.div_ceil(block_size), s.len),
-                    max_blocks,
-                )?;
+                super::spec::check_paged(block_size, num_blocks, max_blocks, s.len)?;
             }
         }
         if s.lists != ListLayout::Dense {

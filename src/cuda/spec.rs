@@ -139,14 +139,7 @@ impl ScoreSpec {
                 ensure(row_stride >= s.head_dim, "key row stride", format!(">= head_dim {}", s.head_dim), row_stride)?;
             }
             KeyLayout::Paged { block_size, num_blocks, max_blocks, .. } => {
-                ensure((16..=256).contains(&block_size), "block size", "16..=256", block_size)?;
-                ensure(num_blocks >= 1 && num_blocks <= i32_max, "pool blocks", format!("1..={i32_max}"), num_blocks)?;
-                ensure(
-                    max_blocks * block_size >= s.max_len && max_blocks <= i32_max,
-                    "block-table row",
-                    format!("at least {} entries for {} slots", s.max_len.div_ceil(block_size), s.max_len),
-                    max_blocks,
-                )?;
+                check_paged(block_size, num_blocks, max_blocks, s.max_len)?;
             }
         }
         let block_keys = match variant.kernel {
@@ -295,6 +288,20 @@ impl ScoreSpec {
             num_tiles: self.num_tiles() as i32,
         }
     }
+}
+
+/// Check a paged layout: blocks of 16 to 256 slots, pools of at most `i32::MAX` blocks, and
+/// block-table rows long enough for `slots` slots.
+pub(crate) fn check_paged(block_size: usize, num_blocks: usize, max_blocks: usize, slots: usize) -> Result<()> {
+    let i32_max = i32::MAX as usize;
+    ensure((16..=256).contains(&block_size), "block size", "16..=256", block_size)?;
+    ensure(num_blocks >= 1 && num_blocks <= i32_max, "pool blocks", format!("1..={i32_max}"), num_blocks)?;
+    ensure(
+        max_blocks * block_size >= slots && max_blocks <= i32_max,
+        "block-table row",
+        format!("at least {} entries for {slots} slots", slots.div_ceil(block_size)),
+        max_blocks,
+    )
 }
 
 /// bf16 levels per weight in the max-mode image (`WEIGHT_LEVELS` in arch.cuh).

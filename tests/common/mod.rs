@@ -331,3 +331,29 @@ impl Drop for Aligned {
         unsafe { std::alloc::dealloc(self.ptr, self.layout) };
     }
 }
+
+/// Median milliseconds per call of `f` on `stream`: CUDA-event time of 5 batches of 10 calls after
+/// 3 warm-up calls (the benches' timing).
+#[cfg(feature = "cuda")]
+pub fn gpu_time_ms(stream: &std::sync::Arc<cudarc::driver::CudaStream>, mut f: impl FnMut()) -> f64 {
+    const BATCHES: usize = 5;
+    const PER_BATCH: usize = 10;
+    for _ in 0..3 {
+        f();
+    }
+    stream.synchronize().unwrap();
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut samples: Vec<f64> = (0..BATCHES)
+        .map(|_| {
+            let start = stream.record_event(timing).unwrap();
+            for _ in 0..PER_BATCH {
+                f();
+            }
+            let end = stream.record_event(timing).unwrap();
+            end.synchronize().unwrap();
+            start.elapsed_ms(&end).unwrap() as f64 / PER_BATCH as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[BATCHES / 2]
+}

@@ -246,9 +246,29 @@ fn layer_views<'a, T: Element>(
 }
 
 /// The decode on a kernel backend: one plan for every layer, the lists flattened.
-#[cfg(any(feature = "emu", feature = "cuda"))]
 #[allow(clippy::too_many_arguments)]
 fn kernel_decode<Q: Element, T: Element>(
+    x: &Inputs,
+    lists: &SlotLists,
+    sinks: Option<&[Vec<f32>]>,
+    options: &DecodeOptions,
+    backend: &Backend,
+    q: &[Vec<Q>],
+    k: &[Vec<T>],
+    v: &[Vec<T>],
+) -> Result<(Vec<LayerDecode>, Option<Launches>)> {
+    #[cfg(not(any(feature = "emu", feature = "cuda")))]
+    {
+        let _ = (x, lists, sinks, options, q, k, v);
+        Err(Error::invalid_argument("--backend", "cpu (this build has no kernel backend)", backend.name()))
+    }
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    kernel_decode_on(x, lists, sinks, options, backend, q, k, v)
+}
+
+#[cfg(any(feature = "emu", feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn kernel_decode_on<Q: Element, T: Element>(
     x: &Inputs,
     lists: &SlotLists,
     sinks: Option<&[Vec<f32>]>,
@@ -318,19 +338,4 @@ fn kernel_decode<Q: Element, T: Element>(
         launches.push(("combine", v.symbol(), got.timings.get(Stage::Combine)));
     }
     Ok((outputs, Some(launches)))
-}
-
-#[cfg(not(any(feature = "emu", feature = "cuda")))]
-#[allow(clippy::too_many_arguments)]
-fn kernel_decode<Q: Element, T: Element>(
-    _x: &Inputs,
-    _lists: &SlotLists,
-    _sinks: Option<&[Vec<f32>]>,
-    _options: &DecodeOptions,
-    backend: &Backend,
-    _q: &[Vec<Q>],
-    _k: &[Vec<T>],
-    _v: &[Vec<T>],
-) -> Result<(Vec<LayerDecode>, Option<Launches>)> {
-    Err(Error::invalid_argument("--backend", "cpu (this build has no kernel backend)", backend.name()))
 }
