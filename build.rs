@@ -88,6 +88,14 @@ fn main() {
     let archs: Vec<String> = built.archs.iter().map(|a| format!("sm_{a}")).collect();
     println!("cargo:rustc-env=TRIATTN_BUILT_ARCHS={}", archs.join(";"));
     println!("cargo:rustc-env=TRIATTN_KERNEL_REPORT={}", built.report);
+    println!("cargo:rustc-env=TRIATTN_NVCC_VERSION={}", built.toolkit);
+}
+
+/// `X.Y` from `nvcc --version` (`Cuda compilation tools, release 13.0, V13.0.88`), or empty.
+fn nvcc_release(nvcc: &Path) -> String {
+    let Ok(out) = Command::new(nvcc).arg("--version").output() else { return String::new() };
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("release ").nth(1).and_then(|r| r.split(',').next()).map_or_else(String::new, |r| r.trim().to_string())
 }
 
 /// What the `cuda` build compiled: nothing (no `cuda` feature, or `TRIATTN_NO_NVCC`), or SASS
@@ -99,6 +107,8 @@ struct CudaBuild {
     /// `symbol,arch,registers,smem,stack,spill_stores,spill_loads,hmma;...`; `hmma` is empty
     /// when cuobjdump could not inspect the SASS.
     report: String,
+    /// `release X.Y` of `nvcc --version` (what a tuning table records as its toolkit).
+    toolkit: String,
 }
 
 /// `extern "C" __global__` wrappers, one per variant, for nvcc.
@@ -313,7 +323,7 @@ fn build_cuda(table: &[variant::Variant], out: &Path, gen: &Path) -> CudaBuild {
         })
         .collect::<Vec<_>>()
         .join(";");
-    CudaBuild { archs, report }
+    CudaBuild { archs, report, toolkit: nvcc_release(&nvcc) }
 }
 
 /// Fail the build when a variant's shared memory at `MAX_VECTORS` weight vectors (ptxas's static

@@ -191,8 +191,9 @@ typedef struct triattn_binding triattn_binding;
 // threads at once).
 typedef struct triattn_compressor triattn_compressor;
 
-// Opaque library context: the backend rounds run on (and, for CUDA, the device). Immutable
-// after creation: may be shared by threads.
+// Opaque library context: the backend rounds run on (and, for CUDA, the device) and the tuning
+// tables its plans choose kernel variants from. Immutable after creation except through
+// `triattn_context_load_tuning`: may be shared by threads.
 typedef struct triattn_context triattn_context;
 
 // Opaque decode binding: a plan's workspace bound to one cache. Runs of one binding are ordered
@@ -525,6 +526,21 @@ triattn_status triattn_context_create(uint32_t backend, triattn_context **out);
 // # Safety
 // `out` is null (an error) or points to writable storage for a handle.
 triattn_status triattn_context_create_cuda(uint32_t device_ordinal, triattn_context **out);
+
+// Choose kernel variants from the tuning table at `path` (format `triattn-tuning-v1`, e.g. the
+// output of `triattn autotune`), over the shipped table of the GPU's arch and the built-in
+// rule. Replaces the user table the context had (`TRIATTN_TUNING`, or an implicit per-device
+// file). Compressors and decode plans created afterwards use it; existing ones keep theirs.
+//
+// A table that is malformed, or names a kernel variant this library does not compile, is
+// refused with `TRIATTN_STATUS_INVALID_FORMAT` and a message naming the line or entry; the
+// context keeps its tables. A stale table (made for another build, arch, SM count or toolkit)
+// is used for the entries that still resolve, with one warning on stderr. On a CPU context the
+// table is read and checked (nothing on the CPU is tuned).
+//
+// # Safety
+// `ctx` is a live context; `path` is NUL-terminated.
+triattn_status triattn_context_load_tuning(const triattn_context *ctx, const char *path);
 
 // Destroy a context (null is ignored).
 //

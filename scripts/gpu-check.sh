@@ -93,6 +93,14 @@ run() {
   "${env[@]}" "$bin/score_gpu" 2>&1 | tee "$logs/bench.txt" || status=1
   echo "== throughput: sparse decode vs device copy and dense decode"
   "${env[@]}" "$bin/decode_gpu" 2>&1 | tee "$logs/decode_bench.txt" || status=1
+  echo "== autotune --quick (Qwen3-8B shapes): default vs best variant per family and bucket"
+  if [[ "$require" == 1 ]]; then
+    "$bin/triattn" autotune --quick --model-config "$repo/data/qwen3_8b.config.json" --out "$logs/tuning.toml" \
+      2>&1 | tee "$logs/autotune.txt" | grep -v "^autotune: \[" || status=1
+    [[ -s "$logs/tuning.toml" ]] || status=1
+  else
+    echo "SKIP autotune: dry-run (no GPU required)"
+  fi
   echo "gpu-check: $([[ $status == 0 ]] && echo PASS || echo FAIL); logs in $logs"
   return $status
 }

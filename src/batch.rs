@@ -220,7 +220,7 @@ impl Compressor {
             let prefixes: Vec<usize> = members.iter().map(|&at| work[at].1 .0.seq.prompt_slots()).collect();
             let starts: Vec<u64> = members.iter().map(|&at| work[at].1 .0.seq.round_start).collect();
             let config = *config;
-            let plan = RoundPlan::new_batch(self.scorer(), &config, shape, &prefixes)
+            let plan = RoundPlan::new_batch_tuned(self.scorer(), &config, shape, &prefixes, self.dispatch())
                 .map_err(|e| e.context(format!("batch item {first_i}")))?;
             let crate::cuda::HostRound { outputs, timings } = {
                 let mut keys: Vec<&mut [T]> = Vec::new();

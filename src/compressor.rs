@@ -66,6 +66,7 @@ pub struct Compressor {
     config: CompressionConfig,
     scorer: Scorer,
     backend: Backend,
+    dispatch: crate::tuning::Dispatch,
 }
 
 impl Compressor {
@@ -75,15 +76,31 @@ impl Compressor {
     /// `InvalidArgument` naming the bad knob.
     pub fn new(config: CompressionConfig, scorer: Scorer) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, scorer, backend: Backend::Cpu })
+        Ok(Self { config, scorer, backend: Backend::Cpu, dispatch: crate::tuning::Dispatch::built_in() })
     }
 
     /// The same compressor running its rounds on `backend`: on the kernels (emu, or a GPU via
     /// `cuda::CudaDevice`) every stage runs as one planned device round and K and V are
     /// compacted by the kernel (order-preserving, in place); keep sets equal the CPU backend's.
+    ///
+    /// Kernel variants come from the shipped tuning table of the GPU's arch over the built-in
+    /// rule ([`Backend::dispatch`]); [`Self::with_dispatch`] adds a user table.
     pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.dispatch = backend.dispatch();
         self.backend = backend;
         self
+    }
+
+    /// The same compressor choosing kernel variants through `dispatch` (after
+    /// [`Self::with_backend`], which sets the backend's default).
+    pub fn with_dispatch(mut self, dispatch: crate::tuning::Dispatch) -> Self {
+        self.dispatch = dispatch;
+        self
+    }
+
+    /// The tables its plans choose kernel variants from.
+    pub fn dispatch(&self) -> &crate::tuning::Dispatch {
+        &self.dispatch
     }
 
     /// The backend rounds run on.
@@ -213,7 +230,7 @@ impl Compressor {
             compaction: Compaction::InPlace(CompactMode::OrderPreserving),
             positions: None,
         };
-        let plan = RoundPlan::new(&self.scorer, config, shape)?;
+        let plan = RoundPlan::tuned(&self.scorer, config, shape, &self.dispatch)?;
         let mut k: Vec<&mut [T]> = cache.k.iter_mut().map(Vec::as_mut_slice).collect();
         let mut v: Vec<&mut [T]> = cache.v.iter_mut().map(Vec::as_mut_slice).collect();
         let mut out = self.backend.round_in_place(&plan, &mut k, &mut v, &[seq.round_start])?;

@@ -28,6 +28,7 @@
 //! | [`stats`], [`io`] | statistics files (native safetensors, the official `.pt` reader, calibration), validated safetensors reading and atomic writing |
 //! | [`decode`] | sparse decode attention over each KV head's kept slots (virtual eviction): list layouts and options |
 //! | [`round`], [`cpu`] | one round as stages on any backend; the CPU backend's stages for custom pipelines |
+//! | [`tuning`] | tuning tables (per-arch choices among interchangeable kernel variants) and the dispatch that reads them |
 //! | [`kernels`] | the kernel-level layer under the plans: launch specs, params, the variant table, the emu launchers |
 //!
 //! ## Example
@@ -80,6 +81,7 @@ pub mod policy;
 pub mod round;
 pub mod score;
 pub mod stats;
+pub mod tuning;
 mod variant;
 
 pub use batch::BatchItem;

@@ -68,6 +68,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The tuning tables plans on this backend consult by default: the shipped table of the
+    /// GPU's arch over the built-in rule (`cuda`), the built-in rule (`cpu`, `emu`).
+    pub fn dispatch(&self) -> crate::tuning::Dispatch {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(device) => crate::tuning::Dispatch::new(None, Some(device.backend().arch())),
+            _ => crate::tuning::Dispatch::built_in(),
+        }
+    }
+
     /// `cpu`, `emu` or `cuda`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -257,7 +267,7 @@ fn run_device<T: Element>(
             .collect();
         (dense.iter().map(Vec::as_slice).collect(), RowStrides { head_stride: n * d, row_stride: d })
     };
-    let plan = RoundPlan::new(
+    let plan = RoundPlan::tuned(
         scorer,
         config,
         RoundShape {
@@ -269,6 +279,7 @@ fn run_device<T: Element>(
             compaction: Compaction::KeepSetsOnly,
             positions: None,
         },
+        &backend.dispatch(),
     )?;
     let mut out = backend.round_keys(&plan, &tensors, &[round_start])?;
     Ok(RoundResult::from_outputs(&plan, out.outputs.swap_remove(0), StageTimes::of(&out.timings)))

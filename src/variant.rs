@@ -208,6 +208,32 @@ const fn mean_block_keys(dtype: DType, head_dim: usize) -> usize {
     MEAN_THREADS / tpr * rows_per_thread
 }
 
+/// `(keys per block, threads)` of the mean kernel's alternatives, default first. The default
+/// keeps six 16-byte loads in flight per thread at 256 threads; where tuning pays (16-bit keys of
+/// head_dim 64 and 128, the shapes of served models) two more: two thirds of the loads per
+/// thread (fewer registers, more blocks per SM), and the default loads at 128 threads (more,
+/// smaller blocks for short rows).
+fn mean_tiles(dtype: DType, head_dim: usize) -> Vec<(usize, usize)> {
+    let default = (mean_block_keys(dtype, head_dim), MEAN_THREADS);
+    let (tpr, cpt) = row_team(dtype, head_dim);
+    if dtype == DType::F32 || !(head_dim == 64 || head_dim == 128) || cpt != 1 {
+        return vec![default];
+    }
+    vec![default, (MEAN_THREADS / tpr * 2, MEAN_THREADS), (MEAN_THREADS / 2 / tpr * 3, MEAN_THREADS / 2)]
+}
+
+/// `(keys per block, threads)` of the max kernel's alternatives, default first: for bf16 keys of
+/// head_dim 64 and 128 also the half tile (64 keys, 4 warps), which halves the shared memory and
+/// doubles the blocks per SM.
+fn max_tiles(dtype: DType, head_dim: usize) -> Vec<(usize, usize)> {
+    let default = max_tile(dtype, head_dim);
+    if dtype == DType::Bf16 && (head_dim == 64 || head_dim == 128) {
+        vec![default, (64, 128)]
+    } else {
+        vec![default]
+    }
+}
+
 /// `(keys per block, threads)` of the max kernel: one 16-row block per warp. Larger tiles share
 /// each head's weight image among more keys; f16/f32 tiles (kept as f32 in shared memory) and
 /// head_dim 256 stay smaller so every variant fits the 99 KiB of shared memory of sm_86/sm_89
@@ -236,11 +262,13 @@ fn build_table() -> Vec<Variant> {
     for algo in [ScoreAlgo::Mean, ScoreAlgo::Max] {
         for dtype in DType::ALL {
             for head_dim in HEAD_DIMS {
-                let (block_keys, threads) = match algo {
-                    ScoreAlgo::Mean => (mean_block_keys(dtype, head_dim), MEAN_THREADS),
-                    ScoreAlgo::Max => max_tile(dtype, head_dim),
+                let tiles = match algo {
+                    ScoreAlgo::Mean => mean_tiles(dtype, head_dim),
+                    ScoreAlgo::Max => max_tiles(dtype, head_dim),
                 };
-                kernels.push(Kernel::Score { dtype, head_dim, algo, block_keys, threads });
+                for (block_keys, threads) in tiles {
+                    kernels.push(Kernel::Score { dtype, head_dim, algo, block_keys, threads });
+                }
             }
         }
     }
@@ -251,7 +279,9 @@ fn build_table() -> Vec<Variant> {
     kernels.push(Kernel::Reduce { threads: 256 });
     kernels.push(Kernel::Normalize { threads: 256 });
     for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
-        kernels.push(Kernel::Compact { mode, threads: COMPACT_THREADS, chunks: COMPACT_CHUNKS });
+        for (threads, chunks) in COMPACT_TILES {
+            kernels.push(Kernel::Compact { mode, threads, chunks });
+        }
     }
     for dtype in DType::ALL {
         kernels.push(Kernel::Calibrate { dtype, threads: CALIBRATE_THREADS });
@@ -262,13 +292,19 @@ fn build_table() -> Vec<Variant> {
     for dtype in DType::ALL {
         for head_dim in HEAD_DIMS {
             kernels.push(Kernel::Decode { dtype, head_dim, rows: DECODE_ROWS, threads: DECODE_THREADS });
+            if dtype != DType::F32 && (head_dim == 64 || head_dim == 128) {
+                for (rows, threads) in DECODE_ALTERNATIVES {
+                    kernels.push(Kernel::Decode { dtype, head_dim, rows, threads });
+                }
+            }
         }
     }
     kernels.push(Kernel::DecodeCombine { threads: DECODE_COMBINE_THREADS });
     kernels.into_iter().enumerate().map(|(i, kernel)| Variant { id: VariantId(i as u16), kernel }).collect()
 }
 
-/// The scoring variant for a key dtype, head_dim and algorithm, if one is compiled.
+/// The scoring variant the built-in rule picks for a key dtype, head_dim and algorithm (the
+/// first of its family), if one is compiled.
 pub fn score_variant(dtype: DType, head_dim: usize, algo: ScoreAlgo) -> Option<Variant> {
     cached().iter().copied().find(|v| {
         matches!(v.kernel, Kernel::Score { dtype: t, head_dim: d, algo: a, .. } if t == dtype && d == head_dim && a == algo)
@@ -280,8 +316,9 @@ pub fn trig_variant() -> Variant {
     cached().iter().copied().find(|v| matches!(v.kernel, Kernel::Trig { .. })).expect("the table has a trig kernel")
 }
 
-/// Threads per block of the compiled `select` variants.
-pub const SELECT_THREADS: [usize; 2] = [256, 512];
+/// Threads per block of the compiled single-block `select` variants (the built-in rule uses 256
+/// and 512; 128 is a tuning candidate for short rows and many of them).
+pub const SELECT_THREADS: [usize; 3] = [256, 512, 128];
 
 /// Row length from which `select` uses its 512-thread variant.
 const SELECT_WIDE_FROM: usize = 4096;
@@ -349,14 +386,18 @@ impl CompactMode {
     }
 }
 
-/// Threads per block of the `compact` kernels.
+/// Threads per block of the built-in `compact` variants.
 pub const COMPACT_THREADS: usize = 256;
-/// 16-byte chunks each `compact` thread stages per tile (a tile holds `256 * 4 * 16` bytes).
+/// 16-byte chunks each thread of the built-in `compact` variants stages per tile (a tile holds
+/// `256 * 4 * 16` bytes).
 pub const COMPACT_CHUNKS: usize = 4;
+/// `(threads, chunks)` of the compiled `compact` variants of each mode, default first: twice the
+/// bytes in flight per block, and half-size blocks (more of them for short keep sets).
+pub const COMPACT_TILES: [(usize, usize); 3] = [(COMPACT_THREADS, COMPACT_CHUNKS), (256, 8), (128, 4)];
 /// Threads per block of the `calibrate` kernels (32 pairs x 4 token lanes).
 pub const CALIBRATE_THREADS: usize = 128;
 
-/// The `compact` variant of `mode`.
+/// The built-in `compact` variant of `mode` (the first of its family).
 pub fn compact_variant(mode: CompactMode) -> Variant {
     cached()
         .iter()
@@ -379,6 +420,11 @@ pub fn calibrate_variant(dtype: DType) -> Variant {
 pub const DECODE_ROWS: usize = 8;
 /// Threads of a decode block (also list entries per tile).
 pub const DECODE_THREADS: usize = 128;
+/// `(rows, threads)` of the tuning candidates of decode, beside the built-in `(DECODE_ROWS,
+/// DECODE_THREADS)`, for 16-bit K/V of head_dim 64 and 128: tiles of 256 list entries (fewer,
+/// longer tiles: fewer block-wide syncs per entry), and blocks of 4 query rows (GQA groups of 4
+/// at one query per step fill them, twice the blocks of the default).
+pub const DECODE_ALTERNATIVES: [(usize, usize); 2] = [(8, 256), (4, 128)];
 /// Threads of a decode-combine block.
 pub const DECODE_COMBINE_THREADS: usize = 128;
 /// Largest value dimension Dv of a decode.
@@ -386,7 +432,8 @@ pub const DECODE_MAX_DV: usize = 256;
 /// Most splits of one decode.
 pub const DECODE_MAX_SPLITS: usize = 128;
 
-/// The decode variant for a K/V dtype and head_dim, if one is compiled.
+/// The built-in decode variant for a K/V dtype and head_dim (the first of its family), if one
+/// is compiled.
 pub fn decode_variant(dtype: DType, head_dim: usize) -> Option<Variant> {
     cached()
         .iter()
@@ -403,7 +450,67 @@ pub fn decode_combine_variant() -> Variant {
         .expect("the table has a decode combine kernel")
 }
 
+/// The variant whose symbol is `symbol`, if this build's table has it.
+pub fn variant_by_symbol(symbol: &str) -> Option<Variant> {
+    cached().iter().copied().find(|v| v.symbol() == symbol)
+}
+
+/// The variants of `family`, in table order (the first is the built-in choice, except for
+/// `select f32`, whose built-in rule picks by row length).
+pub fn family_members(family: &str) -> Vec<Variant> {
+    cached().iter().copied().filter(|v| v.family() == family).collect()
+}
+
+/// Every family of the table, in table order of their first variant.
+pub fn families() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in cached() {
+        let f = v.family();
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// A fingerprint of the variant table: FNV-1a (64 bits) over every symbol in table order, as 16
+/// hex digits. A tuning table records it; a different build (variants added, removed or
+/// renumbered) has another.
+pub fn table_hash() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in cached() {
+        for b in v.symbol().bytes().chain(std::iter::once(b';')) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
 impl Variant {
+    /// The set of variants interchangeable with this one for the same inputs (same op, dtypes,
+    /// head_dim, algorithm or mode): equal strings, interchangeable variants; a tuning table
+    /// chooses among them. `score bf16 d128 mean`, `select f32`, `compact bytes hole`,
+    /// `decode bf16 d128`. The multi-block `select` path is a member of `select f32` under the
+    /// name of its first kernel (`triattn_select_f32_ahist_nt256`); its later kernels are
+    /// families of their own.
+    pub fn family(&self) -> String {
+        match self.kernel {
+            Kernel::Score { dtype, head_dim, algo, .. } => format!("score {} d{head_dim} {}", dtype.tag(), algo.tag()),
+            Kernel::Trig { .. } => "score f64 trig".to_string(),
+            Kernel::Select { .. } | Kernel::SelectPass { phase: SelectPhase::Histogram, .. } => {
+                "select f32".to_string()
+            }
+            Kernel::SelectPass { phase, .. } => format!("select f32 multi {}", phase.tag()),
+            Kernel::Reduce { .. } => "reduce f32".to_string(),
+            Kernel::Normalize { .. } => "normalize f32".to_string(),
+            Kernel::Compact { mode, .. } => format!("compact bytes {}", mode.tag()),
+            Kernel::Calibrate { dtype, .. } => format!("calibrate {}", dtype.tag()),
+            Kernel::Decode { dtype, head_dim, .. } => format!("decode {} d{head_dim}", dtype.tag()),
+            Kernel::DecodeCombine { .. } => "decode f32 combine".to_string(),
+        }
+    }
+
     /// The op this variant computes.
     pub fn op(&self) -> &'static str {
         match self.kernel {
@@ -665,8 +772,10 @@ pub const fn max_shared_per_block(arch: u32) -> Option<usize> {
 pub struct KernelInfo {
     /// Kernel symbol.
     pub symbol: String,
-    /// Op family: `score`.
+    /// Op: `score`.
     pub op: &'static str,
+    /// The variants interchangeable with this one share this string ([`Variant::family`]).
+    pub family: String,
     /// Dtype tag.
     pub dtype: &'static str,
     /// Knobs after the dtype: `d128 amean bn96 nt256`.
@@ -726,6 +835,7 @@ fn report_from(report: &str) -> Vec<KernelInfo> {
             out.push(KernelInfo {
                 symbol: symbol.clone(),
                 op: v.op(),
+                family: v.family(),
                 dtype: v.dtype_tag(),
                 knobs: v.knobs(),
                 arch: r[1].to_string(),
@@ -740,6 +850,7 @@ fn report_from(report: &str) -> Vec<KernelInfo> {
             out.push(KernelInfo {
                 symbol,
                 op: v.op(),
+                family: v.family(),
                 dtype: v.dtype_tag(),
                 knobs: v.knobs(),
                 arch: "none".to_string(),
@@ -758,13 +869,14 @@ fn report_from(report: &str) -> Vec<KernelInfo> {
 pub fn kernel_table(rows: &[KernelInfo]) -> String {
     let dash = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let mut s = format!(
-        "{:<9} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
-        "op", "dtype", "knobs", "arch", "registers", "shared_bytes", "spill_bytes", "hmma", "symbol"
+        "{:<9} {:<22} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+        "op", "family", "dtype", "knobs", "arch", "registers", "shared_bytes", "spill_bytes", "hmma", "symbol"
     );
     for r in rows {
         s.push_str(&format!(
-            "{:<9} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
+            "{:<9} {:<22} {:<5} {:<24} {:<6} {:>9} {:>12} {:>11} {:>5}  {}\n",
             r.op,
+            r.family,
             r.dtype,
             r.knobs,
             r.arch,
@@ -851,7 +963,7 @@ mod tests {
         assert_eq!(
             json(of(&m, "sm_80")),
             serde_json::json!({
-                "symbol": m, "op": "score", "dtype": "bf16", "knobs": max.knobs(), "arch": "sm_80",
+                "symbol": m, "op": "score", "family": "score bf16 d128 max", "dtype": "bf16", "knobs": max.knobs(), "arch": "sm_80",
                 "registers": 168, "shared_bytes": dynamic, "spill_bytes": 16, "stack_bytes": 8, "hmma": 96
             })
         );

@@ -38,6 +38,49 @@ enum Command {
     Demo(DemoArgs),
     /// List every compiled kernel variant with its ptxas report (registers, shared memory, spills).
     Kernels(KernelsArgs),
+    /// Time every candidate kernel variant of the ops a model uses, per shape bucket, on this
+    /// GPU (or emu), and write a tuning table.
+    Autotune(AutotuneArgs),
+}
+
+#[derive(Args, Debug)]
+struct AutotuneArgs {
+    /// Hugging Face config.json of the model to tune for (head_dim, heads, KV heads, layers).
+    #[arg(long)]
+    model_config: PathBuf,
+    /// Where the kernels run: a GPU, or the kernels executed on the CPU (times meaningless).
+    #[arg(long, value_enum, default_value = "cuda")]
+    backend: BackendArg,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Ops to tune, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "score,select,compact,decode")]
+    ops: Vec<String>,
+    /// Bucket lengths (slots per row; list entries for decode), comma separated [default:
+    /// budget + divide_length, 8192, 32768, 131072; with --quick the first and 32768].
+    #[arg(long, value_delimiter = ',')]
+    lengths: Option<Vec<usize>>,
+    /// Bucket batch sizes (sequences), comma separated [default: 1,16,64; with --quick 1,16].
+    #[arg(long, value_delimiter = ',')]
+    batches: Option<Vec<usize>>,
+    /// Key/value dtype.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Fewer buckets and repetitions.
+    #[arg(long)]
+    quick: bool,
+    /// Timed repetitions per candidate (the median is kept) [default: 15; --quick 5; emu 1].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Most GiB of keys and values one measured shape holds (layers are reduced to fit; at
+    /// most 1 with --quick).
+    #[arg(long, default_value_t = 4.0)]
+    max_gb: f64,
+    /// Output table [default: the per-device file under the user's config folder, which later
+    /// runs on this device find by themselves].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +201,10 @@ struct CompressArgs {
     /// Backend for the round's stages.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// Tuning table choosing among interchangeable kernel variants (over the shipped table of
+    /// the GPU's arch and the built-in rule); also `TRIATTN_TUNING`. Refused when malformed.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
     /// Print one line per stage.
     #[arg(long, short)]
     verbose: bool,
@@ -190,6 +237,10 @@ struct DecodeArgs {
     /// Backend of the decode.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// Tuning table choosing among interchangeable kernel variants (over the shipped table of
+    /// the GPU's arch and the built-in rule); also `TRIATTN_TUNING`. Refused when malformed.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
     /// Print one line per launch (or the CPU time).
     #[arg(long, short)]
     verbose: bool,
@@ -212,6 +263,10 @@ struct CalibrateArgs {
     /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendArg,
+    /// Tuning table choosing among interchangeable kernel variants (over the shipped table of
+    /// the GPU's arch and the built-in rule); also `TRIATTN_TUNING`. Refused when malformed.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
     /// Print progress.
     #[arg(long, short)]
     verbose: bool,
@@ -281,6 +336,10 @@ struct DemoArgs {
     /// Where the rounds run: every stage on the CPU, or on the kernels (emu, or a GPU).
     #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
     backend: BackendArg,
+    /// Tuning table choosing among interchangeable kernel variants (over the shipped table of
+    /// the GPU's arch and the built-in rule); also `TRIATTN_TUNING`. Refused when malformed.
+    #[arg(long, value_name = "FILE")]
+    tuning: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -310,6 +369,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => cli::bench(a),
         Command::Demo(a) => cli::demo(a),
         Command::Kernels(a) => cli::kernels(a),
+        Command::Autotune(a) => cli::autotune(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

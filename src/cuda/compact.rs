@@ -27,7 +27,8 @@
 //! (`i32` or `i64`, `[sets, N]` in, `[sets, K]` out of place, or rewritten in place).
 
 use crate::error::{ensure, Result};
-use crate::variant::{self, CompactMode, Variant, COMPACT_CHUNKS, COMPACT_THREADS};
+use crate::tuning::{Bucket, ChoiceSource, Dispatch};
+use crate::variant::{self, CompactMode, Kernel, Variant, COMPACT_CHUNKS, COMPACT_THREADS};
 
 use super::params::{CompactParams, CompactTensor};
 use super::spec::PageOrder;
@@ -165,8 +166,16 @@ pub struct CompactAddresses {
     pub pos_dst: u64,
 }
 
-/// Bytes one block stages per tile.
+/// Bytes one block of the built-in variants stages per tile.
 const TILE_BYTES: usize = COMPACT_THREADS * COMPACT_CHUNKS * 16;
+
+/// Bytes one block of `variant` stages per tile.
+fn tile_bytes(variant: Variant) -> usize {
+    match variant.kernel {
+        Kernel::Compact { threads, chunks, .. } => threads * chunks * 16,
+        _ => unreachable!("a compact family holds compact kernels"),
+    }
+}
 
 impl CompactSpec {
     /// Check `shape` against what the kernel assumes and pick the variant.
@@ -174,6 +183,15 @@ impl CompactSpec {
     /// # Errors
     /// `InvalidArgument` naming the first field out of range.
     pub fn new(shape: CompactShape) -> Result<Self> {
+        Self::tuned(shape, &Dispatch::built_in()).map(|(spec, _)| spec)
+    }
+
+    /// [`Self::new`] with the variant `dispatch` picks for the mode's family (`len` = slots,
+    /// `batch` = sequences) among those whose tile holds a K and a V row.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn tuned(shape: CompactShape, dispatch: &Dispatch) -> Result<(Self, ChoiceSource)> {
         let s = &shape;
         let i32_max = i32::MAX as usize;
         ensure(s.num_layers >= 1, "layers", ">= 1", s.num_layers)?;
@@ -244,8 +262,13 @@ impl CompactSpec {
             }
         }
         let widest = (s.key_dim * s.elem_bytes).max(s.value_dim * s.elem_bytes);
-        let rows_per_tile = (TILE_BYTES / widest).max(1);
-        Ok(Self { shape, variant: variant::compact_variant(s.mode), rows_per_tile })
+        let default = variant::compact_variant(s.mode);
+        let bucket = Bucket { len: s.num_slots, batch: s.num_seqs };
+        let (variant, source) = dispatch
+            .pick(&default.family(), bucket, &|v| tile_bytes(v) >= widest)
+            .unwrap_or((default, ChoiceSource::BuiltIn));
+        let rows_per_tile = (tile_bytes(variant) / widest).max(1);
+        Ok((Self { shape, variant, rows_per_tile }, source))
     }
 
     /// The validated shape.

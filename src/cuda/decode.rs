@@ -5,8 +5,8 @@
 //! One launch decodes `S` sequences of one shape over a range of layers (all of them, or the one
 //! layer an engine's forward pass is at): grid `(splits, Hkv * row_chunks, S * layers)`, every
 //! block reads each listed K and V row of its split once for the `G * T` query rows of its KV
-//! head (in chunks of [`DECODE_ROWS`]). With more than one split the blocks write parts into a
-//! workspace and a second launch (`combine`) merges them; the split count comes from the
+//! head (in chunks of the variant's rows, 8 by default). With more than one split the blocks
+//! write parts into a workspace and a second launch (`combine`) merges them; the split count comes from the
 //! longest list and the GPU's SM count ([`SplitPolicy`]), so batch 1 with a long list still
 //! fills the GPU.
 //!
@@ -22,7 +22,8 @@
 use crate::decode::{DecodeOptions, ListLayout};
 use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
-use crate::variant::{self, Variant, DECODE_MAX_DV, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, HEAD_DIMS};
+use crate::tuning::{Bucket, ChoiceSource, Dispatch};
+use crate::variant::{self, Kernel, Variant, DECODE_MAX_DV, DECODE_MAX_SPLITS, HEAD_DIMS};
 
 use super::params::{dtype_code, list_layout_code, DecodeCombineParams, DecodeParams};
 use super::plan::CacheLayout;
@@ -135,6 +136,15 @@ impl DecodeSpec {
     /// `InvalidArgument` naming the first field out of range; `Unsupported` for a dtype and
     /// head_dim with no compiled variant or a value dim above [`DECODE_MAX_DV`].
     pub fn new(shape: DecodeShape) -> Result<Self> {
+        Self::tuned(shape, &Dispatch::built_in()).map(|(spec, _)| spec)
+    }
+
+    /// [`Self::new`] with the variant `dispatch` picks for the family `decode <dtype> d<D>`
+    /// (`len` = the longest list, or the slots when dense; `batch` = sequences).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn tuned(shape: DecodeShape, dispatch: &Dispatch) -> Result<(Self, ChoiceSource)> {
         let s = &shape;
         let i32_max = i32::MAX as usize;
         s.options.validate()?;
@@ -150,7 +160,7 @@ impl DecodeSpec {
         )?;
         ensure(s.num_queries >= 1, "queries per head", ">= 1", s.num_queries)?;
         ensure(s.len >= 1 && s.len <= i32_max, "cached slots", format!("1..={i32_max}"), s.len)?;
-        let Some(variant) = variant::decode_variant(s.dtype, s.head_dim) else {
+        let Some(default) = variant::decode_variant(s.dtype, s.head_dim) else {
             return Err(Error::unsupported(format!(
                 "decode: head_dim {} ({}): kernels are compiled for head_dim {:?}",
                 s.head_dim, s.dtype, HEAD_DIMS
@@ -191,16 +201,23 @@ impl DecodeSpec {
                 s.list_capacity,
             )?;
         }
+        let longest = if s.lists == ListLayout::Dense { s.len } else { s.list_capacity };
+        let bucket = Bucket { len: longest, batch: s.num_seqs };
+        let (variant, source) =
+            dispatch.pick(&default.family(), bucket, &|_| true).unwrap_or((default, ChoiceSource::BuiltIn));
+        let (block_rows, threads) = match variant.kernel {
+            Kernel::Decode { rows, threads, .. } => (rows, threads),
+            _ => unreachable!("a decode family holds decode kernels"),
+        };
         let rows = (s.num_heads / s.num_kv_heads) * s.num_queries;
-        let row_chunks = rows.div_ceil(DECODE_ROWS);
+        let row_chunks = rows.div_ceil(block_rows);
         ensure(
             s.num_kv_heads * row_chunks <= 65535,
             "KV heads x query-row chunks",
             "<= 65535",
             s.num_kv_heads * row_chunks,
         )?;
-        let longest = if s.lists == ListLayout::Dense { s.len } else { s.list_capacity };
-        let tiles = longest.div_ceil(DECODE_THREADS).max(1);
+        let tiles = longest.div_ceil(threads).max(1);
         let wanted = match s.splits {
             SplitPolicy::Fixed(n) => {
                 ensure((1..=DECODE_MAX_SPLITS).contains(&n), "splits", format!("1..={DECODE_MAX_SPLITS}"), n)?;
@@ -217,10 +234,10 @@ impl DecodeSpec {
             }
         };
         let tiles_per_split = tiles.div_ceil(wanted.min(tiles));
-        let split_len = tiles_per_split * DECODE_THREADS;
+        let split_len = tiles_per_split * threads;
         let splits = longest.div_ceil(split_len).max(1);
         let scale = s.options.scale_for(s.head_dim);
-        Ok(Self { shape, variant, scale, row_chunks, splits, split_len })
+        Ok((Self { shape, variant, scale, row_chunks, splits, split_len }, source))
     }
 
     /// The validated shape.
@@ -447,6 +464,7 @@ pub struct DecodeRun {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecodePlan {
     spec: DecodeSpec,
+    source: ChoiceSource,
     key_table: usize,
     value_table: usize,
     constants_bytes: usize,
@@ -460,7 +478,15 @@ impl DecodePlan {
     /// # Errors
     /// As [`DecodeSpec::new`].
     pub fn new(shape: DecodeShape) -> Result<Self> {
-        let spec = DecodeSpec::new(shape)?;
+        Self::tuned(shape, &Dispatch::built_in())
+    }
+
+    /// Plan a decode of `shape` with the variant `dispatch` picks ([`DecodeSpec::tuned`]).
+    ///
+    /// # Errors
+    /// As [`DecodeSpec::new`].
+    pub fn tuned(shape: DecodeShape, dispatch: &Dispatch) -> Result<Self> {
+        let (spec, source) = DecodeSpec::tuned(shape, dispatch)?;
         let align = super::plan::WORKSPACE_ALIGN;
         let table = spec.table_len() * 8;
         let key_table = 0;
@@ -468,12 +494,17 @@ impl DecodePlan {
         let constants_bytes = value_table + table.next_multiple_of(align);
         let parts = constants_bytes;
         let total_bytes = parts + spec.workspace_bytes(shape.num_layers);
-        Ok(Self { spec, key_table, value_table, constants_bytes, parts, total_bytes })
+        Ok(Self { spec, source, key_table, value_table, constants_bytes, parts, total_bytes })
     }
 
     /// The spec.
     pub fn spec(&self) -> &DecodeSpec {
         &self.spec
+    }
+
+    /// Where the decode variant came from (built-in rule, shipped or user table).
+    pub fn variant_source(&self) -> ChoiceSource {
+        self.source
     }
 
     /// Bytes of workspace a run needs (base aligned to [`WORKSPACE_ALIGN`](super::WORKSPACE_ALIGN)).

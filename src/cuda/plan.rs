@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::policy::{CompressionConfig, Preset, RoundOutcome};
 use crate::round::Scorer;
 use crate::score::{geometric_offsets, OffsetAggregation, TrigTerm};
+use crate::tuning::{ChoiceSource, Dispatch};
 use crate::variant::{CompactMode, Variant};
 
 use super::compact::{
@@ -556,6 +557,8 @@ struct StageSpecs {
     reduce: ReduceSpec,
     select: SelectSpec,
     compact: Option<CompactSpec>,
+    /// Where the score, select and compact variants came from.
+    sources: [ChoiceSource; 3],
 }
 
 impl StageSpecs {
@@ -569,6 +572,7 @@ impl StageSpecs {
         seqs: usize,
         protection: crate::policy::Protection,
         kept: usize,
+        dispatch: &Dispatch,
     ) -> Result<Self> {
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
@@ -592,27 +596,30 @@ impl StageSpecs {
             norm: config.score.norm,
         };
         trig.validate()?;
-        let score = ScoreSpec::new(ScoreShape {
-            dtype: shape.dtype,
-            head_dim: d,
-            num_layers: l,
-            num_heads: h,
-            num_kv_heads: hkv,
-            num_seqs: seqs,
-            max_len: n,
-            vectors,
-            aggregation: if vectors > 1 { OffsetAggregation::Max } else { OffsetAggregation::Mean },
-            style: scorer.style,
-            layout: match shape.layout {
-                CacheLayout::Contiguous { keys, .. } => {
-                    KeyLayout::Contiguous { head_stride: keys.head_stride, row_stride: keys.row_stride }
-                }
-                CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
-                    KeyLayout::Paged { block_size, order, num_blocks, max_blocks }
-                }
+        let (score, score_source) = ScoreSpec::tuned(
+            ScoreShape {
+                dtype: shape.dtype,
+                head_dim: d,
+                num_layers: l,
+                num_heads: h,
+                num_kv_heads: hkv,
+                num_seqs: seqs,
+                max_len: n,
+                vectors,
+                aggregation: if vectors > 1 { OffsetAggregation::Max } else { OffsetAggregation::Mean },
+                style: scorer.style,
+                layout: match shape.layout {
+                    CacheLayout::Contiguous { keys, .. } => {
+                        KeyLayout::Contiguous { head_stride: keys.head_stride, row_stride: keys.row_stride }
+                    }
+                    CacheLayout::Paged { block_size, order, num_blocks, max_blocks } => {
+                        KeyLayout::Paged { block_size, order, num_blocks, max_blocks }
+                    }
+                },
+                weights: if batched { WeightsScope::PerSequence } else { WeightsScope::Shared },
             },
-            weights: if batched { WeightsScope::PerSequence } else { WeightsScope::Shared },
-        })?;
+            dispatch,
+        )?;
         let normalize = match config.zscore() {
             None => None,
             Some(flavour) => {
@@ -645,21 +652,29 @@ impl StageSpecs {
             out_seq_stride: sets * n,
         };
         reduce.validate()?;
-        let select = SelectSpec::new(SelectShape {
-            rows: seqs * sets,
-            len: n,
-            prefix: if batched { 0 } else { protection.prefix },
-            window_start: protection.window_start,
-            budget: kept,
-            score_stride: n,
-            keep_stride: kept,
-            rows_per_seq: if batched { sets } else { 0 },
-        })?;
-        let compact = Self::compact(shape, l, hkv, d, sets, seqs, kept)?;
-        Ok(Self { trig, score, normalize, reduce, select, compact })
+        let (select, select_source) = SelectSpec::tuned(
+            SelectShape {
+                rows: seqs * sets,
+                len: n,
+                prefix: if batched { 0 } else { protection.prefix },
+                window_start: protection.window_start,
+                budget: kept,
+                score_stride: n,
+                keep_stride: kept,
+                rows_per_seq: if batched { sets } else { 0 },
+            },
+            dispatch,
+        )?;
+        let (compact, compact_source) = match Self::compact(shape, l, hkv, d, sets, seqs, kept, dispatch)? {
+            Some((spec, source)) => (Some(spec), source),
+            None => (None, ChoiceSource::BuiltIn),
+        };
+        let sources = [score_source, select_source, compact_source];
+        Ok(Self { trig, score, normalize, reduce, select, compact, sources })
     }
 
-    /// The compaction of the round, if it moves rows.
+    /// The compaction of the round, if it moves rows, and where its variant came from.
+    #[allow(clippy::too_many_arguments)]
     fn compact(
         shape: &RoundShape,
         l: usize,
@@ -668,7 +683,8 @@ impl StageSpecs {
         sets: usize,
         seqs: usize,
         kept: usize,
-    ) -> Result<Option<CompactSpec>> {
+        dispatch: &Dispatch,
+    ) -> Result<Option<(CompactSpec, ChoiceSource)>> {
         let n = shape.len;
         let compact_shape = |mode, target, layout| CompactShape {
             mode,
@@ -697,7 +713,7 @@ impl StageSpecs {
                         CompactLayout::Paged { block_size, order, num_blocks, max_blocks }
                     }
                 };
-                Some(CompactSpec::new(compact_shape(mode, CompactTarget::InPlace, layout))?)
+                Some(CompactSpec::tuned(compact_shape(mode, CompactTarget::InPlace, layout), dispatch)?)
             }
             Compaction::OutOfPlace { keys: k_dst, values: v_dst } => {
                 let CacheLayout::Contiguous { keys, values } = shape.layout else {
@@ -708,7 +724,10 @@ impl StageSpecs {
                     ));
                 };
                 let layout = CompactLayout::Contiguous { k: keys, v: values, k_dst, v_dst };
-                Some(CompactSpec::new(compact_shape(CompactMode::OrderPreserving, CompactTarget::OutOfPlace, layout))?)
+                Some(CompactSpec::tuned(
+                    compact_shape(CompactMode::OrderPreserving, CompactTarget::OutOfPlace, layout),
+                    dispatch,
+                )?)
             }
         })
     }
@@ -812,6 +831,14 @@ impl RoundPlan {
         Self::new_batch(scorer, config, shape, &[shape.prefix_len])
     }
 
+    /// [`Self::new`] with the variants `dispatch` picks (tuning tables over the built-in rule).
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn tuned(scorer: &Scorer, config: &CompressionConfig, shape: RoundShape, dispatch: &Dispatch) -> Result<Self> {
+        Self::new_batch_tuned(scorer, config, shape, &[shape.prefix_len], dispatch)
+    }
+
     /// Plan one round for many sequences that share `shape` (slots N, budget, layout,
     /// compaction) but each have their own prompt length (`prefix_lens[s]`, which replaces
     /// `shape.prefix_len`) and `round_start`: one launch per stage for all of them. Tables hold
@@ -828,6 +855,20 @@ impl RoundPlan {
         shape: RoundShape,
         prefix_lens: &[usize],
     ) -> Result<Self> {
+        Self::new_batch_tuned(scorer, config, shape, prefix_lens, &Dispatch::built_in())
+    }
+
+    /// [`Self::new_batch`] with the variants `dispatch` picks.
+    ///
+    /// # Errors
+    /// As [`Self::new_batch`].
+    pub fn new_batch_tuned(
+        scorer: &Scorer,
+        config: &CompressionConfig,
+        shape: RoundShape,
+        prefix_lens: &[usize],
+        dispatch: &Dispatch,
+    ) -> Result<Self> {
         config.validate()?;
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
@@ -835,7 +876,7 @@ impl RoundPlan {
         let seqs = prefix_lens.len();
         let sets = config.mode.num_sets(l, hkv);
         let kept = outcome.kept(shape.len);
-        let stages = StageSpecs::new(scorer, config, &shape, seqs, protections[0], kept)?;
+        let stages = StageSpecs::new(scorer, config, &shape, seqs, protections[0], kept, dispatch)?;
         let layout = WorkspaceLayout::new(&stages, scorer, &shape, seqs, sets, kept);
         let constants = constants_image(scorer, config, &layout, &protections, shape.len)?;
         Ok(Self {
@@ -940,6 +981,24 @@ impl RoundPlan {
             v.push((Stage::Compact.name(), c.variant().symbol()));
         }
         v
+    }
+
+    /// Where each stage's variant came from, by stage name (the stages of
+    /// [`Self::stage_kernels`]; weights, normalize and reduce have one variant: built-in).
+    pub fn stage_sources(&self) -> Vec<(&'static str, ChoiceSource)> {
+        let [score, select, compact] = self.stages.sources;
+        self.stage_kernels()
+            .into_iter()
+            .map(|(name, _)| {
+                let source = match name {
+                    n if n == Stage::Score.name() => score,
+                    n if n == Stage::Select.name() => select,
+                    n if n == Stage::Compact.name() => compact,
+                    _ => ChoiceSource::BuiltIn,
+                };
+                (name, source)
+            })
+            .collect()
     }
 
     /// Bytes of K (and, when compacting, V) the round reads, for bandwidth reports.

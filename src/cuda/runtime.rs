@@ -152,6 +152,19 @@ impl CudaBackend {
         self.sm_count
     }
 
+    /// The device's name (`NVIDIA H200`), or `CUDA device <ordinal>` when the driver does not say.
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| format!("CUDA device {}", self.ctx.ordinal()))
+    }
+
+    /// The driver's CUDA version (`13.0`), when the driver says.
+    pub fn driver_version(&self) -> Option<String> {
+        let mut v: std::ffi::c_int = 0;
+        // SAFETY: cuDriverGetVersion writes one int; the driver library is loaded (a context exists).
+        let status = unsafe { sys::cuDriverGetVersion(&mut v) };
+        (status == sys::CUresult::CUDA_SUCCESS && v > 0).then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+    }
+
     fn module(&self) -> Result<&Module> {
         let loaded = self.module.get_or_init(|| {
             if FATBIN.is_empty() {

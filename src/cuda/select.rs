@@ -21,6 +21,7 @@
 //! slots.
 
 use crate::error::{ensure, Result};
+use crate::tuning::{Bucket, ChoiceSource, Dispatch};
 use crate::variant::{self, Kernel, SelectPhase, Variant};
 
 use super::params::SelectParams;
@@ -110,11 +111,23 @@ impl SelectSpec {
     /// # Errors
     /// `InvalidArgument` naming the first field out of range.
     pub fn new(shape: SelectShape) -> Result<Self> {
-        if shape.len > SELECT_SINGLE_MAX_LEN {
-            Self::multi_block(shape)
-        } else {
-            Self::with_variant(shape, variant::select_variant(shape.len))
-        }
+        Self::tuned(shape, &Dispatch::built_in()).map(|(spec, _)| spec)
+    }
+
+    /// [`Self::new`] with the path `dispatch` picks for family `select f32` (`len` = row length,
+    /// `batch` = rows): a single-block variant, or the multi-block path under the name of its
+    /// first kernel. A table's buckets place the cut-over between them.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn tuned(shape: SelectShape, dispatch: &Dispatch) -> Result<(Self, ChoiceSource)> {
+        let multi = variant::select_pass_variant(SelectPhase::Histogram);
+        let default = if shape.len > SELECT_SINGLE_MAX_LEN { multi } else { variant::select_variant(shape.len) };
+        let bucket = Bucket { len: shape.len, batch: shape.rows };
+        let (chosen, source) =
+            dispatch.pick(&default.family(), bucket, &|_| true).unwrap_or((default, ChoiceSource::BuiltIn));
+        let spec = if chosen == multi { Self::multi_block(shape)? } else { Self::with_variant(shape, chosen)? };
+        Ok((spec, source))
     }
 
     /// Validate `shape` for the multi-block path whatever its length (tests run it on short rows).

@@ -8,6 +8,7 @@ use crate::dtype::DType;
 use crate::error::{ensure, Error, Result};
 use crate::model::PairingStyle;
 use crate::score::OffsetAggregation;
+use crate::tuning::{Bucket, ChoiceSource, Dispatch};
 use crate::variant::{self, ScoreAlgo, Variant, MAX_VECTORS};
 
 use super::params::{ScoreParams, TrigParams, STYLE_HALF, STYLE_INTERLEAVED};
@@ -100,6 +101,15 @@ impl ScoreSpec {
     /// `InvalidArgument` naming the first field out of range; `Unsupported` for a head_dim with
     /// no compiled variant.
     pub fn new(shape: ScoreShape) -> Result<Self> {
+        Self::tuned(shape, &Dispatch::built_in()).map(|(spec, _)| spec)
+    }
+
+    /// [`Self::new`] with the variant `dispatch` picks for the shape's family (`len` = slots,
+    /// `batch` = sequences), and where the choice came from.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn tuned(shape: ScoreShape, dispatch: &Dispatch) -> Result<(Self, ChoiceSource)> {
         let s = &shape;
         let i32_max = i32::MAX as usize;
         ensure(s.num_layers >= 1 && s.num_layers <= 65535, "layers", "1..=65535", s.num_layers)?;
@@ -122,7 +132,7 @@ impl ScoreSpec {
                 ScoreAlgo::Max
             }
         };
-        let Some(variant) = variant::score_variant(s.dtype, s.head_dim, algo) else {
+        let Some(default) = variant::score_variant(s.dtype, s.head_dim, algo) else {
             return Err(Error::unsupported(format!(
                 "head_dim {}: kernels are compiled for {:?}",
                 s.head_dim,
@@ -142,11 +152,14 @@ impl ScoreSpec {
                 check_paged(block_size, num_blocks, max_blocks, s.max_len)?;
             }
         }
+        let bucket = Bucket { len: s.max_len, batch: s.num_seqs };
+        let (variant, source) =
+            dispatch.pick(&default.family(), bucket, &|_| true).unwrap_or((default, ChoiceSource::BuiltIn));
         let block_keys = match variant.kernel {
             variant::Kernel::Score { block_keys, .. } => block_keys,
-            _ => unreachable!("score_variant returns score kernels"),
+            _ => unreachable!("a score family holds score kernels"),
         };
-        Ok(Self { shape, variant, block_keys })
+        Ok((Self { shape, variant, block_keys }, source))
     }
 
     /// The validated shape.

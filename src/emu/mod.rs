@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::model::PairingStyle;
 use crate::score::{geometric_offsets, OffsetAggregation, RoundWeights, ScoreConfig, TrigTerm};
 use crate::stats::Stats;
+use crate::tuning::Dispatch;
 use crate::variant::{self, Variant};
 
 mod calibrate;
@@ -295,6 +296,22 @@ pub fn score_layer<T: Element>(
     style: PairingStyle,
     out: &mut [f32],
 ) -> Result<()> {
+    score_layer_tuned(weights, layer, keys, style, out, &Dispatch::built_in())
+}
+
+/// [`score_layer`] with the scoring variant `dispatch` picks (tests run every variant of a
+/// family with [`Dispatch::forcing`]).
+///
+/// # Errors
+/// As [`score_layer`].
+pub fn score_layer_tuned<T: Element>(
+    weights: &RoundWeights,
+    layer: usize,
+    keys: &LayerView<'_, T>,
+    style: PairingStyle,
+    out: &mut [f32],
+    dispatch: &Dispatch,
+) -> Result<()> {
     crate::cpu::score::check_layer_args(weights, layer, keys, out)?;
     let (h, n, d) = (weights.num_heads, keys.len, weights.head_dim);
     if n == 0 {
@@ -310,20 +327,23 @@ pub fn score_layer<T: Element>(
         (&dense[..], n * d, d)
     };
     let v = weights.vectors_per_head;
-    let spec = ScoreSpec::new(ScoreShape {
-        dtype: T::DTYPE,
-        head_dim: d,
-        num_layers: 1,
-        num_heads: h,
-        num_kv_heads: keys.num_kv_heads,
-        num_seqs: 1,
-        max_len: n,
-        vectors: v,
-        aggregation: weights.aggregation,
-        style,
-        layout: KeyLayout::Contiguous { head_stride, row_stride },
-        weights: WeightsScope::Shared,
-    })?;
+    let (spec, _) = ScoreSpec::tuned(
+        ScoreShape {
+            dtype: T::DTYPE,
+            head_dim: d,
+            num_layers: 1,
+            num_heads: h,
+            num_kv_heads: keys.num_kv_heads,
+            num_seqs: 1,
+            max_len: n,
+            vectors: v,
+            aggregation: weights.aggregation,
+            style,
+            layout: KeyLayout::Contiguous { head_stride, row_stride },
+            weights: WeightsScope::Shared,
+        },
+        dispatch,
+    )?;
     let per_layer = h * v * d;
     let f = d / 2;
     let key_tables = [data];

@@ -261,8 +261,10 @@ pub unsafe extern "C" fn triattn_decode_plan_create(
         non_null("shape", shape)?;
         non_null("out", out)?;
         // SAFETY: checked non-null; live context and readable shape (caller contract).
-        let (backend, shape) = unsafe { ((*ctx).device.clone(), read_versioned("shape", shape)?) };
-        let plan = DecodePlan::new(shape_of(&shape, &backend)?).map_err(|e| e.context("triattn_decode_plan_create"))?;
+        let (backend, dispatch, shape) =
+            unsafe { ((*ctx).device.clone(), (*ctx).dispatch(), read_versioned("shape", shape)?) };
+        let plan = DecodePlan::tuned(shape_of(&shape, &backend)?, &dispatch)
+            .map_err(|e| e.context("triattn_decode_plan_create"))?;
         let handle = Box::into_raw(Box::new(triattn_decode_plan { inner: Arc::new((plan, backend)) }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };

@@ -166,10 +166,11 @@ pub(super) fn create_plan(
         },
     };
     let plan = match prefix_lens {
-        None => RoundPlan::new(&c.scorer, &c.config, shape).map_err(|e| e.context("triattn_plan_create"))?,
-        Some(p) => {
-            RoundPlan::new_batch(&c.scorer, &c.config, shape, p).map_err(|e| e.context("triattn_plan_create_batch"))?
+        None => {
+            RoundPlan::tuned(&c.scorer, &c.config, shape, &c.dispatch).map_err(|e| e.context("triattn_plan_create"))?
         }
+        Some(p) => RoundPlan::new_batch_tuned(&c.scorer, &c.config, shape, p, &c.dispatch)
+            .map_err(|e| e.context("triattn_plan_create_batch"))?,
     };
     Ok(Arc::new(Plan { plan, backend: c.device.clone() }))
 }

@@ -36,6 +36,7 @@ use crate::model::ModelConfig;
 use crate::policy::{CompressionConfig, RoundOutcome};
 use crate::round::{self, Backend, Scorer};
 use crate::stats::Stats;
+use crate::tuning::Dispatch;
 use crate::DType;
 
 thread_local! {
@@ -135,10 +136,30 @@ pub unsafe extern "C" fn triattn_config_default(preset: u32, out: *mut triattn_c
     })
 }
 
-/// Opaque library context: the backend rounds run on (and, for CUDA, the device). Immutable
-/// after creation: may be shared by threads.
+/// Opaque library context: the backend rounds run on (and, for CUDA, the device) and the tuning
+/// tables its plans choose kernel variants from. Immutable after creation except through
+/// `triattn_context_load_tuning`: may be shared by threads.
 pub struct triattn_context {
     device: Backend,
+    dispatch: std::sync::RwLock<Dispatch>,
+}
+
+impl triattn_context {
+    /// A context on `device` with the tables `TRIATTN_TUNING` (or the per-device file of an
+    /// earlier `triattn autotune`) and the shipped table of the GPU's arch name; warnings (a
+    /// stale or unreadable implicit table) go to stderr, one line each.
+    fn new(device: Backend) -> Result<Self> {
+        let (dispatch, warnings) = Dispatch::resolve(&device, None).map_err(|e| e.context("TRIATTN_TUNING"))?;
+        for w in warnings {
+            eprintln!("triattn: warning: {w}");
+        }
+        Ok(Self { device, dispatch: std::sync::RwLock::new(dispatch) })
+    }
+
+    /// The tables in use now.
+    fn dispatch(&self) -> Dispatch {
+        self.dispatch.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 /// Create a context for `backend` (a `triattn_backend` value): `TRIATTN_BACKEND_CPU`,
@@ -162,7 +183,7 @@ pub unsafe extern "C" fn triattn_context_create(backend: u32, out: *mut *mut tri
             triattn_backend::Cuda => device::open_cuda(0)?,
             triattn_backend::Emu => device::open_emu()?,
         };
-        let ctx = Box::into_raw(Box::new(triattn_context { device }));
+        let ctx = Box::into_raw(Box::new(triattn_context::new(device)?));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(ctx) };
         Ok(())
@@ -185,9 +206,41 @@ pub unsafe extern "C" fn triattn_context_create_cuda(
     boundary(|| {
         non_null("out", out)?;
         let device = device::open_cuda(device_ordinal)?;
-        let ctx = Box::into_raw(Box::new(triattn_context { device }));
+        let ctx = Box::into_raw(Box::new(triattn_context::new(device)?));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(ctx) };
+        Ok(())
+    })
+}
+
+/// Choose kernel variants from the tuning table at `path` (format `triattn-tuning-v1`, e.g. the
+/// output of `triattn autotune`), over the shipped table of the GPU's arch and the built-in
+/// rule. Replaces the user table the context had (`TRIATTN_TUNING`, or an implicit per-device
+/// file). Compressors and decode plans created afterwards use it; existing ones keep theirs.
+///
+/// A table that is malformed, or names a kernel variant this library does not compile, is
+/// refused with `TRIATTN_STATUS_INVALID_FORMAT` and a message naming the line or entry; the
+/// context keeps its tables. A stale table (made for another build, arch, SM count or toolkit)
+/// is used for the entries that still resolve, with one warning on stderr. On a CPU context the
+/// table is read and checked (nothing on the CPU is tuned).
+///
+/// # Safety
+/// `ctx` is a live context; `path` is NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn triattn_context_load_tuning(
+    ctx: *const triattn_context,
+    path: *const c_char,
+) -> triattn_status {
+    boundary(|| {
+        non_null("ctx", ctx)?;
+        // SAFETY: checked non-null; a live context and a NUL-terminated path (caller contract).
+        let (ctx, path) = unsafe { (&*ctx, path_arg("path", path)?) };
+        let (dispatch, warnings) = Dispatch::resolve(&ctx.device, Some(std::path::Path::new(&path)))
+            .map_err(|e| e.context("triattn_context_load_tuning"))?;
+        for w in warnings {
+            eprintln!("triattn: warning: {w}");
+        }
+        *ctx.dispatch.write().unwrap_or_else(std::sync::PoisonError::into_inner) = dispatch;
         Ok(())
     })
 }
@@ -210,6 +263,7 @@ pub unsafe extern "C" fn triattn_context_destroy(ctx: *mut triattn_context) {
 /// threads at once).
 pub struct triattn_compressor {
     device: Backend,
+    dispatch: Dispatch,
     config: CompressionConfig,
     scorer: Scorer,
 }
@@ -232,9 +286,10 @@ pub unsafe extern "C" fn triattn_compressor_create(
         non_null("config", config)?;
         non_null("out", out)?;
         // SAFETY: the pointers were checked non-null; the caller guarantees what they point to.
-        let (device, model_path, stats_path, config) = unsafe {
+        let (device, dispatch, model_path, stats_path, config) = unsafe {
             (
                 (*ctx).device.clone(),
+                (*ctx).dispatch(),
                 path_arg("model_config_path", model_config_path)?,
                 path_arg("stats_path", stats_path)?,
                 read_versioned("config", config)?,
@@ -245,7 +300,7 @@ pub unsafe extern "C" fn triattn_compressor_create(
         let model = ModelConfig::from_file(&model_path)?;
         let stats = Stats::load(&stats_path)?;
         let scorer = Scorer::new(model, stats, None).map_err(|e| e.context(format!("{stats_path} vs {model_path}")))?;
-        let handle = Box::into_raw(Box::new(triattn_compressor { device, config, scorer }));
+        let handle = Box::into_raw(Box::new(triattn_compressor { device, dispatch, config, scorer }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
         Ok(())

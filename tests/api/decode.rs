@@ -18,7 +18,7 @@ use triattn::LayerView;
 use crate::common::{self, Rng};
 
 /// The case folders: the shipped copies in tests/data/decode and any others in ../shared.
-fn cases() -> Vec<PathBuf> {
+pub(crate) fn cases() -> Vec<PathBuf> {
     let shipped = common::data_path("decode");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&shipped)
         .unwrap()
@@ -41,6 +41,11 @@ fn cases() -> Vec<PathBuf> {
 }
 
 fn run_case(case: &Path, out: &Path, backend: &str) -> Output {
+    run_case_with(case, out, backend, &[])
+}
+
+/// [`run_case`] with `extra` flags.
+pub(crate) fn run_case_with(case: &Path, out: &Path, backend: &str, extra: &[&str]) -> Output {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
     let mut cmd = Command::new(common::triattn_bin());
@@ -53,12 +58,12 @@ fn run_case(case: &Path, out: &Path, backend: &str) -> Output {
     for a in json["args"].as_array().into_iter().flatten() {
         cmd.arg(a.as_str().unwrap());
     }
-    cmd.args(["--backend", backend]).output().unwrap()
+    cmd.args(["--backend", backend]).args(extra).output().unwrap()
 }
 
 /// `(o error / max|v|, lse error / (1e-3 + 1e-5 |lse|))` of one case's output; panics past the
 /// contract's tolerances.
-fn check_case(case: &Path, out: &Path) -> (f64, f64) {
+pub(crate) fn check_case(case: &Path, out: &Path) -> (f64, f64) {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
     let (got, want, kv) = (
         TensorFile::read(out).unwrap(),

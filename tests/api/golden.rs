@@ -18,7 +18,7 @@ fn case_args(case: &Path) -> Vec<String> {
     v["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
 }
 
-fn run_compress(case: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+pub(crate) fn run_compress(case: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(common::triattn_bin())
         .current_dir(case)
         .args(["compress", "--model-config", "config.json", "--stats", "stats.safetensors", "--kv", "kv.safetensors"])
@@ -31,7 +31,7 @@ fn run_compress(case: &Path, out: &Path, extra: &[&str]) -> std::process::Output
 }
 
 /// Compare an output file with the case's expectation; returns (max score err, max raw err).
-fn check_case(case: &Path, got: &TensorFile) -> (f64, f64) {
+pub(crate) fn check_case(case: &Path, got: &TensorFile) -> (f64, f64) {
     let name = case.file_name().unwrap().to_string_lossy().to_string();
     let expected = TensorFile::read(case.join("expected.safetensors")).unwrap();
     let kv = TensorFile::read(case.join("kv.safetensors")).unwrap();

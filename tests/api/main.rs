@@ -18,4 +18,5 @@ mod golden;
 mod header;
 mod properties;
 mod stats_pt;
+mod tuning;
 mod variants;

@@ -62,8 +62,19 @@ fn kernels_json_lists_every_variant_on_every_compiled_arch() {
     if archs.is_empty() {
         archs.push("none".into());
     }
-    let fields =
-        ["symbol", "op", "dtype", "knobs", "arch", "registers", "shared_bytes", "spill_bytes", "stack_bytes", "hmma"];
+    let fields = [
+        "symbol",
+        "op",
+        "family",
+        "dtype",
+        "knobs",
+        "arch",
+        "registers",
+        "shared_bytes",
+        "spill_bytes",
+        "stack_bytes",
+        "hmma",
+    ];
     let mut rows = BTreeSet::new();
     for line in out.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
@@ -78,6 +89,7 @@ fn kernels_json_lists_every_variant_on_every_compiled_arch() {
         let (symbol, arch) = (text("symbol"), text("arch"));
         let v = table.iter().find(|v| v.symbol() == symbol).unwrap_or_else(|| panic!("unknown symbol: {line}"));
         assert_eq!((text("op"), text("dtype"), text("knobs")), (v.op(), v.dtype_tag(), v.knobs().as_str()), "{line}");
+        assert_eq!(text("family"), v.family(), "{line}");
         assert!(archs.iter().any(|a| a == arch), "arch {arch} not among {archs:?}: {line}");
         assert!(rows.insert((symbol.to_string(), arch.to_string())), "row listed twice: {line}");
         let dynamic = v.dynamic_smem_bytes(variant::MAX_VECTORS) as u64;
@@ -109,6 +121,7 @@ fn kernels_json_lists_every_variant_on_every_compiled_arch() {
     assert_eq!(text.lines().count(), want.len() + 1, "one header line and one line per row:\n{text}");
     assert!(text.lines().next().unwrap().split_whitespace().eq([
         "op",
+        "family",
         "dtype",
         "knobs",
         "arch",

@@ -31,25 +31,35 @@ fn cuda_compact_in_place_matches_cpu_bit_exact() {
     let Some(gpu) = gpu_or_skip("cuda_compact_in_place_matches_cpu_bit_exact") else { return };
     let stream = gpu.context().default_stream();
     let (layers, hkv, n, k, d, dv, eb) = (4, 8, 2176, 2048, 128, 128, 2);
-    for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+    // Every variant of both families (the tuning candidates too), forced through the planning path.
+    let variants: Vec<_> = triattn::kernels::variant::table()
+        .into_iter()
+        .filter(|v| matches!(v.kernel, triattn::kernels::variant::Kernel::Compact { .. }))
+        .collect();
+    for v in variants {
+        let triattn::kernels::variant::Kernel::Compact { mode, .. } = v.kernel else { unreachable!() };
         let mut rng = Rng(mode as u64 + 1);
         let st = RowStrides { head_stride: n * d, row_stride: d };
-        let spec = CompactSpec::new(CompactShape {
-            mode,
-            target: CompactTarget::InPlace,
-            elem_bytes: eb,
-            num_layers: layers,
-            num_kv_heads: hkv,
-            num_sets: hkv,
-            num_slots: n,
-            keep_len: k,
-            key_dim: d,
-            value_dim: dv,
-            layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
-            positions: Some(PositionType::I64),
-            num_seqs: 1,
-        })
+        let (spec, _) = CompactSpec::tuned(
+            CompactShape {
+                mode,
+                target: CompactTarget::InPlace,
+                elem_bytes: eb,
+                num_layers: layers,
+                num_kv_heads: hkv,
+                num_sets: hkv,
+                num_slots: n,
+                keep_len: k,
+                key_dim: d,
+                value_dim: dv,
+                layout: CompactLayout::Contiguous { k: st, v: st, k_dst: st, v_dst: st },
+                positions: Some(PositionType::I64),
+                num_seqs: 1,
+            },
+            &triattn::tuning::Dispatch::forcing(&[v]),
+        )
         .unwrap();
+        assert_eq!(spec.variant(), v);
         let keep: Vec<i32> = (0..hkv).flat_map(|_| random_keep_set(&mut rng, n, k)).collect();
         let index: Vec<i32> = (0..layers * hkv).map(|i| (i % hkv) as i32).collect();
         let host: Vec<Vec<u8>> = (0..2 * layers).map(|_| rng.bytes(hkv * n * d * eb)).collect();
@@ -108,6 +118,7 @@ fn cuda_compact_in_place_matches_cpu_bit_exact() {
                 assert_eq!(got_pos[g * n + i], pos[g * n + want[i] as usize], "{mode:?}: position");
             }
         }
+        println!("parity compact {}: K, V, slot map and positions bit-exact", v.symbol());
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use triattn::cuda::SplitPolicy;
 use triattn::decode::{DecodeOptions, ListLayout};
+use triattn::tuning::Dispatch;
 use triattn::Backend;
 
 use crate::common::gpu_or_skip;
@@ -38,6 +39,18 @@ fn cuda_decode_matches_the_formula() {
         let p = Problem { options: DecodeOptions { scale: Some(0.3), softcap: Some(5.0) }, ..p };
         check(&format!("{layout:?} softcap"), &gpu, &p, SplitPolicy::Auto { sm_count: 132 });
         println!("parity decode {layout:?}: sinks, softcap, splits within tolerance");
+    }
+    // Every tuning candidate of the 16-bit families, forced through the planning path.
+    for d in [64, 128] {
+        let family = triattn::kernels::variant::decode_variant(triattn::DType::Bf16, d).unwrap().family();
+        for v in triattn::kernels::variant::family_members(&family) {
+            let p = Problem::<bf16>::random(d as u64 + 9, 1, 1, 12, 2, d, d, 1, 400)
+                .with_lists(ListLayout::PerKvHead, 390, 4)
+                .with_sinks(1)
+                .with_dispatch(Dispatch::forcing(&[v]));
+            check(&v.symbol(), &gpu, &p, SplitPolicy::Fixed(2));
+            println!("parity decode {}: within tolerance", v.symbol());
+        }
     }
     let p = qwen_like(5).with_sinks(2);
     let cuda = check("Qwen3-like", &gpu, &p, SplitPolicy::Auto { sm_count: 132 });

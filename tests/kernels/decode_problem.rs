@@ -9,6 +9,7 @@ use triattn::cuda::{
     CacheLayout, DecodeInputs, DecodePlan, DecodeShape, HostDecode, ListLengths, RowStrides, SplitPolicy,
 };
 use triattn::decode::{DecodeOptions, ListLayout};
+use triattn::tuning::Dispatch;
 use triattn::{Backend, DType, Element};
 
 use crate::common::Rng;
@@ -32,6 +33,8 @@ pub struct Problem<T> {
     /// Per sequence, per list: the visible slots.
     pub lists: Vec<Vec<Vec<i32>>>,
     pub options: DecodeOptions,
+    /// The tables the plan picks its decode variant from (built-in unless a test forces one).
+    pub dispatch: Dispatch,
 }
 
 impl<T: Element> Problem<T> {
@@ -67,6 +70,7 @@ impl<T: Element> Problem<T> {
             layout: ListLayout::Dense,
             lists: Vec::new(),
             options: DecodeOptions::default(),
+            dispatch: Dispatch::built_in(),
         }
     }
 
@@ -89,6 +93,12 @@ impl<T: Element> Problem<T> {
                     .collect()
             })
             .collect();
+        self
+    }
+
+    /// The same problem decoded by the variant `dispatch` picks.
+    pub fn with_dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = dispatch;
         self
     }
 
@@ -145,7 +155,7 @@ impl<T: Element> Problem<T> {
 
     /// Decode layers `first..first + layers` on `backend` over contiguous tensors.
     pub fn run(&self, backend: &Backend, splits: SplitPolicy, first: usize, layers: usize) -> HostDecode {
-        let plan = DecodePlan::new(self.shape(splits, self.contiguous())).unwrap();
+        let plan = DecodePlan::tuned(self.shape(splits, self.contiguous()), &self.dispatch).unwrap();
         let (flat, lens) = self.flat_lists();
         let k: Vec<&[T]> = self.k.iter().map(Vec::as_slice).collect();
         let v: Vec<&[T]> = self.v.iter().map(Vec::as_slice).collect();

@@ -11,8 +11,9 @@ use common::{random_keep_set, Rng};
 use triattn::cpu::compact::{compact_in_place, gather_rows, hole_fill_in_place, hole_filling_plan};
 use triattn::cuda::{PageOrder, PositionType, RowStrides};
 use triattn::kernels::emu::{self, CompactExtras, KeepSets, Positions, PositionsRef};
-use triattn::kernels::variant::{self, CompactMode, Kernel};
+use triattn::kernels::variant::{self, CompactMode, Kernel, COMPACT_TILES};
 use triattn::kernels::{CompactLayout, CompactShape, CompactSpec, CompactTarget};
+use triattn::tuning::Dispatch;
 
 #[derive(Clone, Copy, Debug)]
 enum KeepKind {
@@ -95,28 +96,45 @@ fn strides(c: &Case, dim: usize, rows: usize) -> RowStrides {
     RowStrides { head_stride: rows * row_stride + if c.pad > 0 { row_stride } else { 0 }, row_stride }
 }
 
+/// The `compact` variant of `mode` with tile `tile` of [`COMPACT_TILES`] (cases cycle through
+/// them, so every variant of both families runs).
+fn forced(mode: CompactMode, tile: usize) -> Dispatch {
+    let (threads, chunks) = COMPACT_TILES[tile % COMPACT_TILES.len()];
+    let v = variant::table()
+        .into_iter()
+        .find(|v| v.kernel == Kernel::Compact { mode, threads, chunks })
+        .expect("every compact tile is compiled for both modes");
+    Dispatch::forcing(&[v])
+}
+
 fn spec(c: &Case, mode: CompactMode, target: CompactTarget, num_sets: usize) -> CompactSpec {
     let (k, v) = (strides(c, c.d, c.n), strides(c, c.dv, c.n));
     let (k_dst, v_dst) = match target {
         CompactTarget::InPlace => (k, v),
         CompactTarget::OutOfPlace => (strides(c, c.d, c.k), strides(c, c.dv, c.k)),
     };
-    CompactSpec::new(CompactShape {
-        mode,
-        target,
-        elem_bytes: c.eb,
-        num_layers: c.layers,
-        num_kv_heads: c.hkv,
-        num_sets,
-        num_slots: c.n,
-        keep_len: c.k,
-        key_dim: c.d,
-        value_dim: c.dv,
-        layout: CompactLayout::Contiguous { k, v, k_dst, v_dst },
-        positions: c.positions,
-        num_seqs: 1,
-    })
-    .unwrap()
+    let (spec, _) = CompactSpec::tuned(
+        CompactShape {
+            mode,
+            target,
+            elem_bytes: c.eb,
+            num_layers: c.layers,
+            num_kv_heads: c.hkv,
+            num_sets,
+            num_slots: c.n,
+            keep_len: c.k,
+            key_dim: c.d,
+            value_dim: c.dv,
+            layout: CompactLayout::Contiguous { k, v, k_dst, v_dst },
+            positions: c.positions,
+            num_seqs: 1,
+        },
+        &forced(mode, c.seed as usize),
+    )
+    .unwrap();
+    let (threads, chunks) = COMPACT_TILES[c.seed as usize % COMPACT_TILES.len()];
+    assert_eq!(spec.variant().kernel, Kernel::Compact { mode, threads, chunks }, "the forced variant runs");
+    spec
 }
 
 fn buffer_len(st: RowStrides, hkv: usize, rows: usize, dim: usize, eb: usize) -> usize {
@@ -293,21 +311,24 @@ fn compact_paged_matches_cpu_bit_exact() {
                 let r = rng.below(j + 1);
                 table.swap(j, r);
             }
-            let sp = CompactSpec::new(CompactShape {
-                mode,
-                target: CompactTarget::InPlace,
-                elem_bytes: eb,
-                num_layers: layers,
-                num_kv_heads: hkv,
-                num_sets,
-                num_slots: n,
-                keep_len: k,
-                key_dim: d,
-                value_dim: dv,
-                layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks: num_blocks },
-                positions: None,
-                num_seqs: 1,
-            })
+            let (sp, _) = CompactSpec::tuned(
+                CompactShape {
+                    mode,
+                    target: CompactTarget::InPlace,
+                    elem_bytes: eb,
+                    num_layers: layers,
+                    num_kv_heads: hkv,
+                    num_sets,
+                    num_slots: n,
+                    keep_len: k,
+                    key_dim: d,
+                    value_dim: dv,
+                    layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks: num_blocks },
+                    positions: None,
+                    num_seqs: 1,
+                },
+                &forced(mode, i),
+            )
             .unwrap();
             let mut kbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * d * eb)).collect();
             let mut vbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * dv * eb)).collect();
@@ -364,7 +385,14 @@ fn compact_has_both_modes_in_the_table() {
             _ => None,
         })
         .collect();
-    assert_eq!(modes, vec![CompactMode::OrderPreserving, CompactMode::HoleFilling]);
+    let per_mode = COMPACT_TILES.len();
+    let mut want = vec![CompactMode::OrderPreserving; per_mode];
+    want.extend(vec![CompactMode::HoleFilling; per_mode]);
+    assert_eq!(modes, want, "every tile of both modes");
+    for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
+        let family = variant::compact_variant(mode).family();
+        assert_eq!(variant::family_members(&family).len(), per_mode, "{family}");
+    }
 }
 
 #[test]
@@ -603,21 +631,24 @@ fn compact_batched_paged_matches_cpu_per_sequence() {
                 pool.swap(j, r);
             }
             let table: Vec<i32> = pool[..seqs * max_blocks].to_vec();
-            let sp = CompactSpec::new(CompactShape {
-                mode,
-                target: CompactTarget::InPlace,
-                elem_bytes: eb,
-                num_layers: layers,
-                num_kv_heads: hkv,
-                num_sets,
-                num_slots: n,
-                keep_len: k,
-                key_dim: d,
-                value_dim: dv,
-                layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
-                positions: None,
-                num_seqs: seqs,
-            })
+            let (sp, _) = CompactSpec::tuned(
+                CompactShape {
+                    mode,
+                    target: CompactTarget::InPlace,
+                    elem_bytes: eb,
+                    num_layers: layers,
+                    num_kv_heads: hkv,
+                    num_sets,
+                    num_slots: n,
+                    keep_len: k,
+                    key_dim: d,
+                    value_dim: dv,
+                    layout: CompactLayout::Paged { block_size: bs, order, num_blocks, max_blocks },
+                    positions: None,
+                    num_seqs: seqs,
+                },
+                &forced(mode, i + 1),
+            )
             .unwrap();
             let mut kbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * d * eb)).collect();
             let mut vbuf: Vec<Vec<u8>> = (0..layers).map(|_| rng.bytes(num_blocks * bs * hkv * dv * eb)).collect();

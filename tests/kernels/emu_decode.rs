@@ -10,12 +10,48 @@ use triattn::cuda::{
     CacheLayout, DecodeInputs, DecodePlan, DecodeShape, DecodeSpec, HostDecode, ListLengths, PageOrder, SplitPolicy,
 };
 use triattn::decode::{DecodeOptions, ListLayout};
+use triattn::tuning::Dispatch;
 use triattn::{Backend, DType, Element};
 
 use crate::decode_problem::{Problem, LSE_TOL, O_TOL};
 
 fn check<T: Element>(what: &str, p: &Problem<T>, splits: SplitPolicy) -> HostDecode {
     crate::decode_problem::check(what, &Backend::Emu, p, splits)
+}
+
+/// Every variant of the 16-bit head_dim 64 and 128 families (the tuning candidates), forced
+/// through the planning path: one block of rows, rows over several blocks, and splits.
+#[test]
+fn every_candidate_of_a_decode_family_matches_the_formula() {
+    for d in [64, 128] {
+        for dtype in [DType::F16, DType::Bf16] {
+            let family = triattn::kernels::variant::decode_variant(dtype, d).unwrap().family();
+            let members = triattn::kernels::variant::family_members(&family);
+            assert_eq!(members.len(), 3, "{family}: the built-in variant and two candidates");
+            for v in members {
+                let forced = Dispatch::forcing(&[v]);
+                let what = v.symbol();
+                if dtype == DType::F16 {
+                    let p = Problem::<f16>::random(d as u64 + 3, 1, 1, 4, 2, d, 64, 1, 300)
+                        .with_lists(ListLayout::PerKvHead, 290, 9)
+                        .with_dispatch(forced.clone());
+                    check(&format!("{what} G 2"), &p, SplitPolicy::Fixed(1));
+                    let p = Problem::<f16>::random(d as u64 + 4, 1, 1, 12, 1, d, 96, 1, 300)
+                        .with_lists(ListLayout::Shared, 290, 3)
+                        .with_sinks(2)
+                        .with_dispatch(forced);
+                    check(&format!("{what} G 12 split"), &p, SplitPolicy::Fixed(2));
+                } else {
+                    let p = Problem::<bf16>::random(d as u64 + 5, 1, 1, 8, 2, d, d, 1, 300)
+                        .with_lists(ListLayout::PerKvHead, 290, 9)
+                        .with_dispatch(forced.clone());
+                    check(&format!("{what} G 4"), &p, SplitPolicy::Fixed(1));
+                    let p = Problem::<bf16>::random(d as u64 + 6, 1, 1, 6, 1, d, d, 2, 300).with_dispatch(forced);
+                    check(&format!("{what} G 6 T 2 dense split"), &p, SplitPolicy::Fixed(3));
+                }
+            }
+        }
+    }
 }
 
 #[test]

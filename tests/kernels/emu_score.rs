@@ -13,9 +13,10 @@ use half::{bf16, f16};
 use triattn::cpu;
 use triattn::cuda::PageOrder;
 use triattn::kernels::emu;
-use triattn::kernels::variant::{self, Kernel, HEAD_DIMS};
+use triattn::kernels::variant::{self, Kernel, Variant, HEAD_DIMS};
 use triattn::kernels::{KeyLayout, RowPartial, ScoreShape, ScoreSpec, WeightsScope};
 use triattn::score::{NormTerm, OffsetAggregation, RoundWeights, ScoreConfig, TrigTerm};
+use triattn::tuning::Dispatch;
 use triattn::{DType, Element, LayerView, PairingStyle};
 
 fn config(aggregation: OffsetAggregation) -> ScoreConfig {
@@ -45,7 +46,6 @@ fn tolerance(_aggregation: OffsetAggregation, _n: usize) -> f64 {
     4e-6
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_layer<T: Element>(
     d: usize,
     heads: usize,
@@ -55,6 +55,21 @@ fn check_layer<T: Element>(
     aggregation: OffsetAggregation,
     seed: u64,
 ) -> f64 {
+    check_layer_with::<T>(d, heads, kv_heads, n, style, aggregation, seed, &Dispatch::built_in())
+}
+
+/// [`check_layer`] on the variant `dispatch` picks.
+#[allow(clippy::too_many_arguments)]
+fn check_layer_with<T: Element>(
+    d: usize,
+    heads: usize,
+    kv_heads: usize,
+    n: usize,
+    style: PairingStyle,
+    aggregation: OffsetAggregation,
+    seed: u64,
+    dispatch: &Dispatch,
+) -> f64 {
     let st = random_stats(2, heads, d, seed);
     let w = RoundWeights::build(&st, style, &omega(d), 1.21, 31_337, &config(aggregation)).unwrap();
     let data = random_keys::<T>(kv_heads * n * d, d, seed ^ 0x55);
@@ -62,7 +77,7 @@ fn check_layer<T: Element>(
     let mut cpu_out = vec![0f32; heads * n];
     let mut emu_out = vec![f32::NAN; heads * n];
     cpu::score::score_layer(&w, 1, &view, style, &mut cpu_out).unwrap();
-    emu::score_layer(&w, 1, &view, style, &mut emu_out).unwrap();
+    emu::score_layer_tuned(&w, 1, &view, style, &mut emu_out, dispatch).unwrap();
     let worst = worst_relative(&emu_out, &cpu_out, n);
     let tol = tolerance(aggregation, n);
     if std::env::var_os("TRIATTN_EMU_REPORT").is_some() {
@@ -107,27 +122,44 @@ fn exact_layer<T: Element>(w: &RoundWeights, layer: usize, keys: &LayerView<'_, 
     out
 }
 
-fn block_keys(dtype: DType, d: usize, algo: variant::ScoreAlgo) -> usize {
-    match variant::score_variant(dtype, d, algo).unwrap().kernel {
+fn block_keys(v: Variant) -> usize {
+    match v.kernel {
         Kernel::Score { block_keys, .. } => block_keys,
         _ => unreachable!(),
     }
 }
 
+/// Every variant of every scoring family of `T` (the tuning candidates too), each forced through
+/// the planning path with [`Dispatch::forcing`].
 fn every_variant_of<T: Element>() {
     for d in HEAD_DIMS {
         for (aggregation, algo) in
             [(OffsetAggregation::Mean, variant::ScoreAlgo::Mean), (OffsetAggregation::Max, variant::ScoreAlgo::Max)]
         {
-            let bn = block_keys(T::DTYPE, d, algo);
-            let mut worst = 0f64;
-            for style in [PairingStyle::Half, PairingStyle::Interleaved] {
-                // Two tiles, the second partial; GQA group of 4 over 2 KV heads.
-                worst = worst.max(check_layer::<T>(d, 8, 2, bn + 3, style, aggregation, d as u64 * 7 + 1));
+            let family = variant::score_variant(T::DTYPE, d, algo).unwrap().family();
+            let members = variant::family_members(&family);
+            assert!(!members.is_empty());
+            for v in members {
+                let forced = Dispatch::forcing(&[v]);
+                let bn = block_keys(v);
+                let mut worst = 0f64;
+                for style in [PairingStyle::Half, PairingStyle::Interleaved] {
+                    // Two tiles, the second partial; GQA group of 4 over 2 KV heads.
+                    worst = worst.max(check_layer_with::<T>(
+                        d,
+                        8,
+                        2,
+                        bn + 3,
+                        style,
+                        aggregation,
+                        d as u64 * 7 + 1,
+                        &forced,
+                    ));
+                }
+                // N = 1, one KV head serving all heads.
+                worst = worst.max(check_layer_with::<T>(d, 4, 1, 1, PairingStyle::Half, aggregation, 99, &forced));
+                eprintln!("{}: worst {worst:.2e} std", v.symbol());
             }
-            // N = 1, one KV head serving all heads.
-            worst = worst.max(check_layer::<T>(d, 4, 1, 1, PairingStyle::Half, aggregation, 99));
-            eprintln!("{} d{d} {aggregation:?}: worst {worst:.2e} std", T::DTYPE);
         }
     }
 }

@@ -10,6 +10,7 @@ use triattn::cpu::decode::{LayerDecode, SlotLists};
 use triattn::decode::DecodeOptions;
 use triattn::io::{FileDType, Tensor, TensorFile};
 use triattn::round::Backend;
+use triattn::tuning::Dispatch;
 use triattn::{DType, Element, Error, LayerView, Result};
 
 use super::round_backend;
@@ -154,6 +155,7 @@ fn read_sinks(a: &DecodeArgs, x: &Inputs) -> Result<Option<Vec<Vec<f32>>>> {
 pub fn decode(a: DecodeArgs) -> Result<()> {
     let options = DecodeOptions { scale: positive("--scale", &a.scale)?, softcap: positive("--softcap", &a.softcap)? };
     let backend = round_backend(a.backend)?;
+    let dispatch = super::dispatch_for(&backend, a.tuning.as_deref())?;
     let qf = TensorFile::read(&a.q)?;
     let kvf = TensorFile::read(&a.kv)?;
     let x = read_inputs(&qf, &kvf)?;
@@ -161,9 +163,9 @@ pub fn decode(a: DecodeArgs) -> Result<()> {
     let sinks = read_sinks(&a, &x)?;
     let t0 = Instant::now();
     let (outputs, kernels) = match x.q_dtype {
-        DType::F32 => by_cache::<f32>(&x, &lists, sinks.as_deref(), &options, &backend)?,
-        DType::F16 => by_cache::<half::f16>(&x, &lists, sinks.as_deref(), &options, &backend)?,
-        DType::Bf16 => by_cache::<half::bf16>(&x, &lists, sinks.as_deref(), &options, &backend)?,
+        DType::F32 => by_cache::<f32>(&x, &lists, sinks.as_deref(), &options, &backend, &dispatch)?,
+        DType::F16 => by_cache::<half::f16>(&x, &lists, sinks.as_deref(), &options, &backend, &dispatch)?,
+        DType::Bf16 => by_cache::<half::bf16>(&x, &lists, sinks.as_deref(), &options, &backend, &dispatch)?,
     };
     let elapsed = t0.elapsed();
     if a.verbose {
@@ -201,11 +203,12 @@ fn by_cache<Q: Element>(
     sinks: Option<&[Vec<f32>]>,
     options: &DecodeOptions,
     backend: &Backend,
+    dispatch: &Dispatch,
 ) -> Result<(Vec<LayerDecode>, Option<Launches>)> {
     match x.kv_dtype {
-        DType::F32 => typed::<Q, f32>(x, lists, sinks, options, backend),
-        DType::F16 => typed::<Q, half::f16>(x, lists, sinks, options, backend),
-        DType::Bf16 => typed::<Q, half::bf16>(x, lists, sinks, options, backend),
+        DType::F32 => typed::<Q, f32>(x, lists, sinks, options, backend, dispatch),
+        DType::F16 => typed::<Q, half::f16>(x, lists, sinks, options, backend, dispatch),
+        DType::Bf16 => typed::<Q, half::bf16>(x, lists, sinks, options, backend, dispatch),
     }
 }
 
@@ -215,6 +218,7 @@ fn typed<Q: Element, T: Element>(
     sinks: Option<&[Vec<f32>]>,
     options: &DecodeOptions,
     backend: &Backend,
+    dispatch: &Dispatch,
 ) -> Result<(Vec<LayerDecode>, Option<Launches>)> {
     let q: Vec<Vec<Q>> = x.q.iter().map(|t| Q::decode_le(&t.data)).collect();
     let k: Vec<Vec<T>> = x.k.iter().map(|t| T::decode_le(&t.data)).collect();
@@ -227,7 +231,7 @@ fn typed<Q: Element, T: Element>(
         let out = triattn::cpu::decode::decode(&qs, x.queries_per_head, &kv, &vv, lists, ss.as_deref(), options)?;
         return Ok((out, None));
     }
-    kernel_decode::<Q, T>(x, lists, sinks, options, backend, &q, &k, &v)
+    kernel_decode::<Q, T>(x, lists, sinks, options, backend, dispatch, &q, &k, &v)
 }
 
 /// `[Hkv, N, dim]` views of every layer's tensor.
@@ -253,17 +257,18 @@ fn kernel_decode<Q: Element, T: Element>(
     sinks: Option<&[Vec<f32>]>,
     options: &DecodeOptions,
     backend: &Backend,
+    dispatch: &Dispatch,
     q: &[Vec<Q>],
     k: &[Vec<T>],
     v: &[Vec<T>],
 ) -> Result<(Vec<LayerDecode>, Option<Launches>)> {
     #[cfg(not(any(feature = "emu", feature = "cuda")))]
     {
-        let _ = (x, lists, sinks, options, q, k, v);
+        let _ = (x, lists, sinks, options, dispatch, q, k, v);
         Err(Error::invalid_argument("--backend", "cpu (this build has no kernel backend)", backend.name()))
     }
     #[cfg(any(feature = "emu", feature = "cuda"))]
-    kernel_decode_on(x, lists, sinks, options, backend, q, k, v)
+    kernel_decode_on(x, lists, sinks, options, backend, dispatch, q, k, v)
 }
 
 #[cfg(any(feature = "emu", feature = "cuda"))]
@@ -274,6 +279,7 @@ fn kernel_decode_on<Q: Element, T: Element>(
     sinks: Option<&[Vec<f32>]>,
     options: &DecodeOptions,
     backend: &Backend,
+    dispatch: &Dispatch,
     q: &[Vec<Q>],
     k: &[Vec<T>],
     v: &[Vec<T>],
@@ -290,25 +296,28 @@ fn kernel_decode_on<Q: Element, T: Element>(
         Backend::Cuda(dev) => dev.backend().sm_count(),
         _ => 16,
     };
-    let plan = DecodePlan::new(DecodeShape {
-        dtype: T::DTYPE,
-        query_dtype: Q::DTYPE,
-        num_seqs: 1,
-        num_layers: x.layers,
-        num_heads: x.heads,
-        num_kv_heads: x.kv_heads,
-        head_dim: x.head_dim,
-        value_dim: x.value_dim,
-        num_queries: x.queries_per_head,
-        len: x.slots,
-        layout: CacheLayout::Contiguous { keys: strides(x.head_dim), values: strides(x.value_dim) },
-        lists: lists.layout(),
-        list_capacity: capacity,
-        list_lengths: ListLengths::PerList,
-        sinks: sinks.is_some(),
-        options: *options,
-        splits: SplitPolicy::Auto { sm_count },
-    })?;
+    let plan = DecodePlan::tuned(
+        DecodeShape {
+            dtype: T::DTYPE,
+            query_dtype: Q::DTYPE,
+            num_seqs: 1,
+            num_layers: x.layers,
+            num_heads: x.heads,
+            num_kv_heads: x.kv_heads,
+            head_dim: x.head_dim,
+            value_dim: x.value_dim,
+            num_queries: x.queries_per_head,
+            len: x.slots,
+            layout: CacheLayout::Contiguous { keys: strides(x.head_dim), values: strides(x.value_dim) },
+            lists: lists.layout(),
+            list_capacity: capacity,
+            list_lengths: ListLengths::PerList,
+            sinks: sinks.is_some(),
+            options: *options,
+            splits: SplitPolicy::Auto { sm_count },
+        },
+        dispatch,
+    )?;
     let queries: Vec<Q> = q.iter().flatten().copied().collect();
     let sink_flat: Option<Vec<f32>> = sinks.map(|s| s.iter().flatten().copied().collect());
     let keys: Vec<&[T]> = k.iter().map(Vec::as_slice).collect();
@@ -333,9 +342,11 @@ fn kernel_decode_on<Q: Element, T: Element>(
         })
         .collect();
     let spec = plan.spec();
-    let mut launches = vec![("decode", spec.variant().symbol(), got.timings.get(Stage::Decode))];
+    let source = dispatch.describe(plan.variant_source());
+    let mut launches =
+        vec![("decode", format!("{} ({source})", spec.variant().symbol()), got.timings.get(Stage::Decode))];
     if let Some(v) = spec.combine_variant() {
-        launches.push(("combine", v.symbol(), got.timings.get(Stage::Combine)));
+        launches.push(("combine", format!("{} (built-in)", v.symbol()), got.timings.get(Stage::Combine)));
     }
     Ok((outputs, Some(launches)))
 }

@@ -136,7 +136,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     }
     let scorer = qwen3_8b(a.layers)?;
     let sim = Simulator::new(&scorer, a.prompt, a.seed);
-    let compressor = Compressor::new(config, scorer)?.with_backend(super::round_backend(a.backend)?);
+    let backend = super::round_backend(a.backend)?;
+    let dispatch = super::dispatch_for(&backend, a.tuning.as_deref())?;
+    let compressor = Compressor::new(config, scorer)?.with_backend(backend).with_dispatch(dispatch);
     let m = &compressor.scorer().model;
     let (layers, kv_heads, d) = (m.num_layers, m.num_kv_heads, m.head_dim);
     let threshold = config.budget + config.divide_length;

@@ -1,8 +1,11 @@
 //! The subcommands of `triattn`.
 
+#[cfg(any(feature = "emu", feature = "cuda"))]
+mod autotune;
 mod bench;
 mod decode;
 mod demo;
+mod tuning;
 
 use std::time::Instant;
 
@@ -17,9 +20,18 @@ use triattn::{DType, Element, LayerView};
 use triattn::{Error, Result};
 use triattn::{ModelConfig, PairingStyle};
 
+#[cfg(any(feature = "emu", feature = "cuda"))]
+pub use autotune::autotune;
+
+/// `triattn autotune` in a build without kernels.
+#[cfg(not(any(feature = "emu", feature = "cuda")))]
+pub fn autotune(_: crate::AutotuneArgs) -> Result<()> {
+    Err(Error::unsupported("autotune: expected a build with kernels (--features cuda, or emu), got one without"))
+}
 pub use bench::bench;
 pub use decode::decode;
 pub use demo::demo;
+pub(crate) use tuning::dispatch_for;
 
 use crate::{
     AggArg, BackendArg, CalibrateArgs, CompressArgs, ConvertArgs, InfoArgs, KernelsArgs, ModeArg, PolicyArgs,
@@ -208,7 +220,8 @@ struct Compressed {
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
     compact: std::time::Duration,
-    /// Kernel symbols per stage (emu), for `--verbose`.
+    /// Kernel symbols per stage and where each choice came from (kernel backends), for
+    /// `--verbose`.
     kernels: Vec<(&'static str, String)>,
 }
 
@@ -252,8 +265,10 @@ fn compress_cpu<T: Element>(
 
 /// Every stage, compaction included, as one device round on a kernel backend (emu or cuda).
 #[cfg(any(feature = "emu", feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
 fn compress_device<T: Element>(
     backend: &Backend,
+    dispatch: &triattn::tuning::Dispatch,
     config: &CompressionConfig,
     scorer: &Scorer,
     cache: &DumpedCache,
@@ -277,7 +292,7 @@ fn compress_device<T: Element>(
     };
     let kept = config.outcome(n, prefix_len.min(n)).kept(n);
     shape.compaction = Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) };
-    let plan = RoundPlan::new(scorer, config, shape)?;
+    let plan = RoundPlan::tuned(scorer, config, shape, dispatch)?;
     let keys: Vec<Vec<T>> = cache.k.iter().map(|t| T::decode_le(&t.data)).collect();
     let values: Vec<Vec<T>> = cache.v.iter().map(|t| T::decode_le(&t.data)).collect();
     let zero = T::from_f32(0.0);
@@ -305,7 +320,12 @@ fn compress_device<T: Element>(
         k: encode(k_out),
         v: encode(v_out),
         compact: timings.get(Stage::Compact),
-        kernels: plan.stage_kernels(),
+        kernels: plan
+            .stage_kernels()
+            .into_iter()
+            .zip(plan.stage_sources())
+            .map(|((stage, symbol), (_, source))| (stage, format!("{symbol} ({})", dispatch.describe(source))))
+            .collect(),
     })
 }
 
@@ -318,11 +338,13 @@ fn compress_typed<T: Element>(
     prefix_len: usize,
 ) -> Result<TensorFile> {
     let backend = round_backend(a.backend)?;
+    let dispatch = dispatch_for(&backend, a.tuning.as_deref())?;
     let done = match backend {
         Backend::Cpu => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
         #[cfg(any(feature = "emu", feature = "cuda"))]
-        ref device => compress_device::<T>(device, config, scorer, cache, round_start, prefix_len)?,
+        ref device => compress_device::<T>(device, &dispatch, config, scorer, cache, round_start, prefix_len)?,
     };
+    let _ = &dispatch;
     let result = &done.result;
     let name = backend.name();
     let kernel = |stage: &str| {
@@ -424,6 +446,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         BackendArg::Cpu => Backend::Cpu,
         other => round_backend(other).map_err(|e| e.context("calibrate"))?,
     };
+    // The calibrate kernels have one variant per dtype: a table is read and checked, and names
+    // nothing to choose here.
+    dispatch_for(&backend, a.tuning.as_deref())?;
     let model = ModelConfig::from_file(&a.model_config)?;
     let style = style_of(a.rope_style);
     let mut acc =
