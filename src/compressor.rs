@@ -255,6 +255,50 @@ impl Compressor {
 }
 
 /// Each (layer, KV head) keeps the positions of its kept slots.
+/// Evict by a selection made elsewhere: keep, for every (layer, KV head) row `r = l * Hkv + g`,
+/// the slots `keep[r]` (strictly ascending, all of one length K <= `cache.len`), compacting K
+/// and V in place in slot order and updating the positions of `seq`. This is the selection input
+/// of a round: any scorer (H2O's accumulated attention, SnapKV's observation window, a recency
+/// rule) can drive the same compaction as TriAttention's own rounds.
+///
+/// # Errors
+/// `ShapeMismatch` for a wrong number of rows or rows of different lengths (nothing is moved);
+/// `InvalidArgument` naming the row for a slot out of range or out of order.
+pub fn evict<T: Element>(cache: &mut KvCache<T>, seq: &mut SequenceState, keep: &[Vec<u32>]) -> Result<()> {
+    let (layers, hkv) = (cache.num_layers, cache.num_kv_heads);
+    if keep.len() != layers * hkv {
+        return Err(Error::shape("keep rows", format!("{layers} x {hkv} (layers x KV heads)"), keep.len()));
+    }
+    if seq.positions.len() != layers * hkv || seq.len() != cache.len {
+        return Err(Error::shape("sequence state", format!("{} rows of {} slots", layers * hkv, cache.len), seq.len()));
+    }
+    let k = keep[0].len();
+    for (r, row) in keep.iter().enumerate() {
+        if row.len() != k {
+            return Err(Error::shape(format!("keep row {r}"), k, row.len()));
+        }
+        if row.windows(2).any(|w| w[0] >= w[1]) || row.last().is_some_and(|&s| s as usize >= cache.len) {
+            return Err(Error::invalid_argument(
+                format!("keep row {r}"),
+                format!("strictly ascending slots below {}", cache.len),
+                format!("{row:?}"),
+            ));
+        }
+    }
+    let (cap, d, dv) = (cache.capacity, cache.head_dim, cache.value_dim);
+    for l in 0..layers {
+        for g in 0..hkv {
+            let row = &keep[l * hkv + g];
+            cpu::compact::compact_in_place(&mut cache.k[l][g * cap * d..(g + 1) * cap * d], d, d, row)?;
+            cpu::compact::compact_in_place(&mut cache.v[l][g * cap * dv..(g + 1) * cap * dv], dv, dv, row)?;
+            let pos = &mut seq.positions[l * hkv + g];
+            *pos = row.iter().map(|&s| pos[s as usize]).collect();
+        }
+    }
+    cache.len = k;
+    Ok(())
+}
+
 pub(crate) fn update_positions(
     config: &CompressionConfig,
     layers: usize,

@@ -86,7 +86,7 @@ mod variant;
 
 pub use batch::BatchItem;
 pub use cache::{KvCache, LayerView};
-pub use compressor::{Compressor, RoundReport, SequenceState};
+pub use compressor::{evict, Compressor, RoundReport, SequenceState};
 pub use dtype::{DType, Element};
 pub use error::{Error, ErrorKind, Result};
 pub use model::{ModelConfig, PairingStyle, RopeScaling};

@@ -266,3 +266,49 @@ fn protected_slots_reaching_the_budget_skip_the_round() {
     assert!(matches!(r.outcome, RoundOutcome::Skipped(_)));
     assert_eq!(r.keep[0].len(), n);
 }
+
+/// `triattn::evict` (a selection made elsewhere) compacts every (layer, KV head) row by its own
+/// keep list in slot order, updates the positions, and refuses bad lists by name with nothing
+/// moved.
+#[test]
+fn evict_keeps_the_given_rows_and_refuses_bad_lists() {
+    let (layers, hkv, d, n) = (2, 3, 4, 10);
+    let mut cache = KvCache::<f32>::new(layers, hkv, d, d, 16);
+    let mut seq = SequenceState::new(layers, hkv, 2);
+    for t in 0..n {
+        let k: Vec<f32> = (0..layers * hkv * d).map(|i| (t * 1000 + i) as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        cache.push(&k, &v).unwrap();
+        seq.advance(1);
+    }
+    let before = cache.clone();
+    let keep: Vec<Vec<u32>> = (0..layers * hkv).map(|r| vec![0, (r % 5) as u32 + 1, 7, 9]).collect();
+    for (bad, what) in [
+        (keep[..5].to_vec(), "keep rows"),
+        (
+            vec![vec![0, 1, 2]; 6].into_iter().enumerate().map(|(i, r)| if i == 4 { vec![0, 1] } else { r }).collect(),
+            "keep row 4",
+        ),
+        (vec![vec![0, 3, 3, 9]; 6], "keep row 0"),
+        (vec![vec![0, 3, 5, 10]; 6], "keep row 0"),
+    ] {
+        let e = triattn::evict(&mut cache, &mut seq, &bad).unwrap_err();
+        assert!(e.message().starts_with(what), "{}", e.message());
+        assert_eq!(cache.k, before.k, "nothing moved on {what}");
+        assert_eq!(seq.len(), n);
+    }
+    triattn::evict(&mut cache, &mut seq, &keep).unwrap();
+    assert_eq!(cache.len, 4);
+    for l in 0..layers {
+        for g in 0..hkv {
+            let row = &keep[l * hkv + g];
+            assert_eq!(seq.positions[l * hkv + g], row.iter().map(|&s| s as u64).collect::<Vec<_>>());
+            for (i, &s) in row.iter().enumerate() {
+                let src = &before.k[l][(g * 16 + s as usize) * d..][..d];
+                assert_eq!(&cache.k[l][(g * 16 + i) * d..][..d], src, "layer {l} head {g} slot {i}");
+                let src = &before.v[l][(g * 16 + s as usize) * d..][..d];
+                assert_eq!(&cache.v[l][(g * 16 + i) * d..][..d], src);
+            }
+        }
+    }
+}
