@@ -53,6 +53,22 @@ pub struct Session<'m> {
     attended: Option<Vec<Vec<u64>>>,
 }
 
+/// TriAttention's knobs beside the budget: the RoPE pairing of the scores, the selection mode
+/// (the paper's: one keep set per KV head shared across layers) and a window of recent slots
+/// always kept (the paper's: none).
+#[derive(Clone, Copy, Debug)]
+pub struct TriOptions {
+    pub pairing: triattn::PairingStyle,
+    pub mode: triattn::SelectionMode,
+    pub window: usize,
+}
+
+impl Default for TriOptions {
+    fn default() -> Self {
+        Self { pairing: PAIRING, mode: triattn::SelectionMode::PerHead, window: 0 }
+    }
+}
+
 /// The compression config of a budget: the paper preset with `divide_length`, the prompt not
 /// protected (the chat template's system turn alone is ~30 tokens, a large share of the small
 /// budgets this model is evaluated at).
@@ -95,13 +111,33 @@ impl<'m> Session<'m> {
         max_tokens: usize,
         pairing: triattn::PairingStyle,
     ) -> AppResult<Self> {
+        let options = TriOptions { pairing, ..TriOptions::default() };
+        Self::with_options(model, method, budget, divide_length, stats, prompt_len, max_tokens, options)
+    }
+
+    /// [`Session::new`] with TriAttention's `options` (pairing, selection mode, window).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_options(
+        model: &'m Model,
+        method: Method,
+        budget: usize,
+        divide_length: usize,
+        stats: Option<&Stats>,
+        prompt_len: usize,
+        max_tokens: usize,
+        options: TriOptions,
+    ) -> AppResult<Self> {
+        let pairing = options.pairing;
         let c = &model.config;
         let (compressor, capacity) = match method {
             Method::Full => (None, max_tokens),
             Method::TriAttention => {
                 let stats = stats.ok_or("triattention needs statistics (smollm2 calibrate writes them)")?;
                 let scorer = Scorer::new(c.triattn_model()?, stats.clone(), Some(pairing))?;
-                let compressor = Compressor::new(config(budget, divide_length)?, scorer)?;
+                let config =
+                    CompressionConfig { mode: options.mode, window: options.window, ..config(budget, divide_length)? };
+                config.validate()?;
+                let compressor = Compressor::new(config, scorer)?;
                 (Some(compressor), (budget + divide_length).min(max_tokens))
             }
         };

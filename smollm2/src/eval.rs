@@ -25,12 +25,20 @@ use std::time::Instant;
 
 use triattn::{evict, Stats};
 
-use crate::engine::{config, Method as Engine, Session};
+use crate::engine::{config, Method as Engine, Session, TriOptions};
 use crate::model::{argmax, Model, Observer};
 use crate::AppResult;
 
 /// The methods compared, in report order.
 pub const METHODS: [&str; 6] = ["full", "triattention", "streamingllm", "snapkv", "h2o", "random"];
+
+/// Ablations of TriAttention's preset, run only when named (`--methods`): one keep set per layer
+/// and KV head instead of one per KV head shared across layers, and a window of recent slots
+/// always kept.
+pub const ABLATIONS: [&str; 2] = ["triattention-layers", "triattention-window"];
+
+/// Recent slots the `triattention-window` ablation keeps.
+const ABLATION_WINDOW: usize = 16;
 
 const SINKS: usize = 4;
 const SNAP_WINDOW: usize = 16;
@@ -294,13 +302,19 @@ pub fn run_paired(
     pairing: triattn::PairingStyle,
 ) -> AppResult<Scores> {
     let t0 = Instant::now();
+    let mut options = TriOptions { pairing, ..TriOptions::default() };
+    match method {
+        "triattention-layers" => options.mode = triattn::SelectionMode::PerLayerPerHead,
+        "triattention-window" => options.window = ABLATION_WINDOW.min(budget / 2),
+        _ => {}
+    }
     let c = &model.config;
     let (l, h, hkv) = (c.layers, c.heads, c.kv_heads);
     let total = r.prompt.len() + r.tokens.len();
-    let engine = if method == "triattention" { Engine::TriAttention } else { Engine::Full };
+    let engine = if method.starts_with("triattention") { Engine::TriAttention } else { Engine::Full };
     let bounded = method != "full";
     let capacity = if bounded { budget + divide } else { total };
-    let mut s = Session::with_pairing(model, engine, budget, divide, Some(stats), r.prompt.len(), capacity, pairing)?;
+    let mut s = Session::with_options(model, engine, budget, divide, Some(stats), r.prompt.len(), capacity, options)?;
     let cfg = config(budget, divide)?;
     let mut baseline = match method {
         "streamingllm" => Some(Baseline::StreamingLlm),

@@ -183,11 +183,13 @@ fn run_eval(
         Some(m) => m
             .iter()
             .map(|x| {
-                eval::METHODS
-                    .iter()
-                    .copied()
-                    .find(|k| k == x)
-                    .ok_or_else(|| format!("--methods: unknown method {x}; expected one of {:?}", eval::METHODS))
+                eval::METHODS.iter().chain(&eval::ABLATIONS).copied().find(|k| k == x).ok_or_else(|| {
+                    format!(
+                        "--methods: unknown method {x}; expected one of {:?} or {:?}",
+                        eval::METHODS,
+                        eval::ABLATIONS
+                    )
+                })
             })
             .collect::<Result<_, _>>()?,
     };
