@@ -95,24 +95,7 @@ impl<'m> Session<'m> {
         prompt_len: usize,
         max_tokens: usize,
     ) -> AppResult<Self> {
-        Self::with_pairing(model, method, budget, divide_length, stats, prompt_len, max_tokens, PAIRING)
-    }
-
-    /// [`Session::new`] scoring with RoPE pairing `pairing` (the model's is [`PAIRING`]; the other
-    /// is the ablation that shows why it matters).
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_pairing(
-        model: &'m Model,
-        method: Method,
-        budget: usize,
-        divide_length: usize,
-        stats: Option<&Stats>,
-        prompt_len: usize,
-        max_tokens: usize,
-        pairing: triattn::PairingStyle,
-    ) -> AppResult<Self> {
-        let options = TriOptions { pairing, ..TriOptions::default() };
-        Self::with_options(model, method, budget, divide_length, stats, prompt_len, max_tokens, options)
+        Self::with_options(model, method, budget, divide_length, stats, prompt_len, max_tokens, TriOptions::default())
     }
 
     /// [`Session::new`] with TriAttention's `options` (pairing, selection mode, window).
@@ -127,13 +110,12 @@ impl<'m> Session<'m> {
         max_tokens: usize,
         options: TriOptions,
     ) -> AppResult<Self> {
-        let pairing = options.pairing;
         let c = &model.config;
         let (compressor, capacity) = match method {
             Method::Full => (None, max_tokens),
             Method::TriAttention => {
                 let stats = stats.ok_or("triattention needs statistics (smollm2 calibrate writes them)")?;
-                let scorer = Scorer::new(c.triattn_model()?, stats.clone(), Some(pairing))?;
+                let scorer = Scorer::new(c.triattn_model()?, stats.clone(), Some(options.pairing))?;
                 let config =
                     CompressionConfig { mode: options.mode, window: options.window, ..config(budget, divide_length)? };
                 config.validate()?;

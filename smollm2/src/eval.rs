@@ -82,12 +82,10 @@ pub struct Reference {
 /// Records the attention of every layer of one step, `[L][H * n]` flattened.
 struct Recorder {
     step: Vec<f32>,
-    n: usize,
 }
 
 impl Observer for Recorder {
-    fn attention(&mut self, _layer: usize, probs: &[f32], n: usize) {
-        self.n = n;
+    fn attention(&mut self, _layer: usize, probs: &[f32], _n: usize) {
         self.step.extend_from_slice(probs);
     }
     fn wants_attention(&self) -> bool {
@@ -108,7 +106,7 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 pub fn reference(model: &Model, prompt: &[u32], tokens: usize) -> AppResult<Reference> {
     let t0 = Instant::now();
     let mut s = Session::new(model, Engine::Full, 0, 0, None, prompt.len(), prompt.len() + tokens)?;
-    let mut rec = Recorder { step: Vec::new(), n: 0 };
+    let mut rec = Recorder { step: Vec::new() };
     let mut logits = Vec::new();
     for (i, &t) in prompt.iter().enumerate() {
         rec.step.clear();
@@ -143,14 +141,12 @@ struct Tracker<'a> {
     baseline: &'a mut Option<Baseline>,
     heads: usize,
     kv_heads: usize,
-    layers: usize,
+    /// SnapKV: this step's attention, `[L][H * n]`.
     step: Vec<f32>,
-    n: usize,
 }
 
 impl Observer for Tracker<'_> {
     fn attention(&mut self, layer: usize, probs: &[f32], n: usize) {
-        self.n = n;
         match self.baseline {
             Some(Baseline::H2o(acc)) => {
                 let group = self.heads / self.kv_heads;
@@ -169,7 +165,6 @@ impl Observer for Tracker<'_> {
                     self.step.clear();
                 }
                 self.step.extend_from_slice(probs);
-                let _ = self.layers;
             }
             _ => {}
         }
@@ -326,8 +321,7 @@ pub fn run_paired(
     let (mut kl, mut top1, mut recall, mut steps, mut rounds) = (0f64, 0usize, 0f64, 0usize, 0usize);
     let fed: Vec<u32> = r.prompt.iter().chain(&r.tokens[..r.tokens.len() - 1]).copied().collect();
     for (i, &t) in fed.iter().enumerate() {
-        let mut tracker =
-            Tracker { baseline: &mut baseline, heads: h, kv_heads: hkv, layers: l, step: Vec::new(), n: 0 };
+        let mut tracker = Tracker { baseline: &mut baseline, heads: h, kv_heads: hkv, step: Vec::new() };
         let logits = s.feed(t, &mut tracker)?;
         let snap_step = std::mem::take(&mut tracker.step);
         if let Some(Baseline::SnapKv(window)) = &mut baseline {

@@ -141,27 +141,27 @@ impl Model {
         let mut tensor = |name: &str| {
             content.tensor(&mut file, name, &device).map_err(|e| -> crate::AppError { format!("{name}: {e}").into() })
         };
-        let vector = |t: candle_core::quantized::QTensor| -> AppResult<Vec<f32>> {
+        let vector = |t: &candle_core::quantized::QTensor| -> AppResult<Vec<f32>> {
             Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
         };
         let embed_q = tensor("token_embd.weight")?;
-        let embed = vector(tensor("token_embd.weight")?)?;
+        let embed = vector(&embed_q)?;
         let mut layers = Vec::with_capacity(config.layers);
         for l in 0..config.layers {
             let p = |n: &str| format!("blk.{l}.{n}.weight");
             layers.push(Layer {
-                attn_norm: vector(tensor(&p("attn_norm"))?)?,
+                attn_norm: vector(&tensor(&p("attn_norm"))?)?,
                 q: QMatMul::from_qtensor(tensor(&p("attn_q"))?)?,
                 k: QMatMul::from_qtensor(tensor(&p("attn_k"))?)?,
                 v: QMatMul::from_qtensor(tensor(&p("attn_v"))?)?,
                 o: QMatMul::from_qtensor(tensor(&p("attn_output"))?)?,
-                ffn_norm: vector(tensor(&p("ffn_norm"))?)?,
+                ffn_norm: vector(&tensor(&p("ffn_norm"))?)?,
                 gate: QMatMul::from_qtensor(tensor(&p("ffn_gate"))?)?,
                 up: QMatMul::from_qtensor(tensor(&p("ffn_up"))?)?,
                 down: QMatMul::from_qtensor(tensor(&p("ffn_down"))?)?,
             });
         }
-        let out_norm = vector(tensor("output_norm.weight")?)?;
+        let out_norm = vector(&tensor("output_norm.weight")?)?;
         // Tied embeddings: the output projection is the token embedding unless the file has one.
         let lm_head = match tensor("output.weight") {
             Ok(t) => QMatMul::from_qtensor(t)?,
@@ -199,17 +199,20 @@ impl Model {
         x.iter().zip(w).map(|(v, g)| v * scale * g).collect()
     }
 
-    /// Rotate each head of `x` (`[heads, D]`) at `position`: pairs (2i, 2i + 1).
-    fn rope(&self, x: &mut [f32], position: u64) {
-        let d = self.config.head_dim;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = self
-            .inv_freq
+    /// `(cos, sin)` of every rotary pair's angle at `position`.
+    fn rope_angles(&self, position: u64) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
             .iter()
             .map(|f| {
                 let a = position as f64 * f;
                 (a.cos() as f32, a.sin() as f32)
             })
-            .unzip();
+            .unzip()
+    }
+
+    /// Rotate each head of `x` (`[heads, D]`) by the angles `(cos, sin)`: pairs (2i, 2i + 1).
+    fn rope(&self, x: &mut [f32], (cos, sin): &(Vec<f32>, Vec<f32>)) {
+        let d = self.config.head_dim;
         for head in x.chunks_exact_mut(d) {
             for i in 0..d / 2 {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -246,14 +249,15 @@ impl Model {
         let group = h / hkv;
         let scale = 1.0 / (d as f32).sqrt();
         let mut probs = vec![0f32; h * n];
+        let angles = self.rope_angles(position);
         for (l, layer) in self.layers.iter().enumerate() {
             let xn = self.rms_norm(&x, &layer.attn_norm);
             let mut q = self.matvec(&layer.q, &xn)?;
             let mut k = self.matvec(&layer.k, &xn)?;
             let v = self.matvec(&layer.v, &xn)?;
             observer.queries(l, &q);
-            self.rope(&mut q, position);
-            self.rope(&mut k, position);
+            self.rope(&mut q, &angles);
+            self.rope(&mut k, &angles);
             for g in 0..hkv {
                 cache.k[l][(g * cap + slot) * d..(g * cap + slot + 1) * d].copy_from_slice(&k[g * d..(g + 1) * d]);
                 cache.v[l][(g * cap + slot) * d..(g * cap + slot + 1) * d].copy_from_slice(&v[g * d..(g + 1) * d]);

@@ -104,6 +104,16 @@ pub struct SelectAddresses {
     pub prefixes: u64,
 }
 
+/// The built-in rule of family `select f32` for rows of `len` slots: a single-block variant up to
+/// [`SELECT_SINGLE_MAX_LEN`], the multi-block path (named by its first kernel) beyond.
+pub(crate) fn built_in_variant(len: usize) -> Variant {
+    if len > SELECT_SINGLE_MAX_LEN {
+        variant::select_pass_variant(SelectPhase::Histogram)
+    } else {
+        variant::select_variant(len)
+    }
+}
+
 impl SelectSpec {
     /// Validate `shape` and pick the path for its row length: single-block up to
     /// [`SELECT_SINGLE_MAX_LEN`] slots, multi-block beyond.
@@ -122,7 +132,7 @@ impl SelectSpec {
     /// As [`Self::new`].
     pub fn tuned(shape: SelectShape, dispatch: &Dispatch) -> Result<(Self, ChoiceSource)> {
         let multi = variant::select_pass_variant(SelectPhase::Histogram);
-        let default = if shape.len > SELECT_SINGLE_MAX_LEN { multi } else { variant::select_variant(shape.len) };
+        let default = built_in_variant(shape.len);
         let bucket = Bucket { len: shape.len, batch: shape.rows };
         let (chosen, source) =
             dispatch.pick(&default.family(), bucket, &|_| true).unwrap_or((default, ChoiceSource::BuiltIn));

@@ -342,10 +342,7 @@ impl Tuning {
 
     /// The shipped (model or measured) table of SM version `arch`, embedded at build time.
     pub fn shipped(arch: u32) -> Option<Self> {
-        let (name, text) = SHIPPED.iter().find(|(a, _)| *a == arch).map(|(a, t)| (format!("shipped sm_{a}"), *t))?;
-        // Shipped tables name only compiled variants (a test pins it); an arch-mismatched build
-        // (fewer variants) drops what does not resolve.
-        Self::parse(text, &name, Strictness::Implicit).ok()
+        shipped_table(arch).map(|t| (*t).clone())
     }
 
     /// The per-device file of an earlier `triattn autotune` for `device` (see
@@ -361,6 +358,15 @@ impl Tuning {
             .map(Some)
             .map_err(|e| format!("{}; ignored", e.message()))
     }
+}
+
+/// What the built-in rule runs for `family` at rows of `len` slots: the family's first variant,
+/// or for `select f32` the single-block / multi-block rule; `None` for a family this build lacks.
+pub fn built_in_choice(family: &str, len: usize) -> Option<Variant> {
+    if family == variant::select_variant(1).family() {
+        return Some(crate::cuda::select::built_in_variant(len));
+    }
+    variant::family_members(family).first().copied()
 }
 
 /// The shipped tables: `(SM version, TOML)`.
@@ -385,6 +391,22 @@ pub fn today_utc() -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// The shipped table of SM version `arch`, parsed once per process (plans consult it per round).
+fn shipped_table(arch: u32) -> Option<Arc<Tuning>> {
+    static PARSED: std::sync::OnceLock<Vec<(u32, Option<Arc<Tuning>>)>> = std::sync::OnceLock::new();
+    let parsed = PARSED.get_or_init(|| {
+        // Shipped tables name only compiled variants (a test pins it); an arch-mismatched build
+        // (fewer variants) drops what does not resolve.
+        SHIPPED
+            .iter()
+            .map(|(a, text)| {
+                (*a, Tuning::parse(text, &format!("shipped sm_{a}"), Strictness::Implicit).ok().map(Arc::new))
+            })
+            .collect()
+    });
+    parsed.iter().find(|(a, _)| *a == arch).and_then(|(_, t)| t.clone())
 }
 
 /// The CUDA toolkit version (`13.0`) that compiled this build's kernels, if it compiled any.
@@ -459,7 +481,7 @@ impl Dispatch {
 
     /// The user's `table` (if any) over the shipped table of SM version `arch` (if any).
     pub fn new(user: Option<Tuning>, arch: Option<u32>) -> Self {
-        Self { user: user.map(Arc::new), shipped: arch.and_then(Tuning::shipped).map(Arc::new) }
+        Self { user: user.map(Arc::new), shipped: arch.and_then(shipped_table) }
     }
 
     /// A dispatch that runs `variants` (one per family) for every shape: what tests and
@@ -568,9 +590,7 @@ impl Dispatch {
             return Ok(None);
         }
         let mut table = match explicit.map(Path::to_path_buf).or_else(|| env.map(PathBuf::from)) {
-            Some(path) => {
-                Tuning::load(&path).map_err(|e| Error::new(e.kind(), e.message().to_string()).context("--tuning"))?
-            }
+            Some(path) => Tuning::load(&path).map_err(|e| e.context("--tuning"))?,
             None => match Tuning::find_implicit(device) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(None),

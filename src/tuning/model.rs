@@ -214,19 +214,6 @@ fn tuned_families() -> Vec<String> {
     variant::families().into_iter().filter(|f| variant::family_members(f).len() > 1).collect()
 }
 
-/// The built-in choice of `family` at `len`.
-fn built_in(family: &str, len: usize) -> Option<Variant> {
-    let members = variant::family_members(family);
-    if family == "select f32" {
-        return Some(if len > crate::kernels::SELECT_SINGLE_MAX_LEN {
-            variant::select_pass_variant(variant::SelectPhase::Histogram)
-        } else {
-            variant::select_variant(len)
-        });
-    }
-    members.first().copied()
-}
-
 /// The model's table for SM version `arch`, from this build's ptxas report; `None` when the arch
 /// is not modelled or this build did not compile it. Entries only where the model prefers a
 /// candidate over the built-in choice by more than 5%.
@@ -240,7 +227,7 @@ pub fn model_table(arch: u32) -> Option<Tuning> {
         let members = variant::family_members(&family);
         for (li, &len) in BUCKET_LENGTHS.iter().enumerate() {
             for (bi, &batch) in BUCKET_BATCHES.iter().enumerate() {
-                let default = built_in(&family, len)?;
+                let default = super::built_in_choice(&family, len)?;
                 let Some(default_t) = modelled(default, len, batch, a) else { continue };
                 let best = members
                     .iter()

@@ -164,7 +164,7 @@ pub fn autotune(a: AutotuneArgs) -> Result<()> {
                 eprintln!("autotune: {family} len {len} batch {batch}: one layer is over {max_gb} GiB, skipped");
                 continue;
             };
-            let default = default_variant(*op, dtype, d, measured);
+            let default = tuning::built_in_choice(family, measured.len);
             let mut times = Vec::new();
             for &v in members {
                 progress.step(&format!("{family} len<={len} batch<={batch} {}", v.symbol()));
@@ -285,20 +285,6 @@ fn measured_shape(
     let per_layer = (batch * model.num_kv_heads * slots * 2 * model.head_dim * dtype.size()) as f64;
     let layers = ((max_gb * GIB / per_layer) as usize).min(model.num_layers);
     (layers >= 1).then_some(Measured { len, batch, layers })
-}
-
-/// What the built-in rule runs for `op` at `m`.
-fn default_variant(op: Op, dtype: DType, d: usize, m: Measured) -> Option<Variant> {
-    match op {
-        Op::Score(algo) => variant::score_variant(dtype, d, algo),
-        Op::Select => Some(if m.len > triattn::kernels::SELECT_SINGLE_MAX_LEN {
-            variant::select_pass_variant(variant::SelectPhase::Histogram)
-        } else {
-            variant::select_variant(m.len)
-        }),
-        Op::Compact(mode) => Some(variant::compact_variant(mode)),
-        Op::Decode => variant::decode_variant(dtype, d),
-    }
 }
 
 /// The model cut to `layers` with deterministic synthetic statistics (speed does not depend on
