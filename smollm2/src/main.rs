@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use triattn_smollm2::{calibrate, default_stats, engine, eval, fetch, model, tokenizer, AppResult};
+use triattn_smollm2::{calibrate, chart, default_stats, engine, eval, fetch, model, tokenizer, AppResult};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +58,9 @@ enum Command {
         tokens: usize,
         #[arg(long, default_value_t = 96)]
         budget: usize,
-        /// Several budgets (comma separated): one reference, every method at each.
+        /// Several budgets (comma separated): one reference, every method at each; writes the
+        /// rows as CSV and a PNG chart (KL and recall against budget), `eval-<prompt file
+        /// stem>.{csv,png}` unless `--csv` / `--chart` say where.
         #[arg(long, value_delimiter = ',')]
         budgets: Option<Vec<usize>>,
         #[arg(long, default_value_t = 32)]
@@ -72,6 +74,9 @@ enum Command {
         /// Also write the rows as CSV.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Also draw the rows as a PNG chart: KL and recall against budget, a line per method.
+        #[arg(long)]
+        chart: Option<PathBuf>,
         #[arg(long)]
         stats: Option<PathBuf>,
     },
@@ -174,7 +179,7 @@ fn run_eval(
     divide_length: usize,
     methods: Option<Vec<String>>,
     json: bool,
-    csv: Option<PathBuf>,
+    outputs: EvalOutputs,
     stats: Option<PathBuf>,
 ) -> AppResult<()> {
     let prompt = std::fs::read_to_string(prompt_file).map_err(|e| format!("{}: {e}", prompt_file.display()))?;
@@ -195,6 +200,9 @@ fn run_eval(
     };
     if tokens < 2 || budgets.iter().any(|&b| b < 8) {
         return Err(format!("--tokens >= 2 and budgets >= 8 expected, got {tokens} and {budgets:?}").into());
+    }
+    if outputs.chart.is_some() {
+        chart::register_font()?;
     }
     let (model, tok) = model::Model::load(&fetch::model_path()?)?;
     let stats = triattn::Stats::load(stats.unwrap_or_else(default_stats))?;
@@ -228,14 +236,37 @@ fn run_eval(
             );
         }
     }
-    if let Some(path) = csv {
+    if let Some(path) = outputs.csv {
         let mut text = String::from("method,budget,kl,top1,recall,rounds\n");
         for s in &rows {
             text.push_str(&format!("{},{},{},{},{},{}\n", s.method, s.budget, s.kl, s.top1, s.recall, s.rounds));
         }
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        triattn_smollm2::write_atomic(&path, text.as_bytes())?;
+        eprintln!("eval: wrote {}", path.display());
+    }
+    if let Some(path) = outputs.chart {
+        let name = prompt_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let title =
+            format!("SmolLM2-135M, {name}: {} replayed tokens, divide_length {divide_length}", reference.tokens.len());
+        chart::write_png(&path, &rows, &title)?;
+        eprintln!("eval: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Where `eval` writes its rows besides stdout.
+struct EvalOutputs {
+    csv: Option<PathBuf>,
+    chart: Option<PathBuf>,
+}
+
+impl EvalOutputs {
+    /// A sweep (`--budgets`) always writes both, named after the prompt file unless given.
+    fn new(prompt_file: &std::path::Path, sweep: bool, csv: Option<PathBuf>, chart: Option<PathBuf>) -> Self {
+        let stem = prompt_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "prompt".into());
+        let default = |ext: &str| sweep.then(|| PathBuf::from(format!("eval-{stem}.{ext}")));
+        EvalOutputs { csv: csv.or_else(|| default("csv")), chart: chart.or_else(|| default("png")) }
+    }
 }
 
 fn main() -> ExitCode {
@@ -245,8 +276,18 @@ fn main() -> ExitCode {
             generate(&prompt, budget, divide_length, &method, tokens, stats)
         }
         Command::Calibrate { out, tokens } => calibrate::run(&out, tokens),
-        Command::Eval { prompt_file, tokens, budget, budgets, divide_length, methods, json, csv, stats } => {
-            run_eval(&prompt_file, tokens, budgets.unwrap_or(vec![budget]), divide_length, methods, json, csv, stats)
+        Command::Eval { prompt_file, tokens, budget, budgets, divide_length, methods, json, csv, chart, stats } => {
+            let outputs = EvalOutputs::new(&prompt_file, budgets.is_some(), csv, chart);
+            run_eval(
+                &prompt_file,
+                tokens,
+                budgets.unwrap_or(vec![budget]),
+                divide_length,
+                methods,
+                json,
+                outputs,
+                stats,
+            )
         }
     };
     match result {
