@@ -80,6 +80,7 @@ mod model;
 pub mod policy;
 pub mod round;
 pub mod score;
+pub mod shard;
 pub mod stats;
 pub mod tuning;
 mod variant;

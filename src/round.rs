@@ -154,7 +154,38 @@ pub fn run<T: Element>(
 ) -> Result<RoundResult> {
     config.validate()?;
     let model = &scorer.model;
-    if keys.len() != model.num_layers {
+    let n = check_keys(model, keys, round_start, prefix_len)?;
+    let (layers, heads, kv_heads) = (model.num_layers, model.num_heads, model.num_kv_heads);
+
+    #[cfg(any(feature = "emu", feature = "cuda"))]
+    if !backend.is_cpu() {
+        return run_device(config, scorer, keys, round_start, prefix_len, &backend);
+    }
+    #[cfg(not(any(feature = "emu", feature = "cuda")))]
+    let _ = backend;
+    let (raw, z, mut times) = score_and_normalize(config, scorer, keys, round_start, prefix_len)?;
+
+    let t = Instant::now();
+    let mut score = cpu::reduce::reduce(&z, heads, kv_heads, n, config.mode, config.group_aggregation);
+    guard_protected(config, &mut score, n, prefix_len);
+    times.reduce = t.elapsed();
+
+    let t = Instant::now();
+    let (keep, outcome) = select_sets(config, &score, n, prefix_len, config.mode.num_sets(layers, kv_heads));
+    times.select = t.elapsed();
+
+    Ok(RoundResult { n, raw, score, keep, outcome, times })
+}
+
+/// Check the keys of every layer against `model` (`[Hkv, N, D]`, equal N) and the round's
+/// offsets; returns N.
+pub(crate) fn check_keys<T: Element>(
+    model: &ModelConfig,
+    keys: &[LayerView<'_, T>],
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<usize> {
+    if keys.len() != model.num_layers || keys.is_empty() {
         return Err(Error::shape("key layers", model.num_layers, keys.len()));
     }
     let n = keys[0].len;
@@ -175,18 +206,60 @@ pub fn run<T: Element>(
     if prefix_len > n {
         return Err(Error::invalid_argument("prefix_len", format!("<= the {n} cached slots"), prefix_len));
     }
-    let (layers, heads, kv_heads) = (model.num_layers, model.num_heads, model.num_kv_heads);
-    let mut times = StageTimes::default();
+    Ok(n)
+}
 
-    #[cfg(any(feature = "emu", feature = "cuda"))]
-    if !backend.is_cpu() {
-        return run_device(config, scorer, keys, round_start, prefix_len, &backend);
+/// `+inf` on the protected slots of every reduced row (`N` slots each).
+pub(crate) fn guard_protected(config: &CompressionConfig, score: &mut [f32], n: usize, prefix_len: usize) {
+    let protection = config.protection(n, prefix_len);
+    if n > 0 {
+        for row in score.chunks_mut(n) {
+            for (slot, s) in row.iter_mut().enumerate() {
+                if protection.is_protected(slot) {
+                    *s = f32::INFINITY;
+                }
+            }
+        }
     }
-    #[cfg(not(any(feature = "emu", feature = "cuda")))]
-    let _ = backend;
+}
+
+/// The keep set of each reduced row and the round's outcome (`sets` rows of `N`).
+pub(crate) fn select_sets(
+    config: &CompressionConfig,
+    score: &[f32],
+    n: usize,
+    prefix_len: usize,
+    sets: usize,
+) -> (Vec<Vec<u32>>, RoundOutcome) {
+    let protection = config.protection(n, prefix_len);
+    let outcome = config.outcome(n, prefix_len);
+    let keep = match outcome {
+        RoundOutcome::Compressed { kept, .. } => score
+            .chunks(n)
+            .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), kept))
+            .collect(),
+        RoundOutcome::WithinBudget | RoundOutcome::Skipped(_) => vec![(0..n as u32).collect(); sets],
+    };
+    (keep, outcome)
+}
+
+/// Raw scores, their z-scores (`[H, N]` per layer) and the stage times.
+pub(crate) type RowStages = (Vec<Vec<f32>>, Vec<Vec<f32>>, StageTimes);
+
+/// The row-local stages of a round on the CPU: raw scores and their z-scores (a copy when
+/// normalisation is off), `[H, N]` per layer, with their times. The caller has checked the keys.
+pub(crate) fn score_and_normalize<T: Element>(
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    keys: &[LayerView<'_, T>],
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<RowStages> {
+    let (heads, n) = (scorer.model.num_heads, keys.first().map_or(0, |k| k.len));
+    let mut times = StageTimes::default();
     let t = Instant::now();
     let weights = scorer.weights(round_start, &config.score)?;
-    let mut raw = vec![vec![0f32; heads * n]; layers];
+    let mut raw = vec![vec![0f32; heads * n]; keys.len()];
     for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
         cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
     }
@@ -205,33 +278,7 @@ pub fn run<T: Element>(
         }
     }
     times.normalize = t.elapsed();
-
-    let t = Instant::now();
-    let mut score = cpu::reduce::reduce(&z, heads, kv_heads, n, config.mode, config.group_aggregation);
-    if n > 0 {
-        for row in score.chunks_mut(n) {
-            for (slot, s) in row.iter_mut().enumerate() {
-                if protection.is_protected(slot) {
-                    *s = f32::INFINITY;
-                }
-            }
-        }
-    }
-    times.reduce = t.elapsed();
-
-    let t = Instant::now();
-    let sets = config.mode.num_sets(layers, kv_heads);
-    let outcome = config.outcome(n, prefix_len);
-    let keep: Vec<Vec<u32>> = match outcome {
-        RoundOutcome::Compressed { kept, .. } => score
-            .chunks(n)
-            .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), kept))
-            .collect(),
-        RoundOutcome::WithinBudget | RoundOutcome::Skipped(_) => vec![(0..n as u32).collect(); sets],
-    };
-    times.select = t.elapsed();
-
-    Ok(RoundResult { n, raw, score, keep, outcome, times })
+    Ok((raw, z, times))
 }
 
 /// The round on a kernel backend: one [`crate::cuda::RoundPlan`] ending with keep sets.

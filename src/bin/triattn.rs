@@ -205,6 +205,17 @@ struct CompressArgs {
     /// the GPU's arch and the built-in rule); also `TRIATTN_TUNING`. Refused when malformed.
     #[arg(long, value_name = "FILE")]
     tuning: Option<PathBuf>,
+    /// Run the round as R tensor-parallel rank-local rounds (query heads split evenly; KV heads
+    /// split, or replicated when R exceeds them), joined only through the exposed cross-rank
+    /// reductions (an in-process all-reduce stands in for NCCL). The outputs equal one rank's.
+    #[arg(long, value_name = "R", default_value_t = 1)]
+    tp_size: usize,
+    /// Pipeline stages of equal layer counts (see --pp-layers for an uneven split).
+    #[arg(long, value_name = "P", default_value_t = 1)]
+    pp_size: usize,
+    /// Layers of each pipeline stage, comma separated (an uneven split; sets the stage count).
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', conflicts_with = "pp_size")]
+    pp_layers: Option<Vec<usize>>,
     /// Print one line per stage.
     #[arg(long, short)]
     verbose: bool,

@@ -55,6 +55,65 @@ impl Stats {
         (layer * self.num_heads + head) * self.freq_count()
     }
 
+    /// The statistics of layers `layers` and query heads `heads` (a rank's share under tensor
+    /// and pipeline parallelism), for a model slice of `kv_heads` KV heads. Sampled heads are
+    /// renumbered into the slice; metadata is kept, `num_key_value_heads` set to `kv_heads`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty range or one beyond the statistics.
+    pub fn slice(
+        &self,
+        layers: std::ops::Range<usize>,
+        heads: std::ops::Range<usize>,
+        kv_heads: usize,
+    ) -> Result<Self> {
+        if layers.is_empty() || layers.end > self.num_layers {
+            return Err(Error::invalid_argument(
+                "statistics layers",
+                format!("a range within 0..{}", self.num_layers),
+                format!("{layers:?}"),
+            ));
+        }
+        if heads.is_empty() || heads.end > self.num_heads {
+            return Err(Error::invalid_argument(
+                "statistics heads",
+                format!("a range within 0..{}", self.num_heads),
+                format!("{heads:?}"),
+            ));
+        }
+        let f = self.freq_count();
+        let take = |v: &[f32]| -> Vec<f32> {
+            layers
+                .clone()
+                .flat_map(|l| {
+                    v[self.offset(l, heads.start)..self.offset(l, heads.start) + heads.len() * f].iter().copied()
+                })
+                .collect()
+        };
+        let sampled_heads = self.sampled_heads.as_ref().map(|pairs| {
+            pairs
+                .iter()
+                .filter(|[l, h]| layers.contains(&(*l as usize)) && heads.contains(&(*h as usize)))
+                .map(|[l, h]| [*l - layers.start as i32, *h - heads.start as i32])
+                .collect()
+        });
+        let mut metadata = self.metadata.clone();
+        if metadata.contains_key("num_key_value_heads") {
+            metadata.insert("num_key_value_heads".into(), kv_heads.to_string());
+        }
+        Ok(Stats {
+            num_layers: layers.len(),
+            num_heads: heads.len(),
+            head_dim: self.head_dim,
+            rope_style: self.rope_style,
+            q_mean_real: take(&self.q_mean_real),
+            q_mean_imag: take(&self.q_mean_imag),
+            q_abs_mean: take(&self.q_abs_mean),
+            sampled_heads,
+            metadata,
+        })
+    }
+
     /// Load and validate a statistics file.
     ///
     /// # Errors

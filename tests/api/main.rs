@@ -17,6 +17,7 @@ mod decode;
 mod golden;
 mod header;
 mod properties;
+mod shard;
 mod stats_pt;
 mod tuning;
 mod variants;

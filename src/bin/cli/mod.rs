@@ -5,6 +5,7 @@ mod autotune;
 mod bench;
 mod decode;
 mod demo;
+mod shard;
 mod tuning;
 
 use std::time::Instant;
@@ -223,6 +224,8 @@ struct Compressed {
     /// Kernel symbols per stage and where each choice came from (kernel backends), for
     /// `--verbose`.
     kernels: Vec<(&'static str, String)>,
+    /// The cross-rank reductions a sharded round ran, for `--verbose`.
+    reductions: Vec<String>,
 }
 
 /// The round and an order-preserving gather on the CPU backend.
@@ -260,7 +263,7 @@ fn compress_cpu<T: Element>(
     };
     let k = (0..cache.k.len()).map(|l| gather(cache.k[l], l, cache.head_dim)).collect();
     let v = (0..cache.v.len()).map(|l| gather(cache.v[l], l, cache.value_dim)).collect();
-    Ok(Compressed { result, k, v, compact: t0.elapsed(), kernels: Vec::new() })
+    Ok(Compressed { result, k, v, compact: t0.elapsed(), kernels: Vec::new(), reductions: Vec::new() })
 }
 
 /// Every stage, compaction included, as one device round on a kernel backend (emu or cuda).
@@ -326,6 +329,7 @@ fn compress_device<T: Element>(
             .zip(plan.stage_sources())
             .map(|((stage, symbol), (_, source))| (stage, format!("{symbol} ({})", dispatch.describe(source))))
             .collect(),
+        reductions: Vec::new(),
     })
 }
 
@@ -339,10 +343,19 @@ fn compress_typed<T: Element>(
 ) -> Result<TensorFile> {
     let backend = round_backend(a.backend)?;
     let dispatch = dispatch_for(&backend, a.tuning.as_deref())?;
-    let done = match backend {
-        Backend::Cpu => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
+    let layout = shard::layout(a, &scorer.model)?;
+    let done = match (&backend, &layout) {
+        (Backend::Cpu, Some(layout)) => shard::compress_sharded::<T>(layout, config, scorer, cache, round_start, prefix_len)?,
         #[cfg(any(feature = "emu", feature = "cuda"))]
-        ref device => compress_device::<T>(device, &dispatch, config, scorer, cache, round_start, prefix_len)?,
+        (_, Some(_)) => {
+            return Err(Error::unsupported(format!(
+                "--tp-size / --pp-size with --backend {}: expected --backend cpu (sharded rounds run on the CPU backend in this version)",
+                backend.name()
+            )))
+        }
+        (Backend::Cpu, None) => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
+        #[cfg(any(feature = "emu", feature = "cuda"))]
+        (device, None) => compress_device::<T>(device, &dispatch, config, scorer, cache, round_start, prefix_len)?,
     };
     let _ = &dispatch;
     let result = &done.result;
@@ -384,6 +397,19 @@ fn compress_typed<T: Element>(
             result.keep.len(),
             kernel("reduce")
         );
+        if let Some(layout) = &layout {
+            eprintln!(
+                "shards: tp {} x pp {} (layers per stage {:?}), {} cross-rank reduction{}",
+                layout.tp_size,
+                layout.pp_size(),
+                layout.stages.iter().map(|s| s.len()).collect::<Vec<_>>(),
+                done.reductions.len(),
+                if done.reductions.len() == 1 { "" } else { "s" }
+            );
+            for r in &done.reductions {
+                eprintln!("all-reduce: {r}");
+            }
+        }
         eprintln!(
             "select: {name} {:.3} ms (budget {}, {:?}){}",
             ms(t.select),

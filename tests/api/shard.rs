@@ -1,0 +1,335 @@
+//! Sharded rounds (tensor and pipeline parallelism): every golden case split over ranks through
+//! the CLI equals the single-rank outputs, property tests over random shapes and splits against
+//! `round::run_cpu`, and the refusals of impossible splits.
+
+use crate::common;
+
+use std::path::Path;
+
+use common::{golden_cases, model, Rng};
+use triattn::io::TensorFile;
+use triattn::policy::{CompressionConfig, GroupAggregation, Normalization, PrefixProtection, Preset, SelectionMode};
+use triattn::round::{run_cpu, RoundResult, Scorer};
+use triattn::shard::{all_reduce_in_process, ReductionKind, ShardLayout, ShardRound};
+use triattn::stats::Stats;
+use triattn::{LayerView, ModelConfig, PairingStyle};
+
+use crate::golden::{check_case, run_compress};
+
+/// (layers, heads, KV heads) of a case's config.json.
+fn dims(case: &Path) -> (usize, usize, usize) {
+    let m = ModelConfig::from_file(case.join("config.json")).unwrap();
+    (m.num_layers, m.num_heads, m.num_kv_heads)
+}
+
+/// The splits a model fits: tp 2 and 4, a tp replicating each KV head, pp 2 even and uneven,
+/// and tp with pp together; as CLI flags.
+fn splits(l: usize, h: usize, hkv: usize) -> Vec<Vec<String>> {
+    let fits = |tp: usize| h % tp == 0 && if tp <= hkv { hkv % tp == 0 } else { tp % hkv == 0 };
+    let mut tps: Vec<usize> = [2, 4, 2 * hkv].into_iter().filter(|&t| fits(t)).collect();
+    tps.dedup();
+    let mut pps: Vec<Vec<String>> = Vec::new();
+    if l % 2 == 0 {
+        pps.push(vec!["--pp-size".into(), "2".into()]);
+    }
+    if l >= 3 {
+        pps.push(vec!["--pp-layers".into(), format!("1,{}", l - 1)]);
+    }
+    let mut out: Vec<Vec<String>> = tps.iter().map(|t| vec!["--tp-size".into(), t.to_string()]).collect();
+    out.extend(pps.iter().cloned());
+    if let (Some(&tp), Some(pp)) = (tps.last(), pps.last()) {
+        out.push([vec!["--tp-size".to_string(), tp.to_string()], pp.clone()].concat());
+    }
+    out
+}
+
+fn same_scores(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        // Equal as numbers (a max may pick +0 where one rank kept -0), NaN where NaN.
+        assert!(x == y || (x.is_nan() && y.is_nan()), "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn golden_cases_split_over_ranks_equal_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut runs = 0;
+    for case in golden_cases() {
+        let name = case.file_name().unwrap().to_string_lossy().to_string();
+        let single = dir.path().join(format!("{name}.safetensors"));
+        let o = run_compress(&case, &single, &[]);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        let single = TensorFile::read(&single).unwrap();
+        let (l, h, hkv) = dims(&case);
+        for split in splits(l, h, hkv) {
+            let what = format!("{name} {}", split.join(" "));
+            let out = dir.path().join(format!("{name}-split.safetensors"));
+            let flags: Vec<&str> = split.iter().map(String::as_str).chain(["--verbose"]).collect();
+            let o = run_compress(&case, &out, &flags);
+            assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.lines().any(|x| x.starts_with("shards: tp ")), "{what}: no shards line in\n{err}");
+            let got = TensorFile::read(&out).unwrap();
+            check_case(&case, &got);
+            // Against one rank: keep sets and compacted rows bit for bit, raw rows bit for bit,
+            // reduced scores equal as numbers.
+            for (key, tensor) in &single.tensors {
+                let g = got.get(key).unwrap();
+                assert_eq!(g.shape, tensor.shape, "{what}: {key} shape");
+                if key == "score" {
+                    same_scores(&format!("{what}: score"), &g.to_f32_vec(), &tensor.to_f32_vec());
+                } else {
+                    assert!(g.data == tensor.data, "{what}: {key} differs from one rank's");
+                }
+            }
+            runs += 1;
+        }
+    }
+    assert!(runs >= 20, "only {runs} split runs");
+}
+
+#[test]
+fn verbose_names_the_reductions_and_their_sizes() {
+    let case = golden_cases().into_iter().find(|c| c.ends_with("qwen3-paper")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    // Qwen3-shaped: 32 heads, 8 KV heads, 4 layers; tp 16 replicates each KV head on 2 ranks.
+    let o = run_compress(&case, &out, &["--tp-size", "16", "--pp-size", "2", "--verbose"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let n = 1152;
+    assert!(err.contains("shards: tp 16 x pp 2 (layers per stage [2, 2]), 2 cross-rank reductions"), "{err}");
+    assert!(
+        err.contains(&format!("all-reduce: group-max (I32 max, 16 groups of 2 ranks, {} elements", 2 * n)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("all-reduce: layer-sum (F64 sum, 16 groups of 2 ranks, {n} elements = {} bytes", 8 * n)),
+        "{err}"
+    );
+}
+
+#[test]
+fn impossible_splits_are_refused_by_name() {
+    let case = golden_cases().into_iter().find(|c| c.ends_with("qwen3-paper")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    for (flags, needle) in [
+        (&["--tp-size", "3"][..], "--tp-size: expected a divisor of the 32 query heads, got 3"),
+        (&["--tp-size", "0"][..], "--tp-size"),
+        (&["--tp-size", "32"][..], "--tp-size"), // 32 > 8 KV heads: fine; checked below it runs
+        (&["--pp-size", "3"][..], "--pp-size: expected a divisor of the 4 layers for an even split"),
+        (&["--pp-size", "5"][..], "--pp-size: expected 1..=4"),
+        (&["--pp-layers", "1,2"][..], "--pp-layers: expected one or more stages"),
+        (&["--pp-layers", "4,0"][..], "--pp-layers"),
+    ] {
+        let o = run_compress(&case, &out, flags);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if flags == ["--tp-size", "32"] {
+            assert!(o.status.success(), "tp 32 (one query head per rank): {err}");
+            std::fs::remove_file(&out).unwrap();
+            continue;
+        }
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{flags:?}: one line expected, got\n{err}");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?}: output written");
+    }
+    let m = model(4, 48, 8, 64);
+    let e = ShardLayout::new(&m, 12, 1).unwrap_err().to_string();
+    assert!(e.contains("tp_size: expected a multiple of the 8 KV heads"), "{e}");
+    let m = model(4, 12, 6, 64);
+    let e = ShardLayout::new(&m, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("tp_size: expected a divisor of the 6 KV heads"), "{e}");
+}
+
+#[test]
+fn shards_cover_every_head_and_layer_once() {
+    let m = model(6, 12, 3, 64);
+    for (tp, stages) in [(1, vec![6]), (3, vec![3, 3]), (6, vec![1, 2, 3]), (12, vec![6])] {
+        let layout = ShardLayout::with_stage_layers(&m, tp, &stages).unwrap();
+        let mut heads = vec![vec![0usize; 12]; 6];
+        let mut kv = vec![vec![0usize; 3]; 6];
+        for s in layout.shards() {
+            assert_eq!(s.rank, s.pp_rank * tp + s.tp_rank);
+            for l in s.layers.clone() {
+                s.heads.clone().for_each(|h| heads[l][h] += 1);
+                s.kv_heads.clone().for_each(|g| kv[l][g] += 1);
+                // Every query head belongs to a KV head the rank holds.
+                assert!(s.heads.clone().all(|h| s.kv_heads.contains(&(h / 4))), "tp {tp}: {s:?}");
+            }
+        }
+        assert!(heads.iter().flatten().all(|&c| c == 1), "tp {tp}: query heads {heads:?}");
+        assert!(kv.iter().flatten().all(|&c| c == (tp / 3).max(1)), "tp {tp}: KV heads {kv:?}");
+    }
+}
+
+fn random_stats(rng: &mut Rng, m: &ModelConfig) -> Stats {
+    let count = m.num_layers * m.num_heads * m.head_dim / 2;
+    let mut draw = |f: &mut dyn FnMut(&mut Rng) -> f32| (0..count).map(|_| f(rng)).collect::<Vec<f32>>();
+    let re = draw(&mut |r| r.normal() as f32);
+    let im = draw(&mut |r| r.normal() as f32);
+    let abs = draw(&mut |r| (r.normal().abs() + 1.0) as f32);
+    Stats {
+        num_layers: m.num_layers,
+        num_heads: m.num_heads,
+        head_dim: m.head_dim,
+        rope_style: PairingStyle::Half,
+        q_mean_real: re,
+        q_mean_imag: im,
+        q_abs_mean: abs,
+        sampled_heads: None,
+        metadata: Default::default(),
+    }
+}
+
+/// Every rank's round of `layout`, joined by the in-process all-reduce; the rank results.
+fn run_sharded(
+    layout: &ShardLayout,
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    keys: &[Vec<f32>],
+    n: usize,
+    round_start: u64,
+    prefix_len: usize,
+) -> Vec<RoundResult> {
+    let d = scorer.model.head_dim;
+    let shards = layout.shards();
+    let mut rounds: Vec<ShardRound> = shards
+        .iter()
+        .map(|s| {
+            let views: Vec<LayerView<'_, f32>> = s
+                .layers
+                .clone()
+                .map(|l| {
+                    let part = &keys[l][s.kv_heads.start * n * d..s.kv_heads.end * n * d];
+                    LayerView::contiguous("k", part, s.kv_heads.len(), n, d).unwrap()
+                })
+                .collect();
+            ShardRound::start(config, s, &s.scorer(scorer).unwrap(), &views, round_start, prefix_len).unwrap()
+        })
+        .collect();
+    let expected: Vec<ReductionKind> = rounds[0].reductions().iter().map(|r| r.kind).collect();
+    for _ in 0..expected.len() {
+        let mut buffers: Vec<_> = rounds.iter_mut().map(|r| r.pending().expect("a reduction pending")).collect();
+        let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<_>> = Default::default();
+        for b in buffers.drain(..) {
+            groups.entry(b.reduction.ranks.clone()).or_default().push(b);
+        }
+        for g in groups.values_mut() {
+            all_reduce_in_process(g).unwrap();
+        }
+        drop(groups);
+        rounds.iter_mut().for_each(|r| r.resume().unwrap());
+    }
+    assert!(rounds[0].pending().is_none());
+    rounds.into_iter().map(|r| r.finish().unwrap()).collect()
+}
+
+#[test]
+fn random_shapes_and_splits_equal_one_rank() {
+    let mut rng = Rng(12);
+    let mut cases = 0;
+    while cases < 60 {
+        let l = 1 + rng.below(5);
+        let hkv = [1, 2, 4][rng.below(3)];
+        let group = [1, 2, 4][rng.below(3)];
+        let h = hkv * group;
+        let tp = [1, 2, 4, 8][rng.below(4)];
+        let fits = h % tp == 0 && if tp <= hkv { hkv % tp == 0 } else { tp % hkv == 0 };
+        let pp = 1 + rng.below(l.min(3));
+        if !fits || tp * pp == 1 {
+            continue;
+        }
+        // Stages of random sizes summing to l.
+        let mut stages = vec![1; pp];
+        for _ in pp..l {
+            stages[rng.below(pp)] += 1;
+        }
+        let d = 16;
+        let m = model(l, h, hkv, d);
+        let scorer = Scorer::new(m.clone(), random_stats(&mut rng, &m), None).unwrap();
+        let n = 20 + rng.below(120);
+        let prefix_len = rng.below(n / 4 + 1);
+        let mode = [SelectionMode::PerHead, SelectionMode::PerLayerPerHead, SelectionMode::Union][rng.below(3)];
+        let config = CompressionConfig {
+            preset: if rng.below(2) == 0 { Preset::Paper } else { Preset::Vllm },
+            budget: 8 + rng.below(n),
+            mode,
+            group_aggregation: if rng.below(2) == 0 { GroupAggregation::Max } else { GroupAggregation::Mean },
+            window: rng.below(4),
+            normalization: if rng.below(4) == 0 { Normalization::Off } else { Normalization::ZScore },
+            prefix: if rng.below(2) == 0 { PrefixProtection::Protected } else { PrefixProtection::Unprotected },
+            ..CompressionConfig::default()
+        };
+        // Keys with repeated rows (ties) and an occasional NaN.
+        let mut keys: Vec<Vec<f32>> =
+            (0..l).map(|_| (0..hkv * n * d).map(|_| (rng.normal() * 2.0) as f32).collect()).collect();
+        for layer in keys.iter_mut() {
+            for _ in 0..3 {
+                let (a, b) = (rng.below(hkv * n), rng.below(hkv * n));
+                let row: Vec<f32> = layer[a * d..(a + 1) * d].to_vec();
+                layer[b * d..(b + 1) * d].copy_from_slice(&row);
+            }
+            if rng.below(6) == 0 {
+                let i = rng.below(layer.len());
+                layer[i] = f32::NAN;
+            }
+        }
+        let round_start = (n + rng.below(500)) as u64;
+        let views: Vec<LayerView<'_, f32>> =
+            keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+        let one = run_cpu(&config, &scorer, &views, round_start, prefix_len).unwrap();
+        let layout = ShardLayout::with_stage_layers(&m, tp, &stages).unwrap();
+        let results = run_sharded(&layout, &config, &scorer, &keys, n, round_start, prefix_len);
+        let what = format!("case {cases}: L{l} H{h} Hkv{hkv} tp {tp} stages {stages:?} {config:?}");
+        for (s, r) in layout.shards().iter().zip(&results) {
+            assert_eq!(r.outcome, one.outcome, "{what}");
+            for (i, layer) in s.layers.clone().enumerate() {
+                let want = &one.raw[layer][s.heads.start * n..s.heads.end * n];
+                assert!(
+                    r.raw[i].iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: raw of rank {} layer {layer}",
+                    s.rank
+                );
+            }
+            for ll in 0..s.layers.len() {
+                for lg in 0..s.kv_heads.len() {
+                    let local = mode.set_index(ll, lg, s.kv_heads.len());
+                    let global = mode.set_index(s.layers.start + ll, s.kv_heads.start + lg, hkv);
+                    assert_eq!(r.keep[local], one.keep[global], "{what}: rank {} set {global}", s.rank);
+                    same_scores(
+                        &format!("{what}: rank {} score {global}", s.rank),
+                        &r.score[local * n..(local + 1) * n],
+                        &one.score[global * n..(global + 1) * n],
+                    );
+                }
+            }
+        }
+        cases += 1;
+    }
+}
+
+#[test]
+fn a_shard_round_refuses_out_of_order_calls() {
+    let m = model(2, 4, 2, 16);
+    let mut rng = Rng(3);
+    let scorer = Scorer::new(m.clone(), random_stats(&mut rng, &m), None).unwrap();
+    let layout = ShardLayout::new(&m, 1, 2).unwrap();
+    let shard = layout.shard(0).unwrap();
+    let keys: Vec<f32> = (0..2 * 40 * 16).map(|_| rng.normal() as f32).collect();
+    let views = [LayerView::contiguous("k", &keys, 2, 40, 16).unwrap()];
+    let config = CompressionConfig { budget: 16, ..CompressionConfig::default() };
+    // The full scorer is not the rank's.
+    let e = ShardRound::start(&config, &shard, &scorer, &views, 40, 0).unwrap_err().to_string();
+    assert!(e.contains("rank 0 scorer"), "{e}");
+    let round = ShardRound::start(&config, &shard, &shard.scorer(&scorer).unwrap(), &views, 40, 0).unwrap();
+    assert_eq!(round.reductions().len(), 1);
+    let e = round.finish().unwrap_err().to_string();
+    assert!(e.contains("layer-sum pending on rank 0"), "{e}");
+    let mut round = ShardRound::start(&config, &shard, &shard.scorer(&scorer).unwrap(), &views, 40, 0).unwrap();
+    round.resume().unwrap();
+    assert!(round.resume().unwrap_err().to_string().contains("resume: expected a pending reduction"));
+    assert!(layout.shard(2).is_err());
+}
