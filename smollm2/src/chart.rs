@@ -106,7 +106,12 @@ where
         let hi = positive.fold(f64::MIN, f64::max).max(lo * 10.0);
         let floor = lo / 2.0;
         let mut ctx = chart.build_cartesian_2d(x_lo..x_hi, (floor..hi * 1.5).log_scale())?;
-        ctx.configure_mesh().x_desc("budget (slots per KV head)").y_desc(y_label).draw()?;
+        ctx.configure_mesh()
+            .x_desc("budget (slots per KV head)")
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
         for (i, (method, points)) in series.iter().enumerate() {
             let (name, color) = style(method, i);
             let line: Vec<(f64, f64)> = points.iter().map(|s| (s.budget as f64, metric(s).max(floor))).collect();
@@ -115,10 +120,19 @@ where
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
             ctx.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
         }
-        ctx.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw()?;
+        ctx.configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
     } else {
         let mut ctx = chart.build_cartesian_2d(x_lo..x_hi, 0.0..1.02)?;
-        ctx.configure_mesh().x_desc("budget (slots per KV head)").y_desc(y_label).draw()?;
+        ctx.configure_mesh()
+            .x_desc("budget (slots per KV head)")
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
         for (i, (method, points)) in series.iter().enumerate() {
             let (name, color) = style(method, i);
             let line: Vec<(f64, f64)> = points.iter().map(|s| (s.budget as f64, metric(s))).collect();
@@ -154,6 +168,41 @@ pub fn render(rows: &[Scores], title: &str) -> AppResult<Vec<u8>> {
         root.present()?;
     }
     Ok(pixels)
+}
+
+/// Rows of a sweep's CSV (`method,budget,kl,top1,recall,rounds`, as `eval --csv` writes it).
+///
+/// # Errors
+/// The file, line and field that do not parse; a method this crate does not know.
+pub fn read_csv(path: &Path) -> AppResult<Vec<Scores>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1).filter(|(_, l)| !l.trim().is_empty()) {
+        let at = |what: &str| format!("{}:{}: {what}", path.display(), i + 1);
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 6 {
+            return Err(at(&format!("expected 6 fields (method,budget,kl,top1,recall,rounds), got {}", f.len())).into());
+        }
+        let method = crate::eval::METHODS
+            .iter()
+            .chain(&crate::eval::ABLATIONS)
+            .copied()
+            .find(|m| *m == f[0])
+            .ok_or_else(|| at(&format!("unknown method {:?}", f[0])))?;
+        let num = |k: usize, name: &str| {
+            f[k].parse::<f64>().map_err(|_| at(&format!("{name}: expected a number, got {:?}", f[k])))
+        };
+        rows.push(Scores {
+            method,
+            budget: f[1].parse().map_err(|_| at(&format!("budget: expected an integer, got {:?}", f[1])))?,
+            kl: num(2, "kl")?,
+            top1: num(3, "top1")?,
+            recall: num(4, "recall")?,
+            rounds: f[5].parse().map_err(|_| at(&format!("rounds: expected an integer, got {:?}", f[5])))?,
+            seconds: 0.0,
+        });
+    }
+    Ok(rows)
 }
 
 /// Write the sweep as a PNG at `path`, through a temporary file renamed on success.

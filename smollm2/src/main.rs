@@ -80,6 +80,19 @@ enum Command {
         #[arg(long)]
         stats: Option<PathBuf>,
     },
+    /// Draw a sweep's CSV (what `eval --budgets` writes) as the PNG chart again, without
+    /// re-running the eval.
+    Chart {
+        /// The CSV of a sweep.
+        #[arg(long)]
+        csv: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The chart's title.
+        #[arg(long, default_value = "SmolLM2-135M eviction methods by budget")]
+        title: String,
+    },
     /// Query statistics of this model from its own pre-RoPE queries over its own generations on
     /// the calibration prompts kept in the crate.
     Calibrate {
@@ -276,6 +289,9 @@ fn main() -> ExitCode {
             generate(&prompt, budget, divide_length, &method, tokens, stats)
         }
         Command::Calibrate { out, tokens } => calibrate::run(&out, tokens),
+        Command::Chart { csv, out, title } => {
+            chart::read_csv(&csv).and_then(|rows| chart::write_png(&out, &rows, &title))
+        }
         Command::Eval { prompt_file, tokens, budget, budgets, divide_length, methods, json, csv, chart, stats } => {
             let outputs = EvalOutputs::new(&prompt_file, budgets.is_some(), csv, chart);
             run_eval(
