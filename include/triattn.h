@@ -83,6 +83,35 @@ typedef enum {
   TRIATTN_OUTCOME_SKIPPED_PROTECTED_REACH_BUDGET = 2,
 } triattn_outcome;
 
+// What a collective reduces (see `crate::shard::ReductionKind`).
+typedef enum {
+  // Per layer and slot, the max over a KV group's query heads spread over ranks.
+  TRIATTN_REDUCTION_KIND_GROUP_MAX = 0,
+  // Per layer and slot, the sum over a KV group's query heads (group mean).
+  TRIATTN_REDUCTION_KIND_GROUP_SUM = 1,
+  // Per KV head and slot, the sum over the layers of every pipeline stage.
+  TRIATTN_REDUCTION_KIND_LAYER_SUM = 2,
+  // Per slot, the max over every layer and head of every rank (union mode).
+  TRIATTN_REDUCTION_KIND_UNION_MAX = 3,
+} triattn_reduction_kind;
+
+// The all-reduce operation (`ncclMax` / `ncclSum`).
+typedef enum {
+  // Element-wise max.
+  TRIATTN_REDUCE_OP_MAX = 0,
+  // Element-wise sum.
+  TRIATTN_REDUCE_OP_SUM = 1,
+} triattn_reduce_op;
+
+// The element type of a reduction buffer (`ncclInt32` / `ncclFloat64`).
+typedef enum {
+  // int32: order-preserving keys of float maxima (an integer max is the float max, NaN
+  // propagating).
+  TRIATTN_REDUCE_DTYPE_I32 = 0,
+  // double: partial sums.
+  TRIATTN_REDUCE_DTYPE_F64 = 1,
+} triattn_reduce_dtype;
+
 // Backend of a context.
 typedef enum {
   // The CPU backend.
@@ -484,6 +513,48 @@ typedef struct {
   const int32_t *block_table;
 } triattn_decode_cache;
 
+// A rank of a tensor- and pipeline-parallel layout.
+typedef struct {
+  // `sizeof(triattn_shard)`, set by the caller: the ABI version of this struct (checked on entry).
+  uint32_t struct_size;
+  // Tensor-parallel ranks: a divisor of the query heads, and a divisor or multiple of the KV
+  // heads (a multiple replicates each KV head on `tp_size / Hkv` ranks).
+  size_t tp_size;
+  // Pipeline stages.
+  size_t pp_size;
+  // Layers of each stage (`pp_size` values summing to the model's layers), or NULL for an
+  // even split.
+  const size_t *stage_layers;
+  // This rank: `pp_rank * tp_size + tp_rank`.
+  size_t rank;
+} triattn_shard;
+
+// One collective between two parts of a sharded plan: all-reduce `count` elements of `dtype`
+// at `workspace + offset` with `op`, in place, across ranks `rank_first + i * rank_stride` for
+// `i < rank_count` (this rank among them).
+typedef struct {
+  // `sizeof(triattn_reduction)`, set by the caller before the call: the ABI version of this struct (checked on entry).
+  uint32_t struct_size;
+  // What it reduces.
+  triattn_reduction_kind kind;
+  // The operation.
+  triattn_reduce_op op;
+  // The element type.
+  triattn_reduce_dtype dtype;
+  // Elements (every sequence of the plan).
+  size_t count;
+  // Byte offset of the buffer in the binding's workspace.
+  size_t offset;
+  // Bytes of the buffer (`count` times the element size).
+  size_t bytes;
+  // The first rank of the group.
+  size_t rank_first;
+  // Ranks between members of the group.
+  size_t rank_stride;
+  // Ranks in the group.
+  size_t rank_count;
+} triattn_reduction;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -788,6 +859,47 @@ void triattn_decode_binding_destroy(triattn_decode_binding *binding);
 // `plan` is null or a handle from `triattn_decode_plan_create` not yet destroyed, with no call
 // in progress on another thread.
 void triattn_decode_plan_destroy(triattn_decode_plan *plan);
+
+// The compressor of one rank: the model's compressor `c` restricted to the query heads, KV heads
+// and layers `shard` gives the rank, with the statistics sliced to match. Plans made from it are
+// the rank's (tables of its layers, tensors of its KV heads) and may run in parts around
+// collectives. Host rounds (`triattn_round_host`) refuse it.
+//
+// # Safety
+// `c` is a live compressor; `shard` points to a `triattn_shard` (its `stage_layers` NULL or
+// `pp_size` readable values); `out` points to writable storage for a handle.
+triattn_status triattn_compressor_create_shard(const triattn_compressor *c,
+                                               const triattn_shard *shard,
+                                               triattn_compressor **out);
+
+// The parts a run of `plan` takes: one more than its collectives (1: it runs whole).
+//
+// # Safety
+// `plan` is a live plan; `parts` is writable.
+triattn_status triattn_plan_get_parts(const triattn_plan *plan, size_t *parts);
+
+// Collective `k` of `plan` (`k < parts - 1`): what to all-reduce after part `k`.
+//
+// # Safety
+// `plan` is a live plan; `out` points to a writable `triattn_reduction` whose `struct_size` is
+// set.
+triattn_status triattn_plan_get_reduction(const triattn_plan *plan,
+                                          size_t k,
+                                          triattn_reduction *out);
+
+// Launch part `part` of a sharded round of `binding` on `stream`: nothing but kernel launches
+// (capturable, like `triattn_binding_run`). Part 0 scores, normalises and reduces up to the
+// first collective; part `k + 1` continues after collective `k`; the last part selects and
+// compacts.
+//
+// # Safety
+// As `triattn_binding_run`, for parts in order on one workspace; before part `k + 1` the
+// buffer of reduction `k` holds its all-reduce over the reduction's ranks (ordered before it on
+// `stream`).
+triattn_status triattn_binding_run_part(const triattn_binding *binding,
+                                        const int64_t *round_start_device,
+                                        size_t part,
+                                        void *stream);
 
 // Plan a device decode of `shape` on the backend of `ctx` (host-only: no device work).
 //

@@ -15,10 +15,12 @@ pub use crate::cuda::compact::{
 };
 pub use crate::cuda::normalize::{moments_from_partials, NormalizeAddresses, NormalizeSpec};
 pub use crate::cuda::params::{
-    CalibrateParams, CompactParams, CompactTensor, NormalizeParams, ReduceParams, RowPartial, RowStats, ScoreParams,
-    SelectParams, TrigParams,
+    CalibrateParams, CompactParams, CompactTensor, NormalizeParams, ReduceParams, ReduceShardParams, RowPartial,
+    RowStats, ScoreParams, SelectParams, TrigParams,
 };
-pub use crate::cuda::reduce::{ReduceAddresses, ReduceSpec};
+pub use crate::cuda::reduce::{
+    FinishFrom, ReduceAddresses, ReduceShardAddresses, ReduceShardSpec, ReduceSpec, ShardPart, ShardStep,
+};
 #[cfg(feature = "cuda")]
 pub use crate::cuda::runtime::{ScoreBuffers, WeightsBuffer, FATBIN};
 pub use crate::cuda::select::{

@@ -402,6 +402,20 @@ impl Backend {
         on_kernel_device!(self, dev => round_out_of_place(dev, plan, keys, values, keys_out, values_out, round_starts))
     }
 
+    /// Every rank of a sharded out-of-place round in one process (one plan per rank of the
+    /// layout, [`crate::cuda::RoundPlan::new_shard`], in rank order), joined between parts by an
+    /// in-process all-reduce of the exposed buffers: what `triattn compress --tp-size` runs on a
+    /// kernel backend.
+    pub fn round_out_of_place_sharded<T: Element>(
+        &self,
+        plans: &[crate::cuda::RoundPlan],
+        ranks: &mut [crate::cuda::RankTensors<'_, T>],
+        round_starts: &[u64],
+    ) -> Result<Vec<crate::cuda::HostRound>> {
+        use crate::cuda::host_round::round_out_of_place_sharded;
+        on_kernel_device!(self, dev => round_out_of_place_sharded(dev, plans, ranks, round_starts))
+    }
+
     /// A paged plan over per-layer K and V block pools and the block table `i32[S, max_blocks]`
     /// (distinct blocks across the batch): keep sets only, or compaction in place.
     pub fn round_paged<T: Element>(

@@ -82,6 +82,12 @@ pub enum Kernel {
         /// Threads per block.
         threads: usize,
     },
+    /// `reduce` of a sharded round, one step around the engine's all-reduce
+    /// (cuda/reduce/shard.cuh).
+    ReduceShard {
+        /// Threads per block.
+        threads: usize,
+    },
     /// `normalize`: z-score rows from the scorer's tile partials (cuda/normalize/normalize.cuh).
     Normalize {
         /// Threads per block.
@@ -277,6 +283,7 @@ fn build_table() -> Vec<Variant> {
         kernels.push(Kernel::Select { threads });
     }
     kernels.push(Kernel::Reduce { threads: 256 });
+    kernels.push(Kernel::ReduceShard { threads: 256 });
     kernels.push(Kernel::Normalize { threads: 256 });
     for mode in [CompactMode::OrderPreserving, CompactMode::HoleFilling] {
         for (threads, chunks) in COMPACT_TILES {
@@ -345,6 +352,15 @@ pub fn normalize_variant() -> Variant {
         .copied()
         .find(|v| matches!(v.kernel, Kernel::Normalize { .. }))
         .expect("the table has a normalize kernel")
+}
+
+/// The `reduce` variant of sharded rounds.
+pub fn reduce_shard_variant() -> Variant {
+    cached()
+        .iter()
+        .copied()
+        .find(|v| matches!(v.kernel, Kernel::ReduceShard { .. }))
+        .expect("the table has a reduce shard kernel")
 }
 
 /// The `reduce` variant.
@@ -503,6 +519,7 @@ impl Variant {
             }
             Kernel::SelectPass { phase, .. } => format!("select f32 multi {}", phase.tag()),
             Kernel::Reduce { .. } => "reduce f32".to_string(),
+            Kernel::ReduceShard { .. } => "reduce f32 shard".to_string(),
             Kernel::Normalize { .. } => "normalize f32".to_string(),
             Kernel::Compact { mode, .. } => format!("compact bytes {}", mode.tag()),
             Kernel::Calibrate { dtype, .. } => format!("calibrate {}", dtype.tag()),
@@ -515,7 +532,7 @@ impl Variant {
     pub fn op(&self) -> &'static str {
         match self.kernel {
             Kernel::Select { .. } | Kernel::SelectPass { .. } => "select",
-            Kernel::Reduce { .. } => "reduce",
+            Kernel::Reduce { .. } | Kernel::ReduceShard { .. } => "reduce",
             Kernel::Normalize { .. } => "normalize",
             Kernel::Compact { .. } => "compact",
             Kernel::Calibrate { .. } => "calibrate",
@@ -542,6 +559,7 @@ impl Variant {
             Kernel::Select { threads } => format!("triattn_select_f32_nt{threads}"),
             Kernel::SelectPass { phase, threads } => format!("triattn_select_f32_a{}_nt{threads}", phase.tag()),
             Kernel::Reduce { threads } => format!("triattn_reduce_f32_nt{threads}"),
+            Kernel::ReduceShard { threads } => format!("triattn_reduce_f32_ashard_nt{threads}"),
             Kernel::Normalize { threads } => format!("triattn_normalize_f32_nt{threads}"),
         }
     }
@@ -556,6 +574,7 @@ impl Variant {
             Kernel::Select { .. }
             | Kernel::SelectPass { .. }
             | Kernel::Reduce { .. }
+            | Kernel::ReduceShard { .. }
             | Kernel::Normalize { .. }
             | Kernel::DecodeCombine { .. } => "f32",
         }
@@ -572,6 +591,7 @@ impl Variant {
             Kernel::Calibrate { threads, .. } => format!("nt{threads}"),
             Kernel::Decode { head_dim, rows, threads, .. } => format!("d{head_dim} r{rows} nt{threads}"),
             Kernel::DecodeCombine { threads } => format!("acombine nt{threads}"),
+            Kernel::ReduceShard { threads } => format!("ashard nt{threads}"),
             Kernel::SelectPass { phase, threads } => format!("a{} nt{threads}", phase.tag()),
             Kernel::Select { threads } | Kernel::Reduce { threads } | Kernel::Normalize { threads } => {
                 format!("nt{threads}")
@@ -595,6 +615,7 @@ impl Variant {
             | Kernel::Trig { threads }
             | Kernel::Select { threads }
             | Kernel::Reduce { threads }
+            | Kernel::ReduceShard { threads }
             | Kernel::Normalize { threads } => threads,
             Kernel::Compact { threads, .. }
             | Kernel::Calibrate { threads, .. }
@@ -643,7 +664,7 @@ impl Variant {
                 SelectPhase::Count => 16,
                 SelectPhase::Place => (4 * (2 * (threads / 32) + 2)).next_multiple_of(16),
             },
-            Kernel::Reduce { .. } => 0,
+            Kernel::Reduce { .. } | Kernel::ReduceShard { .. } => 0,
             Kernel::Normalize { .. } => 16,
             // q_s, p_s, slot_s, three row stats, acc_s (decode.cuh).
             Kernel::Decode { head_dim, rows, threads, .. } => {
@@ -705,6 +726,7 @@ impl Variant {
                 SelectPhase::Place => format!("tri::select_place<{threads}>(p)"),
             },
             Kernel::Reduce { threads } => format!("tri::reduce_rows<{threads}>(p)"),
+            Kernel::ReduceShard { threads } => format!("tri::reduce_shard<{threads}>(p)"),
             Kernel::Normalize { threads } => format!("tri::normalize_rows<{threads}>(p)"),
             Kernel::Decode { dtype, head_dim, rows, threads } => {
                 let t = match dtype {
@@ -743,6 +765,7 @@ impl Variant {
             Kernel::Calibrate { .. } => "tri_calibrate_params",
             Kernel::Select { .. } | Kernel::SelectPass { .. } => "tri_select_params",
             Kernel::Reduce { .. } => "tri_reduce_params",
+            Kernel::ReduceShard { .. } => "tri_reduce_shard_params",
             Kernel::Normalize { .. } => "tri_normalize_params",
             Kernel::Decode { .. } => "tri_decode_params",
             Kernel::DecodeCombine { .. } => "tri_decode_combine_params",

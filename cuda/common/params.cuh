@@ -216,6 +216,46 @@ static_assert(offsetof(tri_reduce_params, prefixes) == 72, "keep in sync with Re
 static_assert(offsetof(tri_reduce_params, layer_stride) == 16, "keep in sync with ReduceParams");
 static_assert(offsetof(tri_reduce_params, num_layers) == 40, "keep in sync with ReduceParams");
 
+// Steps of a sharded round's reduction (src/shard, cuda/reduce/shard.cuh).
+#define TRI_SHARD_STEP_PARTIAL 0     // z -> this rank's part of the reduction (keys or sums)
+#define TRI_SHARD_STEP_LAYER_SUM 1   // all-reduced group-max keys -> f64 sums over the layers
+#define TRI_SHARD_STEP_FINISH 2      // all-reduced keys or sums -> f32 rows, +inf guards
+// What the partial step writes (its rows per sequence).
+#define TRI_SHARD_PART_LAYER_SUMS 0  // f64 sum over layers of the group max (rows = Hkv)
+#define TRI_SHARD_PART_GROUP_KEYS 1  // key of the group max per (layer, KV head) (rows = L * Hkv)
+#define TRI_SHARD_PART_GROUP_SUMS 2  // f64 sum over the group per (layer, KV head) (rows = L * Hkv)
+#define TRI_SHARD_PART_UNION_KEYS 3  // key of the max over every row (rows = 1)
+
+// triattn_reduce_f32_ashard_*: one step of a sharded round's reduction, S sequences.
+// Buffers are dense [S, rows, len]: keys i32 (order-preserving keys of f32 maxima), sums f64.
+struct tri_reduce_shard_params {
+  const float* z;               // partial: (l, h, n) at s * z_seq_stride + l * layer_stride + h * head_stride + n
+  int32_t* keys;                // partial out (key forms); layer sum in ([S, L * Hkv, len]); finish in
+  double* sums;                 // partial out (sum forms); layer sum out ([S, Hkv, len]); finish in
+  float* out;                   // finish out: (set, n) at s * out_seq_stride + set * out_stride + n
+  const int32_t* prefixes;      // finish: i32 [num_seqs] per-sequence prefixes, or null (`prefix`)
+  int64_t layer_stride;         // elements of z
+  int64_t head_stride;          // elements of z
+  int64_t z_seq_stride;         // elements of z
+  int64_t out_stride;           // elements of out
+  int64_t out_seq_stride;       // elements of out
+  double divisor;               // finish from sums: the global L (per head) or group size (mean)
+  int32_t step;                 // TRI_SHARD_STEP_*
+  int32_t part;                 // partial: TRI_SHARD_PART_*; finish: 0 from sums, 1 from keys
+  int32_t num_layers;           // L of this rank
+  int32_t num_heads;            // H of this rank
+  int32_t num_kv_heads;         // Hkv of this rank
+  int32_t len;                  // N slots
+  int32_t rows;                 // rows per sequence this step writes (the grid's y)
+  int32_t prefix;               // finish: slots < prefix get +inf
+  int32_t window_start;         // finish: slots >= window_start get +inf
+  int32_t num_seqs;             // S (the grid's z)
+};
+static_assert(sizeof(tri_reduce_shard_params) == 128, "keep in sync with ReduceShardParams");
+static_assert(offsetof(tri_reduce_shard_params, layer_stride) == 40, "keep in sync with ReduceShardParams");
+static_assert(offsetof(tri_reduce_shard_params, divisor) == 80, "keep in sync with ReduceShardParams");
+static_assert(offsetof(tri_reduce_shard_params, step) == 88, "keep in sync with ReduceShardParams");
+
 // z-score flavours (src/policy.rs ZScore).
 #define TRI_ZSCORE_POPULATION_FLOOR 0
 #define TRI_ZSCORE_UNBIASED_CENTRE_FLAT 1

@@ -369,6 +369,17 @@ impl KernelDevice for CudaDevice {
         self.stream.clone_dtoh(buffer).map_err(|e| driver(&format!("copy {what} back"), e))
     }
 
+    fn write(&self, what: &str, buffer: &mut CudaSlice<u8>, offset: usize, bytes: &[u8]) -> Result<()> {
+        let Some(mut view) = offset.checked_add(bytes.len()).and_then(|end| buffer.try_slice_mut(offset..end)) else {
+            return Err(Error::invalid_argument(
+                format!("{what} write"),
+                "a range within the buffer",
+                format!("{} bytes at {offset}", bytes.len()),
+            ));
+        };
+        self.stream.memcpy_htod(bytes, &mut view).map_err(|e| driver(&format!("copy {what} to the device"), e))
+    }
+
     fn prepare_variants(&self, variants: &[Variant]) -> Result<()> {
         for &v in variants {
             self.backend.function_of(v)?;

@@ -34,6 +34,9 @@ pub(crate) trait KernelDevice {
     fn address(&self, buffer: &Self::Buffer) -> u64;
     /// The buffer's contents (waits for every launch before it).
     fn download(&self, what: &str, buffer: &Self::Buffer) -> Result<Vec<u8>>;
+    /// Overwrite `bytes.len()` bytes of the buffer at `offset` (ordered after every launch
+    /// before it).
+    fn write(&self, what: &str, buffer: &mut Self::Buffer, offset: usize, bytes: &[u8]) -> Result<()>;
     /// Load the kernels `plan` launches.
     fn prepare(&self, plan: &RoundPlan) -> Result<()> {
         self.prepare_variants(&plan.variants())
@@ -447,4 +450,156 @@ pub(crate) fn decode<D: KernelDevice, T: Element, Q: Element>(
     let out = f32s(dev.download("o", &out)?);
     let lse = f32s(dev.download("lse", &lse)?);
     Ok(HostDecode { out, lse, timings: dev.timings(&launcher)? })
+}
+
+/// One rank's host tensors for a sharded out-of-place round: its layers' K and V (each tensor
+/// its KV heads) and where the kept rows go.
+#[derive(Debug)]
+pub struct RankTensors<'a, T> {
+    /// `[L_rank]` K tensors `[Hkv_rank, N, D]`.
+    pub keys: Vec<&'a [T]>,
+    /// `[L_rank]` V tensors.
+    pub values: Vec<&'a [T]>,
+    /// `[L_rank]` destination K tensors (the plan's destination strides).
+    pub keys_out: Vec<&'a mut [T]>,
+    /// `[L_rank]` destination V tensors.
+    pub values_out: Vec<&'a mut [T]>,
+}
+
+/// Every rank of a sharded round over host buffers, in one process: each rank's out-of-place
+/// plan ([`RoundPlan::new_shard`], one per rank of the layout, in rank order) runs part by part,
+/// and between parts the exposed buffers are read back, all-reduced in process across the ranks
+/// that share them (standing in for the engine's collective) and written back.
+pub(crate) fn round_out_of_place_sharded<D: KernelDevice, T: Element>(
+    dev: &D,
+    plans: &[RoundPlan],
+    ranks: &mut [RankTensors<'_, T>],
+    round_starts: &[u64],
+) -> Result<Vec<HostRound>> {
+    use crate::shard::{all_reduce_in_process, ReduceOp, ReductionBuffer, ReductionData};
+    if plans.len() != ranks.len() || plans.is_empty() {
+        return Err(Error::shape("sharded round ranks", format!("{} (one per plan)", plans.len()), ranks.len()));
+    }
+    let parts = plans[0].parts();
+    for (r, plan) in plans.iter().enumerate() {
+        let rank = plan.shard().map(|s| s.rank);
+        if rank != Some(r) || plan.parts() != parts {
+            return Err(Error::invalid_argument(
+                format!("plan {r}"),
+                format!("the sharded plan of rank {r} with {parts} parts (RoundPlan::new_shard, rank order)"),
+                format!("rank {rank:?} with {} parts", plan.parts()),
+            ));
+        }
+        expect_compaction(plan, matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }), "OutOfPlace")?;
+        if round_starts.len() != plan.num_seqs() {
+            return Err(Error::shape("round_start values", plan.num_seqs(), round_starts.len()));
+        }
+    }
+    let n = plans[0].shape().len;
+    if let Some(&r) = round_starts.iter().find(|&&r| r < n as u64 || r > i64::MAX as u64) {
+        return Err(Error::invalid_argument("round_start", format!("{n}..=2^63-1 (>= the cached slots)"), r));
+    }
+    let starts: Vec<u8> = round_starts.iter().flat_map(|&r| (r as i64).to_le_bytes()).collect();
+    struct Staged<B> {
+        k: Vec<B>,
+        v: Vec<B>,
+        k_out: Vec<B>,
+        v_out: Vec<B>,
+        workspace: B,
+        slots: B,
+    }
+    let mut staged = Vec::with_capacity(plans.len());
+    for (plan, t) in plans.iter().zip(ranks.iter()) {
+        check_layers::<T>(plan, LayerTensors::Keys, &lens(&t.keys))?;
+        check_layers::<T>(plan, LayerTensors::Values, &lens(&t.values))?;
+        check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(&t.keys_out))?;
+        check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(&t.values_out))?;
+        let (k, v) = (upload_all(dev, "keys", &t.keys)?, upload_all(dev, "values", &t.values)?);
+        let (k_out, v_out) =
+            (upload_all_mut(dev, "keys_out", &t.keys_out)?, upload_all_mut(dev, "values_out", &t.values_out)?);
+        let cache = CacheAddresses {
+            keys: addresses(dev, &k),
+            values: addresses(dev, &v),
+            keys_out: addresses(dev, &k_out),
+            values_out: addresses(dev, &v_out),
+            ..Default::default()
+        };
+        let mut image = plan.workspace_image(&cache)?;
+        image.resize(plan.workspace_bytes(), 0xff);
+        dev.prepare(plan)?;
+        let workspace = dev.upload("workspace", &image)?;
+        let slots = dev.upload("round_start", &starts)?;
+        staged.push(Staged { k, v, k_out, v_out, workspace, slots });
+    }
+    let mut launchers: Vec<D::Timed<'_>> = plans.iter().map(|_| dev.timed()).collect();
+    for part in 0..parts {
+        for ((plan, s), launcher) in plans.iter().zip(&staged).zip(launchers.iter_mut()) {
+            let cache = CacheAddresses {
+                keys: addresses(dev, &s.k),
+                values: addresses(dev, &s.v),
+                keys_out: addresses(dev, &s.k_out),
+                values_out: addresses(dev, &s.v_out),
+                ..Default::default()
+            };
+            let at = RoundAddresses::bound(dev.address(&s.workspace), dev.address(&s.slots), &cache);
+            // SAFETY: each workspace holds its plan's image over sources and destinations that hold
+            // the planned rows (checked) in separate `dev` buffers; `slots` holds the round starts
+            // (checked >= N); the previous part's collective was written back below.
+            unsafe { plan.run_part(launcher, &at, part)? };
+        }
+        if part + 1 == parts {
+            break;
+        }
+        // The collective after `part`: each rank's buffer, all-reduced within its group.
+        let mut keys: Vec<Vec<i32>> = vec![Vec::new(); plans.len()];
+        let mut sums: Vec<Vec<f64>> = vec![Vec::new(); plans.len()];
+        let mut regions = Vec::with_capacity(plans.len());
+        for (r, (plan, s)) in plans.iter().zip(&staged).enumerate() {
+            let region = plan.reduction_region(part)?;
+            let host = dev.download("workspace", &s.workspace)?;
+            let bytes = &host[region.offset..region.offset + region.bytes];
+            match plan.reductions()[part].kind.op() {
+                ReduceOp::Max => {
+                    keys[r] = bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect()
+                }
+                ReduceOp::Sum => {
+                    sums[r] = bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
+                }
+            }
+            regions.push(region);
+        }
+        {
+            let mut groups: std::collections::BTreeMap<Vec<usize>, Vec<ReductionBuffer<'_>>> = Default::default();
+            for ((plan, k), s) in plans.iter().zip(keys.iter_mut()).zip(sums.iter_mut()) {
+                let reduction = plan.reductions()[part].clone();
+                let data = match reduction.kind.op() {
+                    ReduceOp::Max => ReductionData::MaxKeys(k),
+                    ReduceOp::Sum => ReductionData::Sums(s),
+                };
+                let rank = plan.shard().map_or(0, |s| s.rank);
+                groups.entry(reduction.ranks.clone()).or_default().push(ReductionBuffer { rank, reduction, data });
+            }
+            for group in groups.values_mut() {
+                all_reduce_in_process(group)?;
+            }
+        }
+        for (r, s) in staged.iter_mut().enumerate() {
+            let bytes: Vec<u8> = if keys[r].is_empty() {
+                sums[r].iter().flat_map(|x| x.to_le_bytes()).collect()
+            } else {
+                keys[r].iter().flat_map(|x| x.to_le_bytes()).collect()
+            };
+            dev.write("workspace", &mut s.workspace, regions[r].offset, &bytes)?;
+        }
+    }
+    let mut out = Vec::with_capacity(plans.len());
+    for (((plan, s), t), launcher) in plans.iter().zip(&staged).zip(ranks.iter_mut()).zip(&launchers) {
+        let host = dev.download("workspace", &s.workspace)?;
+        let timings = dev.timings(launcher)?;
+        let outputs = (0..plan.num_seqs()).map(|seq| plan.read_outputs_of(&host, seq)).collect::<Result<_>>()?;
+        download_all(dev, "keys_out", &mut t.keys_out, &s.k_out)?;
+        download_all(dev, "values_out", &mut t.values_out, &s.v_out)?;
+        out.push(HostRound { outputs, timings });
+    }
+    Ok(out)
 }

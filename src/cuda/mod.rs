@@ -33,7 +33,7 @@ pub use decode::{
 #[cfg(feature = "cuda")]
 pub use device_round::{CudaDevice, DeviceRound, StreamLauncher, TimedLauncher};
 #[cfg(any(feature = "emu", feature = "cuda"))]
-pub use host_round::{DecodeInputs, HostDecode, HostRound};
+pub use host_round::{DecodeInputs, HostDecode, HostRound, RankTensors};
 pub use plan::{
     check_workspace_address, CacheAddresses, CacheLayout, Compaction, Launcher, Region, RoundAddresses, RoundOutputs,
     RoundPlan, RoundShape, Stage, StageTimings, WorkspaceLayout, ROW_ALIGN, WORKSPACE_ALIGN,

@@ -248,6 +248,65 @@ const _: () = assert!(std::mem::offset_of!(ReduceParams, prefixes) == 72);
 const _: () = assert!(std::mem::offset_of!(ReduceParams, layer_stride) == 16);
 const _: () = assert!(std::mem::offset_of!(ReduceParams, num_layers) == 40);
 
+/// Sharded reduce step (`TRI_SHARD_STEP_*`).
+pub(crate) const SHARD_STEP_PARTIAL: i32 = 0;
+/// Sharded reduce step (`TRI_SHARD_STEP_*`).
+pub(crate) const SHARD_STEP_LAYER_SUM: i32 = 1;
+/// Sharded reduce step (`TRI_SHARD_STEP_*`).
+pub(crate) const SHARD_STEP_FINISH: i32 = 2;
+
+/// Mirrors `tri_reduce_shard_params` (cuda/common/params.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReduceShardParams {
+    /// f32 z `(l, h, n)` of sequence s at `s * z_seq_stride + l * layer_stride + h * head_stride + n`
+    pub z: u64,
+    /// i32 keys `[S, rows, len]`
+    pub keys: u64,
+    /// f64 sums `[S, rows, len]`
+    pub sums: u64,
+    /// f32 out `(set, n)` at `s * out_seq_stride + set * out_stride + n`
+    pub out: u64,
+    /// i32 `[num_seqs]` per-sequence prefixes, or 0
+    pub prefixes: u64,
+    /// elements between layers of z
+    pub layer_stride: i64,
+    /// elements between heads of z
+    pub head_stride: i64,
+    /// elements between sequences of z
+    pub z_seq_stride: i64,
+    /// elements between rows of out
+    pub out_stride: i64,
+    /// elements between sequences of out
+    pub out_seq_stride: i64,
+    /// finish from sums: the divisor of the mean
+    pub divisor: f64,
+    /// `TRI_SHARD_STEP_*`
+    pub step: i32,
+    /// partial: `TRI_SHARD_PART_*`; finish: 0 from sums, 1 from keys
+    pub part: i32,
+    /// layers of this rank
+    pub num_layers: i32,
+    /// query heads of this rank
+    pub num_heads: i32,
+    /// KV heads of this rank
+    pub num_kv_heads: i32,
+    /// slots N
+    pub len: i32,
+    /// rows per sequence of this step (the grid's y)
+    pub rows: i32,
+    /// finish: slots below it get +inf
+    pub prefix: i32,
+    /// finish: slots from it on get +inf
+    pub window_start: i32,
+    /// sequences S (the grid's z)
+    pub num_seqs: i32,
+}
+const _: () = assert!(std::mem::size_of::<ReduceShardParams>() == 128);
+const _: () = assert!(std::mem::offset_of!(ReduceShardParams, layer_stride) == 40);
+const _: () = assert!(std::mem::offset_of!(ReduceShardParams, divisor) == 80);
+const _: () = assert!(std::mem::offset_of!(ReduceShardParams, step) == 88);
+
 /// z-score flavour code (`TRI_ZSCORE_*`).
 pub(crate) const ZSCORE_POPULATION_FLOOR: i32 = 0;
 /// z-score flavour code (`TRI_ZSCORE_*`).
@@ -295,6 +354,9 @@ unsafe impl cudarc::driver::DeviceRepr for ReduceParams {}
 #[cfg(feature = "cuda")]
 // SAFETY: plain integers, `repr(C)`, size and layout pinned above and in params.cuh.
 unsafe impl cudarc::driver::DeviceRepr for NormalizeParams {}
+#[cfg(feature = "cuda")]
+// SAFETY: plain integers and one f64, `repr(C)`, size and layout pinned above and in params.cuh.
+unsafe impl cudarc::driver::DeviceRepr for ReduceShardParams {}
 #[cfg(feature = "cuda")]
 // SAFETY: four f32, `repr(C)`, 16 bytes as `tri_row_partial`.
 unsafe impl cudarc::driver::DeviceRepr for RowPartial {}

@@ -22,9 +22,10 @@
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::policy::{CompressionConfig, Preset, RoundOutcome};
+use crate::policy::{CompressionConfig, GroupAggregation, Preset, RoundOutcome, SelectionMode};
 use crate::round::Scorer;
 use crate::score::{geometric_offsets, OffsetAggregation, TrigTerm};
+use crate::shard::{ReduceOp, Reduction, Shard};
 use crate::tuning::{ChoiceSource, Dispatch};
 use crate::variant::{CompactMode, Variant};
 
@@ -33,7 +34,9 @@ use super::compact::{
 };
 use super::normalize::{NormalizeAddresses, NormalizeSpec};
 use super::params::RowPartial;
-use super::reduce::{ReduceAddresses, ReduceSpec};
+use super::reduce::{
+    FinishFrom, ReduceAddresses, ReduceShardAddresses, ReduceShardSpec, ReduceSpec, ShardPart, ShardStep,
+};
 use super::select::{SelectAddresses, SelectShape, SelectSpec};
 use super::spec::{KeyLayout, PageOrder, ScoreAddresses, ScoreShape, ScoreSpec, TrigAddresses, TrigSpec, WeightsScope};
 
@@ -340,6 +343,12 @@ pub struct WorkspaceLayout {
     pub select_scratch: Region,
     /// i32 `[S, sets, K]` original slot held by each slot after compaction (empty without one).
     pub slot_map: Region,
+    /// A sharded plan's i32 keys `[S, rows, N]` (group or union maxima), exposed to the engine's
+    /// all-reduce (empty otherwise).
+    pub shard_keys: Region,
+    /// A sharded plan's f64 sums `[S, rows, N]` (layer or group sums), exposed to the engine's
+    /// all-reduce (empty otherwise).
+    pub shard_sums: Region,
     /// Total bytes.
     pub total_bytes: usize,
 }
@@ -372,6 +381,91 @@ pub struct RoundPlan {
     stages: StageSpecs,
     layout: WorkspaceLayout,
     constants: Vec<u8>,
+    /// The shard a sharded plan runs on, and its reduction steps when it needs collectives.
+    shard: Option<(Shard, Option<ShardSteps>)>,
+}
+
+/// The reduce stage of a sharded plan, in steps around the exposed collectives.
+#[derive(Clone, Debug)]
+struct ShardSteps {
+    /// The collectives, in order, their lengths covering every sequence of the plan.
+    reductions: Vec<Reduction>,
+    partial: ReduceShardSpec,
+    layer_sum: Option<ReduceShardSpec>,
+    finish: ReduceShardSpec,
+}
+
+impl ShardSteps {
+    /// The steps of `shard`'s reduction for `config` over `seqs` sequences of `n` slots (its z
+    /// laid out `[S, L, H, N]`, its output `[S, sets, N]`), or `None` when it needs no collective.
+    fn new(
+        shard: &Shard,
+        config: &CompressionConfig,
+        n: usize,
+        seqs: usize,
+        protection: crate::policy::Protection,
+    ) -> Result<Option<Self>> {
+        let mut reductions = shard.reductions(config, n);
+        if reductions.is_empty() {
+            return Ok(None);
+        }
+        for r in &mut reductions {
+            r.len *= seqs;
+        }
+        let (l, h, hkv) = (shard.layers.len(), shard.heads.len(), shard.kv_heads.len());
+        let global = &shard.layout;
+        let sets = config.mode.num_sets(l, hkv);
+        let (part, layer_sum, from) = match config.mode {
+            SelectionMode::PerHead if shard.group_split() => {
+                (ShardPart::GroupKeys, true, FinishFrom::Sums { divisor: global.num_layers as f64 })
+            }
+            SelectionMode::PerHead => {
+                (ShardPart::LayerSums, false, FinishFrom::Sums { divisor: global.num_layers as f64 })
+            }
+            SelectionMode::PerLayerPerHead => match config.group_aggregation {
+                GroupAggregation::Max => (ShardPart::GroupKeys, false, FinishFrom::Keys),
+                GroupAggregation::Mean => (
+                    ShardPart::GroupSums,
+                    false,
+                    FinishFrom::Sums { divisor: (global.num_heads / global.num_kv_heads) as f64 },
+                ),
+            },
+            SelectionMode::Union => (ShardPart::UnionKeys, false, FinishFrom::Keys),
+        };
+        let spec = |step| ReduceShardSpec {
+            step,
+            num_layers: l,
+            num_heads: h,
+            num_kv_heads: hkv,
+            len: n,
+            layer_stride: h * n,
+            head_stride: n,
+            z_seq_stride: l * h * n,
+            out_stride: n,
+            out_seq_stride: sets * n,
+            prefix: if seqs > 1 { 0 } else { protection.prefix },
+            window_start: protection.window_start,
+            num_seqs: seqs,
+        };
+        let steps = ShardSteps {
+            reductions,
+            partial: spec(ShardStep::Partial(part)),
+            layer_sum: layer_sum.then(|| spec(ShardStep::LayerSum)),
+            finish: spec(ShardStep::Finish { from, rows: sets }),
+        };
+        for s in [Some(&steps.partial), steps.layer_sum.as_ref(), Some(&steps.finish)].into_iter().flatten() {
+            s.validate()?;
+        }
+        Ok(Some(steps))
+    }
+
+    /// i32 keys and f64 sums the steps need, in elements.
+    fn buffer_lens(&self) -> (usize, usize) {
+        let specs = [Some(&self.partial), self.layer_sum.as_ref(), Some(&self.finish)];
+        let keys = specs.iter().flatten().map(|s| s.keys_len()).max().unwrap_or(0);
+        let sums = specs.iter().flatten().map(|s| s.sums_len()).max().unwrap_or(0);
+        (keys, sums)
+    }
 }
 
 /// The per-layer K and V bases a plan's workspace is bound to (device addresses on the GPU, host
@@ -735,7 +829,15 @@ impl StageSpecs {
 
 impl WorkspaceLayout {
     /// The regions of a round of `stages`: constants first, then scratch and outputs.
-    fn new(stages: &StageSpecs, scorer: &Scorer, shape: &RoundShape, seqs: usize, sets: usize, kept: usize) -> Self {
+    fn new(
+        stages: &StageSpecs,
+        scorer: &Scorer,
+        shape: &RoundShape,
+        seqs: usize,
+        sets: usize,
+        kept: usize,
+        shard_buffers: (usize, usize),
+    ) -> Self {
         let m = &scorer.model;
         let (l, h, hkv, f) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim / 2);
         let n = shape.len;
@@ -765,6 +867,8 @@ impl WorkspaceLayout {
         layout.keep = a.take(seqs * sets * kept * 4);
         layout.select_scratch = a.take(stages.select.scratch_bytes());
         layout.slot_map = a.take(if stages.compact.is_some() { seqs * sets * kept * 4 } else { 0 });
+        layout.shard_keys = a.take(shard_buffers.0 * 4);
+        layout.shard_sums = a.take(shard_buffers.1 * 8);
         layout.total_bytes = a.next;
         layout
     }
@@ -869,7 +973,49 @@ impl RoundPlan {
         prefix_lens: &[usize],
         dispatch: &Dispatch,
     ) -> Result<Self> {
+        Self::build(scorer, config, shape, prefix_lens, dispatch, None)
+    }
+
+    /// Plan one rank's round of a sharded engine (tensor and pipeline parallelism, see
+    /// [`crate::shard`]): `scorer` is the rank's ([`Shard::scorer`]), the cache tables hold the
+    /// rank's layers, each tensor its KV heads. When the shard's round needs collectives
+    /// ([`Self::reductions`]), it runs in parts ([`Self::run_part`]): after part `k` the engine
+    /// all-reduces [`Self::reduction_region`] `k` in place across the reduction's ranks, then
+    /// launches part `k + 1`. A shard that needs none runs whole ([`Self::run`]).
+    ///
+    /// # Errors
+    /// As [`Self::new_batch_tuned`]; `ShapeMismatch` when `scorer` is not the shard's.
+    pub fn new_shard(
+        scorer: &Scorer,
+        shard: &Shard,
+        config: &CompressionConfig,
+        shape: RoundShape,
+        prefix_lens: &[usize],
+        dispatch: &Dispatch,
+    ) -> Result<Self> {
+        Self::build(scorer, config, shape, prefix_lens, dispatch, Some(shard))
+    }
+
+    fn build(
+        scorer: &Scorer,
+        config: &CompressionConfig,
+        shape: RoundShape,
+        prefix_lens: &[usize],
+        dispatch: &Dispatch,
+        shard: Option<&Shard>,
+    ) -> Result<Self> {
         config.validate()?;
+        if let Some(shard) = shard {
+            let m = &scorer.model;
+            let want = (shard.layers.len(), shard.heads.len(), shard.kv_heads.len());
+            if (m.num_layers, m.num_heads, m.num_kv_heads) != want {
+                return Err(Error::shape(
+                    format!("rank {} scorer (layers, heads, KV heads)", shard.rank),
+                    format!("{want:?} of the shard (Shard::scorer)"),
+                    format!("({}, {}, {})", m.num_layers, m.num_heads, m.num_kv_heads),
+                ));
+            }
+        }
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);
         let (outcome, protections) = batch_outcome(config, shape.len, prefix_lens)?;
@@ -877,7 +1023,12 @@ impl RoundPlan {
         let sets = config.mode.num_sets(l, hkv);
         let kept = outcome.kept(shape.len);
         let stages = StageSpecs::new(scorer, config, &shape, seqs, protections[0], kept, dispatch)?;
-        let layout = WorkspaceLayout::new(&stages, scorer, &shape, seqs, sets, kept);
+        let steps = match shard {
+            Some(shard) => ShardSteps::new(shard, config, shape.len, seqs, protections[0])?,
+            None => None,
+        };
+        let buffers = steps.as_ref().map_or((0, 0), ShardSteps::buffer_lens);
+        let layout = WorkspaceLayout::new(&stages, scorer, &shape, seqs, sets, kept, buffers);
         let constants = constants_image(scorer, config, &layout, &protections, shape.len)?;
         Ok(Self {
             shape: RoundShape { prefix_len: prefix_lens[0], ..shape },
@@ -893,7 +1044,44 @@ impl RoundPlan {
             stages,
             layout,
             constants,
+            shard: shard.map(|s| (s.clone(), steps)),
         })
+    }
+
+    /// The shard a sharded plan runs on.
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref().map(|(s, _)| s)
+    }
+
+    /// The collectives between the parts of a sharded plan, in order (empty: the plan runs
+    /// whole). Lengths cover every sequence of the plan.
+    pub fn reductions(&self) -> &[Reduction] {
+        match &self.shard {
+            Some((_, Some(steps))) => &steps.reductions,
+            _ => &[],
+        }
+    }
+
+    /// Launch sequences of the plan: one more than its collectives.
+    pub fn parts(&self) -> usize {
+        self.reductions().len() + 1
+    }
+
+    /// Where reduction `k` lives in the workspace: the engine all-reduces
+    /// `workspace + region.offset`, [`Reduction::len`] elements of its dtype, in place, after
+    /// part `k` and before part `k + 1`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for `k` past the plan's reductions.
+    pub fn reduction_region(&self, k: usize) -> Result<Region> {
+        let r = self.reductions().get(k).ok_or_else(|| {
+            Error::invalid_argument("reduction", format!("< {} (the plan's collectives)", self.reductions().len()), k)
+        })?;
+        let base = match r.kind.op() {
+            ReduceOp::Max => self.layout.shard_keys,
+            ReduceOp::Sum => self.layout.shard_sums,
+        };
+        Ok(Region { offset: base.offset, bytes: r.bytes() })
     }
 
     /// The K and V strides of a contiguous plan (`None` when paged).
@@ -960,10 +1148,18 @@ impl RoundPlan {
     pub fn variants(&self) -> Vec<Variant> {
         let mut v = vec![crate::variant::trig_variant(), self.stages.score.variant()];
         v.extend(self.stages.normalize.as_ref().map(NormalizeSpec::variant));
-        v.push(self.stages.reduce.variant());
+        v.push(self.reduce_variant());
         v.extend(self.stages.select.launches(&SelectAddresses::default()).iter().flatten().map(|l| l.0));
         v.extend(self.stages.compact.as_ref().map(CompactSpec::variant));
         v
+    }
+
+    /// The reduce stage's variant: the sharded steps' when the plan has collectives.
+    fn reduce_variant(&self) -> Variant {
+        match &self.shard {
+            Some((_, Some(steps))) => steps.partial.variant(),
+            _ => self.stages.reduce.variant(),
+        }
     }
 
     /// The kernel symbol of each stage `run` launches, by stage name.
@@ -975,7 +1171,7 @@ impl RoundPlan {
         if let Some(n) = &self.stages.normalize {
             v.push((Stage::Normalize.name(), n.variant().symbol()));
         }
-        v.push((Stage::Reduce.name(), self.stages.reduce.variant().symbol()));
+        v.push((Stage::Reduce.name(), self.reduce_variant().symbol()));
         v.push((Stage::Select.name(), self.stages.select.variant().symbol()));
         if let Some(c) = &self.stages.compact {
             v.push((Stage::Compact.name(), c.variant().symbol()));
@@ -1157,6 +1353,32 @@ impl RoundPlan {
     /// `at.block_table` is the sequence's block-table row, distinct in-range blocks covering N
     /// slots. Nothing else touches the workspace or the cache until the launches have run.
     pub unsafe fn run<L: Launcher>(&self, launcher: &mut L, at: &RoundAddresses) -> Result<()> {
+        if self.parts() > 1 {
+            return Err(Error::invalid_argument(
+                "run of a sharded plan",
+                "a plan without collectives (run_part for each part of this one)",
+                format!("{} parts around {} all-reduces", self.parts(), self.reductions().len()),
+            ));
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.run_part(launcher, at, 0) }
+    }
+
+    /// Launch part `part` of a sharded plan (see [`Self::new_shard`]): part 0 scores,
+    /// normalises and reduces up to the first collective, each later part continues after one;
+    /// the last selects and compacts. A plan of one part is [`Self::run`]. Nothing but launches.
+    ///
+    /// # Errors
+    /// As [`Self::run`]; `InvalidArgument` for `part >= parts()`.
+    ///
+    /// # Safety
+    /// As [`Self::run`], for every part in order on the same workspace; between parts `k` and
+    /// `k + 1` the engine has all-reduced [`Self::reduction_region`] `k` across the reduction's
+    /// ranks (ordered on the launcher's stream) and nothing else touched the workspace.
+    pub unsafe fn run_part<L: Launcher>(&self, launcher: &mut L, at: &RoundAddresses, part: usize) -> Result<()> {
+        if part >= self.parts() {
+            return Err(Error::invalid_argument("part", format!("< {} (the plan's parts)", self.parts()), part));
+        }
         let (workspace, round_start) = (at.workspace, at.round_start);
         check_workspace_address(workspace)?;
         if round_start == 0 {
@@ -1168,6 +1390,34 @@ impl RoundPlan {
         let lengths = w.lengths.at(workspace);
         let per_seq = 4 * self.seqs as u64; // bytes of one i32 [S] array of `lengths`
         let prefixes = if self.seqs > 1 { lengths + 3 * per_seq } else { 0 };
+        let steps = match &self.shard {
+            Some((_, Some(steps))) => Some(steps),
+            _ => None,
+        };
+        let shard_at = |z: u64| ReduceShardAddresses {
+            z,
+            keys: w.shard_keys.at(workspace),
+            sums: w.shard_sums.at(workspace),
+            out: w.score.at(workspace),
+            prefixes,
+        };
+        // SAFETY (all launches): the caller's contract on the workspace and cache; every region
+        // is sized by the same validated spec whose params are built here.
+        if part > 0 {
+            let steps = steps.expect("parts > 1 only with shard steps");
+            // After the group max: its sum over the stage's layers, then (pipeline stages) the
+            // layer-sum collective, else straight on.
+            if let (1, Some(spec)) = (part, &steps.layer_sum) {
+                let p = spec.params(&shard_at(0));
+                unsafe { launcher.launch(Stage::Reduce, spec.variant(), &p, spec.grid(), 0)? };
+                if steps.reductions.len() > 1 {
+                    return Ok(());
+                }
+            }
+            let p = steps.finish.params(&shard_at(0));
+            unsafe { launcher.launch(Stage::Reduce, steps.finish.variant(), &p, steps.finish.grid(), 0)? };
+            return unsafe { self.launch_select_compact(launcher, at, prefixes) };
+        }
         let trig = self.stages.trig.params(&TrigAddresses {
             q_mean_real: w.q_mean_real.at(workspace),
             q_mean_imag: w.q_mean_imag.at(workspace),
@@ -1212,9 +1462,27 @@ impl RoundPlan {
             }
             None => w.raw.at(workspace),
         };
+        if let Some(steps) = steps {
+            let p = steps.partial.params(&shard_at(reduce_input));
+            return unsafe { launcher.launch(Stage::Reduce, steps.partial.variant(), &p, steps.partial.grid(), 0) };
+        }
         let reduce =
             self.stages.reduce.params(&ReduceAddresses { z: reduce_input, out: w.score.at(workspace), prefixes });
         unsafe { launcher.launch(Stage::Reduce, self.stages.reduce.variant(), &reduce, self.stages.reduce.grid(), 0)? };
+        unsafe { self.launch_select_compact(launcher, at, prefixes) }
+    }
+
+    /// The last stages of a run: select, then compact.
+    ///
+    /// # Safety
+    /// As [`Self::run_part`], with the score rows in the workspace.
+    unsafe fn launch_select_compact<L: Launcher>(
+        &self,
+        launcher: &mut L,
+        at: &RoundAddresses,
+        prefixes: u64,
+    ) -> Result<()> {
+        let (w, workspace) = (&self.layout, at.workspace);
         let select = SelectAddresses {
             scores: w.score.at(workspace),
             keep: w.keep.at(workspace),

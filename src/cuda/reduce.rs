@@ -10,7 +10,10 @@ use crate::error::{ensure, Result};
 use crate::policy::{GroupAggregation, SelectionMode};
 use crate::variant::{self, Variant};
 
-use super::params::{ReduceParams, REDUCE_PER_HEAD, REDUCE_PER_LAYER_PER_HEAD, REDUCE_UNION};
+use super::params::{
+    ReduceParams, ReduceShardParams, REDUCE_PER_HEAD, REDUCE_PER_LAYER_PER_HEAD, REDUCE_UNION, SHARD_STEP_FINISH,
+    SHARD_STEP_LAYER_SUM, SHARD_STEP_PARTIAL,
+};
 
 /// The shape of a `reduce` launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -168,6 +171,257 @@ impl ReduceSpec {
             out_seq_stride: self.out_seq_stride as i64,
             num_seqs: self.num_seqs as i32,
             pad2: 0,
+        }
+    }
+}
+
+/// What the partial step of a sharded reduction writes (`TRI_SHARD_PART_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShardPart {
+    /// f64 sum over the rank's layers of each KV group's max (`per-head`; rows Hkv).
+    LayerSums = 0,
+    /// Key of each (layer, KV head) group max (rows L * Hkv).
+    GroupKeys = 1,
+    /// f64 sum over each (layer, KV head) group (`per-layer-per-head` mean; rows L * Hkv).
+    GroupSums = 2,
+    /// Key of the max over every row (`union`; one row).
+    UnionKeys = 3,
+}
+
+/// What the finish step reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FinishFrom {
+    /// f64 sums, divided by `divisor` (the global layer count or group size) and rounded once.
+    Sums {
+        /// The mean's divisor.
+        divisor: f64,
+    },
+    /// Order-preserving keys of maxima.
+    Keys,
+}
+
+/// One step of a sharded round's reduction (cuda/reduce/shard.cuh).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ShardStep {
+    /// z to this rank's part of the reduction.
+    Partial(ShardPart),
+    /// All-reduced group-max keys `[L * Hkv]` rows to f64 sums over the layers (`[Hkv]` rows).
+    LayerSum,
+    /// All-reduced keys or sums to the f32 rows selection ranks (`rows` per sequence), with the
+    /// `+inf` guards.
+    Finish {
+        /// Keys or sums.
+        from: FinishFrom,
+        /// Rows per sequence (the rank's keep sets).
+        rows: usize,
+    },
+}
+
+/// The shape of one launch of a sharded reduction step; buffers are dense `[S, rows, len]`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReduceShardSpec {
+    /// The step.
+    pub step: ShardStep,
+    /// This rank's layers.
+    pub num_layers: usize,
+    /// This rank's query heads, a multiple of `num_kv_heads`.
+    pub num_heads: usize,
+    /// This rank's KV heads.
+    pub num_kv_heads: usize,
+    /// Slots N.
+    pub len: usize,
+    /// Elements between layers of z (partial).
+    pub layer_stride: usize,
+    /// Elements between heads of z (partial), `>= len`.
+    pub head_stride: usize,
+    /// Elements between sequences of z (partial).
+    pub z_seq_stride: usize,
+    /// Elements between output rows (finish), `>= len`.
+    pub out_stride: usize,
+    /// Elements between sequences of the output (finish).
+    pub out_seq_stride: usize,
+    /// Finish: slots below it get `+inf` unless per-sequence prefixes are given.
+    pub prefix: usize,
+    /// Finish: slots from it on get `+inf`.
+    pub window_start: usize,
+    /// Sequences S.
+    pub num_seqs: usize,
+}
+
+/// Addresses of a sharded reduction step (0 for what the step does not touch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReduceShardAddresses {
+    /// f32 z (partial).
+    pub z: u64,
+    /// i32 keys `[S, rows, len]`.
+    pub keys: u64,
+    /// f64 sums `[S, rows, len]`.
+    pub sums: u64,
+    /// f32 output rows (finish).
+    pub out: u64,
+    /// i32 `[S]` per-sequence prefixes, or 0 (finish).
+    pub prefixes: u64,
+}
+
+impl ReduceShardSpec {
+    /// Rows per sequence the step writes (the grid's y).
+    pub fn rows(&self) -> usize {
+        let (l, hkv) = (self.num_layers, self.num_kv_heads);
+        match self.step {
+            ShardStep::Partial(ShardPart::LayerSums) | ShardStep::LayerSum => hkv,
+            ShardStep::Partial(ShardPart::GroupKeys | ShardPart::GroupSums) => l * hkv,
+            ShardStep::Partial(ShardPart::UnionKeys) => 1,
+            ShardStep::Finish { rows, .. } => rows,
+        }
+    }
+
+    /// i32 keys the step reads or writes (`S * rows_of_keys * len`; 0 when it touches none).
+    pub fn keys_len(&self) -> usize {
+        let rows = match self.step {
+            ShardStep::Partial(ShardPart::GroupKeys | ShardPart::UnionKeys) => self.rows(),
+            ShardStep::LayerSum => self.num_layers * self.num_kv_heads,
+            ShardStep::Finish { from: FinishFrom::Keys, rows } => rows,
+            _ => 0,
+        };
+        self.num_seqs * rows * self.len
+    }
+
+    /// f64 sums the step reads or writes (`S * rows * len`; 0 when it touches none).
+    pub fn sums_len(&self) -> usize {
+        let rows = match self.step {
+            ShardStep::Partial(ShardPart::LayerSums | ShardPart::GroupSums) | ShardStep::LayerSum => self.rows(),
+            ShardStep::Finish { from: FinishFrom::Sums { .. }, rows } => rows,
+            _ => 0,
+        };
+        self.num_seqs * rows * self.len
+    }
+
+    /// Check everything the kernel assumes.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the first field out of range.
+    pub fn validate(&self) -> Result<()> {
+        let cap = i32::MAX as usize;
+        ensure(self.num_layers >= 1 && self.num_layers <= cap, "reduce shard layers", ">= 1", self.num_layers)?;
+        ensure(self.num_kv_heads >= 1, "reduce shard KV heads", ">= 1", self.num_kv_heads)?;
+        ensure(
+            self.num_heads >= self.num_kv_heads && self.num_heads % self.num_kv_heads == 0 && self.num_heads <= cap,
+            "reduce shard heads",
+            format!("a multiple of the {} KV heads", self.num_kv_heads),
+            self.num_heads,
+        )?;
+        ensure(self.len >= 1 && self.len <= cap, "reduce shard slots", ">= 1", self.len)?;
+        ensure(self.rows() >= 1 && self.rows() <= 65535, "reduce shard rows", "1..=65535", self.rows())?;
+        ensure(self.num_seqs >= 1 && self.num_seqs <= 65535, "reduce shard sequences", "1..=65535", self.num_seqs)?;
+        ensure(
+            self.keys_len().max(self.sums_len()) <= cap,
+            "reduce shard buffer elements",
+            format!("<= {cap}"),
+            self.keys_len().max(self.sums_len()),
+        )?;
+        match self.step {
+            ShardStep::Partial(_) => {
+                ensure(
+                    self.head_stride >= self.len,
+                    "reduce shard head stride",
+                    format!(">= {}", self.len),
+                    self.head_stride,
+                )?;
+                let layer_min = (self.num_heads - 1) * self.head_stride + self.len;
+                ensure(
+                    self.num_layers == 1 || self.layer_stride >= layer_min,
+                    "reduce shard layer stride",
+                    format!(">= {layer_min}"),
+                    self.layer_stride,
+                )?;
+                let one = (self.num_layers - 1) * self.layer_stride + layer_min;
+                ensure(
+                    self.num_seqs == 1 || self.z_seq_stride >= one,
+                    "reduce shard z sequence stride",
+                    format!(">= {one}"),
+                    self.z_seq_stride,
+                )?;
+            }
+            ShardStep::LayerSum => {}
+            ShardStep::Finish { from, rows } => {
+                if let FinishFrom::Sums { divisor } = from {
+                    ensure(divisor >= 1.0, "reduce shard divisor", ">= 1", divisor)?;
+                }
+                ensure(
+                    self.out_stride >= self.len,
+                    "reduce shard out stride",
+                    format!(">= {}", self.len),
+                    self.out_stride,
+                )?;
+                let one = (rows - 1) * self.out_stride + self.len;
+                ensure(
+                    self.num_seqs == 1 || self.out_seq_stride >= one,
+                    "reduce shard out sequence stride",
+                    format!(">= {one}"),
+                    self.out_seq_stride,
+                )?;
+                ensure(self.prefix <= self.len, "reduce shard prefix", format!("0..={}", self.len), self.prefix)?;
+                ensure(
+                    self.window_start <= self.len,
+                    "reduce shard window start",
+                    format!("0..={}", self.len),
+                    self.window_start,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The variant a launch runs.
+    pub fn variant(&self) -> Variant {
+        variant::reduce_shard_variant()
+    }
+
+    /// Launch grid `(ceil(N / threads), rows, num_seqs)`.
+    pub fn grid(&self) -> (u32, u32, u32) {
+        (self.len.div_ceil(self.variant().threads()) as u32, self.rows() as u32, self.num_seqs as u32)
+    }
+
+    /// f32 elements the output must hold (finish).
+    pub fn out_len(&self) -> usize {
+        match self.step {
+            ShardStep::Finish { rows, .. } => {
+                (self.num_seqs - 1) * self.out_seq_stride + (rows - 1) * self.out_stride + self.len
+            }
+            _ => 0,
+        }
+    }
+
+    /// The params struct for `at` (call [`Self::validate`] first).
+    pub fn params(&self, at: &ReduceShardAddresses) -> ReduceShardParams {
+        let (step, part, divisor) = match self.step {
+            ShardStep::Partial(part) => (SHARD_STEP_PARTIAL, part as i32, 1.0),
+            ShardStep::LayerSum => (SHARD_STEP_LAYER_SUM, 0, 1.0),
+            ShardStep::Finish { from: FinishFrom::Sums { divisor }, .. } => (SHARD_STEP_FINISH, 0, divisor),
+            ShardStep::Finish { from: FinishFrom::Keys, .. } => (SHARD_STEP_FINISH, 1, 1.0),
+        };
+        ReduceShardParams {
+            z: at.z,
+            keys: at.keys,
+            sums: at.sums,
+            out: at.out,
+            prefixes: at.prefixes,
+            layer_stride: self.layer_stride as i64,
+            head_stride: self.head_stride as i64,
+            z_seq_stride: self.z_seq_stride as i64,
+            out_stride: self.out_stride as i64,
+            out_seq_stride: self.out_seq_stride as i64,
+            divisor,
+            step,
+            part,
+            num_layers: self.num_layers as i32,
+            num_heads: self.num_heads as i32,
+            num_kv_heads: self.num_kv_heads as i32,
+            len: self.len as i32,
+            rows: self.rows() as i32,
+            prefix: self.prefix as i32,
+            window_start: self.window_start as i32,
+            num_seqs: self.num_seqs as i32,
         }
     }
 }

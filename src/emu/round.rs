@@ -58,6 +58,19 @@ impl HostBuffer {
         Ok(Self { ptr, layout, len: bytes.len() })
     }
 
+    fn write_at(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if offset.checked_add(bytes.len()).map_or(true, |end| end > self.len) {
+            return Err(Error::invalid_argument(
+                "emu buffer write",
+                format!("a range within its {} bytes", self.len),
+                format!("{} bytes at {offset}", bytes.len()),
+            ));
+        }
+        // SAFETY: the range is inside the allocation (checked) and `self` is borrowed exclusively.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().add(offset), bytes.len()) };
+        Ok(())
+    }
+
     fn bytes(&self) -> &[u8] {
         // SAFETY: the first `len` bytes of the allocation were initialised in `of`.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
@@ -90,6 +103,10 @@ impl KernelDevice for EmuDevice {
 
     fn download(&self, _what: &str, buffer: &Self::Buffer) -> Result<Vec<u8>> {
         Ok(buffer.bytes().to_vec())
+    }
+
+    fn write(&self, _what: &str, buffer: &mut Self::Buffer, offset: usize, bytes: &[u8]) -> Result<()> {
+        buffer.write_at(offset, bytes)
     }
 
     /// Nothing to load: the SIMT layer links every variant of the table.

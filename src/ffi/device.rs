@@ -165,13 +165,13 @@ pub(super) fn create_plan(
             triattn_positions::I64 => Some(PositionType::I64),
         },
     };
-    let plan = match prefix_lens {
-        None => {
-            RoundPlan::tuned(&c.scorer, &c.config, shape, &c.dispatch).map_err(|e| e.context("triattn_plan_create"))?
-        }
-        Some(p) => RoundPlan::new_batch_tuned(&c.scorer, &c.config, shape, p, &c.dispatch)
-            .map_err(|e| e.context("triattn_plan_create_batch"))?,
-    };
+    let what = if prefix_lens.is_some() { "triattn_plan_create_batch" } else { "triattn_plan_create" };
+    let prefixes = prefix_lens.map_or_else(|| vec![shape.prefix_len], <[usize]>::to_vec);
+    let plan = match &c.shard {
+        None => RoundPlan::new_batch_tuned(&c.scorer, &c.config, shape, &prefixes, &c.dispatch),
+        Some(shard) => RoundPlan::new_shard(&c.scorer, shard, &c.config, shape, &prefixes, &c.dispatch),
+    }
+    .map_err(|e| e.context(what))?;
     Ok(Arc::new(Plan { plan, backend: c.device.clone() }))
 }
 
@@ -357,6 +357,42 @@ pub(super) unsafe fn bind(
     // SAFETY: forwarded caller contract (`ws` holds the plan's workspace on `stream`'s context).
     unsafe { write_constants(&plan.backend, ws, &image, stream, "triattn_plan_bind", Kernels::Round(&plan.plan))? };
     Ok(Binding { plan: plan.clone(), workspace: ws, cache: addresses })
+}
+
+/// The round plan of a plan handle.
+pub(super) fn round_plan(p: &Plan) -> &RoundPlan {
+    &p.plan
+}
+
+/// Launch part `part` of binding `b`'s sharded round on `stream`: launches only.
+///
+/// # Safety
+/// As `triattn_binding_run_part`.
+#[cfg_attr(not(any(feature = "emu", feature = "cuda")), allow(unused_variables))]
+pub(super) unsafe fn run_part(
+    b: &Binding,
+    round_start: *const i64,
+    part: usize,
+    stream: *mut std::ffi::c_void,
+) -> Result<()> {
+    non_null("round_start_device", round_start)?;
+    let at = RoundAddresses::bound(b.workspace, round_start as u64, &b.cache);
+    match &b.plan.backend {
+        Backend::Cpu => Err(cpu_plan("triattn_binding_run_part")),
+        #[cfg(feature = "emu")]
+        Backend::Emu => {
+            let _ = stream;
+            let mut launcher = crate::emu::EmuLauncher::default();
+            // SAFETY: the caller's contract (as `run`, and the previous part's collective done).
+            unsafe { b.plan.plan.run_part(&mut launcher, &at, part) }.map_err(|e| e.context("triattn_binding_run_part"))
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(dev) => {
+            let mut launcher = crate::cuda::StreamLauncher::new(dev.backend(), stream as cudarc::driver::sys::CUstream);
+            // SAFETY: the caller's contract (as `run`, on a stream of this device's context).
+            unsafe { b.plan.plan.run_part(&mut launcher, &at, part) }.map_err(|e| e.context("triattn_binding_run_part"))
+        }
+    }
 }
 
 /// Launch the round of binding `b` on `stream`: launches only.

@@ -21,6 +21,7 @@
 
 mod decode;
 mod device;
+mod shard;
 mod types;
 
 use std::cell::RefCell;
@@ -266,6 +267,9 @@ pub struct triattn_compressor {
     dispatch: Dispatch,
     config: CompressionConfig,
     scorer: Scorer,
+    /// The rank a shard compressor (`triattn_compressor_create_shard`) plans for; `scorer` is
+    /// then the rank's.
+    shard: Option<crate::shard::Shard>,
 }
 
 /// Create a compressor from a model `config.json`, a statistics file and a config.
@@ -300,7 +304,7 @@ pub unsafe extern "C" fn triattn_compressor_create(
         let model = ModelConfig::from_file(&model_path)?;
         let stats = Stats::load(&stats_path)?;
         let scorer = Scorer::new(model, stats, None).map_err(|e| e.context(format!("{stats_path} vs {model_path}")))?;
-        let handle = Box::into_raw(Box::new(triattn_compressor { device, dispatch, config, scorer }));
+        let handle = Box::into_raw(Box::new(triattn_compressor { device, dispatch, config, scorer, shard: None }));
         // SAFETY: non-null (checked) and writable (caller contract).
         unsafe { out.write(handle) };
         Ok(())
@@ -398,6 +402,14 @@ pub unsafe extern "C" fn triattn_round_host(
         non_null("args", args)?;
         non_null("kept", kept)?;
         non_null("outcome", outcome)?;
+        // SAFETY: checked non-null; a live handle (caller contract).
+        if let Some(shard) = unsafe { &(*c).shard } {
+            return Err(Error::invalid_argument(
+                "compressor",
+                "an unsharded compressor (a shard's round runs as a plan, in parts: triattn_plan_create)",
+                format!("the compressor of rank {}", shard.rank),
+            ));
+        }
         // SAFETY: checked non-null; live handle and readable args (caller contract).
         let (c, a) = unsafe { (&*c, read_versioned("args", args)?) };
         // SAFETY: forwarded caller contract on the buffers in `a`.

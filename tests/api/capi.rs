@@ -128,6 +128,38 @@ fn c_device_example_runs_on_emu_against_both_libraries() {
     }
 }
 
+/// A sharded round from C: every rank of tp x pp layouts (tp 2, tp 4 replicating each of the
+/// 2 KV heads, with pp 2) in one process on emu, parts run around the collectives the plans
+/// name, all-reduced by the C program; every rank's keep sets equal one rank's.
+#[test]
+fn c_sharded_example_runs_on_emu_against_both_libraries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, stats) = small_model(dir.path());
+    for linkage in [Linkage::Static, Linkage::Shared] {
+        let exe = build("sharded_round.c", linkage, &[], dir.path());
+        if !cfg!(feature = "emu") {
+            eprintln!("SKIP running sharded_round.c: this build has no emu feature (compiled and linked only)");
+            continue;
+        }
+        for (tp, pp, parts, sets) in [("2", "1", 1, 2), ("4", "2", 3, 8), ("1", "2", 2, 4)] {
+            let o = Command::new(&exe)
+                .args([model.as_os_str(), stats.as_os_str(), tp.as_ref(), pp.as_ref()])
+                .env("LD_LIBRARY_PATH", library_dir())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "sharded_round.c tp {tp} pp {pp} ({linkage:?}) failed:\n{stdout}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let line = format!("tp {tp} x pp {pp}: {parts} parts, {sets} rank keep sets equal to one rank's");
+            assert!(stdout.contains(&line), "{line:?} missing:\n{stdout}");
+            assert!(stdout.lines().last() == Some("ok"), "{stdout}");
+        }
+    }
+}
+
 /// Virtual eviction through the C ABI: a round that only selects, then a decode whose lists are
 /// the round's keep sets in its workspace. Runs on emu (feature `emu`), else compiled and linked.
 #[test]

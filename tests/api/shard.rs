@@ -51,21 +51,23 @@ fn same_scores(what: &str, a: &[f32], b: &[f32]) {
     }
 }
 
-#[test]
-fn golden_cases_split_over_ranks_equal_one_rank() {
+/// Every golden case under every split that fits, on `backend`: the case passes, and the outputs
+/// equal one rank's on the same backend.
+fn golden_cases_split_on(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut runs = 0;
     for case in golden_cases() {
         let name = case.file_name().unwrap().to_string_lossy().to_string();
         let single = dir.path().join(format!("{name}.safetensors"));
-        let o = run_compress(&case, &single, &[]);
+        let o = run_compress(&case, &single, &["--backend", backend]);
         assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
         let single = TensorFile::read(&single).unwrap();
         let (l, h, hkv) = dims(&case);
         for split in splits(l, h, hkv) {
-            let what = format!("{name} {}", split.join(" "));
+            let what = format!("{name} {} on {backend}", split.join(" "));
             let out = dir.path().join(format!("{name}-split.safetensors"));
-            let flags: Vec<&str> = split.iter().map(String::as_str).chain(["--verbose"]).collect();
+            let flags: Vec<&str> =
+                split.iter().map(String::as_str).chain(["--verbose", "--backend", backend]).collect();
             let o = run_compress(&case, &out, &flags);
             assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
             let err = String::from_utf8_lossy(&o.stderr);
@@ -87,6 +89,18 @@ fn golden_cases_split_over_ranks_equal_one_rank() {
         }
     }
     assert!(runs >= 20, "only {runs} split runs");
+}
+
+#[test]
+fn golden_cases_split_over_ranks_equal_one_rank() {
+    golden_cases_split_on("cpu");
+}
+
+/// The same on the kernels (emu): sharded plans run in parts around the exposed buffers.
+#[cfg(feature = "emu")]
+#[test]
+fn golden_cases_split_over_ranks_equal_one_rank_on_emu() {
+    golden_cases_split_on("emu");
 }
 
 #[test]
@@ -332,4 +346,161 @@ fn a_shard_round_refuses_out_of_order_calls() {
     round.resume().unwrap();
     assert!(round.resume().unwrap_err().to_string().contains("resume: expected a pending reduction"));
     assert!(layout.shard(2).is_err());
+}
+
+/// Sharded plans on the kernels (emu), batches of two sequences with their own prompts and round
+/// starts, random shapes and splits: keep sets and compacted rows equal one rank's plan, raw
+/// scores bit for bit, reduced scores as numbers.
+#[cfg(feature = "emu")]
+#[test]
+fn sharded_plans_on_emu_equal_one_plan_for_batches() {
+    use triattn::cuda::{CacheLayout, Compaction, RankTensors, RoundPlan, RoundShape, RowStrides};
+    use triattn::tuning::Dispatch;
+    use triattn::Backend;
+    let mut rng = Rng(77);
+    let mut cases = 0;
+    while cases < 12 {
+        let l = 1 + rng.below(4);
+        let hkv = [1, 2, 4][rng.below(3)];
+        let h = hkv * [1, 2, 4][rng.below(3)];
+        let tp = [1, 2, 4, 8][rng.below(4)];
+        let pp = 1 + rng.below(l.min(3));
+        let fits = h % tp == 0 && if tp <= hkv { hkv % tp == 0 } else { tp % hkv == 0 };
+        if !fits || tp * pp == 1 {
+            continue;
+        }
+        let mut stages = vec![1; pp];
+        for _ in pp..l {
+            stages[rng.below(pp)] += 1;
+        }
+        let (d, seqs) = (64, 2);
+        let m = model(l, h, hkv, d);
+        let scorer = Scorer::new(m.clone(), random_stats(&mut rng, &m), None).unwrap();
+        let n = 40 + rng.below(200);
+        let mode = [SelectionMode::PerHead, SelectionMode::PerLayerPerHead, SelectionMode::Union][rng.below(3)];
+        let config = CompressionConfig {
+            budget: 16 + rng.below(n / 2),
+            mode,
+            group_aggregation: if rng.below(2) == 0 { GroupAggregation::Max } else { GroupAggregation::Mean },
+            ..CompressionConfig::default()
+        };
+        let prefix_lens = [rng.below(8), rng.below(8)];
+        let round_starts = [(n + rng.below(300)) as u64, (n + rng.below(300)) as u64];
+        let strides = |slots: usize| RowStrides { head_stride: slots * d, row_stride: d };
+        let kept = config.budget;
+        let shape = |_: usize| RoundShape {
+            dtype: triattn::DType::F32,
+            len: n,
+            prefix_len: 0,
+            value_dim: d,
+            layout: CacheLayout::Contiguous { keys: strides(n), values: strides(n) },
+            compaction: Compaction::OutOfPlace { keys: strides(kept), values: strides(kept) },
+            positions: None,
+        };
+        // Sequence-major [S * L] tensors [Hkv, N, D] of keys; values the same rows negated.
+        let keys: Vec<Vec<f32>> =
+            (0..seqs * l).map(|_| (0..hkv * n * d).map(|_| rng.normal() as f32).collect()).collect();
+        let values: Vec<Vec<f32>> = keys.iter().map(|k| k.iter().map(|x| -x).collect()).collect();
+        let backend = Backend::Emu;
+        let one = RoundPlan::new_batch(&scorer, &config, shape(0), &prefix_lens).unwrap();
+        let mut k1: Vec<Vec<f32>> = (0..seqs * l).map(|_| vec![0f32; hkv * kept * d]).collect();
+        let mut v1 = k1.clone();
+        let whole = {
+            let k: Vec<&[f32]> = keys.iter().map(Vec::as_slice).collect();
+            let v: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+            let mut ko: Vec<&mut [f32]> = k1.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut vo: Vec<&mut [f32]> = v1.iter_mut().map(Vec::as_mut_slice).collect();
+            backend.round_out_of_place(&one, &k, &v, &mut ko, &mut vo, &round_starts).unwrap()
+        };
+        let layout = ShardLayout::with_stage_layers(&m, tp, &stages).unwrap();
+        let shards = layout.shards();
+        let plans: Vec<RoundPlan> = shards
+            .iter()
+            .map(|s| {
+                RoundPlan::new_shard(
+                    &s.scorer(&scorer).unwrap(),
+                    s,
+                    &config,
+                    shape(0),
+                    &prefix_lens,
+                    &Dispatch::built_in(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let what = format!("case {cases}: L{l} H{h} Hkv{hkv} tp {tp} stages {stages:?} {mode:?} n {n}");
+        assert_eq!(plans[0].reductions().len(), shards[0].reductions(&config, n).len(), "{what}");
+        // Each rank's tensors: its layers of each sequence, its KV heads.
+        let slice =
+            |t: &Vec<f32>, s: &triattn::shard::Shard| t[s.kv_heads.start * n * d..s.kv_heads.end * n * d].to_vec();
+        let rank_k: Vec<Vec<Vec<f32>>> = shards
+            .iter()
+            .map(|s| {
+                (0..seqs)
+                    .flat_map(|q| s.layers.clone().map(move |ll| (q, ll)))
+                    .map(|(q, ll)| slice(&keys[q * l + ll], s))
+                    .collect()
+            })
+            .collect();
+        let rank_v: Vec<Vec<Vec<f32>>> = shards
+            .iter()
+            .map(|s| {
+                (0..seqs)
+                    .flat_map(|q| s.layers.clone().map(move |ll| (q, ll)))
+                    .map(|(q, ll)| slice(&values[q * l + ll], s))
+                    .collect()
+            })
+            .collect();
+        let mut rank_ko: Vec<Vec<Vec<f32>>> = shards
+            .iter()
+            .map(|s| (0..seqs * s.layers.len()).map(|_| vec![0f32; s.kv_heads.len() * kept * d]).collect())
+            .collect();
+        let mut rank_vo = rank_ko.clone();
+        let parts = {
+            let mut ranks: Vec<RankTensors<'_, f32>> = rank_k
+                .iter()
+                .zip(&rank_v)
+                .zip(rank_ko.iter_mut().zip(rank_vo.iter_mut()))
+                .map(|((k, v), (ko, vo))| RankTensors {
+                    keys: k.iter().map(Vec::as_slice).collect(),
+                    values: v.iter().map(Vec::as_slice).collect(),
+                    keys_out: ko.iter_mut().map(Vec::as_mut_slice).collect(),
+                    values_out: vo.iter_mut().map(Vec::as_mut_slice).collect(),
+                })
+                .collect();
+            backend.round_out_of_place_sharded(&plans, &mut ranks, &round_starts).unwrap()
+        };
+        for (r, s) in shards.iter().enumerate() {
+            let lr = s.layers.len();
+            for q in 0..seqs {
+                let (got, want) = (&parts[r].outputs[q], &whole.outputs[q]);
+                for (ll, layer) in s.layers.clone().enumerate() {
+                    let w = &want.raw[layer][s.heads.start * n..s.heads.end * n];
+                    assert!(got.raw[ll].iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: raw");
+                    for (lg, g) in s.kv_heads.clone().enumerate() {
+                        let local = mode.set_index(ll, lg, s.kv_heads.len());
+                        let global = mode.set_index(layer, g, hkv);
+                        assert_eq!(got.keep[local], want.keep[global], "{what}: rank {r} seq {q} set {global}");
+                        same_scores(
+                            &format!("{what}: rank {r} seq {q} score {global}"),
+                            &got.score[local * n..(local + 1) * n],
+                            &want.score[global * n..(global + 1) * n],
+                        );
+                        let row = kept * d;
+                        let (a, b) = (
+                            &rank_ko[r][q * lr + ll][lg * row..(lg + 1) * row],
+                            &k1[q * l + layer][g * row..(g + 1) * row],
+                        );
+                        assert!(a == b, "{what}: compacted K of rank {r} seq {q} layer {layer} head {g}");
+                        let (a, b) = (
+                            &rank_vo[r][q * lr + ll][lg * row..(lg + 1) * row],
+                            &v1[q * l + layer][g * row..(g + 1) * row],
+                        );
+                        assert!(a == b, "{what}: compacted V");
+                    }
+                }
+            }
+        }
+        cases += 1;
+    }
 }

@@ -345,17 +345,12 @@ fn compress_typed<T: Element>(
     let dispatch = dispatch_for(&backend, a.tuning.as_deref())?;
     let layout = shard::layout(a, &scorer.model)?;
     let done = match (&backend, &layout) {
-        (Backend::Cpu, Some(layout)) => shard::compress_sharded::<T>(layout, config, scorer, cache, round_start, prefix_len)?,
-        #[cfg(any(feature = "emu", feature = "cuda"))]
-        (_, Some(_)) => {
-            return Err(Error::unsupported(format!(
-                "--tp-size / --pp-size with --backend {}: expected --backend cpu (sharded rounds run on the CPU backend in this version)",
-                backend.name()
-            )))
+        (_, Some(layout)) if cache.n > 0 => {
+            shard::compress_sharded::<T>(&backend, &dispatch, layout, config, scorer, cache, round_start, prefix_len)?
         }
-        (Backend::Cpu, None) => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
+        (Backend::Cpu, _) => compress_cpu::<T>(config, scorer, cache, round_start, prefix_len)?,
         #[cfg(any(feature = "emu", feature = "cuda"))]
-        (device, None) => compress_device::<T>(device, &dispatch, config, scorer, cache, round_start, prefix_len)?,
+        (device, _) => compress_device::<T>(device, &dispatch, config, scorer, cache, round_start, prefix_len)?,
     };
     let _ = &dispatch;
     let result = &done.result;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use triattn::policy::CompressionConfig;
 use triattn::round::{RoundResult, Scorer, StageTimes};
-use triattn::shard::{all_reduce_in_process, ReductionBuffer, ShardLayout, ShardRound};
+use triattn::shard::{all_reduce_in_process, ReduceOp, Reduction, ReductionBuffer, ShardLayout, ShardRound};
 use triattn::{Element, Error, ErrorKind, LayerView, Result};
 
 use super::{Compressed, DumpedCache};
@@ -27,26 +27,46 @@ pub(super) fn layout(a: &CompressArgs, model: &triattn::ModelConfig) -> Result<O
     Ok((layout.ranks() > 1).then_some(layout))
 }
 
-/// The rank-local rounds of `layout` and their compaction, assembled as one rank's.
-pub(super) fn compress_sharded<T: Element>(
-    layout: &ShardLayout,
+/// One line per collective for `--verbose`: kind, dtype and op, groups, elements and bytes.
+fn describe(reductions: &[Reduction], ranks: usize, ms: Option<f64>) -> String {
+    let r = &reductions[0];
+    let groups = ranks / r.ranks.len();
+    format!(
+        "{} ({:?} {}, {groups} group{} of {} ranks, {} elements = {} bytes per rank{})",
+        r.kind.name(),
+        r.kind.dtype(),
+        match r.kind.op() {
+            ReduceOp::Max => "max",
+            ReduceOp::Sum => "sum",
+        },
+        if groups == 1 { "" } else { "s" },
+        r.ranks.len(),
+        r.len,
+        r.bytes(),
+        ms.map(|t| format!(", {t:.3} ms")).unwrap_or_default(),
+    )
+}
+
+/// Each rank's slice of a dumped tensor: its KV heads of one layer, decoded.
+fn rank_rows<T: Element>(t: &triattn::io::Tensor, heads: &std::ops::Range<usize>, n: usize, dim: usize) -> Vec<T> {
+    let row = n * dim * T::DTYPE.size();
+    T::decode_le(&t.data[heads.start * row..heads.end * row])
+}
+
+/// The rank-local rounds of `layout` on the CPU: [`ShardRound`]s joined by the in-process
+/// all-reduce; the rank results and a line per collective.
+fn rounds_on_cpu<T: Element>(
+    shards: &[triattn::shard::Shard],
     config: &CompressionConfig,
     scorer: &Scorer,
     cache: &DumpedCache,
     round_start: u64,
     prefix_len: usize,
-) -> Result<Compressed> {
-    let (n, d, dv, es) = (cache.n, cache.head_dim, cache.value_dim, cache.dtype.size());
-    let shards = layout.shards();
-    // Each rank's keys: its layers, its KV heads, decoded from the dump.
+) -> Result<(Vec<RoundResult>, Vec<String>)> {
+    let (n, d) = (cache.n, cache.head_dim);
     let rank_keys: Vec<Vec<Vec<T>>> = shards
         .iter()
-        .map(|s| {
-            s.layers
-                .clone()
-                .map(|l| T::decode_le(&cache.k[l].data[s.kv_heads.start * n * d * es..s.kv_heads.end * n * d * es]))
-                .collect()
-        })
+        .map(|s| s.layers.clone().map(|l| rank_rows::<T>(cache.k[l], &s.kv_heads, n, d)).collect())
         .collect();
     let mut rounds = Vec::with_capacity(shards.len());
     for (s, keys) in shards.iter().zip(&rank_keys) {
@@ -57,41 +77,138 @@ pub(super) fn compress_sharded<T: Element>(
             .collect::<Result<_>>()?;
         rounds.push(ShardRound::start(config, s, &s.scorer(scorer)?, &views, round_start, prefix_len)?);
     }
-
     // Each collective: every rank's pending buffer, all-reduced within the ranks that share it.
     let mut notes = Vec::new();
-    loop {
+    while let Some(reduction) = rounds[0].reductions().get(notes.len()).cloned() {
+        let t = Instant::now();
         let mut groups: BTreeMap<Vec<usize>, Vec<ReductionBuffer<'_>>> = BTreeMap::new();
         for round in rounds.iter_mut() {
-            if let Some(buffer) = round.pending() {
-                groups.entry(buffer.reduction.ranks.clone()).or_default().push(buffer);
-            }
+            let buffer = round.pending().expect("every rank has the same collectives");
+            groups.entry(buffer.reduction.ranks.clone()).or_default().push(buffer);
         }
-        let Some(first) = groups.values().next().and_then(|g| g.first()) else { break };
-        let (kind, len, group_size, bytes) =
-            (first.reduction.kind, first.reduction.len, first.reduction.ranks.len(), first.reduction.bytes());
-        let t = Instant::now();
-        let count = groups.len();
         for buffers in groups.values_mut() {
             all_reduce_in_process(buffers)?;
         }
-        notes.push(format!(
-            "{} ({:?} {}, {count} group{} of {group_size} ranks, {len} elements = {bytes} bytes per rank, {:.3} ms)",
-            kind.name(),
-            kind.dtype(),
-            match kind.op() {
-                triattn::shard::ReduceOp::Max => "max",
-                triattn::shard::ReduceOp::Sum => "sum",
-            },
-            if count == 1 { "" } else { "s" },
-            super::ms(t.elapsed()),
-        ));
         drop(groups);
+        notes.push(describe(&[reduction], shards.len(), Some(super::ms(t.elapsed()))));
         for round in rounds.iter_mut() {
             round.resume()?;
         }
     }
-    let results: Vec<RoundResult> = rounds.into_iter().map(ShardRound::finish).collect::<Result<_>>()?;
+    let results = rounds.into_iter().map(ShardRound::finish).collect::<Result<_>>()?;
+    Ok((results, notes))
+}
+
+/// The rank results and compacted rows (`[L_rank]` tensors `[Hkv_rank, kept, dim]` of K, then
+/// of V, encoded) of a sharded round.
+type RankRounds = (Vec<RoundResult>, Vec<(Vec<Vec<u8>>, Vec<Vec<u8>>)>, Vec<String>);
+
+/// The rank-local rounds of `layout` as sharded out-of-place plans on a kernel backend, run part
+/// by part with the in-process all-reduce between parts.
+#[cfg(any(feature = "emu", feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn rounds_on_kernels<T: Element>(
+    backend: &triattn::round::Backend,
+    dispatch: &triattn::tuning::Dispatch,
+    shards: &[triattn::shard::Shard],
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    cache: &DumpedCache,
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<RankRounds> {
+    use triattn::cuda::{CacheLayout, Compaction, RankTensors, RoundPlan, RoundShape, RowStrides};
+    let (n, d, dv) = (cache.n, cache.head_dim, cache.value_dim);
+    let kept = config.outcome(n, prefix_len.min(n)).kept(n);
+    let mut plans = Vec::with_capacity(shards.len());
+    for s in shards {
+        let hkv = s.kv_heads.len();
+        let strides = |dim: usize, slots: usize| RowStrides { head_stride: slots * dim, row_stride: dim };
+        let shape = RoundShape {
+            dtype: T::DTYPE,
+            len: n,
+            prefix_len,
+            value_dim: dv,
+            layout: CacheLayout::Contiguous { keys: strides(d, n), values: strides(dv, n) },
+            compaction: Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) },
+            positions: None,
+        };
+        let _ = hkv;
+        plans.push(RoundPlan::new_shard(&s.scorer(scorer)?, s, config, shape, &[prefix_len], dispatch)?);
+    }
+    let notes: Vec<String> = (0..plans[0].reductions().len())
+        .map(|k| describe(&[plans[0].reductions()[k].clone()], shards.len(), None))
+        .collect();
+    let keys: Vec<Vec<Vec<T>>> = shards
+        .iter()
+        .map(|s| s.layers.clone().map(|l| rank_rows::<T>(cache.k[l], &s.kv_heads, n, d)).collect())
+        .collect();
+    let values: Vec<Vec<Vec<T>>> = shards
+        .iter()
+        .map(|s| s.layers.clone().map(|l| rank_rows::<T>(cache.v[l], &s.kv_heads, n, dv)).collect())
+        .collect();
+    let zero = T::from_f32(0.0);
+    let mut k_out: Vec<Vec<Vec<T>>> =
+        shards.iter().map(|s| s.layers.clone().map(|_| vec![zero; s.kv_heads.len() * kept * d]).collect()).collect();
+    let mut v_out: Vec<Vec<Vec<T>>> =
+        shards.iter().map(|s| s.layers.clone().map(|_| vec![zero; s.kv_heads.len() * kept * dv]).collect()).collect();
+    let host = {
+        let mut ranks: Vec<RankTensors<'_, T>> = keys
+            .iter()
+            .zip(&values)
+            .zip(k_out.iter_mut().zip(v_out.iter_mut()))
+            .map(|((k, v), (ko, vo))| RankTensors {
+                keys: k.iter().map(Vec::as_slice).collect(),
+                values: v.iter().map(Vec::as_slice).collect(),
+                keys_out: ko.iter_mut().map(Vec::as_mut_slice).collect(),
+                values_out: vo.iter_mut().map(Vec::as_mut_slice).collect(),
+            })
+            .collect();
+        backend.round_out_of_place_sharded(&plans, &mut ranks, &[round_start])?
+    };
+    let results = host
+        .into_iter()
+        .zip(&plans)
+        .map(|(mut h, plan)| {
+            let o = h.outputs.swap_remove(0);
+            let times = triattn::round::StageTimes::of(&h.timings);
+            RoundResult { n, raw: o.raw, score: o.score, keep: o.keep, outcome: plan.outcome(), times }
+        })
+        .collect();
+    let encode = |t: Vec<Vec<T>>| t.iter().map(|x| T::encode_le(x)).collect::<Vec<_>>();
+    let rows = k_out.into_iter().zip(v_out).map(|(k, v)| (encode(k), encode(v))).collect();
+    Ok((results, rows, notes))
+}
+
+/// The rank-local rounds of `layout` and their compaction, assembled as one rank's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn compress_sharded<T: Element>(
+    backend: &triattn::round::Backend,
+    dispatch: &triattn::tuning::Dispatch,
+    layout: &ShardLayout,
+    config: &CompressionConfig,
+    scorer: &Scorer,
+    cache: &DumpedCache,
+    round_start: u64,
+    prefix_len: usize,
+) -> Result<Compressed> {
+    let (n, d, dv, es) = (cache.n, cache.head_dim, cache.value_dim, cache.dtype.size());
+    let shards = layout.shards();
+    let t0 = Instant::now();
+    let (results, rank_rows, notes): RankRounds = if backend.is_cpu() {
+        let _ = dispatch;
+        let (results, notes) = rounds_on_cpu::<T>(&shards, config, scorer, cache, round_start, prefix_len)?;
+        (results, Vec::new(), notes)
+    } else {
+        #[cfg(any(feature = "emu", feature = "cuda"))]
+        {
+            rounds_on_kernels::<T>(backend, dispatch, &shards, config, scorer, cache, round_start, prefix_len)?
+        }
+        #[cfg(not(any(feature = "emu", feature = "cuda")))]
+        unreachable!("a build without kernels has only the CPU backend")
+    };
+    let rounds_time = t0.elapsed();
+    let _ = rounds_time;
 
     // One rank's outputs: raw rows by (layer, head); each set from the first rank holding it,
     // every replica checked against it.
@@ -140,29 +257,39 @@ pub(super) fn compress_sharded<T: Element>(
     let score: Vec<f32> = score.into_iter().flat_map(|s| s.expect("every set has a rank").iter().copied()).collect();
     let result = RoundResult { n, raw, score, keep, outcome: results[0].outcome, times };
 
-    // Each rank compacts its KV heads of its layers with its own sets (a replicated KV head
-    // once); the bytes land in one file.
+    // Each rank compacts its KV heads of its layers with its own sets (on a kernel backend its
+    // plan did; on the CPU the gather runs here); a replicated KV head lands once.
     let t0 = Instant::now();
     let kept = result.keep[0].len();
     let mut k: Vec<Vec<u8>> = (0..l_all).map(|_| vec![0u8; hkv * kept * d * es]).collect();
     let mut v: Vec<Vec<u8>> = (0..l_all).map(|_| vec![0u8; hkv * kept * dv * es]).collect();
     let mut done = vec![false; l_all * hkv];
-    for (s, r) in shards.iter().zip(&results) {
+    for (r, (s, res)) in shards.iter().zip(&results).enumerate() {
         for (ll, l) in s.layers.clone().enumerate() {
             for (lg, g) in s.kv_heads.clone().enumerate() {
                 if std::mem::replace(&mut done[l * hkv + g], true) {
                     continue;
                 }
-                let set = &r.keep[mode.set_index(ll, lg, s.kv_heads.len())];
-                for (src, dst, dim) in [(&cache.k[l].data, &mut k[l], d), (&cache.v[l].data, &mut v[l], dv)] {
+                let set = &res.keep[mode.set_index(ll, lg, s.kv_heads.len())];
+                for (which, dst, dim) in [(0, &mut k[l], d), (1, &mut v[l], dv)] {
                     let row = dim * es;
-                    triattn::cpu::compact::gather_rows(
-                        &src[g * n * row..(g + 1) * n * row],
-                        row,
-                        row,
-                        set,
-                        &mut dst[g * kept * row..(g + 1) * kept * row],
-                    );
+                    let dst = &mut dst[g * kept * row..(g + 1) * kept * row];
+                    match rank_rows.get(r) {
+                        Some((k_rank, v_rank)) => {
+                            let src = if which == 0 { &k_rank[ll] } else { &v_rank[ll] };
+                            dst.copy_from_slice(&src[lg * kept * row..(lg + 1) * kept * row]);
+                        }
+                        None => {
+                            let src = if which == 0 { &cache.k[l].data } else { &cache.v[l].data };
+                            triattn::cpu::compact::gather_rows(
+                                &src[g * n * row..(g + 1) * n * row],
+                                row,
+                                row,
+                                set,
+                                dst,
+                            );
+                        }
+                    }
                 }
             }
         }
