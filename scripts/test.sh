@@ -22,7 +22,9 @@ features="emu"
 if [[ "${TRIATTN_SKIP_CUDA:-0}" != 1 ]]; then
   echo "== CUDA toolchain (pinned, from PyPI)"
   scripts/setup-cuda.sh --tools
-  features="emu,cuda"
+  # nccl: the NCCL example of sharded rounds is compiled and linked with the tests (NCCL itself
+  # is loaded at run time, so nothing more is installed).
+  features="emu,cuda,nccl"
 fi
 
 echo "== format and lints (default build, and with --features $features)"

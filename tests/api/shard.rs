@@ -103,6 +103,46 @@ fn golden_cases_split_over_ranks_equal_one_rank_on_emu() {
     golden_cases_split_on("emu");
 }
 
+/// The same on a GPU (each rank's plan on the one device; skips loudly without one).
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cases_split_over_ranks_equal_one_rank_on_cuda() {
+    if common::gpu_or_skip("golden_cases_split_over_ranks_equal_one_rank_on_cuda").is_some() {
+        golden_cases_split_on("cuda");
+    }
+}
+
+/// The README's table of bytes per rank at a round (N = 2048 + 128 slots), from the layouts.
+#[test]
+fn collective_bytes_of_the_readme_table() {
+    let n = 2048 + 128;
+    let config = |mode| CompressionConfig { mode, ..CompressionConfig::default() };
+    let bytes = |m: &ModelConfig, tp: usize, pp: usize, mode: SelectionMode| -> Vec<(ReductionKind, usize)> {
+        let shard = ShardLayout::new(m, tp, pp).unwrap().shard(0).unwrap();
+        shard.reductions(&config(mode), n).iter().map(|r| (r.kind, r.bytes())).collect()
+    };
+    let (qwen, llama) = (model(36, 32, 8, 128), model(80, 64, 8, 128));
+    use ReductionKind::*;
+    use SelectionMode::*;
+    assert_eq!(bytes(&qwen, 8, 1, PerHead), vec![]);
+    assert_eq!(bytes(&qwen, 8, 1, Union), vec![(UnionMax, 8704)]);
+    assert_eq!(bytes(&qwen, 4, 2, PerHead), vec![(LayerSum, 34816)]);
+    assert_eq!(bytes(&qwen, 4, 2, PerLayerPerHead), vec![]);
+    assert_eq!(bytes(&qwen, 8, 2, PerHead), vec![(LayerSum, 17408)]);
+    assert_eq!(bytes(&qwen, 16, 1, PerHead), vec![(GroupMax, 313344)]);
+    assert_eq!(bytes(&qwen, 16, 1, PerLayerPerHead), vec![(GroupMax, 313344)]);
+    assert_eq!(bytes(&qwen, 16, 2, PerHead), vec![(GroupMax, 156672), (LayerSum, 17408)]);
+    assert_eq!(bytes(&qwen, 16, 2, PerLayerPerHead), vec![(GroupMax, 156672)]);
+    assert_eq!(bytes(&llama, 8, 2, PerHead), vec![(LayerSum, 17408)]);
+    assert_eq!(bytes(&llama, 16, 1, PerHead), vec![(GroupMax, 696320)]);
+    assert_eq!(bytes(&llama, 16, 2, PerHead), vec![(GroupMax, 348160), (LayerSum, 17408)]);
+    assert_eq!(bytes(&llama, 16, 2, PerLayerPerHead), vec![(GroupMax, 348160)]);
+    assert_eq!(bytes(&llama, 32, 1, PerHead), vec![(GroupMax, 696320)]);
+    assert_eq!(bytes(&llama, 32, 1, Union), vec![(UnionMax, 8704)]);
+    let group = ShardLayout::new(&llama, 32, 1).unwrap().shard(5).unwrap().reductions(&config(PerHead), n);
+    assert_eq!(group[0].ranks, vec![4, 5, 6, 7], "tp 32 over 8 KV heads: 4 ranks per group");
+}
+
 #[test]
 fn verbose_names_the_reductions_and_their_sizes() {
     let case = golden_cases().into_iter().find(|c| c.ends_with("qwen3-paper")).unwrap();
