@@ -100,6 +100,8 @@ impl Backend {
 pub struct StageTimes {
     /// Building weights and scoring every key.
     pub score: Duration,
+    /// Of `score`, building the round's weights.
+    pub weights: Duration,
     /// z-score.
     pub normalize: Duration,
     /// Group and layer reduction (and guards).
@@ -259,6 +261,7 @@ pub(crate) fn score_and_normalize<T: Element>(
     let mut times = StageTimes::default();
     let t = Instant::now();
     let weights = scorer.weights(round_start, &config.score)?;
+    times.weights = t.elapsed();
     let mut raw = vec![vec![0f32; heads * n]; keys.len()];
     for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
         cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
@@ -471,6 +474,7 @@ impl StageTimes {
         use crate::cuda::Stage;
         StageTimes {
             score: t.get(Stage::Weights) + t.get(Stage::Score),
+            weights: t.get(Stage::Weights),
             normalize: t.get(Stage::Normalize),
             reduce: t.get(Stage::Reduce),
             select: t.get(Stage::Select),

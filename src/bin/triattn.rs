@@ -326,6 +326,13 @@ struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Time every stage of one CPU round (weights, score, normalize, reduce, select, compact)
+    /// as `Compressor::compress` runs it, each next to a memcpy of its own bytes.
+    #[arg(long)]
+    round: bool,
+    /// With --round: one JSON object per stage instead of a table.
+    #[arg(long, requires = "round")]
+    json: bool,
 }
 
 #[derive(Args, Debug)]

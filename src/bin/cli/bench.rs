@@ -150,6 +150,15 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         .num_threads(threads)
         .build()
         .map_err(|e| Error::unsupported(format!("cannot start {threads} worker threads: {e}")))?;
+    if a.round {
+        let scorer = qwen3_8b(a.layers)?;
+        return match a.dtype.to_ascii_lowercase().as_str() {
+            "f32" => pool.install(|| round_bench::<f32>(&a, &scorer, cores, threads)),
+            "f16" => pool.install(|| round_bench::<half::f16>(&a, &scorer, cores, threads)),
+            "bf16" => pool.install(|| round_bench::<half::bf16>(&a, &scorer, cores, threads)),
+            other => Err(Error::invalid_argument("--dtype", "f32, f16 or bf16", other)),
+        };
+    }
     match a.op.as_str() {
         "score" => {}
         "decode" => return pool.install(|| decode_bench(&a, cores, threads)),
@@ -425,5 +434,188 @@ fn decode_bench(a: &BenchArgs, cores: usize, threads: usize) -> Result<()> {
     say!("definitions");
     say!("  GB/s          listed K+V bytes (batch x Hkv x {KEPT} rows x 2 x {D} x 2 bytes) / decode time");
     say!("  memcpy GB/s   the same byte count copied with {threads} threads (one direction counted); ratio: decode / memcpy (target >= 40%)");
+    Ok(())
+}
+
+/// One stage of the round bench: its times over the repetitions and the bytes it must move.
+struct StageRow {
+    stage: &'static str,
+    times: Vec<Duration>,
+    copies: Vec<Duration>,
+    bytes: usize,
+    what: String,
+}
+
+/// `triattn bench --round`: every stage of one CPU round over a Qwen3-8B-shaped cache, as
+/// `Compressor::compress` runs it (paper preset, per-head, budget N - 128, a 64-token prompt,
+/// order-preserving compaction of K and V in place), each stage next to a memcpy of the bytes
+/// that stage must read and write at least, measured in the same repetition. The cache is
+/// restored from a pristine copy before every repetition (not timed).
+fn round_bench<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize) -> Result<()> {
+    use triattn::{CompressionConfig, Compressor, KvCache, RoundOutcome, SequenceState};
+    let m = &scorer.model;
+    let (l, h, hkv, d, n) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, a.n);
+    if n <= 192 {
+        return Err(Error::invalid_argument("--n", "> 192 (the round keeps N - 128 slots of a 64-token prompt)", n));
+    }
+    let es = std::mem::size_of::<T>();
+    let prompt = 64;
+    let config = CompressionConfig { budget: n - 128, divide_length: 128, ..CompressionConfig::default() };
+    let compressor = Compressor::new(config, scorer.clone())?;
+    let t = Instant::now();
+    let mut pristine = KvCache::<T>::new(l, hkv, d, d, n);
+    pristine.k = random_keys::<T>(l, hkv, n, d, 0x7412_a771);
+    pristine.v = random_keys::<T>(l, hkv, n, d, 0x0a1b_c3d4);
+    pristine.len = n;
+    let gen_time = t.elapsed();
+    let mut cache = pristine.clone();
+    let sets = config.mode.num_sets(l, hkv);
+    let kept = config.budget;
+    // The bytes each stage must move at least.
+    let key_bytes = l * hkv * n * d * es;
+    let rows = l * h * n * 4;
+    let mut stages = vec![
+        StageRow {
+            stage: "weights",
+            times: vec![],
+            copies: vec![],
+            bytes: 3 * l * h * (d / 2) * 4,
+            what: "statistics read".into(),
+        },
+        StageRow {
+            stage: "score",
+            times: vec![],
+            copies: vec![],
+            bytes: key_bytes + rows,
+            what: "keys read, raw scores written".into(),
+        },
+        StageRow {
+            stage: "normalize",
+            times: vec![],
+            copies: vec![],
+            bytes: 2 * rows,
+            what: "raw read, z-scores written".into(),
+        },
+        StageRow {
+            stage: "reduce",
+            times: vec![],
+            copies: vec![],
+            bytes: rows + sets * n * 4,
+            what: "z-scores read, set rows written".into(),
+        },
+        StageRow {
+            stage: "select",
+            times: vec![],
+            copies: vec![],
+            bytes: sets * n * 4 + sets * kept * 4,
+            what: "set rows read, keep sets written".into(),
+        },
+        StageRow {
+            stage: "compact",
+            times: vec![],
+            copies: vec![],
+            bytes: 0,
+            what: "moved K and V rows read and written".into(),
+        },
+    ];
+    let largest = key_bytes + rows;
+    let src = vec![0x5au8; largest];
+    let mut dst = vec![0u8; largest];
+    let copy = |dst: &mut [u8], bytes: usize| {
+        let chunk = bytes.div_ceil(threads).div_ceil(64).max(1) * 64;
+        timed(|| {
+            dst[..bytes]
+                .par_chunks_mut(chunk)
+                .zip(src[..bytes].par_chunks(chunk))
+                .for_each(|(o, i)| o.copy_from_slice(i));
+            std::hint::black_box(&mut *dst);
+        })
+    };
+    let mut total = Vec::new();
+    for rep in 0..=a.reps {
+        for (c, p) in cache.k.iter_mut().zip(&pristine.k).chain(cache.v.iter_mut().zip(&pristine.v)) {
+            c.copy_from_slice(p);
+        }
+        cache.len = n;
+        let mut seq = SequenceState::new(l, hkv, prompt);
+        seq.advance(n);
+        let t = Instant::now();
+        let report = compressor.compress(&mut cache, &mut seq)?;
+        let round_time = t.elapsed();
+        if !matches!(report.round.outcome, RoundOutcome::Compressed { .. }) {
+            return Err(Error::invalid_argument(
+                "--n",
+                "a round that compresses",
+                format!("{:?}", report.round.outcome),
+            ));
+        }
+        // Order-preserving in place: every kept row past the first evicted slot moves.
+        let moved: usize =
+            report.round.keep.iter().map(|k| k.iter().enumerate().filter(|(i, &s)| s as usize != *i).count()).sum();
+        let per_set_layers = l * hkv / sets;
+        stages[5].bytes = 2 * moved * per_set_layers * 2 * d * es;
+        let times = &report.round.times;
+        let measured = [times.weights, times.score, times.normalize, times.reduce, times.select, report.compact];
+        if rep > 0 {
+            total.push(round_time);
+            for (row, t) in stages.iter_mut().zip(measured) {
+                row.times.push(t);
+                let bytes = row.bytes.min(largest).max(64);
+                row.copies.push(copy(&mut dst, bytes));
+            }
+        }
+    }
+    let gbs = |bytes: usize, t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
+    let rows_out: Vec<(&StageRow, Duration, Duration)> =
+        stages.iter().map(|r| (r, median(r.times.clone()), median(r.copies.clone()))).collect();
+    let total = median(total);
+    if a.json {
+        for (r, t, c) in &rows_out {
+            let memcpy = gbs(r.bytes.max(64), *c);
+            say!(
+                "{}",
+                serde_json::json!({
+                    "stage": r.stage,
+                    "ms": ms(*t),
+                    "bytes": r.bytes,
+                    "memcpy_gbps": memcpy,
+                    "ratio": gbs(r.bytes, *t) / memcpy,
+                })
+            );
+        }
+        return Ok(());
+    }
+    say!("triattn bench --round: one CPU round, stage by stage, vs memcpy of each stage's bytes (same process)");
+    say!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
+    say!(
+        "shapes      {l} layers x {h} heads ({hkv} KV heads), head_dim {d}, N = {n}, {} K and V: {:.1} MB each; budget {kept}, prompt {prompt}, per-head",
+        T::DTYPE,
+        key_bytes as f64 / 1e6
+    );
+    say!(
+        "method      median of {} reps after 1 warm-up; cache made in {:.0} ms and restored before each rep",
+        a.reps,
+        ms(gen_time)
+    );
+    say!("");
+    say!("{:<10} {:>10} {:>12} {:>10} {:>13} {:>8}  {}", "stage", "ms", "MB", "GB/s", "memcpy GB/s", "ratio", "bytes");
+    for (r, t, c) in &rows_out {
+        let memcpy = gbs(r.bytes.max(64), *c);
+        say!(
+            "{:<10} {:>10.3} {:>12.2} {:>10.2} {:>13.2} {:>7.1}%  {}",
+            r.stage,
+            ms(*t),
+            r.bytes as f64 / 1e6,
+            gbs(r.bytes, *t),
+            memcpy,
+            100.0 * gbs(r.bytes, *t) / memcpy,
+            r.what
+        );
+    }
+    say!("{:<10} {:>10.3}", "round", ms(total));
+    say!("");
+    say!("definitions");
+    say!("  score includes weights (the stage as a round runs it); bytes: what the stage must read and write at least");
+    say!("  memcpy GB/s: those bytes copied with {threads} threads in the same repetition; ratio: stage GB/s / memcpy GB/s");
     Ok(())
 }
