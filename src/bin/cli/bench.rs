@@ -474,7 +474,7 @@ fn round_bench<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads
     // The bytes each stage must move at least.
     let key_bytes = l * hkv * n * d * es;
     let rows = l * h * n * 4;
-    let mut stages = vec![
+    let mut stages = [
         StageRow {
             stage: "weights",
             times: vec![],
