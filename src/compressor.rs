@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::cache::KvCache;
 use crate::cpu;
 use crate::dtype::Element;
@@ -190,13 +192,18 @@ impl Compressor {
         let t = Instant::now();
         if let RoundOutcome::Compressed { kept, .. } = result.outcome {
             let (hkv, cap, d, dv) = (cache.num_kv_heads, cache.capacity, cache.head_dim, cache.value_dim);
-            for l in 0..cache.num_layers {
-                for g in 0..hkv {
-                    let keep = &result.keep[config.mode.set_index(l, g, hkv)];
-                    cpu::compact::compact_in_place(&mut cache.k[l][g * cap * d..(g + 1) * cap * d], d, d, keep)?;
-                    cpu::compact::compact_in_place(&mut cache.v[l][g * cap * dv..(g + 1) * cap * dv], dv, dv, keep)?;
-                }
-            }
+            // Every (layer, KV head) of K and of V compacts on its own, in parallel.
+            let keep_of = |l: usize, g: usize| &result.keep[config.mode.set_index(l, g, hkv)];
+            let compact = |tensors: &mut Vec<Vec<T>>, dim: usize| -> Result<()> {
+                tensors.par_iter_mut().enumerate().try_for_each(|(l, layer)| {
+                    layer[..hkv * cap * dim]
+                        .par_chunks_mut(cap * dim)
+                        .enumerate()
+                        .try_for_each(|(g, head)| cpu::compact::compact_in_place(head, dim, dim, keep_of(l, g)))
+                })
+            };
+            compact(&mut cache.k, d)?;
+            compact(&mut cache.v, dv)?;
             update_positions(config, cache.num_layers, hkv, &result.keep, seq);
             cache.len = kept;
         }

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::cache::LayerView;
 use crate::cpu;
 use crate::dtype::Element;
@@ -237,7 +239,7 @@ pub(crate) fn select_sets(
     let outcome = config.outcome(n, prefix_len);
     let keep = match outcome {
         RoundOutcome::Compressed { kept, .. } => score
-            .chunks(n)
+            .par_chunks(n)
             .map(|row| cpu::select::select_row(row, |slot| protection.is_protected(slot), kept))
             .collect(),
         RoundOutcome::WithinBudget | RoundOutcome::Skipped(_) => vec![(0..n as u32).collect(); sets],
@@ -270,16 +272,21 @@ pub(crate) fn score_and_normalize<T: Element>(
 
     let protection = config.protection(n, prefix_len);
     let t = Instant::now();
-    let mut z = raw.clone();
-    if let Some(flavour) = config.zscore() {
-        let candidate: Box<dyn Fn(usize) -> bool + Sync> = match config.preset {
-            Preset::Paper => Box::new(move |slot| !protection.is_protected(slot)),
-            Preset::Vllm => Box::new(|_| true),
-        };
-        for layer in z.iter_mut() {
-            cpu::normalize::zscore_rows(layer, n, &*candidate, flavour);
+    let z = match config.zscore() {
+        None => raw.clone(),
+        Some(flavour) => {
+            // The candidates are one range: past the protected prompt, before the window.
+            let candidates = match config.preset {
+                Preset::Paper => protection.prefix..protection.window_start.max(protection.prefix),
+                Preset::Vllm => 0..n,
+            };
+            let mut z = vec![vec![0f32; heads * n]; raw.len()];
+            z.par_iter_mut().zip(raw.par_iter()).for_each(|(z, raw)| {
+                cpu::normalize::zscore_range_into(raw, z, n, candidates.clone(), flavour);
+            });
+            z
         }
-    }
+    };
     times.normalize = t.elapsed();
     Ok((raw, z, times))
 }

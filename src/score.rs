@@ -13,6 +13,8 @@
 //! rounded once to f32 — that every backend's scoring kernel consumes: one folded vector `w̄`
 //! per head for mean aggregation (§9.2), the full `J × D` matrix per head for max.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::model::PairingStyle;
 use crate::stats::Stats;
@@ -171,9 +173,9 @@ impl RoundWeights {
         let rows = stats.num_layers * stats.num_heads;
         let mut weights = vec![0f32; rows * vectors_per_head * d];
         let mut norm = vec![0f32; rows * f_count];
-        let mut column = vec![0f64; d];
-        let mut folded = vec![0f64; d];
-        for row in 0..rows {
+        // Each (layer, head) row is independent: rows are built in parallel, each with the same
+        // f64 operations in the same order as one after another.
+        let build_row = |row: usize, norm: &mut [f32], weights: &mut [f32]| {
             let base = row * f_count;
             let qr = &stats.q_mean_real[base..base + f_count];
             let qi = &stats.q_mean_imag[base..base + f_count];
@@ -184,32 +186,54 @@ impl RoundWeights {
                     NormTerm::MeanResidual => qa[f] as f64 - (re * re + im * im).sqrt(),
                     NormTerm::MeanModulus => qa[f] as f64,
                 };
-                norm[base + f] = (sigma * c) as f32;
+                norm[f] = (sigma * c) as f32;
             }
             if vectors_per_head == 0 {
-                continue;
+                return;
             }
-            folded.iter_mut().for_each(|x| *x = 0.0);
-            for j in 0..j_count {
+            // Per pair f, the real and imaginary columns `σ (re c - im s)` and `σ (re s + im c)`
+            // as contiguous arrays (so the loop over f vectorises), placed at the pairing
+            // style's dimensions when written out; the same f64 operations in the same order.
+            let re: Vec<f64> = qr.iter().map(|&x| x as f64).collect();
+            let im: Vec<f64> = qi.iter().map(|&x| x as f64).collect();
+            let (mut col_re, mut col_im) = (vec![0f64; f_count], vec![0f64; f_count]);
+            let (mut sum_re, mut sum_im) = (vec![0f64; f_count], vec![0f64; f_count]);
+            let place = |out: &mut [f32], a: &[f64], b: &[f64], scale: Option<f64>| {
                 for f in 0..f_count {
-                    let (re, im) = (qr[f] as f64, qi[f] as f64);
-                    let (c, s) = (trig.cos[j * f_count + f], trig.sin[j * f_count + f]);
                     let (dr, di) = style.dims(f, d);
-                    column[dr] = sigma * (re * c - im * s);
-                    column[di] = sigma * (re * s + im * c);
+                    let (x, y) = match scale {
+                        Some(j) => (a[f] / j, b[f] / j),
+                        None => (a[f], b[f]),
+                    };
+                    out[dr] = x as f32;
+                    out[di] = y as f32;
+                }
+            };
+            for j in 0..j_count {
+                let (c, sn) = (&trig.cos[j * f_count..(j + 1) * f_count], &trig.sin[j * f_count..(j + 1) * f_count]);
+                for f in 0..f_count {
+                    col_re[f] = sigma * (re[f] * c[f] - im[f] * sn[f]);
+                    col_im[f] = sigma * (re[f] * sn[f] + im[f] * c[f]);
                 }
                 match config.aggregation {
-                    OffsetAggregation::Mean => folded.iter_mut().zip(&column).for_each(|(a, b)| *a += b),
-                    OffsetAggregation::Max => {
-                        let out = &mut weights[(row * j_count + j) * d..(row * j_count + j + 1) * d];
-                        out.iter_mut().zip(&column).for_each(|(o, &v)| *o = v as f32);
+                    OffsetAggregation::Mean => {
+                        sum_re.iter_mut().zip(&col_re).for_each(|(a, b)| *a += b);
+                        sum_im.iter_mut().zip(&col_im).for_each(|(a, b)| *a += b);
                     }
+                    OffsetAggregation::Max => place(&mut weights[j * d..(j + 1) * d], &col_re, &col_im, None),
                 }
             }
             if config.aggregation == OffsetAggregation::Mean {
-                let out = &mut weights[row * d..(row + 1) * d];
-                out.iter_mut().zip(&folded).for_each(|(o, &v)| *o = (v / j_count as f64) as f32);
+                place(weights, &sum_re, &sum_im, Some(j_count as f64));
             }
+        };
+        if vectors_per_head == 0 {
+            norm.par_chunks_mut(f_count).enumerate().for_each(|(row, n)| build_row(row, n, &mut []));
+        } else {
+            norm.par_chunks_mut(f_count)
+                .zip(weights.par_chunks_mut(vectors_per_head * d))
+                .enumerate()
+                .for_each(|(row, (n, w))| build_row(row, n, w));
         }
         Ok(Self {
             num_layers: stats.num_layers,
@@ -240,6 +264,105 @@ impl RoundWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The weights as one loop over rows, offsets and pairs (the formula as written): the
+    /// parallel, vectorised build must equal it bit for bit.
+    fn weights_by_the_formula(
+        stats: &Stats,
+        style: PairingStyle,
+        omega: &[f64],
+        sigma: f64,
+        r: u64,
+        config: &ScoreConfig,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (f_count, d) = (stats.freq_count(), stats.head_dim);
+        let offsets = geometric_offsets(config.offset_max_length).unwrap();
+        let trig = RoundTrig::new(omega, r, &offsets);
+        let j_count = offsets.len();
+        let vectors = match (config.trig, config.aggregation) {
+            (TrigTerm::Excluded, _) => 0,
+            (TrigTerm::Included, OffsetAggregation::Mean) => 1,
+            (TrigTerm::Included, OffsetAggregation::Max) => j_count,
+        };
+        let rows = stats.num_layers * stats.num_heads;
+        let (mut weights, mut norm) = (vec![0f32; rows * vectors * d], vec![0f32; rows * f_count]);
+        for row in 0..rows {
+            let base = row * f_count;
+            for f in 0..f_count {
+                let (re, im) = (stats.q_mean_real[base + f] as f64, stats.q_mean_imag[base + f] as f64);
+                let c = match config.norm {
+                    NormTerm::MeanResidual => stats.q_abs_mean[base + f] as f64 - (re * re + im * im).sqrt(),
+                    NormTerm::MeanModulus => stats.q_abs_mean[base + f] as f64,
+                };
+                norm[base + f] = (sigma * c) as f32;
+            }
+            if vectors == 0 {
+                continue;
+            }
+            let mut folded = vec![0f64; d];
+            for j in 0..j_count {
+                let mut column = vec![0f64; d];
+                for f in 0..f_count {
+                    let (re, im) = (stats.q_mean_real[base + f] as f64, stats.q_mean_imag[base + f] as f64);
+                    let (c, s) = (trig.cos[j * f_count + f], trig.sin[j * f_count + f]);
+                    let (dr, di) = style.dims(f, d);
+                    column[dr] = sigma * (re * c - im * s);
+                    column[di] = sigma * (re * s + im * c);
+                }
+                match config.aggregation {
+                    OffsetAggregation::Mean => folded.iter_mut().zip(&column).for_each(|(a, b)| *a += b),
+                    OffsetAggregation::Max => {
+                        for (o, v) in
+                            weights[(row * j_count + j) * d..(row * j_count + j + 1) * d].iter_mut().zip(&column)
+                        {
+                            *o = *v as f32;
+                        }
+                    }
+                }
+            }
+            if config.aggregation == OffsetAggregation::Mean {
+                for (o, v) in weights[row * d..(row + 1) * d].iter_mut().zip(&folded) {
+                    *o = (v / j_count as f64) as f32;
+                }
+            }
+        }
+        (weights, norm)
+    }
+
+    #[test]
+    fn weights_equal_the_formula_bit_for_bit() {
+        let (layers, heads, d) = (3, 5, 64);
+        let f = d / 2;
+        let value = |i: usize, k: u32| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(k) % 20_011) as f32 / 1_000.0 - 10.0
+        };
+        let stats = Stats {
+            num_layers: layers,
+            num_heads: heads,
+            head_dim: d,
+            rope_style: PairingStyle::Half,
+            q_mean_real: (0..layers * heads * f).map(|i| value(i, 1)).collect(),
+            q_mean_imag: (0..layers * heads * f).map(|i| value(i, 2)).collect(),
+            q_abs_mean: (0..layers * heads * f).map(|i| value(i, 3).abs() + 12.0).collect(),
+            sampled_heads: None,
+            metadata: Default::default(),
+        };
+        let omega: Vec<f64> = (0..f).map(|i| 1e6f64.powf(-(i as f64) / f as f64)).collect();
+        for style in [PairingStyle::Half, PairingStyle::Interleaved] {
+            for config in [
+                ScoreConfig::default(),
+                ScoreConfig { aggregation: OffsetAggregation::Max, ..ScoreConfig::default() },
+                ScoreConfig { norm: NormTerm::MeanModulus, offset_max_length: 100, ..ScoreConfig::default() },
+                ScoreConfig { trig: TrigTerm::Excluded, ..ScoreConfig::default() },
+            ] {
+                let got = RoundWeights::build(&stats, style, &omega, 1.37, 123_457, &config).unwrap();
+                let (w, n) = weights_by_the_formula(&stats, style, &omega, 1.37, 123_457, &config);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.weights), bits(&w), "{style:?} {config:?}");
+                assert_eq!(bits(&got.norm), bits(&n), "{style:?} {config:?}");
+            }
+        }
+    }
 
     #[test]
     fn offsets_are_powers_of_two_up_to_the_bound() {

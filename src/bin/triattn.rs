@@ -330,6 +330,10 @@ struct BenchArgs {
     /// as `Compressor::compress` runs it, each next to a memcpy of its own bytes.
     #[arg(long)]
     round: bool,
+    /// The CPU scoring kernel of `--op score`: portable, avx2 or avx512 (default: the fastest
+    /// this CPU runs; all are bit-identical).
+    #[arg(long)]
+    score_kernel: Option<String>,
     /// With --round: one JSON object per stage instead of a table.
     #[arg(long, requires = "round")]
     json: bool,

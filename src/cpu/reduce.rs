@@ -16,11 +16,32 @@ fn nan_max(a: f32, b: f32) -> f32 {
     }
 }
 
+/// `acc[slot] = nan_max(acc[slot], row[slot])` for every slot.
+#[inline(always)]
+fn max_into(acc: &mut [f32], row: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(row) {
+        *a = nan_max(*a, x);
+    }
+}
+
+/// The group max of KV head `g` of one layer, `[N]`: heads folded in order from `-inf`.
+#[inline(always)]
+fn group_max_row(layer: &[f32], g: usize, g_size: usize, n: usize, out: &mut [f32]) {
+    out.fill(f32::NEG_INFINITY);
+    for h in g * g_size..(g + 1) * g_size {
+        max_into(out, &layer[h * n..(h + 1) * n]);
+    }
+}
+
 /// Reduce `z[l]` (`[H, N]` per layer) for `mode`; returns `rows x N` (rows: Hkv, L*Hkv or 1).
 ///
 /// * `PerHead`: `S[g, n] = mean_l max_{h in g} z[l, h, n]`.
 /// * `PerLayerPerHead`: `S[l, g, n] = agg_{h in g} z[l, h, n]` with `group`.
 /// * `Union`: `S[n] = max_{l, h} z[l, h, n]`.
+///
+/// Rows are reduced a whole row at a time, in parallel over output rows (or slot ranges for
+/// `Union`); every slot sees its operations in the order of the formula (heads ascending inside
+/// a layer, layers ascending), so results do not depend on the parallel split.
 pub fn reduce(
     z: &[Vec<f32>],
     num_heads: usize,
@@ -29,50 +50,50 @@ pub fn reduce(
     mode: SelectionMode,
     group: GroupAggregation,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let g_size = num_heads / num_kv_heads;
     let layers = z.len();
-    let group_reduce = |layer: &[f32], g: usize, slot: usize, agg: GroupAggregation| -> f32 {
-        let heads = (g * g_size..(g + 1) * g_size).map(|h| layer[h * n + slot]);
-        match agg {
-            GroupAggregation::Max => heads.fold(f32::NEG_INFINITY, nan_max),
-            GroupAggregation::Mean => (heads.map(|x| x as f64).sum::<f64>() / g_size as f64) as f32,
-        }
-    };
+    let rows = mode.num_sets(layers, num_kv_heads);
+    let mut out = vec![0f32; rows * n];
+    if n == 0 {
+        return out;
+    }
     match mode {
-        SelectionMode::PerHead => {
-            let mut out = vec![0f32; num_kv_heads * n];
-            for g in 0..num_kv_heads {
-                for slot in 0..n {
-                    let mut sum = 0f64;
-                    for layer in z {
-                        sum += group_reduce(layer, g, slot, GroupAggregation::Max) as f64;
-                    }
-                    out[g * n + slot] = (sum / layers as f64) as f32;
-                }
-            }
-            out
-        }
-        SelectionMode::PerLayerPerHead => {
-            let mut out = vec![0f32; layers * num_kv_heads * n];
-            for (l, layer) in z.iter().enumerate() {
-                for g in 0..num_kv_heads {
-                    for slot in 0..n {
-                        out[(l * num_kv_heads + g) * n + slot] = group_reduce(layer, g, slot, group);
-                    }
-                }
-            }
-            out
-        }
-        SelectionMode::Union => {
-            let mut out = vec![f32::NEG_INFINITY; n];
+        SelectionMode::PerHead => out.par_chunks_mut(n).enumerate().for_each(|(g, row)| {
+            let mut sum = vec![0f64; n];
+            let mut m = vec![0f32; n];
             for layer in z {
-                for h in 0..num_heads {
-                    for slot in 0..n {
-                        out[slot] = nan_max(out[slot], layer[h * n + slot]);
+                group_max_row(layer, g, g_size, n, &mut m);
+                sum.iter_mut().zip(&m).for_each(|(s, &x)| *s += x as f64);
+            }
+            row.iter_mut().zip(&sum).for_each(|(o, &s)| *o = (s / layers as f64) as f32);
+        }),
+        SelectionMode::PerLayerPerHead => out.par_chunks_mut(n).enumerate().for_each(|(set, row)| {
+            let (layer, g) = (&z[set / num_kv_heads], set % num_kv_heads);
+            match group {
+                GroupAggregation::Max => group_max_row(layer, g, g_size, n, row),
+                GroupAggregation::Mean => {
+                    // As `Iterator::sum` of f64: from -0.0, heads in order.
+                    let mut sum = vec![-0.0f64; n];
+                    for h in g * g_size..(g + 1) * g_size {
+                        sum.iter_mut().zip(&layer[h * n..(h + 1) * n]).for_each(|(s, &x)| *s += x as f64);
                     }
+                    row.iter_mut().zip(&sum).for_each(|(o, &s)| *o = (s / g_size as f64) as f32);
                 }
             }
-            out
+        }),
+        SelectionMode::Union => {
+            const SLOTS_PER_TASK: usize = 512;
+            out.par_chunks_mut(SLOTS_PER_TASK).enumerate().for_each(|(c, acc)| {
+                let first = c * SLOTS_PER_TASK;
+                acc.fill(f32::NEG_INFINITY);
+                for layer in z {
+                    for h in 0..num_heads {
+                        max_into(acc, &layer[h * n + first..h * n + first + acc.len()]);
+                    }
+                }
+            });
         }
     }
+    out
 }

@@ -127,9 +127,9 @@ mod avx2 {
     use crate::score::{OffsetAggregation, RoundWeights};
 
     /// Rows scored together.
-    const BLOCK: usize = 8;
+    pub(super) const BLOCK: usize = 8;
     /// How far ahead (in rows) keys are prefetched.
-    const PREFETCH_ROWS: usize = 16;
+    pub(super) const PREFETCH_ROWS: usize = 16;
 
     /// Whether the kernel handles this shape (otherwise the portable code runs): the dot products
     /// must have whole 8-lane chunks (`D` and `F = D / 2` multiples of 8).
@@ -140,7 +140,7 @@ mod avx2 {
     /// Widen one row to f32 (exact).
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
+    pub(super) unsafe fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
         let n = dst.len();
         debug_assert_eq!(src.len(), n);
         match T::DTYPE {
@@ -234,7 +234,7 @@ mod avx2 {
     /// added first), exactly as [`super::dot`] finishes.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn reduce8(acc: [__m256; 8]) -> __m256 {
+    pub(super) unsafe fn reduce8(acc: [__m256; 8]) -> __m256 {
         // For rows (a, b, c, d): [(s0 + s2) (s1 + s3) of a, c | of b, d].
         #[inline]
         #[target_feature(enable = "avx2,f16c")]
@@ -361,7 +361,258 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! The AVX-512 kernel: the AVX2 kernel's operations, two rows per 512-bit register. Each
+    //! register holds the eight lanes of one row's accumulator in its low half and the next
+    //! row's in its high half, so a chunk of eight dimensions costs four loads, multiplies and
+    //! adds for eight rows instead of eight. Lane `l` of each half is `acc[l]` of
+    //! [`super::dot`]; products and sums stay separate (no fused multiply-add), the moduli use the
+    //! correctly rounded square root, and the horizontal sums are the AVX2 kernel's, so all three
+    //! paths are bit-identical.
+    //!
+    //! Widened rows and their moduli are stored interleaved: chunk `c` of rows `2p` and `2p + 1`
+    //! is one 16-float register at `(c * 4 + p) * 16`.
+
+    use std::arch::x86_64::*;
+
+    use super::avx2::{reduce8, widen, BLOCK, PREFETCH_ROWS};
+    use crate::cache::LayerView;
+    use crate::dtype::Element;
+    use crate::model::PairingStyle;
+    use crate::score::{OffsetAggregation, RoundWeights};
+
+    /// Row pairs per block.
+    const PAIRS: usize = BLOCK / 2;
+
+    /// Whether this CPU runs the kernel for head dimension `d` (a multiple of 16).
+    pub(super) fn supports(d: usize) -> bool {
+        d % 16 == 0
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Partial sums of eight rows (interleaved at `rows`) times `w`, `chunks` chunks of 8.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn acc4(rows: *const f32, w: *const f32, chunks: usize) -> [__m512; PAIRS] {
+        let mut a = [_mm512_setzero_ps(); PAIRS];
+        for c in 0..chunks {
+            let y = _mm512_broadcast_f32x8(_mm256_loadu_ps(w.add(c * 8)));
+            for (p, acc) in a.iter_mut().enumerate() {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_load_ps(rows.add((c * PAIRS + p) * 16)), y));
+            }
+        }
+        a
+    }
+
+    /// The eight rows' sums of [`acc4`]'s accumulators, in row order (the AVX2 reduction).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn sums(a: [__m512; PAIRS]) -> __m256 {
+        let halves: [__m256; BLOCK] = std::array::from_fn(|b| {
+            let z = a[b / 2];
+            if b % 2 == 0 {
+                _mm512_castps512_ps256(z)
+            } else {
+                _mm512_extractf32x8_ps::<1>(z)
+            }
+        });
+        reduce8(halves)
+    }
+
+    /// Score rows `first_row..first_row + out[0].len()` of KV head `g` (see [`super::score_rows`]).
+    ///
+    /// # Safety
+    /// Only after [`supports`] returned true for `weights.head_dim`.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    pub(super) unsafe fn score_rows<T: Element>(
+        weights: &RoundWeights,
+        layer: usize,
+        keys: &LayerView<'_, T>,
+        style: PairingStyle,
+        g: usize,
+        first_row: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        match weights.head_dim {
+            64 => score_rows_d::<T, 8>(weights, layer, keys, style, g, first_row, out),
+            128 => score_rows_d::<T, 16>(weights, layer, keys, style, g, first_row, out),
+            256 => score_rows_d::<T, 32>(weights, layer, keys, style, g, first_row, out),
+            _ => score_rows_d::<T, 0>(weights, layer, keys, style, g, first_row, out),
+        }
+    }
+
+    /// [`score_rows`] with `D = 8 * DC` known at compile time (`DC = 0`: read from the weights).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn score_rows_d<T: Element, const DC: usize>(
+        weights: &RoundWeights,
+        layer: usize,
+        keys: &LayerView<'_, T>,
+        style: PairingStyle,
+        g: usize,
+        first_row: usize,
+        out: &mut [&mut [f32]],
+    ) {
+        let d = if DC == 0 { weights.head_dim } else { 8 * DC };
+        let (d_chunks, f_chunks) = (d / 8, d / 16);
+        let f_count = d / 2;
+        let group = out.len();
+        let vectors = weights.vectors_per_head;
+        let rows = out[0].len();
+        let first_head = layer * weights.num_heads + g * group;
+        let per_head = vectors * d;
+        // 64-byte aligned scratch: the group's weights and norm coefficients, one widened row,
+        // and the block's interleaved rows and moduli.
+        let (w_len, c_len, row_len) = (group * per_head, group * f_count, d);
+        let (k_len, m_len) = (BLOCK * d, BLOCK * f_count);
+        let total = (w_len + c_len + row_len + k_len + m_len).div_ceil(16);
+        let mut scratch = vec![_mm512_setzero_ps(); total];
+        // SAFETY: `__m512` is 16 plain f32 lanes; the slices are disjoint parts of `scratch`.
+        let all = std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut f32, total * 16);
+        let (kz, rest) = all.split_at_mut(k_len);
+        let (mz, rest) = rest.split_at_mut(m_len);
+        let (row, rest) = rest.split_at_mut(row_len);
+        let (group_w, rest) = rest.split_at_mut(w_len);
+        let group_c = &mut rest[..c_len];
+        group_w.copy_from_slice(&weights.weights[first_head * per_head..(first_head + group) * per_head]);
+        group_c.copy_from_slice(&weights.norm[first_head * f_count..(first_head + group) * f_count]);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
+        let mut r0 = 0;
+        while r0 < rows {
+            let live = (rows - r0).min(BLOCK);
+            let ahead = if r0 == 0 { 0 } else { r0 + PREFETCH_ROWS };
+            for r in (ahead..r0 + PREFETCH_ROWS + BLOCK).take_while(|&r| r < rows) {
+                let src = keys.row(g, first_row + r);
+                let p = src.as_ptr() as *const i8;
+                for line in (0..std::mem::size_of_val(src)).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+                }
+            }
+            // Widen each row (a short last block repeats its last row), then interleave.
+            for b in 0..BLOCK {
+                let r = r0 + b.min(live - 1);
+                widen(keys.row(g, first_row + r), row);
+                let (p, half) = (b / 2, (b % 2) * 8);
+                for c in 0..d_chunks {
+                    let v = _mm256_load_ps(row.as_ptr().add(c * 8));
+                    _mm256_store_ps(kz.as_mut_ptr().add((c * PAIRS + p) * 16 + half), v);
+                }
+            }
+            // Moduli of all eight rows, two rows per register.
+            for p in 0..PAIRS {
+                for c in 0..f_chunks {
+                    let m = match style {
+                        PairingStyle::Half => {
+                            let re = _mm512_load_ps(kz.as_ptr().add((c * PAIRS + p) * 16));
+                            let im = _mm512_load_ps(kz.as_ptr().add(((c + f_chunks) * PAIRS + p) * 16));
+                            _mm512_sqrt_ps(_mm512_add_ps(_mm512_mul_ps(re, re), _mm512_mul_ps(im, im)))
+                        }
+                        PairingStyle::Interleaved => {
+                            // Chunks 2c and 2c + 1 hold pairs 8c..8c + 8 as (re, im) neighbours.
+                            let a = _mm512_load_ps(kz.as_ptr().add((2 * c * PAIRS + p) * 16));
+                            let b = _mm512_load_ps(kz.as_ptr().add(((2 * c + 1) * PAIRS + p) * 16));
+                            let (a2, b2) = (_mm512_mul_ps(a, a), _mm512_mul_ps(b, b));
+                            let re2 = _mm512_permutex2var_ps(a2, even, b2);
+                            let im2 = _mm512_permutex2var_ps(a2, odd, b2);
+                            _mm512_sqrt_ps(_mm512_add_ps(re2, im2))
+                        }
+                    };
+                    _mm512_store_ps(mz.as_mut_ptr().add((c * PAIRS + p) * 16), m);
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                let e = sums(acc4(mz.as_ptr(), group_c.as_ptr().add(i * f_count), f_chunks));
+                let w = group_w.as_ptr().add(i * per_head);
+                let trig = match (vectors, weights.aggregation) {
+                    (0, _) => _mm256_setzero_ps(),
+                    (_, OffsetAggregation::Mean) => sums(acc4(kz.as_ptr(), w, d_chunks)),
+                    (_, OffsetAggregation::Max) => {
+                        let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
+                        for j in 0..vectors {
+                            let t = sums(acc4(kz.as_ptr(), w.add(j * d), d_chunks));
+                            // `if t > best { best = t }` per row: NaN never replaces the best.
+                            best = _mm256_blendv_ps(best, t, _mm256_cmp_ps::<_CMP_GT_OQ>(t, best));
+                        }
+                        best
+                    }
+                };
+                let sum = _mm256_add_ps(trig, e);
+                if live == BLOCK {
+                    _mm256_storeu_ps(o[r0..r0 + BLOCK].as_mut_ptr(), sum);
+                } else {
+                    let mut t = [0f32; BLOCK];
+                    _mm256_storeu_ps(t.as_mut_ptr(), sum);
+                    o[r0..r0 + live].copy_from_slice(&t[..live]);
+                }
+            }
+            r0 += BLOCK;
+        }
+    }
+}
+
+/// The CPU scoring kernels. All three perform the same IEEE operations in the same order
+/// (8-lane partial sums, no fused multiply-add), so their results are bit-identical;
+/// [`ScoreKernel::best`] is the default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScoreKernel {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 and F16C, eight rows at a time (x86-64, head_dim a multiple of 16).
+    Avx2,
+    /// AVX-512F and DQ, two rows per register (x86-64, head_dim a multiple of 16).
+    Avx512,
+}
+
+impl ScoreKernel {
+    /// `portable`, `avx2` or `avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreKernel::Portable => "portable",
+            ScoreKernel::Avx2 => "avx2",
+            ScoreKernel::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU runs the kernel for `head_dim`.
+    pub fn supports(self, head_dim: usize) -> bool {
+        match self {
+            ScoreKernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            ScoreKernel::Avx2 => avx2::supports(head_dim),
+            #[cfg(target_arch = "x86_64")]
+            ScoreKernel::Avx512 => avx512::supports(head_dim),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The kernels this CPU runs for `head_dim`, fastest last.
+    pub fn available(head_dim: usize) -> Vec<Self> {
+        [ScoreKernel::Portable, ScoreKernel::Avx2, ScoreKernel::Avx512]
+            .into_iter()
+            .filter(|k| k.supports(head_dim))
+            .collect()
+    }
+
+    /// The kernel rounds use: AVX2 where this CPU runs it, else portable. AVX-512 runs on
+    /// request only: on the machine this crate is measured on (`docs/perf.md`) it was no faster
+    /// than AVX2, scoring being bound by reading the keys rather than by arithmetic.
+    pub fn best(head_dim: usize) -> Self {
+        if ScoreKernel::Avx2.supports(head_dim) {
+            ScoreKernel::Avx2
+        } else {
+            ScoreKernel::Portable
+        }
+    }
+}
+
 fn score_rows_dispatch<T: Element>(
+    kernel: ScoreKernel,
     weights: &RoundWeights,
     layer: usize,
     keys: &LayerView<'_, T>,
@@ -370,15 +621,17 @@ fn score_rows_dispatch<T: Element>(
     first_row: usize,
     out: &mut [&mut [f32]],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::supports(weights.head_dim) {
-        // SAFETY: `supports` checked AVX2 and F16C on this CPU and a head_dim the kernel handles.
-        // The kernel performs the same IEEE operations in the same order as the portable path
-        // (no fused multiply-add), so results do not depend on which one runs.
-        unsafe { avx2::score_rows(weights, layer, keys, style, g, first_row, out) };
-        return;
+    match kernel {
+        // SAFETY: `score_layer_with` checked that this CPU runs the kernel for this head_dim.
+        // Each kernel performs the portable path's IEEE operations in the same order (no fused
+        // multiply-add), so results do not depend on which one runs.
+        #[cfg(target_arch = "x86_64")]
+        ScoreKernel::Avx512 => unsafe { avx512::score_rows(weights, layer, keys, style, g, first_row, out) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        ScoreKernel::Avx2 => unsafe { avx2::score_rows(weights, layer, keys, style, g, first_row, out) },
+        _ => score_rows(weights, layer, keys, style, g, first_row, out),
     }
-    score_rows(weights, layer, keys, style, g, first_row, out)
 }
 
 /// The argument checks of every backend's `score_layer`: keys fit the weights, `layer` exists,
@@ -423,6 +676,30 @@ pub fn score_layer<T: Element>(
     style: PairingStyle,
     out: &mut [f32],
 ) -> Result<()> {
+    score_layer_with(ScoreKernel::best(weights.head_dim), weights, layer, keys, style, out)
+}
+
+/// [`score_layer`] on a chosen kernel (bit-identical to every other).
+///
+/// # Errors
+/// As [`score_layer`]; `Unsupported` for a kernel this CPU does not run for the head_dim.
+pub fn score_layer_with<T: Element>(
+    kernel: ScoreKernel,
+    weights: &RoundWeights,
+    layer: usize,
+    keys: &LayerView<'_, T>,
+    style: PairingStyle,
+    out: &mut [f32],
+) -> Result<()> {
+    if !kernel.supports(weights.head_dim) {
+        return Err(Error::unsupported(format!(
+            "CPU score kernel {}: expected one this CPU runs for head_dim {} ({:?}), got {}",
+            kernel.name(),
+            weights.head_dim,
+            ScoreKernel::available(weights.head_dim).iter().map(|k| k.name()).collect::<Vec<_>>(),
+            kernel.name()
+        )));
+    }
     check_layer_args(weights, layer, keys, out)?;
     let (h, n) = (weights.num_heads, keys.len);
     if n == 0 {
@@ -446,7 +723,7 @@ pub fn score_layer<T: Element>(
         }
     }
     tasks.into_par_iter().for_each(|(g, first, mut parts)| {
-        score_rows_dispatch(weights, layer, keys, style, g, first, &mut parts);
+        score_rows_dispatch(kernel, weights, layer, keys, style, g, first, &mut parts);
     });
     Ok(())
 }

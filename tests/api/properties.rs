@@ -312,3 +312,67 @@ fn evict_keeps_the_given_rows_and_refuses_bad_lists() {
         }
     }
 }
+
+/// The CPU scoring kernels (portable, AVX2, AVX-512: whichever this CPU runs) give bit-identical
+/// raw scores: every dtype, head_dim 64/96/128/256, both pairing styles, mean, max and no trig
+/// term, row counts that leave a short last block, NaN and infinite keys.
+#[test]
+fn cpu_score_kernels_are_bit_identical() {
+    use triattn::cpu::score::{score_layer_with, ScoreKernel};
+    use triattn::score::{ScoreConfig, TrigTerm};
+    fn run<T: triattn::Element>(rng: &mut Rng, d: usize, style: PairingStyle) -> usize {
+        let available = ScoreKernel::available(d);
+        let m = model(2, 8, 2, d);
+        let scorer = Scorer::new(m.clone(), random_stats(rng, &m, style), Some(style)).unwrap();
+        let n = 37 + rng.below(300);
+        let mut keys: Vec<T> = (0..2 * n * d).map(|_| T::from_f32((rng.normal() * 3.0) as f32)).collect();
+        keys[5] = T::from_f32(f32::NAN);
+        keys[d * 7 + 3] = T::from_f32(f32::INFINITY);
+        let view = LayerView::contiguous("k", &keys, 2, n, d).unwrap();
+        let mut checked = 0;
+        for config in [
+            ScoreConfig { aggregation: OffsetAggregation::Mean, ..ScoreConfig::default() },
+            ScoreConfig { aggregation: OffsetAggregation::Max, ..ScoreConfig::default() },
+            ScoreConfig { trig: TrigTerm::Excluded, ..ScoreConfig::default() },
+        ] {
+            let w = scorer.weights(5000, &config).unwrap();
+            let mut want = vec![0f32; 8 * n];
+            score_layer_with(ScoreKernel::Portable, &w, 1, &view, style, &mut want).unwrap();
+            for &k in &available {
+                let mut got = vec![0f32; 8 * n];
+                score_layer_with(k, &w, 1, &view, style, &mut got).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} vs portable: {} d{d} {style:?} {config:?}", k.name(), T::DTYPE);
+                checked += 1;
+            }
+        }
+        checked
+    }
+    let mut rng = Rng(99);
+    let mut checked = 0;
+    for d in [64, 96, 128, 256] {
+        for style in [PairingStyle::Half, PairingStyle::Interleaved] {
+            checked += run::<f32>(&mut rng, d, style);
+            checked += run::<half::f16>(&mut rng, d, style);
+            checked += run::<bf16>(&mut rng, d, style);
+        }
+    }
+    eprintln!(
+        "CPU score kernels on this machine: {:?}",
+        ScoreKernel::available(128).iter().map(|k| k.name()).collect::<Vec<_>>()
+    );
+    assert!(checked >= 72, "{checked} comparisons");
+    let w = {
+        let m = model(1, 2, 1, 64);
+        let s = Scorer::new(m.clone(), random_stats(&mut rng, &m, PairingStyle::Half), None).unwrap();
+        s.weights(100, &ScoreConfig::default()).unwrap()
+    };
+    let keys = vec![0f32; 3 * 64];
+    let view = LayerView::contiguous("k", &keys, 1, 3, 64).unwrap();
+    for k in [ScoreKernel::Avx2, ScoreKernel::Avx512] {
+        if !k.supports(64) {
+            let e = score_layer_with(k, &w, 0, &view, PairingStyle::Half, &mut [0f32; 6]).unwrap_err().to_string();
+            assert!(e.contains(k.name()), "{e}");
+        }
+    }
+}

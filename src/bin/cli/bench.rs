@@ -216,6 +216,14 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
         .collect::<Result<_>>()?;
     let mut raw = vec![vec![0f32; h * n]; l];
     let round_start = n.max(32_768) as u64;
+    use triattn::cpu::score::ScoreKernel;
+    let kernel = match a.score_kernel.as_deref() {
+        None => ScoreKernel::best(d),
+        Some(name) => [ScoreKernel::Portable, ScoreKernel::Avx2, ScoreKernel::Avx512]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| Error::invalid_argument("--score-kernel", "portable, avx2 or avx512", name))?,
+    };
 
     // memcpy ceilings: the same byte count, one direction counted.
     let src = vec![0x5au8; key_bytes];
@@ -249,7 +257,7 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
             let wt = t.elapsed();
             let t = Instant::now();
             for (layer, (k, out)) in views.iter().zip(raw.iter_mut()).enumerate() {
-                triattn::cpu::score::score_layer(&weights[i], layer, k, scorer.style, out)?;
+                triattn::cpu::score::score_layer_with(kernel, &weights[i], layer, k, scorer.style, out)?;
             }
             std::hint::black_box(&mut raw);
             let st = t.elapsed();
@@ -283,6 +291,7 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
     let (copy1_gbs, copy_n_gbs) = (gbs(key_bytes, copy1), gbs(key_bytes, copy_n));
     say!("triattn bench: CPU scoring throughput vs memcpy (same process)");
     say!("statistics  Qwen/Qwen3-8B, TriAttention authors (arXiv:2604.04921), Apache-2.0 (embedded)");
+    say!("kernel      CPU score kernel {}", kernel.name());
     say!("machine     {} ({cores} logical CPUs), {threads} worker threads", cpu_model());
     say!(
         "shapes      {l} layers x {h} heads ({hkv} KV heads, G = {}), head_dim {d}, N = {n}, {} keys: {:.1} MB",
