@@ -190,7 +190,7 @@ const fn vec_elems(dtype: DType) -> usize {
 /// Largest power of two dividing `n`, at most 32 (`pow2_part` in cuda/common/types.cuh).
 const fn pow2_part(n: usize) -> usize {
     let mut p = 1;
-    while n % (2 * p) == 0 && 2 * p <= 32 {
+    while n.is_multiple_of(2 * p) && 2 * p <= 32 {
         p *= 2;
     }
     p

@@ -140,7 +140,7 @@ impl SlotLists {
         let mut flat = Vec::with_capacity(self.lists.len() * capacity);
         for list in &self.lists {
             flat.extend(list.iter().map(|&s| s as i32));
-            flat.extend(std::iter::repeat(-1).take(capacity - list.len()));
+            flat.extend(std::iter::repeat_n(-1, capacity - list.len()));
         }
         (flat, self.lists.iter().map(|l| l.len() as i32).collect(), capacity)
     }
@@ -181,11 +181,11 @@ pub fn decode_layer<Q: Element, T: Element>(
         ));
     }
     let per_head = num_queries * d;
-    if num_queries == 0 || per_head == 0 || queries.len() % per_head != 0 {
+    if num_queries == 0 || per_head == 0 || !queries.len().is_multiple_of(per_head) {
         return Err(Error::shape("queries", format!("[H, {num_queries}, {d}] (head_dim of the keys)"), queries.len()));
     }
     let h = queries.len() / per_head;
-    if h == 0 || h % hkv != 0 {
+    if h == 0 || !h.is_multiple_of(hkv) {
         return Err(Error::shape("query heads", format!("a multiple of the {hkv} KV heads"), h));
     }
     if let Some(s) = sinks {

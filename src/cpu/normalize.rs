@@ -64,6 +64,7 @@ const ROWS_TOGETHER: usize = 4;
 /// NaN leaves a sum unchanged (a sum that starts at `+0.0` is never `-0.0`), so the loop has no
 /// branch and the rows run in parallel lanes.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // the rows advance in lockstep: one index, several rows
 fn moments_together(rows: [&[f32]; ROWS_TOGETHER], flavour: ZScore) -> [(f64, f64); ROWS_TOGETHER] {
     let len = rows[0].len();
     let mut sum = [0f64; ROWS_TOGETHER];

@@ -134,7 +134,9 @@ mod avx2 {
     /// Whether the kernel handles this shape (otherwise the portable code runs): the dot products
     /// must have whole 8-lane chunks (`D` and `F = D / 2` multiples of 8).
     pub(super) fn supports(d: usize) -> bool {
-        d % 16 == 0 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+        d.is_multiple_of(16)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
 
     /// Widen one row to f32 (exact).
@@ -387,7 +389,7 @@ mod avx512 {
 
     /// Whether this CPU runs the kernel for head dimension `d` (a multiple of 16).
     pub(super) fn supports(d: usize) -> bool {
-        d % 16 == 0
+        d.is_multiple_of(16)
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx2")
@@ -611,6 +613,7 @@ impl ScoreKernel {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn score_rows_dispatch<T: Element>(
     kernel: ScoreKernel,
     weights: &RoundWeights,

@@ -55,7 +55,7 @@ impl CalibrateSpec {
         if !(1..=65535).contains(&num_heads) {
             return bad("calibration heads", "1..=65535", num_heads);
         }
-        if head_dim < 2 || head_dim % 2 != 0 || head_dim > 65536 {
+        if head_dim < 2 || !head_dim.is_multiple_of(2) || head_dim > 65536 {
             return bad("calibration head_dim", "even, 2..=65536", head_dim);
         }
         if num_tokens > i32::MAX as usize {

@@ -223,7 +223,7 @@ impl CompactSpec {
         }
         let aligned = |what: &str, elems: usize| {
             ensure(
-                (elems * s.elem_bytes) % 16 == 0,
+                (elems * s.elem_bytes).is_multiple_of(16),
                 what,
                 "a multiple of 16 bytes",
                 format!("{} bytes", elems * s.elem_bytes),

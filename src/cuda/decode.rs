@@ -153,7 +153,7 @@ impl DecodeSpec {
         ensure(s.num_seqs * s.num_layers <= 65535, "sequences x layers", "<= 65535", s.num_seqs * s.num_layers)?;
         ensure(s.num_kv_heads >= 1, "KV heads", ">= 1", s.num_kv_heads)?;
         ensure(
-            s.num_heads >= s.num_kv_heads && s.num_heads % s.num_kv_heads == 0,
+            s.num_heads >= s.num_kv_heads && s.num_heads.is_multiple_of(s.num_kv_heads),
             "attention heads",
             format!("a multiple of the {} KV heads", s.num_kv_heads),
             s.num_heads,
@@ -167,14 +167,15 @@ impl DecodeSpec {
             )));
         };
         let vec = 16 / s.dtype.size();
-        if s.value_dim == 0 || s.value_dim % vec != 0 || s.value_dim > DECODE_MAX_DV {
+        if s.value_dim == 0 || !s.value_dim.is_multiple_of(vec) || s.value_dim > DECODE_MAX_DV {
             return Err(Error::unsupported(format!(
                 "decode: value dim {}: expected a multiple of {vec} (16 bytes of {}) up to {DECODE_MAX_DV}",
                 s.value_dim, s.dtype
             )));
         }
-        let aligned =
-            |what: &str, v: usize| ensure(v % vec == 0, what, format!("a multiple of {vec} elements (16 bytes)"), v);
+        let aligned = |what: &str, v: usize| {
+            ensure(v.is_multiple_of(vec), what, format!("a multiple of {vec} elements (16 bytes)"), v)
+        };
         match s.layout {
             CacheLayout::Contiguous { keys, values } => {
                 aligned("key head stride", keys.head_stride)?;

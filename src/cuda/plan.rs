@@ -277,7 +277,7 @@ pub(crate) fn check_address(what: impl std::fmt::Display, address: u64, align: u
 /// Refuse an address that is not a multiple of `align` (the kernels' vector or element width;
 /// a misaligned access is a sticky fault on a GPU, so it is refused here by name).
 fn check_aligned(what: impl std::fmt::Display, address: u64, align: usize) -> Result<()> {
-    if address % align as u64 != 0 {
+    if !address.is_multiple_of(align as u64) {
         return Err(Error::invalid_argument(
             what,
             format!("an address aligned to {align} bytes"),
@@ -909,8 +909,7 @@ fn constants_image(
         Preset::Paper => (p.prefix, p.window_start.max(p.prefix)),
         Preset::Vllm => (0, n),
     };
-    let lengths: Vec<u8> = std::iter::repeat(n as i32)
-        .take(protections.len())
+    let lengths: Vec<u8> = std::iter::repeat_n(n as i32, protections.len())
         .chain(protections.iter().map(|p| candidates(p).0 as i32))
         .chain(protections.iter().map(|p| candidates(p).1 as i32))
         .chain(protections.iter().map(|p| p.prefix as i32))

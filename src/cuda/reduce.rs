@@ -78,7 +78,9 @@ impl ReduceSpec {
             self.num_kv_heads,
         )?;
         ensure(
-            self.num_heads >= self.num_kv_heads && self.num_heads % self.num_kv_heads == 0 && self.num_heads <= cap,
+            self.num_heads >= self.num_kv_heads
+                && self.num_heads.is_multiple_of(self.num_kv_heads)
+                && self.num_heads <= cap,
             "reduce heads",
             format!("a multiple of the {} KV heads", self.num_kv_heads),
             self.num_heads,
@@ -305,7 +307,9 @@ impl ReduceShardSpec {
         ensure(self.num_layers >= 1 && self.num_layers <= cap, "reduce shard layers", ">= 1", self.num_layers)?;
         ensure(self.num_kv_heads >= 1, "reduce shard KV heads", ">= 1", self.num_kv_heads)?;
         ensure(
-            self.num_heads >= self.num_kv_heads && self.num_heads % self.num_kv_heads == 0 && self.num_heads <= cap,
+            self.num_heads >= self.num_kv_heads
+                && self.num_heads.is_multiple_of(self.num_kv_heads)
+                && self.num_heads <= cap,
             "reduce shard heads",
             format!("a multiple of the {} KV heads", self.num_kv_heads),
             self.num_heads,

@@ -181,7 +181,7 @@ impl SelectSpec {
         ensure(s.score_stride >= s.len, "select score stride", format!(">= {}", s.len), s.score_stride)?;
         ensure(s.keep_stride >= s.budget, "select keep stride", format!(">= {}", s.budget), s.keep_stride)?;
         ensure(
-            s.rows_per_seq == 0 || s.rows % s.rows_per_seq == 0,
+            s.rows_per_seq == 0 || s.rows.is_multiple_of(s.rows_per_seq),
             "select rows per sequence",
             format!("0 or a divisor of the {} rows", s.rows),
             s.rows_per_seq,
@@ -276,7 +276,7 @@ impl SelectSpec {
     /// `InvalidArgument` naming the scratch.
     pub fn check_scratch(&self, at: &SelectAddresses) -> Result<()> {
         ensure(
-            !self.is_multi_block() || (at.scratch != 0 && at.scratch % 4 == 0),
+            !self.is_multi_block() || (at.scratch != 0 && at.scratch.is_multiple_of(4)),
             "select scratch",
             format!("a 4-byte aligned address of {} bytes", self.scratch_bytes()),
             format!("{:#x}", at.scratch),

@@ -115,7 +115,7 @@ impl ScoreSpec {
         ensure(s.num_layers >= 1 && s.num_layers <= 65535, "layers", "1..=65535", s.num_layers)?;
         ensure(s.num_kv_heads >= 1, "KV heads", ">= 1", s.num_kv_heads)?;
         ensure(
-            s.num_heads >= s.num_kv_heads && s.num_heads % s.num_kv_heads == 0,
+            s.num_heads >= s.num_kv_heads && s.num_heads.is_multiple_of(s.num_kv_heads),
             "attention heads",
             format!("a multiple of the {} KV heads", s.num_kv_heads),
             s.num_heads,
@@ -140,8 +140,9 @@ impl ScoreSpec {
             )));
         };
         let vec = 16 / s.dtype.size();
-        let aligned =
-            |what: &str, v: usize| ensure(v % vec == 0, what, format!("a multiple of {vec} elements (16 bytes)"), v);
+        let aligned = |what: &str, v: usize| {
+            ensure(v.is_multiple_of(vec), what, format!("a multiple of {vec} elements (16 bytes)"), v)
+        };
         match s.layout {
             KeyLayout::Contiguous { head_stride, row_stride } => {
                 aligned("key head stride", head_stride)?;
@@ -462,7 +463,7 @@ impl TrigSpec {
     pub fn validate(&self) -> Result<()> {
         ensure(self.num_layers >= 1 && self.num_layers <= 65535, "layers", "1..=65535", self.num_layers)?;
         ensure(self.num_heads >= 1, "heads", ">= 1", self.num_heads)?;
-        ensure(self.head_dim >= 2 && self.head_dim % 2 == 0, "head_dim", "even, >= 2", self.head_dim)?;
+        ensure(self.head_dim >= 2 && self.head_dim.is_multiple_of(2), "head_dim", "even, >= 2", self.head_dim)?;
         ensure(self.num_seqs >= 1 && self.num_seqs <= 65535, "sequences", "1..=65535", self.num_seqs)?;
         ensure(
             (1..=MAX_VECTORS).contains(&self.num_offsets),

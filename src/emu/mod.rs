@@ -320,7 +320,8 @@ pub fn score_layer_tuned<T: Element>(
     // Rows must start on 16-byte boundaries of the view; otherwise score a dense copy.
     let vec = 16 / T::DTYPE.size();
     let dense: Vec<T>;
-    let (data, head_stride, row_stride) = if keys.head_stride % vec == 0 && keys.row_stride % vec == 0 {
+    let (data, head_stride, row_stride) = if keys.head_stride.is_multiple_of(vec) && keys.row_stride.is_multiple_of(vec)
+    {
         (keys.data, keys.head_stride, keys.row_stride)
     } else {
         dense = (0..keys.num_kv_heads).flat_map(|g| (0..n).flat_map(move |r| keys.row(g, r).iter().copied())).collect();

@@ -59,7 +59,7 @@ impl HostBuffer {
     }
 
     fn write_at(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
-        if offset.checked_add(bytes.len()).map_or(true, |end| end > self.len) {
+        if offset.checked_add(bytes.len()).is_none_or(|end| end > self.len) {
             return Err(Error::invalid_argument(
                 "emu buffer write",
                 format!("a range within its {} bytes", self.len),

@@ -93,7 +93,7 @@ pub fn select_rows(
     window_start: usize,
     budget: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    if len == 0 || scores.len() % len != 0 || scores.is_empty() {
+    if len == 0 || !scores.len().is_multiple_of(len) || scores.is_empty() {
         return Err(Error::shape("select scores", format!("a non-empty multiple of {len} slots"), scores.len()));
     }
     let rows = scores.len() / len;

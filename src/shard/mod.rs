@@ -71,7 +71,7 @@ impl ShardLayout {
         if pp_size == 0 || pp_size > l.max(1) {
             return Err(Error::invalid_argument("pp_size", format!("1..={l} (the model's layers)"), pp_size));
         }
-        if l % pp_size != 0 {
+        if !l.is_multiple_of(pp_size) {
             let (q, r) = (l / pp_size, l % pp_size);
             let example: Vec<String> = (0..pp_size).map(|s| (q + usize::from(s >= pp_size - r)).to_string()).collect();
             return Err(Error::invalid_argument(
@@ -103,7 +103,7 @@ impl ShardLayout {
                 tp_size,
             ));
         }
-        if tp_size > hkv && tp_size % hkv != 0 {
+        if tp_size > hkv && !tp_size.is_multiple_of(hkv) {
             return Err(Error::invalid_argument(
                 "tp_size",
                 format!("a multiple of the {hkv} KV heads when above them (each KV head replicated on tp / Hkv ranks)"),

@@ -50,7 +50,7 @@ impl Accumulator {
         if num_heads == 0 {
             return Err(Error::invalid_argument("calibration num_heads", ">= 1", num_heads));
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::invalid_argument("calibration head_dim", "an even number >= 2", head_dim));
         }
         let n = num_layers

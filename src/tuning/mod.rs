@@ -123,7 +123,7 @@ pub struct TuningEntry {
 impl TuningEntry {
     /// Whether the bucket holds a shape of `len` slots and `batch` sequences.
     pub fn holds(&self, shape: Bucket) -> bool {
-        self.max_len.map_or(true, |m| shape.len as u64 <= m) && self.max_batch.map_or(true, |m| shape.batch as u64 <= m)
+        self.max_len.is_none_or(|m| shape.len as u64 <= m) && self.max_batch.is_none_or(|m| shape.batch as u64 <= m)
     }
 }
 

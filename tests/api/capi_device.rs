@@ -218,7 +218,7 @@ mod plans {
             assert_eq!(got.keep_bytes, got.sets * got.kept * 4, "case {i}");
             assert_eq!(got.score_bytes, got.sets * len * 4, "case {i}");
             assert_eq!(got.raw_bytes, 36 * 32 * len * 4, "case {i}: raw is [L, H, N] f32");
-            assert!(got.keep_offset % 256 == 0 && got.keep_offset + got.keep_bytes <= got.workspace_bytes);
+            assert!(got.keep_offset.is_multiple_of(256) && got.keep_offset + got.keep_bytes <= got.workspace_bytes);
             if len > BUDGET {
                 assert_eq!(got.outcome, triattn_outcome::Compressed, "case {i}");
                 assert_eq!((got.sets, got.kept), (8, BUDGET), "case {i}: per-head sets of Qwen3-8B");

@@ -25,11 +25,12 @@ fn dims(case: &Path) -> (usize, usize, usize) {
 /// The splits a model fits: tp 2 and 4, a tp replicating each KV head, pp 2 even and uneven,
 /// and tp with pp together; as CLI flags.
 fn splits(l: usize, h: usize, hkv: usize) -> Vec<Vec<String>> {
-    let fits = |tp: usize| h % tp == 0 && if tp <= hkv { hkv % tp == 0 } else { tp % hkv == 0 };
+    let fits =
+        |tp: usize| h.is_multiple_of(tp) && if tp <= hkv { hkv.is_multiple_of(tp) } else { tp.is_multiple_of(hkv) };
     let mut tps: Vec<usize> = [2, 4, 2 * hkv].into_iter().filter(|&t| fits(t)).collect();
     tps.dedup();
     let mut pps: Vec<Vec<String>> = Vec::new();
-    if l % 2 == 0 {
+    if l.is_multiple_of(2) {
         pps.push(vec!["--pp-size".into(), "2".into()]);
     }
     if l >= 3 {
@@ -542,5 +543,59 @@ fn sharded_plans_on_emu_equal_one_plan_for_batches() {
             }
         }
         cases += 1;
+    }
+}
+
+/// A decode needs no collective: each rank decodes its query heads over its KV heads' kept
+/// slots (the keep sets of its own round), and gets exactly the rows a single rank's decode gives
+/// those heads. tp 4 over 2 KV heads (each replicated on 2 ranks) and pp 2.
+#[test]
+fn a_rank_decodes_its_heads_over_its_own_keep_sets() {
+    use triattn::cpu::decode::{decode_layer, SlotLists};
+    use triattn::decode::{DecodeOptions, ListLayout};
+    let mut rng = Rng(31);
+    let (l, h, hkv, d, n) = (2, 8, 2, 32, 90);
+    let m = model(l, h, hkv, d);
+    let scorer = Scorer::new(m.clone(), random_stats(&mut rng, &m), None).unwrap();
+    let config = CompressionConfig { budget: 40, ..CompressionConfig::default() };
+    let keys: Vec<Vec<f32>> = (0..l).map(|_| (0..hkv * n * d).map(|_| rng.normal() as f32).collect()).collect();
+    let values: Vec<Vec<f32>> = (0..l).map(|_| (0..hkv * n * d).map(|_| rng.normal() as f32).collect()).collect();
+    let queries: Vec<Vec<f32>> = (0..l).map(|_| (0..h * d).map(|_| rng.normal() as f32).collect()).collect();
+    let views: Vec<LayerView<'_, f32>> =
+        keys.iter().map(|k| LayerView::contiguous("k", k, hkv, n, d).unwrap()).collect();
+    let one = run_cpu(&config, &scorer, &views, 500, 4).unwrap();
+    let layout = ShardLayout::new(&m, 4, 2).unwrap();
+    let ranks = run_sharded(&layout, &config, &scorer, &keys, n, 500, 4);
+    let options = DecodeOptions::default();
+    for layer in 0..l {
+        let kv = LayerView::contiguous("k", &keys[layer], hkv, n, d).unwrap();
+        let vv = LayerView::contiguous("v", &values[layer], hkv, n, d).unwrap();
+        let lists = SlotLists::new(ListLayout::PerKvHead, one.keep.clone(), 1, hkv, n).unwrap();
+        let whole = decode_layer(&queries[layer], 1, &kv, &vv, &lists, 0, None, &options).unwrap();
+        for (s, r) in layout.shards().iter().zip(&ranks) {
+            if !s.layers.contains(&layer) {
+                continue;
+            }
+            let heads = s.kv_heads.clone();
+            let part = |t: &[f32]| t[heads.start * n * d..heads.end * n * d].to_vec();
+            let (k, v) = (part(&keys[layer]), part(&values[layer]));
+            let kv = LayerView::contiguous("k", &k, heads.len(), n, d).unwrap();
+            let vv = LayerView::contiguous("v", &v, heads.len(), n, d).unwrap();
+            let lists = SlotLists::new(ListLayout::PerKvHead, r.keep.clone(), 1, heads.len(), n).unwrap();
+            let q = &queries[layer][s.heads.start * d..s.heads.end * d];
+            let got = decode_layer(q, 1, &kv, &vv, &lists, 0, None, &options).unwrap();
+            let want = &whole.o[s.heads.start * d..s.heads.end * d];
+            assert!(
+                got.o.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {} layer {layer}: o",
+                s.rank
+            );
+            let want = &whole.lse[s.heads.clone()];
+            assert!(
+                got.lse.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {} layer {layer}: lse",
+                s.rank
+            );
+        }
     }
 }

@@ -196,7 +196,7 @@ pub fn random_keys<T: Element>(count: usize, d: usize, seed: u64) -> Vec<T> {
     (0..count)
         .map(|i| {
             let x = centre[i % d] + rng.unit();
-            let x = if rng.next_u64() % 97 == 0 { x * 8.0 } else { x };
+            let x = if rng.next_u64().is_multiple_of(97) { x * 8.0 } else { x };
             T::from_f32(x)
         })
         .collect()

@@ -147,7 +147,7 @@ impl<T: Element> Problem<T> {
         let mut flat = Vec::new();
         let mut lens = Vec::new();
         for list in self.lists.iter().flatten() {
-            flat.extend(list.iter().copied().chain(std::iter::repeat(-7).take(cap - list.len())));
+            flat.extend(list.iter().copied().chain(std::iter::repeat_n(-7, cap - list.len())));
             lens.push(list.len() as i32);
         }
         (flat, lens)

@@ -571,14 +571,14 @@ impl<T: Element> DecodeProblem<T> {
         let queries: Vec<f32> = (0..batch * layers * h * d).map(|_| rng.symmetric()).collect();
         let lists: Vec<Vec<u32>> = (0..hkv)
             .map(|_| {
-                let mut list: Vec<u32> = (0..slots as u32).filter(|_| rng.next_u64() % 2 == 0).collect();
+                let mut list: Vec<u32> = (0..slots as u32).filter(|_| rng.next_u64().is_multiple_of(2)).collect();
                 list.truncate(len);
                 list
             })
             .collect();
         let flat: Vec<i32> = (0..batch)
             .flat_map(|_| {
-                lists.iter().flat_map(|l| l.iter().map(|&x| x as i32).chain(std::iter::repeat(-1).take(len - l.len())))
+                lists.iter().flat_map(|l| l.iter().map(|&x| x as i32).chain(std::iter::repeat_n(-1, len - l.len())))
             })
             .collect();
         let lens: Vec<i32> = (0..batch).flat_map(|_| lists.iter().map(|l| l.len() as i32)).collect();

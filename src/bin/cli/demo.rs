@@ -76,7 +76,8 @@ impl Simulator {
 
     /// Whether the token at `pos` is important (generated tokens only).
     fn important(&self, pos: u64) -> bool {
-        pos >= self.prompt as u64 && SplitMix64::new(self.seed ^ 0x1a2b_3c4d, pos).next_u64() % IMPORTANT_EVERY == 0
+        pos >= self.prompt as u64
+            && SplitMix64::new(self.seed ^ 0x1a2b_3c4d, pos).next_u64().is_multiple_of(IMPORTANT_EVERY)
     }
 
     /// Keys `[L, Hkv, D]` (RoPE-rotated at `pos`) and values `[L, Hkv, D]` of the token at `pos`.
