@@ -28,18 +28,7 @@ pub fn row_moments(row: &[f32], candidate: impl Fn(usize) -> bool, flavour: ZSco
             sq += d * d;
         }
     }
-    let divisor = match flavour {
-        ZScore::PopulationFloor => (sq / count as f64).sqrt().max(1e-6),
-        ZScore::UnbiasedCentreFlat => {
-            let std = if count > 1 { (sq / (count - 1) as f64).sqrt() } else { 0.0 };
-            if std < 1e-8 || !std.is_finite() {
-                1.0
-            } else {
-                std
-            }
-        }
-    };
-    (mean, divisor)
+    finish(count, mean, sq, flavour)
 }
 
 /// Normalise each row of `rows` (`N` slots each) in place.

@@ -33,6 +33,26 @@ fn group_max_row(layer: &[f32], g: usize, g_size: usize, n: usize, out: &mut [f3
     }
 }
 
+/// `sum[n] = sum_l max_{h in g} z[l, h, n]` in f64, layers in order from `+0.0` (the per-head
+/// score before its mean over layers).
+pub(crate) fn layer_sum_row(z: &[Vec<f32>], g: usize, g_size: usize, n: usize, sum: &mut [f64]) {
+    sum.fill(0.0);
+    let mut m = vec![0f32; n];
+    for layer in z {
+        group_max_row(layer, g, g_size, n, &mut m);
+        sum.iter_mut().zip(&m).for_each(|(s, &x)| *s += x as f64);
+    }
+}
+
+/// `sum[n] = sum_{h in g} z[h, n]` of one layer in f64, heads in order from `-0.0` (as
+/// `Iterator::sum` of f64; the group mean before its division).
+pub(crate) fn group_sum_row(layer: &[f32], g: usize, g_size: usize, n: usize, sum: &mut [f64]) {
+    sum.fill(-0.0);
+    for h in g * g_size..(g + 1) * g_size {
+        sum.iter_mut().zip(&layer[h * n..(h + 1) * n]).for_each(|(s, &x)| *s += x as f64);
+    }
+}
+
 /// Reduce `z[l]` (`[H, N]` per layer) for `mode`; returns `rows x N` (rows: Hkv, L*Hkv or 1).
 ///
 /// * `PerHead`: `S[g, n] = mean_l max_{h in g} z[l, h, n]`.
@@ -61,11 +81,7 @@ pub fn reduce(
     match mode {
         SelectionMode::PerHead => out.par_chunks_mut(n).enumerate().for_each(|(g, row)| {
             let mut sum = vec![0f64; n];
-            let mut m = vec![0f32; n];
-            for layer in z {
-                group_max_row(layer, g, g_size, n, &mut m);
-                sum.iter_mut().zip(&m).for_each(|(s, &x)| *s += x as f64);
-            }
+            layer_sum_row(z, g, g_size, n, &mut sum);
             row.iter_mut().zip(&sum).for_each(|(o, &s)| *o = (s / layers as f64) as f32);
         }),
         SelectionMode::PerLayerPerHead => out.par_chunks_mut(n).enumerate().for_each(|(set, row)| {
@@ -73,11 +89,8 @@ pub fn reduce(
             match group {
                 GroupAggregation::Max => group_max_row(layer, g, g_size, n, row),
                 GroupAggregation::Mean => {
-                    // As `Iterator::sum` of f64: from -0.0, heads in order.
-                    let mut sum = vec![-0.0f64; n];
-                    for h in g * g_size..(g + 1) * g_size {
-                        sum.iter_mut().zip(&layer[h * n..(h + 1) * n]).for_each(|(s, &x)| *s += x as f64);
-                    }
+                    let mut sum = vec![0f64; n];
+                    group_sum_row(layer, g, g_size, n, &mut sum);
                     row.iter_mut().zip(&sum).for_each(|(o, &s)| *o = (s / g_size as f64) as f32);
                 }
             }

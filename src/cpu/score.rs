@@ -254,6 +254,40 @@ mod avx2 {
         _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
     }
 
+    /// Prefetch the key rows of the block at `r0`: the rows `PREFETCH_ROWS` ahead, and at the
+    /// start every row up to there (prefetching does not change any result).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn prefetch_block<T: Element>(
+        keys: &LayerView<'_, T>,
+        g: usize,
+        first_row: usize,
+        r0: usize,
+        rows: usize,
+    ) {
+        let ahead = if r0 == 0 { 0 } else { r0 + PREFETCH_ROWS };
+        for r in (ahead..r0 + PREFETCH_ROWS + BLOCK).take_while(|&r| r < rows) {
+            let row = keys.row(g, first_row + r);
+            let p = row.as_ptr() as *const i8;
+            for line in (0..std::mem::size_of_val(row)).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(line));
+            }
+        }
+    }
+
+    /// Store the block's scores: all eight, or the first `out.len()` of a short last block.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn store_block(out: &mut [f32], scores: __m256) {
+        if out.len() == BLOCK {
+            _mm256_storeu_ps(out.as_mut_ptr(), scores);
+        } else {
+            let mut t = [0f32; BLOCK];
+            _mm256_storeu_ps(t.as_mut_ptr(), scores);
+            out.copy_from_slice(&t[..out.len()]);
+        }
+    }
+
     /// Score rows `first_row..first_row + out[0].len()` of KV head `g` (see [`super::score_rows`]).
     ///
     /// # Safety
@@ -314,17 +348,7 @@ mod avx2 {
         let mut r0 = 0;
         while r0 < rows {
             let live = (rows - r0).min(BLOCK);
-            // Keys stream from memory: ask for the rows PREFETCH_ROWS ahead, and at the start for
-            // all rows up to there (prefetching does not change any result).
-            let ahead = if r0 == 0 { 0 } else { r0 + PREFETCH_ROWS };
-            for r in (ahead..r0 + PREFETCH_ROWS + BLOCK).take_while(|&r| r < rows) {
-                let row = keys.row(g, first_row + r);
-                let bytes = std::mem::size_of_val(row);
-                let p = row.as_ptr() as *const i8;
-                for line in (0..bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(line));
-                }
-            }
+            prefetch_block(keys, g, first_row, r0, rows);
             for b in 0..BLOCK {
                 // A short last block repeats its last row; those results are discarded.
                 let r = r0 + b.min(live - 1);
@@ -349,14 +373,7 @@ mod avx2 {
                         best
                     }
                 };
-                let sum = _mm256_add_ps(trig, e);
-                if live == BLOCK {
-                    _mm256_storeu_ps(o[r0..r0 + BLOCK].as_mut_ptr(), sum);
-                } else {
-                    let mut t = [0f32; BLOCK];
-                    _mm256_storeu_ps(t.as_mut_ptr(), sum);
-                    o[r0..r0 + live].copy_from_slice(&t[..live]);
-                }
+                store_block(&mut o[r0..r0 + live], _mm256_add_ps(trig, e));
             }
             r0 += BLOCK;
         }
@@ -378,7 +395,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::avx2::{reduce8, widen, BLOCK, PREFETCH_ROWS};
+    use super::avx2::{prefetch_block, reduce8, store_block, widen, BLOCK};
     use crate::cache::LayerView;
     use crate::dtype::Element;
     use crate::model::PairingStyle;
@@ -487,14 +504,7 @@ mod avx512 {
         let mut r0 = 0;
         while r0 < rows {
             let live = (rows - r0).min(BLOCK);
-            let ahead = if r0 == 0 { 0 } else { r0 + PREFETCH_ROWS };
-            for r in (ahead..r0 + PREFETCH_ROWS + BLOCK).take_while(|&r| r < rows) {
-                let src = keys.row(g, first_row + r);
-                let p = src.as_ptr() as *const i8;
-                for line in (0..std::mem::size_of_val(src)).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(line));
-                }
-            }
+            prefetch_block(keys, g, first_row, r0, rows);
             // Widen each row (a short last block repeats its last row), then interleave.
             for b in 0..BLOCK {
                 let r = r0 + b.min(live - 1);
@@ -543,14 +553,7 @@ mod avx512 {
                         best
                     }
                 };
-                let sum = _mm256_add_ps(trig, e);
-                if live == BLOCK {
-                    _mm256_storeu_ps(o[r0..r0 + BLOCK].as_mut_ptr(), sum);
-                } else {
-                    let mut t = [0f32; BLOCK];
-                    _mm256_storeu_ps(t.as_mut_ptr(), sum);
-                    o[r0..r0 + live].copy_from_slice(&t[..live]);
-                }
+                store_block(&mut o[r0..r0 + live], _mm256_add_ps(trig, e));
             }
             r0 += BLOCK;
         }

@@ -184,17 +184,24 @@ pub(crate) fn round_in_place<D: KernelDevice, T: Element>(
     Ok(out)
 }
 
-/// Run an out-of-place plan: the kept rows of K and V into `keys_out` / `values_out`.
-pub(crate) fn round_out_of_place<D: KernelDevice, T: Element>(
+/// The buffers of an out-of-place round staged in `dev` memory, and the cache they make.
+struct OutOfPlace<B> {
+    /// K and V sources: only held, so that the addresses in `cache` stay valid.
+    _sources: (Vec<B>, Vec<B>),
+    k_out: Vec<B>,
+    v_out: Vec<B>,
+    cache: CacheAddresses,
+}
+
+/// Check K, V and their destinations against `plan` and stage them in `dev` memory.
+fn stage_out_of_place<D: KernelDevice, T: Element>(
     dev: &D,
     plan: &RoundPlan,
     keys: &[&[T]],
     values: &[&[T]],
-    keys_out: &mut [&mut [T]],
-    values_out: &mut [&mut [T]],
-    round_starts: &[u64],
-) -> Result<HostRound> {
-    expect_compaction(plan, matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }), "OutOfPlace")?;
+    keys_out: &[&mut [T]],
+    values_out: &[&mut [T]],
+) -> Result<OutOfPlace<D::Buffer>> {
     check_layers::<T>(plan, LayerTensors::Keys, &lens(keys))?;
     check_layers::<T>(plan, LayerTensors::Values, &lens(values))?;
     check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(keys_out))?;
@@ -208,10 +215,25 @@ pub(crate) fn round_out_of_place<D: KernelDevice, T: Element>(
         values_out: addresses(dev, &v_out),
         ..Default::default()
     };
+    Ok(OutOfPlace { _sources: (k, v), k_out, v_out, cache })
+}
+
+/// Run an out-of-place plan: the kept rows of K and V into `keys_out` / `values_out`.
+pub(crate) fn round_out_of_place<D: KernelDevice, T: Element>(
+    dev: &D,
+    plan: &RoundPlan,
+    keys: &[&[T]],
+    values: &[&[T]],
+    keys_out: &mut [&mut [T]],
+    values_out: &mut [&mut [T]],
+    round_starts: &[u64],
+) -> Result<HostRound> {
+    expect_compaction(plan, matches!(plan.shape().compaction, Compaction::OutOfPlace { .. }), "OutOfPlace")?;
+    let staged = stage_out_of_place(dev, plan, keys, values, keys_out, values_out)?;
     // SAFETY: sources and destinations hold the planned rows (checked) in separate `dev` buffers.
-    let out = unsafe { round_on_addresses(dev, plan, &cache, round_starts)? };
-    download_all(dev, "keys_out", keys_out, &k_out)?;
-    download_all(dev, "values_out", values_out, &v_out)?;
+    let out = unsafe { round_on_addresses(dev, plan, &staged.cache, round_starts)? };
+    download_all(dev, "keys_out", keys_out, &staged.k_out)?;
+    download_all(dev, "values_out", values_out, &staged.v_out)?;
     Ok(out)
 }
 
@@ -501,47 +523,24 @@ pub(crate) fn round_out_of_place_sharded<D: KernelDevice, T: Element>(
     }
     let starts: Vec<u8> = round_starts.iter().flat_map(|&r| (r as i64).to_le_bytes()).collect();
     struct Staged<B> {
-        k: Vec<B>,
-        v: Vec<B>,
-        k_out: Vec<B>,
-        v_out: Vec<B>,
+        tensors: OutOfPlace<B>,
         workspace: B,
         slots: B,
     }
     let mut staged = Vec::with_capacity(plans.len());
     for (plan, t) in plans.iter().zip(ranks.iter()) {
-        check_layers::<T>(plan, LayerTensors::Keys, &lens(&t.keys))?;
-        check_layers::<T>(plan, LayerTensors::Values, &lens(&t.values))?;
-        check_layers::<T>(plan, LayerTensors::KeysOut, &lens_mut(&t.keys_out))?;
-        check_layers::<T>(plan, LayerTensors::ValuesOut, &lens_mut(&t.values_out))?;
-        let (k, v) = (upload_all(dev, "keys", &t.keys)?, upload_all(dev, "values", &t.values)?);
-        let (k_out, v_out) =
-            (upload_all_mut(dev, "keys_out", &t.keys_out)?, upload_all_mut(dev, "values_out", &t.values_out)?);
-        let cache = CacheAddresses {
-            keys: addresses(dev, &k),
-            values: addresses(dev, &v),
-            keys_out: addresses(dev, &k_out),
-            values_out: addresses(dev, &v_out),
-            ..Default::default()
-        };
-        let mut image = plan.workspace_image(&cache)?;
+        let tensors = stage_out_of_place(dev, plan, &t.keys, &t.values, &t.keys_out, &t.values_out)?;
+        let mut image = plan.workspace_image(&tensors.cache)?;
         image.resize(plan.workspace_bytes(), 0xff);
         dev.prepare(plan)?;
         let workspace = dev.upload("workspace", &image)?;
         let slots = dev.upload("round_start", &starts)?;
-        staged.push(Staged { k, v, k_out, v_out, workspace, slots });
+        staged.push(Staged { tensors, workspace, slots });
     }
     let mut launchers: Vec<D::Timed<'_>> = plans.iter().map(|_| dev.timed()).collect();
     for part in 0..parts {
         for ((plan, s), launcher) in plans.iter().zip(&staged).zip(launchers.iter_mut()) {
-            let cache = CacheAddresses {
-                keys: addresses(dev, &s.k),
-                values: addresses(dev, &s.v),
-                keys_out: addresses(dev, &s.k_out),
-                values_out: addresses(dev, &s.v_out),
-                ..Default::default()
-            };
-            let at = RoundAddresses::bound(dev.address(&s.workspace), dev.address(&s.slots), &cache);
+            let at = RoundAddresses::bound(dev.address(&s.workspace), dev.address(&s.slots), &s.tensors.cache);
             // SAFETY: each workspace holds its plan's image over sources and destinations that hold
             // the planned rows (checked) in separate `dev` buffers; `slots` holds the round starts
             // (checked >= N); the previous part's collective was written back below.
@@ -597,8 +596,8 @@ pub(crate) fn round_out_of_place_sharded<D: KernelDevice, T: Element>(
         let host = dev.download("workspace", &s.workspace)?;
         let timings = dev.timings(launcher)?;
         let outputs = (0..plan.num_seqs()).map(|seq| plan.read_outputs_of(&host, seq)).collect::<Result<_>>()?;
-        download_all(dev, "keys_out", &mut t.keys_out, &s.k_out)?;
-        download_all(dev, "values_out", &mut t.values_out, &s.v_out)?;
+        download_all(dev, "keys_out", &mut t.keys_out, &s.tensors.k_out)?;
+        download_all(dev, "values_out", &mut t.values_out, &s.tensors.v_out)?;
         out.push(HostRound { outputs, timings });
     }
     Ok(out)

@@ -1005,15 +1005,7 @@ impl RoundPlan {
     ) -> Result<Self> {
         config.validate()?;
         if let Some(shard) = shard {
-            let m = &scorer.model;
-            let want = (shard.layers.len(), shard.heads.len(), shard.kv_heads.len());
-            if (m.num_layers, m.num_heads, m.num_kv_heads) != want {
-                return Err(Error::shape(
-                    format!("rank {} scorer (layers, heads, KV heads)", shard.rank),
-                    format!("{want:?} of the shard (Shard::scorer)"),
-                    format!("({}, {}, {})", m.num_layers, m.num_heads, m.num_kv_heads),
-                ));
-            }
+            shard.check_scorer(scorer)?;
         }
         let m = &scorer.model;
         let (l, h, hkv, d) = (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim);

@@ -227,6 +227,24 @@ impl Shard {
         Ok(Scorer { model: self.model(m), stats, ..scorer.clone() })
     }
 
+    /// Check that `scorer` is this rank's ([`Shard::scorer`]): its layers, query heads and KV
+    /// heads.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` naming the rank, expected vs got.
+    pub fn check_scorer(&self, scorer: &Scorer) -> Result<()> {
+        let m = &scorer.model;
+        let want = (self.layers.len(), self.heads.len(), self.kv_heads.len());
+        if (m.num_layers, m.num_heads, m.num_kv_heads) != want {
+            return Err(Error::shape(
+                format!("rank {} scorer (layers, heads, KV heads)", self.rank),
+                format!("{want:?} of the shard (Shard::scorer)"),
+                format!("({}, {}, {})", m.num_layers, m.num_heads, m.num_kv_heads),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether a KV head's query heads span several ranks (`tp > Hkv`).
     pub fn group_split(&self) -> bool {
         self.layout.kv_replicas() > 1

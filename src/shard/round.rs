@@ -68,15 +68,8 @@ impl ShardRound {
         prefix_len: usize,
     ) -> Result<Self> {
         config.validate()?;
+        shard.check_scorer(scorer)?;
         let m = &scorer.model;
-        let want = (shard.layers.len(), shard.heads.len(), shard.kv_heads.len());
-        if (m.num_layers, m.num_heads, m.num_kv_heads) != want {
-            return Err(Error::shape(
-                format!("rank {} scorer (layers, heads, KV heads)", shard.rank),
-                format!("{want:?} of the shard (Shard::scorer)"),
-                format!("({}, {}, {})", m.num_layers, m.num_heads, m.num_kv_heads),
-            ));
-        }
         let n = round::check_keys(m, keys, round_start, prefix_len)?;
         let (raw, z, times) = round::score_and_normalize(config, scorer, keys, round_start, prefix_len)?;
         let mut round = ShardRound {
@@ -184,62 +177,34 @@ impl ShardRound {
     /// The reduction's first part, from the rank's z-scores: group maxima or sums per layer
     /// (`keys` / `sums`), or the rank's share of the layer sum or union max.
     fn reduce_locally(&mut self) {
-        let (n, hkv) = (self.n, self.shard.kv_heads.len());
-        let group = self.shard.heads.len() / hkv;
+        use crate::cpu::reduce::{group_sum_row, layer_sum_row, reduce};
+        let (n, hkv, heads) = (self.n, self.shard.kv_heads.len(), self.shard.heads.len());
+        let group = heads / hkv;
         let z = &self.z;
-        let group_max = |l: usize, g: usize, slot: usize| {
-            (g * group..(g + 1) * group).fold(f32::NEG_INFINITY, |m, h| nan_max(m, z[l][h * n + slot]))
-        };
+        // Maxima: the reduction itself (with one KV head when the group is split, so that each
+        // layer keeps its group max), as keys.
+        let keys_of =
+            |mode, kv| reduce(z, heads, kv, n, mode, GroupAggregation::Max).into_iter().map(max_key).collect();
         match self.config.mode {
             SelectionMode::PerHead if self.shard.group_split() => {
-                self.keys = (0..self.shard.layers.len() * n).map(|i| max_key(group_max(i / n, 0, i % n))).collect();
+                self.keys = keys_of(SelectionMode::PerLayerPerHead, hkv);
             }
             SelectionMode::PerHead => {
-                self.sums = (0..hkv * n)
-                    .map(|i| {
-                        let mut sum = 0f64;
-                        for l in 0..z.len() {
-                            sum += group_max(l, i / n, i % n) as f64;
-                        }
-                        sum
-                    })
-                    .collect();
+                self.sums = vec![0f64; hkv * n];
+                for (g, row) in self.sums.chunks_mut(n).enumerate() {
+                    layer_sum_row(z, g, group, n, row);
+                }
             }
             SelectionMode::PerLayerPerHead => match self.config.group_aggregation {
-                GroupAggregation::Max => {
-                    self.keys =
-                        (0..z.len() * hkv * n).map(|i| max_key(group_max(i / (hkv * n), i / n % hkv, i % n))).collect();
-                }
+                GroupAggregation::Max => self.keys = keys_of(SelectionMode::PerLayerPerHead, hkv),
                 GroupAggregation::Mean => {
-                    self.sums = (0..z.len() * hkv * n)
-                        .map(|i| {
-                            let (l, g, slot) = (i / (hkv * n), i / n % hkv, i % n);
-                            (g * group..(g + 1) * group).map(|h| z[l][h * n + slot] as f64).sum::<f64>()
-                        })
-                        .collect();
+                    self.sums = vec![0f64; z.len() * hkv * n];
+                    for (set, row) in self.sums.chunks_mut(n).enumerate() {
+                        group_sum_row(&z[set / hkv], set % hkv, group, n, row);
+                    }
                 }
             },
-            SelectionMode::Union => {
-                self.keys = (0..n)
-                    .map(|slot| {
-                        let rows =
-                            z.iter().flat_map(|layer| (0..layer.len() / n.max(1)).map(move |h| layer[h * n + slot]));
-                        max_key(rows.fold(f32::NEG_INFINITY, nan_max))
-                    })
-                    .collect();
-            }
+            SelectionMode::Union => self.keys = keys_of(SelectionMode::Union, hkv),
         }
-    }
-}
-
-/// NaN if either is NaN, else the larger (the CPU reduction's max).
-#[inline]
-fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else if b > a {
-        b
-    } else {
-        a
     }
 }

@@ -28,8 +28,7 @@ pub(super) fn layout(a: &CompressArgs, model: &triattn::ModelConfig) -> Result<O
 }
 
 /// One line per collective for `--verbose`: kind, dtype and op, groups, elements and bytes.
-fn describe(reductions: &[Reduction], ranks: usize, ms: Option<f64>) -> String {
-    let r = &reductions[0];
+fn describe(r: &Reduction, ranks: usize, ms: Option<f64>) -> String {
     let groups = ranks / r.ranks.len();
     format!(
         "{} ({:?} {}, {groups} group{} of {} ranks, {} elements = {} bytes per rank{})",
@@ -90,7 +89,7 @@ fn rounds_on_cpu<T: Element>(
             all_reduce_in_process(buffers)?;
         }
         drop(groups);
-        notes.push(describe(&[reduction], shards.len(), Some(super::ms(t.elapsed()))));
+        notes.push(describe(&reduction, shards.len(), Some(super::ms(t.elapsed()))));
         for round in rounds.iter_mut() {
             round.resume()?;
         }
@@ -122,7 +121,6 @@ fn rounds_on_kernels<T: Element>(
     let kept = config.outcome(n, prefix_len.min(n)).kept(n);
     let mut plans = Vec::with_capacity(shards.len());
     for s in shards {
-        let hkv = s.kv_heads.len();
         let strides = |dim: usize, slots: usize| RowStrides { head_stride: slots * dim, row_stride: dim };
         let shape = RoundShape {
             dtype: T::DTYPE,
@@ -133,12 +131,9 @@ fn rounds_on_kernels<T: Element>(
             compaction: Compaction::OutOfPlace { keys: strides(d, kept), values: strides(dv, kept) },
             positions: None,
         };
-        let _ = hkv;
         plans.push(RoundPlan::new_shard(&s.scorer(scorer)?, s, config, shape, &[prefix_len], dispatch)?);
     }
-    let notes: Vec<String> = (0..plans[0].reductions().len())
-        .map(|k| describe(&[plans[0].reductions()[k].clone()], shards.len(), None))
-        .collect();
+    let notes: Vec<String> = plans[0].reductions().iter().map(|r| describe(r, shards.len(), None)).collect();
     let keys: Vec<Vec<Vec<T>>> = shards
         .iter()
         .map(|s| s.layers.clone().map(|l| rank_rows::<T>(cache.k[l], &s.kv_heads, n, d)).collect())
@@ -194,7 +189,6 @@ pub(super) fn compress_sharded<T: Element>(
 ) -> Result<Compressed> {
     let (n, d, dv, es) = (cache.n, cache.head_dim, cache.value_dim, cache.dtype.size());
     let shards = layout.shards();
-    let t0 = Instant::now();
     let (results, rank_rows, notes): RankRounds = if backend.is_cpu() {
         let _ = dispatch;
         let (results, notes) = rounds_on_cpu::<T>(&shards, config, scorer, cache, round_start, prefix_len)?;
@@ -207,8 +201,6 @@ pub(super) fn compress_sharded<T: Element>(
         #[cfg(not(any(feature = "emu", feature = "cuda")))]
         unreachable!("a build without kernels has only the CPU backend")
     };
-    let rounds_time = t0.elapsed();
-    let _ = rounds_time;
 
     // One rank's outputs: raw rows by (layer, head); each set from the first rank holding it,
     // every replica checked against it.
