@@ -266,9 +266,7 @@ pub(crate) fn score_and_normalize<T: Element>(
     let weights = scorer.weights(round_start, &config.score)?;
     times.weights = t.elapsed();
     let mut raw = vec![vec![0f32; heads * n]; keys.len()];
-    for (l, (k, out)) in keys.iter().zip(raw.iter_mut()).enumerate() {
-        cpu::score::score_layer(&weights, l, k, scorer.style, out)?;
-    }
+    cpu::score::score_layers(&weights, keys, scorer.style, &mut raw)?;
     times.score = t.elapsed();
 
     let protection = config.protection(n, prefix_len);

@@ -175,65 +175,14 @@ impl RoundWeights {
         let mut norm = vec![0f32; rows * f_count];
         // Each (layer, head) row is independent: rows are built in parallel, each with the same
         // f64 operations in the same order as one after another.
-        let build_row = |row: usize, norm: &mut [f32], weights: &mut [f32]| {
-            let base = row * f_count;
-            let qr = &stats.q_mean_real[base..base + f_count];
-            let qi = &stats.q_mean_imag[base..base + f_count];
-            let qa = &stats.q_abs_mean[base..base + f_count];
-            for f in 0..f_count {
-                let (re, im) = (qr[f] as f64, qi[f] as f64);
-                let c = match config.norm {
-                    NormTerm::MeanResidual => qa[f] as f64 - (re * re + im * im).sqrt(),
-                    NormTerm::MeanModulus => qa[f] as f64,
-                };
-                norm[f] = (sigma * c) as f32;
-            }
-            if vectors_per_head == 0 {
-                return;
-            }
-            // Per pair f, the real and imaginary columns `σ (re c - im s)` and `σ (re s + im c)`
-            // as contiguous arrays (so the loop over f vectorises), placed at the pairing
-            // style's dimensions when written out; the same f64 operations in the same order.
-            let re: Vec<f64> = qr.iter().map(|&x| x as f64).collect();
-            let im: Vec<f64> = qi.iter().map(|&x| x as f64).collect();
-            let (mut col_re, mut col_im) = (vec![0f64; f_count], vec![0f64; f_count]);
-            let (mut sum_re, mut sum_im) = (vec![0f64; f_count], vec![0f64; f_count]);
-            let place = |out: &mut [f32], a: &[f64], b: &[f64], scale: Option<f64>| {
-                for f in 0..f_count {
-                    let (dr, di) = style.dims(f, d);
-                    let (x, y) = match scale {
-                        Some(j) => (a[f] / j, b[f] / j),
-                        None => (a[f], b[f]),
-                    };
-                    out[dr] = x as f32;
-                    out[di] = y as f32;
-                }
-            };
-            for j in 0..j_count {
-                let (c, sn) = (&trig.cos[j * f_count..(j + 1) * f_count], &trig.sin[j * f_count..(j + 1) * f_count]);
-                for f in 0..f_count {
-                    col_re[f] = sigma * (re[f] * c[f] - im[f] * sn[f]);
-                    col_im[f] = sigma * (re[f] * sn[f] + im[f] * c[f]);
-                }
-                match config.aggregation {
-                    OffsetAggregation::Mean => {
-                        sum_re.iter_mut().zip(&col_re).for_each(|(a, b)| *a += b);
-                        sum_im.iter_mut().zip(&col_im).for_each(|(a, b)| *a += b);
-                    }
-                    OffsetAggregation::Max => place(&mut weights[j * d..(j + 1) * d], &col_re, &col_im, None),
-                }
-            }
-            if config.aggregation == OffsetAggregation::Mean {
-                place(weights, &sum_re, &sum_im, Some(j_count as f64));
-            }
-        };
+        let rows_of = WeightRows { stats, style, sigma, config, trig: &trig, vectors_per_head };
         if vectors_per_head == 0 {
-            norm.par_chunks_mut(f_count).enumerate().for_each(|(row, n)| build_row(row, n, &mut []));
+            norm.par_chunks_mut(f_count).enumerate().for_each(|(row, n)| rows_of.build(row, n, &mut []));
         } else {
             norm.par_chunks_mut(f_count)
                 .zip(weights.par_chunks_mut(vectors_per_head * d))
                 .enumerate()
-                .for_each(|(row, (n, w))| build_row(row, n, w));
+                .for_each(|(row, (n, w))| rows_of.build(row, n, w));
         }
         Ok(Self {
             num_layers: stats.num_layers,
@@ -258,6 +207,120 @@ impl RoundWeights {
         let f = self.head_dim / 2;
         let start = (layer * self.num_heads + head) * f;
         &self.norm[start..start + f]
+    }
+}
+
+/// What building one (layer, head) row of [`RoundWeights`] reads.
+struct WeightRows<'a> {
+    stats: &'a Stats,
+    style: PairingStyle,
+    sigma: f64,
+    config: &'a ScoreConfig,
+    trig: &'a RoundTrig,
+    vectors_per_head: usize,
+}
+
+impl WeightRows<'_> {
+    /// Row `row`: its norm coefficients into `norm` (`F`) and weight vectors into `weights`
+    /// (`vectors_per_head x D`). The loops over pairs are plain f64 arithmetic that the compiler
+    /// vectorises; where the CPU has AVX-512 or AVX2 they are compiled for it (eight or four
+    /// lanes instead of SSE2's two). Every path performs the same IEEE operations in the same
+    /// order (Rust never fuses a multiply and an add), so the result does not depend on the path.
+    fn build(&self, row: usize, norm: &mut [f32], weights: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: this CPU runs AVX-512F (checked just above).
+            return unsafe { self.build_avx512(row, norm, weights) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: this CPU runs AVX2 (checked just above).
+            return unsafe { self.build_avx2(row, norm, weights) };
+        }
+        self.build_portable(row, norm, weights)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn build_avx512(&self, row: usize, norm: &mut [f32], weights: &mut [f32]) {
+        self.build_portable(row, norm, weights)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn build_avx2(&self, row: usize, norm: &mut [f32], weights: &mut [f32]) {
+        self.build_portable(row, norm, weights)
+    }
+
+    #[inline(always)]
+    fn build_portable(&self, row: usize, norm: &mut [f32], weights: &mut [f32]) {
+        let (stats, config, sigma) = (self.stats, self.config, self.sigma);
+        let f_count = stats.freq_count();
+        let d = stats.head_dim;
+        let base = row * f_count;
+        let qr = &stats.q_mean_real[base..base + f_count];
+        let qi = &stats.q_mean_imag[base..base + f_count];
+        let qa = &stats.q_abs_mean[base..base + f_count];
+        for f in 0..f_count {
+            let (re, im) = (qr[f] as f64, qi[f] as f64);
+            let c = match config.norm {
+                NormTerm::MeanResidual => qa[f] as f64 - (re * re + im * im).sqrt(),
+                NormTerm::MeanModulus => qa[f] as f64,
+            };
+            norm[f] = (sigma * c) as f32;
+        }
+        if self.vectors_per_head == 0 {
+            return;
+        }
+        // Per pair f, the real and imaginary columns `σ (re c - im s)` and `σ (re s + im c)` as
+        // contiguous arrays (so the loop over f vectorises), placed at the pairing style's
+        // dimensions when written out.
+        let mut columns = vec![0f64; 6 * f_count];
+        let (re, rest) = columns.split_at_mut(f_count);
+        let (im, rest) = rest.split_at_mut(f_count);
+        let (col_re, rest) = rest.split_at_mut(f_count);
+        let (col_im, rest) = rest.split_at_mut(f_count);
+        let (sum_re, sum_im) = rest.split_at_mut(f_count);
+        re.iter_mut().zip(qr).for_each(|(o, &x)| *o = x as f64);
+        im.iter_mut().zip(qi).for_each(|(o, &x)| *o = x as f64);
+        let style = self.style;
+        let place = |out: &mut [f32], a: &[f64], b: &[f64], scale: Option<f64>| {
+            for f in 0..f_count {
+                let (dr, di) = style.dims(f, d);
+                let (x, y) = match scale {
+                    Some(j) => (a[f] / j, b[f] / j),
+                    None => (a[f], b[f]),
+                };
+                out[dr] = x as f32;
+                out[di] = y as f32;
+            }
+        };
+        let j_count = self.trig.num_offsets;
+        for j in 0..j_count {
+            let c = &self.trig.cos[j * f_count..(j + 1) * f_count];
+            let sn = &self.trig.sin[j * f_count..(j + 1) * f_count];
+            match config.aggregation {
+                // The columns summed over offsets in offset order, as they are formed.
+                OffsetAggregation::Mean => {
+                    let sums = sum_re.iter_mut().zip(sum_im.iter_mut());
+                    for ((a, b), (((&x, &y), &c), &sn)) in sums.zip(re.iter().zip(im.iter()).zip(c).zip(sn)) {
+                        *a += sigma * (x * c - y * sn);
+                        *b += sigma * (x * sn + y * c);
+                    }
+                }
+                OffsetAggregation::Max => {
+                    let cols = col_re.iter_mut().zip(col_im.iter_mut());
+                    for ((a, b), (((&x, &y), &c), &sn)) in cols.zip(re.iter().zip(im.iter()).zip(c).zip(sn)) {
+                        *a = sigma * (x * c - y * sn);
+                        *b = sigma * (x * sn + y * c);
+                    }
+                    place(&mut weights[j * d..(j + 1) * d], col_re, col_im, None);
+                }
+            }
+        }
+        if config.aggregation == OffsetAggregation::Mean {
+            place(weights, sum_re, sum_im, Some(j_count as f64));
+        }
     }
 }
 

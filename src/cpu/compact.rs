@@ -8,26 +8,46 @@
 use crate::error::{Error, Result};
 
 /// Gather `keep` (ascending) rows of one head: `dst[i] = src[keep[i]]`, `dim` elements per row.
+/// Runs of consecutive slots are copied as one block when the rows are packed.
 pub fn gather_rows<T: Copy>(src: &[T], row_stride: usize, dim: usize, keep: &[u32], dst: &mut [T]) {
-    for (i, &s) in keep.iter().enumerate() {
-        let s = s as usize * row_stride;
-        dst[i * dim..(i + 1) * dim].copy_from_slice(&src[s..s + dim]);
+    for (i, first, run) in runs(keep, 0, row_stride == dim) {
+        let s = first * row_stride;
+        dst[i * dim..(i + run) * dim].copy_from_slice(&src[s..s + (run - 1) * row_stride + dim]);
     }
 }
 
 /// Compact one head in place, order-preserving: row `i` receives row `keep[i]`.
 ///
+/// Kept rows before the first evicted one stay where they are; after it, each run of
+/// consecutive kept slots moves as one block when the rows are packed (`row_stride == dim`),
+/// row by row otherwise (the bytes between strided rows are not the head's to overwrite).
+///
 /// # Errors
 /// `InvalidArgument` if `keep` is not strictly ascending or exceeds the rows present.
 pub fn compact_in_place<T: Copy>(rows: &mut [T], row_stride: usize, dim: usize, keep: &[u32]) -> Result<()> {
     check_keep(keep, rows.len().div_ceil(row_stride.max(1)))?;
-    for (i, &s) in keep.iter().enumerate() {
-        let s = s as usize;
-        if s != i {
-            rows.copy_within(s * row_stride..s * row_stride + dim, i * row_stride);
-        }
+    let settled = keep.iter().enumerate().take_while(|&(i, &s)| s as usize == i).count();
+    for (i, first, run) in runs(keep, settled, row_stride == dim) {
+        let s = first * row_stride;
+        rows.copy_within(s..s + (run - 1) * row_stride + dim, i * row_stride);
     }
     Ok(())
+}
+
+/// `(i, keep[i], run)` for the runs of `keep` from index `from`: `run` consecutive slots
+/// starting at `keep[i]` (always 1 unless `coalesce`).
+fn runs(keep: &[u32], from: usize, coalesce: bool) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let mut i = from;
+    std::iter::from_fn(move || {
+        let first = *keep.get(i)? as usize;
+        let mut run = 1;
+        while coalesce && keep.get(i + run).is_some_and(|&s| s as usize == first + run) {
+            run += 1;
+        }
+        let at = i;
+        i += run;
+        Some((at, first, run))
+    })
 }
 
 /// Moves `(from, to)` that hole-filling performs, and the slot map it leaves.
@@ -104,5 +124,32 @@ mod tests {
         let mut rows: Vec<u32> = (0..8).collect();
         compact_in_place(&mut rows, 1, 1, &keep).unwrap();
         assert_eq!(&rows[..5], &keep);
+    }
+
+    /// Packed and strided rows, runs of every length: in place and gathered, each row equals the
+    /// row-by-row rule, and the bytes between strided rows are left alone.
+    #[test]
+    fn compaction_moves_runs_as_the_row_by_row_rule() {
+        let keeps: [&[u32]; 5] = [&[0, 1, 2, 5, 6, 7, 9], &[3, 4, 5, 6], &[0, 1, 2, 3], &[1, 3, 5, 7, 9], &[9]];
+        for keep in keeps {
+            for (stride, dim) in [(3, 3), (4, 3)] {
+                let n = 10;
+                let src: Vec<u32> = (0..(n * stride) as u32).collect();
+                let mut want = src.clone();
+                for (i, &s) in keep.iter().enumerate() {
+                    for e in 0..dim {
+                        want[i * stride + e] = src[s as usize * stride + e];
+                    }
+                }
+                let mut rows = src.clone();
+                compact_in_place(&mut rows, stride, dim, keep).unwrap();
+                assert_eq!(rows, want, "in place, keep {keep:?}, stride {stride}, dim {dim}");
+                let mut dst = vec![0u32; keep.len() * dim];
+                gather_rows(&src, stride, dim, keep, &mut dst);
+                let gathered: Vec<u32> =
+                    (0..keep.len()).flat_map(|i| want[i * stride..i * stride + dim].to_vec()).collect();
+                assert_eq!(dst, gathered, "gather, keep {keep:?}, stride {stride}, dim {dim}");
+            }
+        }
     }
 }

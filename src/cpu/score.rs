@@ -384,25 +384,30 @@ mod avx2 {
 mod avx512 {
     //! The AVX-512 kernel: the AVX2 kernel's operations, two rows per 512-bit register. Each
     //! register holds the eight lanes of one row's accumulator in its low half and the next
-    //! row's in its high half, so a chunk of eight dimensions costs four loads, multiplies and
-    //! adds for eight rows instead of eight. Lane `l` of each half is `acc[l]` of
-    //! [`super::dot`]; products and sums stay separate (no fused multiply-add), the moduli use the
-    //! correctly rounded square root, and the horizontal sums are the AVX2 kernel's, so all three
-    //! paths are bit-identical.
+    //! row's in its high half. Lane `l` of each half is `acc[l]` of [`super::dot`]; products and
+    //! sums stay separate (no fused multiply-add), the moduli use the correctly rounded square
+    //! root, and the horizontal sums are the AVX2 kernel's, so all three paths are bit-identical.
     //!
     //! Widened rows and their moduli are stored interleaved: chunk `c` of rows `2p` and `2p + 1`
     //! is one 16-float register at `(c * 4 + p) * 16`.
+    //!
+    //! Up to [`WAYS`] weight vectors (the heads of a KV group, or consecutive offsets of one head
+    //! under max aggregation) are dotted in one pass over a block: each chunk of the rows is
+    //! loaded once for all of them, and the `4 * WAYS` independent accumulators keep both 512-bit
+    //! pipes busy (four accumulators alone wait on the add latency).
 
     use std::arch::x86_64::*;
 
-    use super::avx2::{prefetch_block, reduce8, store_block, widen, BLOCK};
+    use super::avx2::{prefetch_block, reduce8, store_block, BLOCK};
     use crate::cache::LayerView;
-    use crate::dtype::Element;
+    use crate::dtype::{DType, Element};
     use crate::model::PairingStyle;
     use crate::score::{OffsetAggregation, RoundWeights};
 
     /// Row pairs per block.
     const PAIRS: usize = BLOCK / 2;
+    /// Weight vectors dotted in one pass.
+    const WAYS: usize = 4;
 
     /// Whether this CPU runs the kernel for head dimension `d` (a multiple of 16).
     pub(super) fn supports(d: usize) -> bool {
@@ -413,21 +418,56 @@ mod avx512 {
             && std::arch::is_x86_feature_detected!("f16c")
     }
 
-    /// Partial sums of eight rows (interleaved at `rows`) times `w`, `chunks` chunks of 8.
+    /// Widen one row to f32 (exact) straight into the interleaved block: chunk `c` goes to
+    /// `dst + c * PAIRS * 16` (the caller points `dst` at the row's pair and half).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
-    unsafe fn acc4(rows: *const f32, w: *const f32, chunks: usize) -> [__m512; PAIRS] {
-        let mut a = [_mm512_setzero_ps(); PAIRS];
+    unsafe fn widen_interleaved<T: Element>(src: &[T], dst: *mut f32, chunks: usize) {
+        let s = src.as_ptr() as *const u16;
+        let at = |c: usize| dst.add(c * PAIRS * 16);
+        match T::DTYPE {
+            DType::F32 => {
+                let s = src.as_ptr() as *const f32;
+                for c in 0..chunks {
+                    _mm256_store_ps(at(c), _mm256_loadu_ps(s.add(c * 8)));
+                }
+            }
+            DType::Bf16 => {
+                // bf16 `e` becomes the f32 with bits `e << 16`.
+                for c in 0..chunks {
+                    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(s.add(c * 8) as *const __m128i));
+                    _mm256_store_ps(at(c), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h)));
+                }
+            }
+            DType::F16 => {
+                for c in 0..chunks {
+                    let h = _mm_loadu_si128(s.add(c * 8) as *const __m128i);
+                    _mm256_store_ps(at(c), _mm256_cvtph_ps(h));
+                }
+            }
+        }
+    }
+
+    /// Partial sums of the eight rows (interleaved at `rows`) times each of the `NW` vectors
+    /// `w[i]`, `chunks` chunks of 8: `[vector][pair]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn acc<const NW: usize>(rows: *const f32, w: [*const f32; NW], chunks: usize) -> [[__m512; PAIRS]; NW] {
+        let mut a = [[_mm512_setzero_ps(); PAIRS]; NW];
         for c in 0..chunks {
-            let y = _mm512_broadcast_f32x8(_mm256_loadu_ps(w.add(c * 8)));
-            for (p, acc) in a.iter_mut().enumerate() {
-                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(_mm512_load_ps(rows.add((c * PAIRS + p) * 16)), y));
+            let r: [__m512; PAIRS] = std::array::from_fn(|p| _mm512_load_ps(rows.add((c * PAIRS + p) * 16)));
+            for (acc, &w) in a.iter_mut().zip(&w) {
+                let y = _mm512_broadcast_f32x8(_mm256_loadu_ps(w.add(c * 8)));
+                for (acc, &r) in acc.iter_mut().zip(&r) {
+                    *acc = _mm512_add_ps(*acc, _mm512_mul_ps(r, y));
+                }
             }
         }
         a
     }
 
-    /// The eight rows' sums of [`acc4`]'s accumulators, in row order (the AVX2 reduction).
+    /// The eight rows' sums of [`acc`]'s accumulators of one vector, in row order (the AVX2
+    /// reduction).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
     unsafe fn sums(a: [__m512; PAIRS]) -> __m256 {
@@ -440,6 +480,28 @@ mod avx512 {
             }
         });
         reduce8(halves)
+    }
+
+    /// The block's dot products with `NW` vectors, one `__m256` of eight row sums each.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn dots<const NW: usize>(rows: *const f32, w: [*const f32; NW], chunks: usize) -> [__m256; NW] {
+        let a = acc::<NW>(rows, w, chunks);
+        std::array::from_fn(|i| sums(a[i]))
+    }
+
+    /// [`dots`] for `w.len()` vectors, `WAYS` at a time, into `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,f16c")]
+    unsafe fn dots_all(rows: *const f32, w: &[*const f32], chunks: usize, out: &mut [__m256]) {
+        for (w, out) in w.chunks(WAYS).zip(out.chunks_mut(WAYS)) {
+            match w.len() {
+                4 => out.copy_from_slice(&dots::<4>(rows, [w[0], w[1], w[2], w[3]], chunks)),
+                3 => out.copy_from_slice(&dots::<3>(rows, [w[0], w[1], w[2]], chunks)),
+                2 => out.copy_from_slice(&dots::<2>(rows, [w[0], w[1]], chunks)),
+                _ => out.copy_from_slice(&dots::<1>(rows, [w[0]], chunks)),
+            }
+        }
     }
 
     /// Score rows `first_row..first_row + out[0].len()` of KV head `g` (see [`super::score_rows`]).
@@ -484,36 +546,38 @@ mod avx512 {
         let rows = out[0].len();
         let first_head = layer * weights.num_heads + g * group;
         let per_head = vectors * d;
-        // 64-byte aligned scratch: the group's weights and norm coefficients, one widened row,
-        // and the block's interleaved rows and moduli.
-        let (w_len, c_len, row_len) = (group * per_head, group * f_count, d);
+        // 64-byte aligned scratch: the group's weights and norm coefficients, and the block's
+        // interleaved rows and moduli.
+        let (w_len, c_len) = (group * per_head, group * f_count);
         let (k_len, m_len) = (BLOCK * d, BLOCK * f_count);
-        let total = (w_len + c_len + row_len + k_len + m_len).div_ceil(16);
+        let total = (w_len + c_len + k_len + m_len).div_ceil(16);
         let mut scratch = vec![_mm512_setzero_ps(); total];
         // SAFETY: `__m512` is 16 plain f32 lanes; the slices are disjoint parts of `scratch`.
         let all = std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut f32, total * 16);
         let (kz, rest) = all.split_at_mut(k_len);
         let (mz, rest) = rest.split_at_mut(m_len);
-        let (row, rest) = rest.split_at_mut(row_len);
         let (group_w, rest) = rest.split_at_mut(w_len);
         let group_c = &mut rest[..c_len];
         group_w.copy_from_slice(&weights.weights[first_head * per_head..(first_head + group) * per_head]);
         group_c.copy_from_slice(&weights.norm[first_head * f_count..(first_head + group) * f_count]);
+        let norm_w: Vec<*const f32> = (0..group).map(|i| group_c.as_ptr().add(i * f_count)).collect();
+        // Mean: one vector per head. Max: every offset's vector of each head, head-major.
+        let mean_w: Vec<*const f32> = (0..group).map(|i| group_w.as_ptr().add(i * per_head)).collect();
+        let offset_w: Vec<*const f32> = (0..group * vectors).map(|v| group_w.as_ptr().add(v * d)).collect();
+        let mut e = vec![_mm256_setzero_ps(); group];
+        let mut trig = vec![_mm256_setzero_ps(); group];
+        let mut per_offset = vec![_mm256_setzero_ps(); vectors];
         let even = _mm512_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22, 8, 10, 12, 14, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
         let mut r0 = 0;
         while r0 < rows {
             let live = (rows - r0).min(BLOCK);
             prefetch_block(keys, g, first_row, r0, rows);
-            // Widen each row (a short last block repeats its last row), then interleave.
+            // Widen each row into its interleaved place (a short last block repeats its last row).
             for b in 0..BLOCK {
                 let r = r0 + b.min(live - 1);
-                widen(keys.row(g, first_row + r), row);
-                let (p, half) = (b / 2, (b % 2) * 8);
-                for c in 0..d_chunks {
-                    let v = _mm256_load_ps(row.as_ptr().add(c * 8));
-                    _mm256_store_ps(kz.as_mut_ptr().add((c * PAIRS + p) * 16 + half), v);
-                }
+                let dst = kz.as_mut_ptr().add((b / 2) * 16 + (b % 2) * 8);
+                widen_interleaved(keys.row(g, first_row + r), dst, d_chunks);
             }
             // Moduli of all eight rows, two rows per register.
             for p in 0..PAIRS {
@@ -537,23 +601,25 @@ mod avx512 {
                     _mm512_store_ps(mz.as_mut_ptr().add((c * PAIRS + p) * 16), m);
                 }
             }
-            for (i, o) in out.iter_mut().enumerate() {
-                let e = sums(acc4(mz.as_ptr(), group_c.as_ptr().add(i * f_count), f_chunks));
-                let w = group_w.as_ptr().add(i * per_head);
-                let trig = match (vectors, weights.aggregation) {
-                    (0, _) => _mm256_setzero_ps(),
-                    (_, OffsetAggregation::Mean) => sums(acc4(kz.as_ptr(), w, d_chunks)),
-                    (_, OffsetAggregation::Max) => {
+            dots_all(mz.as_ptr(), &norm_w, f_chunks, &mut e);
+            match (vectors, weights.aggregation) {
+                (0, _) => trig.fill(_mm256_setzero_ps()),
+                (_, OffsetAggregation::Mean) => dots_all(kz.as_ptr(), &mean_w, d_chunks, &mut trig[..group]),
+                (_, OffsetAggregation::Max) => {
+                    for (i, offsets) in offset_w.chunks(vectors).enumerate() {
+                        dots_all(kz.as_ptr(), offsets, d_chunks, &mut per_offset);
+                        // `if t > best { best = t }` per row, in offset order: NaN never
+                        // replaces the best.
                         let mut best = _mm256_set1_ps(f32::NEG_INFINITY);
-                        for j in 0..vectors {
-                            let t = sums(acc4(kz.as_ptr(), w.add(j * d), d_chunks));
-                            // `if t > best { best = t }` per row: NaN never replaces the best.
+                        for &t in &per_offset {
                             best = _mm256_blendv_ps(best, t, _mm256_cmp_ps::<_CMP_GT_OQ>(t, best));
                         }
-                        best
+                        trig[i] = best;
                     }
-                };
-                store_block(&mut o[r0..r0 + live], _mm256_add_ps(trig, e));
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate() {
+                store_block(&mut o[r0..r0 + live], _mm256_add_ps(trig[i], e[i]));
             }
             r0 += BLOCK;
         }
@@ -605,8 +671,8 @@ impl ScoreKernel {
     }
 
     /// The kernel rounds use: AVX2 where this CPU runs it, else portable. AVX-512 runs on
-    /// request only: on the machine this crate is measured on (`docs/perf.md`) it was no faster
-    /// than AVX2, scoring being bound by reading the keys rather than by arithmetic.
+    /// request only: on the machine this crate is measured on (`docs/perf.md`) it is level with
+    /// AVX2, though it issues fewer instructions per key.
     pub fn best(head_dim: usize) -> Self {
         if ScoreKernel::Avx2.supports(head_dim) {
             ScoreKernel::Avx2
@@ -671,6 +737,19 @@ pub(crate) fn check_layer_args<T: Element>(
     Ok(())
 }
 
+/// `Unsupported` unless this CPU runs `kernel` for `head_dim`.
+fn check_kernel(kernel: ScoreKernel, head_dim: usize) -> Result<()> {
+    if kernel.supports(head_dim) {
+        return Ok(());
+    }
+    Err(Error::unsupported(format!(
+        "CPU score kernel {}: expected one this CPU runs for head_dim {head_dim} ({:?}), got {}",
+        kernel.name(),
+        ScoreKernel::available(head_dim).iter().map(|k| k.name()).collect::<Vec<_>>(),
+        kernel.name()
+    )))
+}
+
 /// Raw scores of one layer: `out[h * N + n]` for every attention head `h` and slot `n`.
 ///
 /// # Errors
@@ -697,23 +776,77 @@ pub fn score_layer_with<T: Element>(
     style: PairingStyle,
     out: &mut [f32],
 ) -> Result<()> {
-    if !kernel.supports(weights.head_dim) {
-        return Err(Error::unsupported(format!(
-            "CPU score kernel {}: expected one this CPU runs for head_dim {} ({:?}), got {}",
-            kernel.name(),
-            weights.head_dim,
-            ScoreKernel::available(weights.head_dim).iter().map(|k| k.name()).collect::<Vec<_>>(),
-            kernel.name()
-        )));
-    }
+    check_kernel(kernel, weights.head_dim)?;
     check_layer_args(weights, layer, keys, out)?;
-    let (h, n) = (weights.num_heads, keys.len);
-    if n == 0 {
-        return Ok(());
+    let mut tasks = Vec::new();
+    push_tasks(&mut tasks, layer, keys, weights.num_heads, out);
+    run_tasks(kernel, weights, style, tasks);
+    Ok(())
+}
+
+/// Raw scores of every layer, `out[l][h * N + n]` as [`score_layer`] per layer, in one parallel
+/// region (a fork and join per round, not per layer).
+///
+/// # Errors
+/// As [`score_layer`]; `ShapeMismatch` if `out` does not have one buffer per view.
+pub fn score_layers<T: Element>(
+    weights: &RoundWeights,
+    keys: &[LayerView<'_, T>],
+    style: PairingStyle,
+    out: &mut [Vec<f32>],
+) -> Result<()> {
+    score_layers_with(ScoreKernel::best(weights.head_dim), weights, keys, style, out)
+}
+
+/// [`score_layers`] on a chosen kernel (bit-identical to every other).
+///
+/// # Errors
+/// As [`score_layer_with`]; `ShapeMismatch` if `out` does not have one buffer per view.
+pub fn score_layers_with<T: Element>(
+    kernel: ScoreKernel,
+    weights: &RoundWeights,
+    keys: &[LayerView<'_, T>],
+    style: PairingStyle,
+    out: &mut [Vec<f32>],
+) -> Result<()> {
+    check_kernel(kernel, weights.head_dim)?;
+    if out.len() != keys.len() {
+        return Err(Error::shape("raw score buffers", format!("{} (one per layer view)", keys.len()), out.len()));
     }
-    let group = h / keys.num_kv_heads;
-    // One task per (KV head, block of rows); each writes the G head rows of its block.
-    let mut tasks: Vec<(usize, usize, Vec<&mut [f32]>)> = Vec::new();
+    for (layer, (k, o)) in keys.iter().zip(out.iter()).enumerate() {
+        check_layer_args(weights, layer, k, o)?;
+    }
+    let mut tasks = Vec::new();
+    for (layer, (k, o)) in keys.iter().zip(out.iter_mut()).enumerate() {
+        push_tasks(&mut tasks, layer, k, weights.num_heads, o);
+    }
+    run_tasks(kernel, weights, style, tasks);
+    Ok(())
+}
+
+/// One scoring task: the rows from `first` of KV head `g` of `keys` (layer `layer`), writing the
+/// group's `G` head rows of that block.
+struct Task<'k, 'o, T> {
+    layer: usize,
+    keys: &'k LayerView<'k, T>,
+    g: usize,
+    first: usize,
+    parts: Vec<&'o mut [f32]>,
+}
+
+/// Split one layer's `[H, N]` output into tasks of (KV head, block of [`ROWS_PER_TASK`] rows).
+fn push_tasks<'k, 'o, T: Element>(
+    tasks: &mut Vec<Task<'k, 'o, T>>,
+    layer: usize,
+    keys: &'k LayerView<'k, T>,
+    heads: usize,
+    out: &'o mut [f32],
+) {
+    let n = keys.len;
+    if n == 0 {
+        return;
+    }
+    let group = heads / keys.num_kv_heads;
     for (g, block) in out.chunks_mut(group * n).enumerate() {
         let mut rows: Vec<std::slice::ChunksMut<'_, f32>> =
             block.chunks_mut(n).map(|row| row.chunks_mut(ROWS_PER_TASK)).collect();
@@ -724,12 +857,20 @@ pub fn score_layer_with<T: Element>(
                 break;
             }
             let len = parts[0].len();
-            tasks.push((g, first, parts));
+            tasks.push(Task { layer, keys, g, first, parts });
             first += len;
         }
     }
-    tasks.into_par_iter().for_each(|(g, first, mut parts)| {
-        score_rows_dispatch(kernel, weights, layer, keys, style, g, first, &mut parts);
+}
+
+/// Run the tasks in parallel.
+fn run_tasks<T: Element>(
+    kernel: ScoreKernel,
+    weights: &RoundWeights,
+    style: PairingStyle,
+    tasks: Vec<Task<'_, '_, T>>,
+) {
+    tasks.into_par_iter().for_each(|mut t| {
+        score_rows_dispatch(kernel, weights, t.layer, t.keys, style, t.g, t.first, &mut t.parts);
     });
-    Ok(())
 }

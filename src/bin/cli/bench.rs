@@ -3,7 +3,7 @@
 //! Shapes are Qwen3-8B's (36 layers, 32 heads, 8 KV heads, head_dim 128) with the real
 //! statistics embedded in the binary; keys are random from a concentrated distribution (a centre
 //! per (layer, KV head) plus noise). The timed stage is the scoring of `round::run_cpu`:
-//! `cpu::score::score_layer` over every layer, with the round's weights built once outside the
+//! `cpu::score::score_layers` (every layer in one parallel region), with the round's weights built once outside the
 //! timed loop (their build time is reported on its own). The ceiling is a memcpy of a buffer of
 //! the same byte size as the keys, single-threaded and with the same rayon pool.
 
@@ -256,9 +256,7 @@ fn run<T: Element>(a: &BenchArgs, scorer: &Scorer, cores: usize, threads: usize)
             std::hint::black_box(scorer.weights(round_start, config)?);
             let wt = t.elapsed();
             let t = Instant::now();
-            for (layer, (k, out)) in views.iter().zip(raw.iter_mut()).enumerate() {
-                triattn::cpu::score::score_layer_with(kernel, &weights[i], layer, k, scorer.style, out)?;
-            }
+            triattn::cpu::score::score_layers_with(kernel, &weights[i], &views, scorer.style, &mut raw)?;
             std::hint::black_box(&mut raw);
             let st = t.elapsed();
             if rep > 0 {
