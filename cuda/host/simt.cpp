@@ -7,18 +7,108 @@
 // thread of the block waits at the block barrier the block is released. Anything else with no
 // runnable fiber left is a divergent barrier, which CUDA leaves undefined: it is reported. So is
 // a misaligned access (simt.h aligned_or_fault): the block finishes, then the launch fails.
+//
+// Switching fibers: on x86-64 Linux a few instructions that save the callee-saved registers,
+// MXCSR and the x87 control word on the fiber's own stack and swap stack pointers; elsewhere
+// ucontext. (swapcontext also saves and restores the signal mask, a system call on every switch:
+// most of the emu's time went there.) Fiber stacks are shared by every OS thread of the process
+// and reused from launch to launch.
 #include "simt.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <ucontext.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__linux__)
+#define TRI_EMU_STACK_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+
 namespace tri_emu {
+
+namespace {
+
+#if TRI_EMU_STACK_SWITCH
+// A suspended fiber (or scheduler): its stack pointer. Below it on its stack: MXCSR and the x87
+// control word (8 bytes), then r15, r14, r13, r12, rbx, rbp and the address to resume at.
+struct Context {
+  void* sp = nullptr;
+};
+
+extern "C" void tri_emu_switch_stack(void** save_sp, void* load_sp);
+
+// tri_emu_switch_stack(save_sp, load_sp): push the callee-saved state, store the stack pointer
+// to *save_sp, load load_sp, pop the state saved there and return to where that context left.
+asm(R"(
+  .text
+  .p2align 4
+  .globl tri_emu_switch_stack
+  .hidden tri_emu_switch_stack
+  .type tri_emu_switch_stack, @function
+tri_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size tri_emu_switch_stack, .-tri_emu_switch_stack
+)");
+
+void switch_context(Context& from, Context& to) { tri_emu_switch_stack(&from.sp, to.sp); }
+
+// A context that starts `entry` on `stack` at the first switch to it. `entry` never returns.
+void start_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  uint64_t* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  *--sp = 0;                                    // entry's return address (it never returns):
+  *--sp = reinterpret_cast<uint64_t>(entry);    // the switch's ret lands in entry with rsp = 8 mod 16
+  for (int i = 0; i < 6; ++i) *--sp = 0;        // rbp, rbx, r12, r13, r14, r15
+  uint32_t mxcsr;
+  uint16_t fpu_cw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu_cw));
+  *--sp = uint64_t{mxcsr} | (uint64_t{fpu_cw} << 32);
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+void start_context(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+}  // namespace
 
 thread_local dim3 block_idx;
 thread_local dim3 grid_dim;
@@ -29,7 +119,7 @@ thread_local uint64_t block_epoch = 0;
 enum class State { Runnable, AtWarpBarrier, AtBlockBarrier, Done };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   dim3 tid;
   unsigned linear = 0;
   State state = State::Runnable;
@@ -44,7 +134,7 @@ constexpr size_t STACK_BYTES = 128 * 1024;
 constexpr size_t SLOT_BYTES = 32;
 
 struct Launch {
-  ucontext_t scheduler;
+  Context scheduler;
   std::vector<Fiber> fibers;
   // [warp][phase][lane * SLOT_BYTES]
   std::vector<unsigned char> exchange;
@@ -60,13 +150,35 @@ struct Launch {
 
 thread_local Launch* launch_state = nullptr;
 
-// Fiber stacks, kept per OS thread across launches (allocated once, never zeroed).
-thread_local std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
+// Fiber stacks not in use, shared by the process's OS threads (launches start fresh threads) and
+// kept across launches: allocated once, never zeroed, never freed.
+std::mutex stack_pool_lock;
+std::vector<std::unique_ptr<unsigned char[]>> stack_pool;
+
+// `count` stacks of STACK_BYTES from the pool (new ones when it runs short).
+std::vector<std::unique_ptr<unsigned char[]>> take_stacks(unsigned count) {
+  std::vector<std::unique_ptr<unsigned char[]>> taken;
+  {
+    std::lock_guard<std::mutex> hold(stack_pool_lock);
+    while (taken.size() < count && !stack_pool.empty()) {
+      taken.push_back(std::move(stack_pool.back()));
+      stack_pool.pop_back();
+    }
+  }
+  while (taken.size() < count) taken.emplace_back(new unsigned char[STACK_BYTES]);
+  return taken;
+}
+
+void give_back_stacks(std::vector<std::unique_ptr<unsigned char[]>>& stacks) {
+  std::lock_guard<std::mutex> hold(stack_pool_lock);
+  for (auto& s : stacks) stack_pool.push_back(std::move(s));
+  stacks.clear();
+}
 
 // The calling thread's last launch error (triattn_emu_last_error).
 thread_local std::string last_error;
 
-void yield_to_scheduler() { swapcontext(&current->ctx, &launch_state->scheduler); }
+void yield_to_scheduler() { switch_context(current->ctx, launch_state->scheduler); }
 
 void trampoline() {
   launch_state->body(launch_state->params);
@@ -121,7 +233,7 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
   L.body = body;
   L.params = params;
   L.fibers.resize(nt);
-  while (stack_pool.size() < nt) stack_pool.emplace_back(new unsigned char[STACK_BYTES]);
+  std::vector<std::unique_ptr<unsigned char[]>> stacks = take_stacks(nt);
   const unsigned warps = nt / WARP;
   L.exchange.assign((size_t)warps * 2 * WARP * SLOT_BYTES, 0);
   // Dynamic shared memory is 16-byte aligned on the device (arch.cuh dynamic_smem); so here.
@@ -152,18 +264,14 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
       f.tid.z = t / (block.x * block.y);
       f.state = State::Runnable;
       f.phase = 0;
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = stack_pool[t].get();
-      f.ctx.uc_stack.ss_size = STACK_BYTES;
-      f.ctx.uc_link = nullptr;
-      makecontext(&f.ctx, trampoline, 0);
+      start_context(f.ctx, stacks[t].get(), STACK_BYTES, trampoline);
     }
     for (;;) {
       for (unsigned t = 0; t < nt; ++t) {
         Fiber& f = L.fibers[t];
         if (f.state != State::Runnable) continue;
         current = &f;
-        swapcontext(&L.scheduler, &f.ctx);
+        switch_context(L.scheduler, f.ctx);
       }
       bool all_done = true, released = false;
       for (unsigned w = 0; w < warps; ++w) {
@@ -209,6 +317,7 @@ int run_blocks(KernelBody body, const void* params, dim3 grid, dim3 block, size_
   launch_state = outer;
   current = outer_fiber;
   dyn_smem = nullptr;
+  give_back_stacks(stacks);
   return status;
 }
 

@@ -3,7 +3,7 @@
 //
 // Model: a launch spreads its blocks over a few OS threads (TRIATTN_EMU_THREADS, default the
 // hardware threads); each OS thread runs its blocks one after another. Each CUDA thread of a
-// block is a fiber (ucontext); a fiber runs until it reaches a barrier, then the scheduler
+// block is a fiber (its own stack); a fiber runs until it reaches a barrier, then the scheduler
 // (simt.cpp) moves on. `__syncthreads` is a block barrier; warp shuffles, votes and the mma
 // wrapper deposit their operands in a per-warp exchange buffer and meet at a warp barrier, so a
 // warp's lanes exchange values exactly as on hardware.
